@@ -45,6 +45,37 @@ class Role:
         return asdict(self)
 
 
+# Ablation targets: the groups a config names ("touch these"), and which roles each covers.
+TARGETS = (
+    "embed", "attn_out", "attn_in", "mlp_down", "mlp_gate", "mlp_up",
+    "experts_down", "experts_gate", "experts_up", "shared_down", "shared_gate", "shared_up", "router",
+)
+
+
+def targets_of(role: "Role") -> tuple[str, ...]:
+    """The ablation target group(s) a tensor belongs to; () for tensors no ablation edits.
+
+    A fused gate_up tensor belongs to both experts_gate and experts_up (its two halves).
+    """
+    if role.io == NONE or role.quantized:
+        return ()
+    c, p = role.component, role.projection
+    if c == "embed":
+        return ("embed",)
+    if c == "attn":
+        return ("attn_out",) if role.io == WRITER else ("attn_in",)
+    if c == "router":
+        return ("router",)
+    prefix = {"mlp": "mlp", "experts": "experts", "shared_experts": "shared"}.get(c)
+    if prefix is None:
+        return ()
+    if p == "gate_up":
+        return (f"{prefix}_gate", f"{prefix}_up")
+    if p in ("down", "gate", "up"):
+        return (f"{prefix}_{p}",)
+    return ()  # shared_expert_gate (a 1-row reader) and the like
+
+
 @dataclass(frozen=True)
 class _Pat:
     rest: str  # regex for the key after "layers.N."; named group ``e`` = expert index

@@ -105,3 +105,14 @@ def test_wrong_orientation_is_caught():
 def test_unknown_architecture():
     with pytest.raises(AuditError, match="unknown architecture"):
         build_layout({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1}, {})
+
+
+def test_targets_of_roles():
+    from checks.layout import targets_of
+
+    assert targets_of(resolve("model.layers.0.mlp.experts.gate_up_proj", "gpt_oss")) == ("experts_gate", "experts_up")
+    assert targets_of(resolve("model.layers.2.mlp.shared_experts.down_proj.weight", "glm4_moe")) == ("shared_down",)
+    assert targets_of(resolve("model.layers.2.mlp.gate.weight", "glm4_moe")) == ("router",)
+    assert targets_of(resolve("model.layers.2.mlp.gate.e_score_correction_bias", "glm4_moe")) == ()
+    assert targets_of(resolve("model.layers.0.self_attn.o_proj.weight", "llama")) == ("attn_out",)
+    assert targets_of(resolve("model.embed_tokens.weight", "llama")) == ("embed",)

@@ -1,0 +1,68 @@
+"""Result types every check returns: Findings inside a CheckResult, JSON-serializable.
+
+A Finding is one measured fact with its threshold and where it holds (layers, experts); a
+CheckResult groups a check's findings with the plain data the report draws (matrices, curves).
+Diagnosis (checks/diagnose.py) reads findings by ``code``; the report only renders.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PASS, WARN, FAIL, SKIP, INFO = "pass", "warn", "fail", "skip", "info"
+SEVERITY_ORDER = {INFO: 0, PASS: 0, SKIP: 0, WARN: 1, FAIL: 2}
+
+
+@dataclass
+class Finding:
+    """One measured fact. ``code`` is stable (diagnosis keys on it); ``message`` is for people."""
+
+    code: str  # e.g. "intended-untouched", "writer-left", "refusal-rate"
+    severity: str  # info / warn / fail
+    message: str
+    value: float | None = None  # the number measured
+    threshold: float | None = None  # what it was judged against
+    layers: list[int] = field(default_factory=list)
+    experts: list[list[int]] = field(default_factory=list)  # [layer, expert] pairs
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return jsonable(asdict(self))
+
+
+@dataclass
+class CheckResult:
+    """A check's verdict, findings and data for the report."""
+
+    name: str  # weights / projection / recovery / refusal / damage / routing / contribution / ...
+    status: str  # pass / warn / fail / skip
+    summary: str
+    findings: list[Finding] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # matrices (lists of lists), curves, tables
+    seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        return jsonable({"name": self.name, "status": self.status, "summary": self.summary,
+                         "findings": [f.to_dict() for f in self.findings], "data": self.data, "seconds": self.seconds})
+
+    def worst(self) -> str:
+        return max((f.severity for f in self.findings), key=lambda s: SEVERITY_ORDER[s], default=PASS)
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON types: tensors/arrays to lists, NaN/Inf to None, tuples to lists, dict keys to str."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return jsonable(x.tolist())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (bool, int, str)) or x is None:
+        return x
+    if hasattr(x, "item"):
+        return jsonable(x.item())
+    return str(x)
