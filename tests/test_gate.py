@@ -1,0 +1,42 @@
+"""The gate: thresholds from a dict, each judged against the measured numbers; unknown keys refused."""
+
+import pytest
+
+from checks.errors import AuditError
+from checks.gate import GateConfig, evaluate_gate
+
+
+def _results(after=0.02, before=0.98, kl=0.05, unintended=0, changed=("attn_out", "experts_down")):
+    findings = [{"code": "unintended-modified", "evidence": {"keys": [f"k{i}" for i in range(unintended)]}}] if unintended else []
+    return {"checks": {
+        "refusal": {"data": {"rates": {"before": {"rate": before}, "after": {"rate": after}, "over_refusal_after": {"rate": 0.0}}}},
+        "damage": {"data": {"kl": {"first_token_mean": kl}}},
+        "weights": {"findings": findings, "data": {"changed_targets": list(changed)}},
+    }}
+
+
+def test_sound_ablation_passes():
+    g = evaluate_gate(_results(), GateConfig())
+    assert g["passed"] is True
+    names = {t["name"]: t for t in g["thresholds"]}
+    assert names["max_refusal_after"]["passed"] and names["min_drop"]["value"] == pytest.approx(0.96)
+    assert names["max_residual_projection"]["passed"] is None  # not measured: skipped, not passed
+
+
+def test_each_threshold_can_fail():
+    assert not evaluate_gate(_results(after=0.5), GateConfig())["passed"]
+    assert not evaluate_gate(_results(before=0.3, after=0.05), GateConfig())["passed"]  # drop 0.25 < 0.5
+    assert not evaluate_gate(_results(kl=3.0), GateConfig())["passed"]
+    assert not evaluate_gate(_results(unintended=3), GateConfig())["passed"]
+    assert evaluate_gate(_results(unintended=3), GateConfig(forbid_unintended=False))["passed"]
+    g = evaluate_gate(_results(), GateConfig.from_dict({"must_ablate": ["experts_down", "shared_down"]}))
+    assert not g["passed"] and "shared_down" in [t for t in g["thresholds"] if t["name"] == "must_ablate"][0]["message"]
+
+
+def test_bad_gate_config():
+    with pytest.raises(AuditError, match="unknown gate key"):
+        GateConfig.from_dict({"max_refusal": 0.1})
+    with pytest.raises(AuditError, match="must be a number"):
+        GateConfig.from_dict({"max_kl": "high"})
+    with pytest.raises(AuditError, match="must_ablate"):
+        GateConfig.from_dict({"must_ablate": ["experts"]})
