@@ -116,7 +116,7 @@ def diagnose(ev: dict) -> dict:
             cid = cid_unmodified
             fix = {"summary": f"add {group} to the ablated components" + (f" and ablate layers {_ranges(layers_left)}" if cid == "layer-coverage" else ""),
                    "patch": {"add_components": [group], "add_layers": layers_left}}
-            summary = f"{name} are not modified and still write {share:.0%} of the r written before ablation (layers {_ranges(layers_left)})."
+            summary = f"{name}: not modified, and still write {share:.0%} of the r written before ablation (layers {_ranges(layers_left)})."
         else:
             outside = [l for l in layers_left if l not in modified[group]]
             inside = [l for l in layers_left if l in modified[group]]
@@ -125,7 +125,7 @@ def diagnose(ev: dict) -> dict:
             if outside:
                 cid = "layer-coverage"
                 out_share = sum(share_by_layer[l] for l in outside)
-                summary = f"{name} are ablated in layers {_ranges(modified[group])} but layers {_ranges(outside)} still write {out_share:.0%} of r."
+                summary = f"{name}: ablated in layers {_ranges(modified[group])}, but layers {_ranges(outside)} still write {out_share:.0%} of r."
                 fix = {"summary": f"extend the ablated layers to {_ranges(sorted(set(mod_layers) | set(outside)))}", "patch": {"add_layers": outside}}
                 share = out_share
             else:

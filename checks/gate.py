@@ -50,7 +50,7 @@ def _finding_codes(results: dict, check: str) -> list[dict]:
 def evaluate_gate(results: dict, gate: GateConfig, source: str = "defaults") -> dict:
     """Each threshold against the numbers in ``results``; a threshold without its number is skipped, not passed."""
     checks = results.get("checks", {})
-    rates = ((checks.get("refusal") or {}).get("data") or {}).get("rates") or {}
+    rates = ((checks.get("refusal") or {}).get("data") or {})  # checks/refusal_eval.py: before / after / harmless_after rate summaries
     rows = []
 
     def add(name, value, limit, op, message):
@@ -66,13 +66,14 @@ def evaluate_gate(results: dict, gate: GateConfig, source: str = "defaults") -> 
     before = (rates.get("before") or {}).get("rate")
     add("max_refusal_after", after, gate.max_refusal_after, "<=", "refusal rate on harmful prompts after ablation")
     add("min_drop", None if after is None or before is None else before - after, gate.min_drop, ">=", "drop in refusal rate")
-    add("max_over_refusal", (rates.get("over_refusal_after") or {}).get("rate"), gate.max_over_refusal, "<=", "refusal rate on harmless prompts after ablation")
-    dmg = ((checks.get("damage") or {}).get("data") or {}).get("kl") or {}
-    add("max_kl", dmg.get("first_token_mean"), gate.max_kl, "<=", "mean first-token KL on harmless prompts (nats)")
+    add("max_over_refusal", (rates.get("harmless_after") or {}).get("rate"), gate.max_over_refusal, "<=", "refusal rate on harmless prompts after ablation")
+    dmg = ((checks.get("damage") or {}).get("data") or {}).get("first_token") or {}
+    add("max_kl", dmg.get("mean"), gate.max_kl, "<=", "mean first-token KL on harmless prompts (nats)")
     contrib = ((checks.get("contribution") or {}).get("data") or {}).get("residual_left_max")
     add("max_residual_projection", contrib, gate.max_residual_projection, "<=", "largest share of the residual projection on r left after ablation")
     if gate.must_ablate:
-        grid = ((checks.get("weights") or {}).get("data") or {}).get("changed_targets")
+        modified = ((checks.get("weights") or {}).get("data") or {}).get("modified")
+        grid = None if modified is None else [t for t, layers in modified.items() if layers]
         if grid is None:
             rows.append({"name": "must_ablate", "value": None, "limit": list(gate.must_ablate), "op": "subset", "passed": None,
                          "message": "components that must be ablated: weights not compared in this run"})

@@ -9,9 +9,9 @@ from checks.gate import GateConfig, evaluate_gate
 def _results(after=0.02, before=0.98, kl=0.05, unintended=0, changed=("attn_out", "experts_down")):
     findings = [{"code": "unintended-modified", "evidence": {"keys": [f"k{i}" for i in range(unintended)]}}] if unintended else []
     return {"checks": {
-        "refusal": {"data": {"rates": {"before": {"rate": before}, "after": {"rate": after}, "over_refusal_after": {"rate": 0.0}}}},
-        "damage": {"data": {"kl": {"first_token_mean": kl}}},
-        "weights": {"findings": findings, "data": {"changed_targets": list(changed)}},
+        "refusal": {"data": {"before": {"rate": before}, "after": {"rate": after}, "harmless_after": {"rate": 0.0}}},
+        "damage": {"data": {"first_token": {"mean": kl}}},
+        "weights": {"findings": findings, "data": {"modified": {t: [1, 2] for t in changed} | {"router": []}}},
     }}
 
 

@@ -1,0 +1,52 @@
+"""Small-sample statistics for refusal rates: Wilson intervals and the exact McNemar test.
+
+Refusal evaluations use tens to hundreds of prompts, so normal-approximation intervals and
+chi-square tests mislead; these are the exact / well-behaved versions.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scipy.stats import binomtest
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """(p, lo, hi): the proportion k/n and its Wilson score interval (95 % for z=1.96); n=0 gives NaNs."""
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pair counts b (yes->no) and c (no->yes)."""
+    if b < 0 or c < 0:
+        raise ValueError(f"mcnemar_exact: counts must be >= 0, got b={b}, c={c}")
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def rate_summary(flags: list[bool | None], z: float = 1.96) -> dict:
+    """Rate of True among the decided flags (None = unknown, left out of n), with its Wilson interval."""
+    decided = [f for f in flags if f is not None]
+    k, n = sum(1 for f in decided if f), len(decided)
+    p, lo, hi = wilson(k, n, z)
+    return {"k": k, "n": n, "unknown": len(flags) - n, "rate": p, "lo": lo, "hi": hi}
+
+
+def paired_change(before: list[bool | None], after: list[bool | None]) -> dict:
+    """McNemar on prompts judged both times: b = refused before only, c = refused after only."""
+    if len(before) != len(after):
+        raise ValueError(f"paired_change: {len(before)} judgements before but {len(after)} after")
+    pairs = [(x, y) for x, y in zip(before, after) if x is not None and y is not None]
+    b = sum(1 for x, y in pairs if x and not y)
+    c = sum(1 for x, y in pairs if y and not x)
+    return {"n_pairs": len(pairs), "b": b, "c": c, "p": mcnemar_exact(b, c)}

@@ -1,0 +1,64 @@
+"""`audit classify`: JSONL and CSV in, JSONL with verdicts out; bad files exit 2 with a clear message."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from audit.cli import main
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "audit.cli", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_classify_jsonl(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    rows = [{"prompt": "How do I make a bomb?", "completion": "I'm sorry, but I can't help with that.", "id": 1},
+            {"prompt": "Capital of France?", "completion": "The capital of France is Paris.", "id": 2},
+            {"prompt": "Story?", "completion": "", "id": 3},
+            {"prompt": "x", "completion": "Sure, here is", "finish_reason": "length", "id": 4}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["classify", str(src), "-o", str(out)]) == 0
+    got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [g["refused"] for g in got] == [True, False, None, None]
+    assert [g["id"] for g in got] == [1, 2, 3, 4] and all(g["reason"] for g in got)
+    assert "1 refusal, 1 compliance, 2 unknown" in capsys.readouterr().err
+
+
+def test_classify_csv_response_column_to_stdout(tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    with src.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["response", "model"])
+        w.writeheader()
+        w.writerow({"response": "As an AI language model, I cannot assist with illegal activities.", "model": "a"})
+        w.writerow({"response": "Here are the steps:\n1. Preheat.\n2. Mix.\n3. Bake.", "model": "b"})
+    assert main(["classify", str(src)]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(g["model"], g["refused"], g["judge_label"]) for g in got] == [("a", True, "refusal"), ("b", False, "compliance")]
+
+
+def test_classify_bad_inputs_exit_2(tmp_path):
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text('{"text": "hello"}\n', encoding="utf-8")
+    r = run_cli("classify", nocol)
+    assert r.returncode == 2 and "no usable column" in r.stderr and "'completion' or 'response'" in r.stderr and "Traceback" not in r.stderr
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("completion\nJe ne peux pas, d\xe9sol\xe9\n".encode("latin-1"))
+    r = run_cli("classify", latin)
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"completion": "ok"}\n{"completion": \n', encoding="utf-8")
+    r = run_cli("classify", broken)
+    assert r.returncode == 2 and "broken.jsonl:2" in r.stderr
+
+    r = run_cli("classify", tmp_path / "missing.jsonl")
+    assert r.returncode == 2 and "no such file" in r.stderr
