@@ -1,0 +1,271 @@
+"""The suite's own ablation: stream a checkpoint tensor by tensor, orthogonalize the planned tensors, write OUT.
+
+An edit never changes a tensor's shape or dtype, so a rewritten shard keeps its header byte for
+byte: untouched byte ranges are copied by the kernel (copy_file_range), edited tensors are written
+at their original offsets. Shards without edits are copied whole. Each edited tensor is read once,
+edited in place in float32 chunks along a non-residual axis (memory: the tensor plus one chunk),
+and cast back once. Output goes to a temporary folder renamed into place; BASE is never written.
+OUT gets ``ablation-manifest.json`` (intent and result per tensor) and ``directions.safetensors``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from audit import __version__
+from audit.ablation_config import AblationConfig, PlannedEdit, plan, unmatched_targets
+from audit.measure import Directions
+from audit.model_dir import DTYPES, ModelDir, OutputDir, copy_side_files, write_index
+from checks.errors import AuditError
+from checks.linalg import along, project_out_norm_preserving
+
+MANIFEST_NAME = "ablation-manifest.json"
+DIRECTIONS_NAME = "directions.safetensors"
+TOOL = "moe-ablation-audit"
+EDITABLE_DTYPES = ("F64", "F32", "F16", "BF16")
+CHUNK_ELEMENTS = 1 << 24  # float32 work per chunk: 64 MiB
+
+
+# -- one tensor ---------------------------------------------------------------------------------
+
+
+def _part_view(t: torch.Tensor, edit: PlannedEdit) -> torch.Tensor:
+    """The (writable) view of ``t`` an edit touches: the whole tensor, or the gate / up half of a fused gate_up."""
+    if edit.part is None:
+        return t
+    ax, n = edit.split_axis, t.shape[edit.split_axis]
+    if n % 2:
+        raise AuditError(f"{edit.key}: fused gate_up axis {ax} has odd size {n}; cannot take its {edit.part} half")
+    first = edit.part == "gate"
+    sl = [slice(None)] * t.ndim
+    if edit.split == "interleave":
+        sl[ax] = slice(0 if first else 1, None, 2)
+    else:
+        sl[ax] = slice(0, n // 2) if first else slice(n // 2, None)
+    return t[tuple(sl)]
+
+
+def _chunks(t: torch.Tensor, resid_axis: int):
+    """Views of ``t`` cut along its first non-residual axis, each at most CHUNK_ELEMENTS (the contraction stays whole)."""
+    if t.ndim == 1:
+        yield t
+        return
+    ax = next(a for a in range(t.ndim) if a != resid_axis)
+    step = max(1, CHUNK_ELEMENTS // max(1, t.numel() // max(1, t.shape[ax])))
+    for start in range(0, t.shape[ax], step):
+        yield t.narrow(ax, start, min(step, t.shape[ax] - start))
+
+
+def edit_inplace(t: torch.Tensor, edit: PlannedEdit) -> tuple[float, float]:
+    """Apply ``edit`` to ``t`` in place (float32 arithmetic, cast back once); returns (||along r|| before, after).
+
+    The norms are Frobenius norms of the component along r of the edited part, the after one
+    measured on the values as stored (after the cast back).
+    """
+    if edit.direction is None:
+        raise AuditError(f"{edit.key}: planned without directions; pass a directions file")
+    ax = edit.role.resid_axis
+    view = _part_view(t, edit)
+    r = edit.direction.to(torch.float32)
+    before = after = 0.0
+    r_b = r.reshape([-1 if i == ax else 1 for i in range(view.ndim)])
+    for chunk in _chunks(view, ax):
+        w = chunk.to(torch.float32, copy=True)
+        if edit.method == "norm_preserving":
+            before += float(along(w, r, ax).double().pow(2).sum())
+            w = project_out_norm_preserving(w, r, ax, edit.scale)
+        else:  # W - s r (x) (r . W) in place, the outer product never materialized (checks.linalg.project_out's arithmetic)
+            comp = torch.tensordot(w, r, dims=([ax], [0]))
+            before += float(comp.double().pow(2).sum())
+            if w.ndim == 2:
+                w.addr_(r, comp, alpha=-edit.scale) if ax == 0 else w.addr_(comp, r, alpha=-edit.scale)
+            else:
+                w.addcmul_(comp.unsqueeze(ax), r_b, value=-edit.scale)
+        chunk.copy_(w)  # the one cast back
+        w.copy_(chunk)  # the values as stored, for the residue check (reuses the buffer)
+        after += float(torch.tensordot(w, r, dims=([ax], [0])).double().pow(2).sum())
+    return before ** 0.5, after ** 0.5
+
+
+def edit_tensor(tensor: torch.Tensor, edit: PlannedEdit) -> torch.Tensor:
+    """The edited copy of ``tensor`` (same dtype and shape); the in-memory counterpart of the streaming path."""
+    out = tensor.detach().clone()
+    edit_inplace(out, edit)
+    return out
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy bytes [offset, offset+count) of src to the same offsets of dst (kernel-side where possible)."""
+    end = offset + count
+    pos = offset
+    while pos < end:
+        n = 0
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(end - pos, 1 << 30), pos, pos)
+        except (AttributeError, OSError):
+            n = 0
+        if n <= 0:  # no copy_file_range here (or across these file systems): plain reads
+            while pos < end:
+                buf = os.pread(src_fd, min(end - pos, 1 << 26), pos)
+                if not buf:
+                    raise AuditError(f"unexpected end of file while copying at byte {pos}")
+                _pwrite_all(dst_fd, buf, pos)
+                pos += len(buf)
+            return
+        pos += n
+
+
+def _pwrite_all(fd: int, buf, offset: int) -> None:
+    mv = memoryview(buf).cast("B")
+    while len(mv):
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+def _read_tensor(fd: int, info) -> torch.Tensor:
+    """One tensor read into fresh memory with pread (a mapping would keep its pages in our RSS)."""
+    dtype = DTYPES[info.dtype][0]
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    buf, pos = memoryview(raw.numpy()), 0
+    while pos < info.nbytes:
+        n = os.preadv(fd, [buf[pos:]], info.begin + pos)
+        if n <= 0:
+            raise AuditError(f"{info.shard}: unexpected end of file reading {info.name}; the shard is truncated")
+        pos += n
+    return raw.view(dtype).reshape(info.shape)
+
+
+def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, PlannedEdit], results: dict, bar) -> None:
+    """Write ``dst`` = ``shard`` with the edited tensors replaced at their offsets; header kept as is."""
+    src = md.path / shard
+    infos = sorted((i for i in md.tensors.values() if i.shard == shard), key=lambda i: i.begin)
+    size = src.stat().st_size
+    src_fd = os.open(src, os.O_RDONLY)
+    dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pos = 0
+        for info in infos:
+            edit = edits.get(info.name)
+            if edit is None:
+                continue
+            _copy_range(src_fd, dst_fd, pos, info.begin - pos)
+            bar.update(info.begin - pos)
+            t0 = time.perf_counter()
+            t = _read_tensor(src_fd, info)  # our own buffer (not a file mapping), edited in place
+            before, after = edit_inplace(t, edit)
+            data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+            if data.nbytes != info.nbytes:
+                raise AuditError(f"{info.name}: edited tensor has {data.nbytes} bytes, the file slot {info.nbytes}")
+            _pwrite_all(dst_fd, data, info.begin)
+            results[info.name] = (before, after, time.perf_counter() - t0)
+            del t, data
+            pos = info.end
+            bar.update(info.nbytes)
+        _copy_range(src_fd, dst_fd, pos, size - pos)
+        bar.update(size - pos)
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+
+
+def _resolve_measurements(config: AblationConfig) -> Path:
+    p = Path(config.measurements)
+    if not p.is_absolute() and not p.exists() and config.source and Path(config.source).is_file():
+        alt = Path(config.source).parent / p
+        if alt.exists():
+            return alt
+    return p
+
+
+def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
+           force: bool = False, progress: bool | None = None) -> dict:
+    """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written."""
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    md = ModelDir(base)
+    layout = md.layout
+    if directions is None:
+        if not config.measurements:
+            raise AuditError(f"{config.source}: no directions: set 'measurements:' in the config or pass --directions (made by `audit measure`)")
+        directions = Directions.load(_resolve_measurements(config))
+    edits = plan(config, layout, directions)
+    if not edits:
+        raise AuditError(f"{config.source}: matches no tensor of {md.path} (components {', '.join(config.components)}); check the layers and components")
+    by_key: dict[str, PlannedEdit] = {}
+    for e in edits:
+        if e.key in by_key:
+            raise AuditError(f"{config.source}: {e.key} would be edited twice; one entry per layer")
+        by_key[e.key] = e
+        tag = md.tensors[e.key].dtype
+        if tag not in EDITABLE_DTYPES:
+            raise AuditError(f"{md.path}: {e.key} is stored as {tag}; ablation needs float weights -- dequantize the model first")
+    t_plan = time.perf_counter() - t_start
+
+    touched = sorted({md.tensors[k].shard for k in by_key})
+    results: dict[str, tuple[float, float, float]] = {}
+    total = sum((md.path / s).stat().st_size for s in md.shards)
+    with OutputDir(out, inputs=[md.path], force=force) as od:
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="ablate", disable=None if progress is None else not progress)
+        t0 = time.perf_counter()
+        for shard in md.shards:
+            if shard in touched:
+                _rewrite_shard(md, shard, od.tmp / shard, by_key, results, bar)
+            else:
+                shutil.copyfile(md.path / shard, od.tmp / shard)
+                bar.update((md.path / shard).stat().st_size)
+        bar.close()
+        t_write = time.perf_counter() - t0
+        copy_side_files(md.path, od.tmp)
+        for stale in (MANIFEST_NAME,):
+            (od.tmp / stale).unlink(missing_ok=True)
+        write_index(od.tmp, {n: i.shard for n, i in md.tensors.items()}, md.nbytes)
+        directions.save(od.tmp / DIRECTIONS_NAME)
+        manifest = {
+            "tool": TOOL,
+            "version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "base": {"path": str(md.path.resolve()), "bytes": md.nbytes, "family": layout.family},
+            "config": config.to_dict(),
+            "config_source": config.source,
+            "directions_file": DIRECTIONS_NAME,
+            "unmatched_components": unmatched_targets(config, edits),
+            "shards": {"rewritten": touched, "copied": [s for s in md.shards if s not in touched]},
+            "modified": [
+                {**{k: v for k, v in e.to_dict().items() if k not in ("resid_axis",)},
+                 "dtype": md.tensors[e.key].dtype,
+                 "along_before": results[e.key][0], "along_after": results[e.key][1]}
+                for e in edits
+            ],
+            "timings": {"plan_s": round(t_plan, 3), "write_s": round(t_write, 3),
+                        "edit_s": round(sum(v[2] for v in results.values()), 3),
+                        "total_s": round(time.perf_counter() - t_start, 3)},
+        }
+        (od.tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        od.commit()
+    md.close()
+    return manifest
+
+
+def load_manifest(model_dir_path: str | os.PathLike) -> dict | None:
+    """OUT's ablation manifest, or None when the directory has none; AuditError when it is unreadable."""
+    p = Path(model_dir_path) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise AuditError(f"{p}: unreadable ablation manifest ({e}); re-run `audit ablate` or delete the file") from None
+    if not isinstance(m, dict) or m.get("tool") != TOOL or "modified" not in m:
+        raise AuditError(f"{p}: not an ablation manifest written by {TOOL}")
+    return m

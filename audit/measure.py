@@ -1,0 +1,222 @@
+"""Per-layer refusal directions: difference of mean residual-stream activations, harmful minus harmless.
+
+Each prompt goes through the chat template (add_generation_prompt=True) and one forward pass; the
+residual stream at the last prompt token (the position whose output is the first answer token) is
+summed in float64 per hidden-state index, then divided once.
+
+Index convention (the same as llm-abliteration's ``measurement`` index, which reads
+``hidden_states[i]`` from transformers): index i = hidden_states[i] = the *input* of decoder layer i;
+0 = embedding output; L = final normed output (after the last layer and the model's final norm).
+So an ablate entry ``measurement: 18`` uses the stream entering layer 18 (= leaving layer 17).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from checks.errors import AuditError
+
+CONVENTION = "index i = hidden_states[i] = input of decoder layer i; 0 = embedding output; L = final normed output"
+TENSORS = ("refusal_dir", "harmful_mean", "harmless_mean")
+
+
+@dataclass
+class Directions:
+    """Difference-of-means directions per hidden-state index (rows), float32 [n, H]; refusal_dir is raw (not normalized)."""
+
+    refusal_dir: torch.Tensor
+    harmful_mean: torch.Tensor
+    harmless_mean: torch.Tensor
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        shapes = {n: tuple(getattr(self, n).shape) for n in TENSORS}
+        if len(set(shapes.values())) != 1 or len(shapes["refusal_dir"]) != 2:
+            raise AuditError(f"directions: refusal_dir, harmful_mean, harmless_mean must share one [n, hidden] shape, got {shapes}")
+        for n in TENSORS:
+            t = getattr(self, n).detach().to(torch.float32).contiguous()
+            if not torch.isfinite(t).all():
+                raise AuditError(f"directions: {n} holds NaN or Inf values; re-measure (is the model's dtype overflowing?)")
+            setattr(self, n, t)
+
+    @property
+    def n(self) -> int:
+        """Number of hidden-state indices measured (L+1 for our files)."""
+        return self.refusal_dir.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.refusal_dir.shape[1]
+
+    def quality_table(self) -> list[dict]:
+        """Per index: cosine of the two means, snr, purity, quality = snr*(1-cos)*purity, rotation from the previous index.
+
+        snr = ||r|| / max(||mu_harmful||, ||mu_harmless||); purity = ||r - (r.a)a|| / ||r|| with a the unit
+        harmless mean (the share of r orthogonal to it); rotation = angle in degrees between r_i and r_{i-1}.
+        """
+        rows, prev = [], None
+        for i in range(self.n):
+            h, a, r = (t[i].double() for t in (self.harmful_mean, self.harmless_mean, self.refusal_dir))
+            nh, na, nr = h.norm().item(), a.norm().item(), r.norm().item()
+            cos = float(h @ a / (nh * na)) if nh > 0 and na > 0 else 0.0
+            snr = nr / max(nh, na) if max(nh, na) > 0 else 0.0
+            if nr > 0 and na > 0:
+                ahat = a / na
+                purity = float((r - (r @ ahat) * ahat).norm() / nr)
+            else:
+                purity = 0.0
+            rot_cos = None
+            if prev is not None and nr > 0 and prev.norm() > 0:
+                rot_cos = float(r @ prev / (nr * prev.norm()))
+            rows.append({
+                "index": i, "cos": cos, "harmful_norm": nh, "harmless_norm": na, "refusal_norm": nr, "snr": snr,
+                "purity": purity, "quality": snr * (1 - cos) * purity,
+                "rotation": None if rot_cos is None else math.degrees(math.acos(max(-1.0, min(1.0, rot_cos)))),
+                "rotation_cos": rot_cos,
+            })
+            prev = r
+        return rows
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a safetensors file (atomically: temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
+        meta.setdefault("convention", CONVENTION)
+        meta.setdefault("format", "moe-ablation-audit directions v1")
+        meta["quality_table"] = json.dumps(self.quality_table())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({n: getattr(self, n) for n in TENSORS}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Directions":
+        """Our safetensors file, or llm-abliteration's measurement file (.pt/.refuse, read with weights_only=True)."""
+        path = Path(path)
+        if not path.is_file():
+            raise AuditError(f"{path}: no such directions file; run `audit measure BASE -o {path.name}` first")
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head[:2] == b"PK" or path.suffix in (".pt", ".pth", ".bin", ".refuse"):  # torch.save zip archive
+            return cls._load_llm_abliteration(path)
+        return cls._load_safetensors(path)
+
+    @classmethod
+    def _load_safetensors(cls, path: Path) -> "Directions":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                missing = [n for n in TENSORS if n not in names]
+                if missing:
+                    raise AuditError(f"{path}: not a directions file (missing {', '.join(missing)}); make one with `audit measure`")
+                tensors = {n: f.get_tensor(n) for n in TENSORS}
+                meta = dict(f.metadata() or {})
+        except AuditError:
+            raise
+        except Exception as e:
+            raise AuditError(f"{path}: cannot read the directions file ({type(e).__name__}: {e}); re-run `audit measure`") from None
+        return cls(**tensors, metadata=meta)
+
+    @classmethod
+    def _load_llm_abliteration(cls, path: Path) -> "Directions":
+        """llm-abliteration's dict: refuse_i, harmful_i, harmless_i for i < layers (hidden_states[i], our convention)."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AuditError(f"{path}: neither a safetensors directions file nor a loadable llm-abliteration measurement ({type(e).__name__}: {e})") from None
+        if not isinstance(d, dict) or "layers" not in d:
+            raise AuditError(f"{path}: not an llm-abliteration measurement (no 'layers' entry)")
+        n = int(d["layers"])
+        try:
+            stack = {
+                "refusal_dir": torch.stack([d[f"refuse_{i}"].float().flatten() for i in range(n)]),
+                "harmful_mean": torch.stack([d[f"harmful_{i}"].float().flatten() for i in range(n)]),
+                "harmless_mean": torch.stack([d[f"harmless_{i}"].float().flatten() for i in range(n)]),
+            }
+        except KeyError as e:
+            raise AuditError(f"{path}: llm-abliteration measurement lacks {e.args[0]!r}") from None
+        return cls(**stack, metadata={"convention": CONVENTION, "source": f"llm-abliteration {path.name}"})
+
+
+def _check_prompts(harmful: list[str], harmless: list[str]) -> None:
+    for kind, ps in (("harmful", harmful), ("harmless", harmless)):
+        if not ps:
+            raise AuditError(f"the {kind} prompt set is empty; pass --{kind} with a file of prompts")
+
+
+@torch.no_grad()
+def _means(model, tokenizer, formatted: list[str], batch_size: int, device, n_states: int, desc: str, progress) -> torch.Tensor:
+    """Mean over prompts of hidden_states[i][last prompt token], float64 [n_states, H]."""
+    from tqdm import tqdm
+
+    total, count = None, 0
+    bar = tqdm(total=len(formatted), desc=desc, unit="prompt", disable=None if progress is None else not progress)
+    for start in range(0, len(formatted), batch_size):
+        batch = formatted[start:start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        # positions count real tokens only, as generate() does, so a left-padded prompt is encoded as when alone
+        enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+        out = model(**enc, output_hidden_states=True, use_cache=False)
+        hs = out.hidden_states
+        if len(hs) != n_states:
+            raise AuditError(f"the model returned {len(hs)} hidden states, expected num_hidden_layers + 1 = {n_states}")
+        last = torch.stack([h[:, -1, :].to(torch.float64).cpu() for h in hs])  # [n_states, B, H]; left padding: -1 is the last prompt token
+        s = last.sum(dim=1)
+        total = s if total is None else total + s
+        count += last.shape[1]
+        bar.update(len(batch))
+    bar.close()
+    return total / count
+
+
+def measure_directions(model_dir, harmful: list[str], harmless: list[str], batch_size: int = 16, device: str | None = None,
+                       dtype: torch.dtype | str = "auto", progress: bool | None = None) -> Directions:
+    """Refusal directions of a model directory (audit.model_dir.ModelDir) from two prompt lists."""
+    from audit.prompts import format_prompts
+
+    _check_prompts(harmful, harmless)
+    if batch_size < 1:
+        raise AuditError(f"batch size must be at least 1, got {batch_size}")
+    t0 = time.time()
+    tok = model_dir.tokenizer()
+    model = model_dir.load_model(dtype=dtype, device=device)
+    dev = next(model.parameters()).device
+    n_states = model_dir.layout.num_layers + 1
+    mh = _means(model, tok, format_prompts(tok, harmful), batch_size, dev, n_states, "harmful", progress)
+    ma = _means(model, tok, format_prompts(tok, harmless), batch_size, dev, n_states, "harmless", progress)
+    meta = {
+        "convention": CONVENTION, "model": str(model_dir.path), "family": model_dir.layout.family,
+        "num_layers": str(model_dir.layout.num_layers), "hidden_size": str(model_dir.layout.hidden_size),
+        "n_harmful": str(len(harmful)), "n_harmless": str(len(harmless)), "position": "last prompt token",
+        "dtype": str(next(model.parameters()).dtype), "seconds": f"{time.time() - t0:.2f}",
+    }
+    return Directions((mh - ma).float(), mh.float(), ma.float(), metadata=meta)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The quality table as fixed-width text (best quality marked with *)."""
+    best = max(range(len(rows)), key=lambda i: rows[i]["quality"]) if rows else -1
+    lines = [f"{'index':>5} {'cos':>8} {'snr':>8} {'purity':>8} {'quality':>9} {'rot(deg)':>9}"]
+    for i, r in enumerate(rows):
+        rot = "" if r["rotation"] is None else f"{r['rotation']:.1f}"
+        lines.append(f"{r['index']:>5} {r['cos']:>8.4f} {r['snr']:>8.4f} {r['purity']:>8.4f} {r['quality']:>9.5f} {rot:>9}{' *' if i == best else ''}")
+    return "\n".join(lines)

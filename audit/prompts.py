@@ -1,0 +1,129 @@
+"""Prompt sets for measuring and probing refusal: one loader for every command.
+
+A source is either nothing (the embedded sets in audit/data/, written for this project), a local
+file (.txt one prompt per line; .jsonl / .json / .csv / .parquet with a ``prompt``, ``instruction``
+or ``text`` column, or plain strings), or a ``datasets`` name (``owner/name`` or
+``owner/name:split``) when a hub is reachable. Blank entries are dropped; an empty set is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from checks.errors import AuditError
+
+KINDS = ("harmful", "harmless")
+COLUMNS = ("prompt", "instruction", "text")
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def default_path(kind: str) -> Path:
+    """The embedded prompt file for ``kind`` (harmful / harmless)."""
+    if kind not in KINDS:
+        raise AuditError(f"unknown prompt kind {kind!r}; use one of {', '.join(KINDS)}")
+    return DATA_DIR / f"{kind}.txt"
+
+
+def load_prompts(src: str | Path | None, kind: str) -> list[str]:
+    """The prompts of ``src`` (None: the embedded ``kind`` set). Raises AuditError when empty or unreadable."""
+    if src is None:
+        src = default_path(kind)
+    path = Path(src)
+    if path.is_file():
+        prompts = _read_file(path)
+    elif path.exists():
+        raise AuditError(f"{path}: not a file; pass a .txt/.jsonl/.json/.csv/.parquet prompt file")
+    else:
+        prompts = _read_dataset(str(src))
+    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise AuditError(f"{src}: the {kind} prompt set is empty; give a file with at least one prompt")
+    return prompts
+
+
+def _column(rows: list[dict], where: str) -> list[str]:
+    if not rows:
+        return []
+    for col in COLUMNS:
+        if col in rows[0]:
+            return [r.get(col) for r in rows]
+    raise AuditError(f"{where}: no prompt column; name one of {', '.join(COLUMNS)} (columns found: {', '.join(map(str, rows[0]))})")
+
+
+def _strings_or_rows(items: list, where: str) -> list[str]:
+    if all(isinstance(x, str) for x in items):
+        return items
+    if all(isinstance(x, dict) for x in items):
+        return _column(items, where)
+    raise AuditError(f"{where}: expected strings or objects with a {'/'.join(COLUMNS)} field")
+
+
+def _read_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            items = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise AuditError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            return _strings_or_rows(items, str(path))
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"prompt": [...]} column form
+                data = next((data[c] for c in COLUMNS if c in data), None)
+            if not isinstance(data, list):
+                raise AuditError(f"{path}: expected a JSON list of prompts (or of objects with a {'/'.join(COLUMNS)} field)")
+            return _strings_or_rows(data, str(path))
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return _column(list(csv.DictReader(f)), str(path))
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            col = next((c for c in COLUMNS if c in table.column_names), None)
+            if col is None:
+                raise AuditError(f"{path}: no prompt column; name one of {', '.join(COLUMNS)} (found: {', '.join(table.column_names)})")
+            return [str(x) if x is not None else "" for x in table.column(col).to_pylist()]
+        return path.read_text(encoding="utf-8").splitlines()  # .txt and anything else: one prompt per line
+    except AuditError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise AuditError(f"{path}: cannot read prompts ({type(e).__name__}: {e})") from None
+    except Exception as e:  # pyarrow's own error types
+        raise AuditError(f"{path}: cannot read prompts ({type(e).__name__}: {e})") from None
+
+
+def _read_dataset(name: str) -> list[str]:
+    """A ``datasets`` hub name, ``owner/name[:split]``; only when the hub is reachable."""
+    if "/" not in name or name.startswith((".", "/")):
+        raise AuditError(f"{name}: no such prompt file (and not a datasets name like owner/name[:split])")
+    repo, _, split = name.partition(":")
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(repo, split=split or "train")
+    except Exception as e:
+        raise AuditError(
+            f"{name}: no such local file, and the datasets hub could not provide it ({type(e).__name__}: {e}). "
+            "Pass a local .txt/.jsonl/.csv/.parquet file instead."
+        ) from None
+    col = next((c for c in COLUMNS if c in ds.column_names), None)
+    if col is None:
+        raise AuditError(f"{name}: no prompt column; needs one of {', '.join(COLUMNS)} (found: {', '.join(ds.column_names)})")
+    return list(ds[col])
+
+
+def format_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as one user turn in the tokenizer's chat template, ending with the assistant's cue."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise AuditError("the tokenizer has no chat template; prompts must be formatted as the model was trained")
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
