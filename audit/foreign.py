@@ -1,0 +1,98 @@
+"""Other tools' files, read as they are: llm-abliteration's measurement file and YAML config.
+
+The measurement file is a ``torch.save`` dict: ``layers`` (an int) and, per hidden-state index i,
+``harmful_i``, ``harmless_i``, ``refuse_i`` (and in some versions ``refusenorm_i``) tensors. It is a
+pickle, so it is loaded with ``weights_only=True`` (plain tensors and containers only, no code), then
+every value is checked to be a tensor or a number; anything else is refused. The YAML config is the
+one audit/ablation_config.py already reads (its format is a subset of ours).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from checks.errors import AuditError
+
+KEY_PREFIXES = ("harmful_", "harmless_", "refuse_", "refusenorm_")
+
+
+def load_measurement(path: str | os.PathLike):
+    """llm-abliteration's measurement file -> audit.measure.Directions (index i = hidden_states[i])."""
+    from audit.measure import CONVENTION, Directions
+
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"{path}: no such measurement file")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AuditError(f"{path}: refused: not a measurement of plain tensors ({first[:200]}). Measurement files are loaded with "
+                         "weights_only=True and never fully unpickled; re-create it with llm-abliteration's measure.py or `audit measure`") from None
+    if not isinstance(d, dict):
+        raise AuditError(f"{path}: not an llm-abliteration measurement: a {type(d).__name__}, expected a dict with 'layers', 'refuse_N', ...")
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise AuditError(f"{path}: key {k!r} is not a string; not an llm-abliteration measurement")
+        if k == "layers":
+            if isinstance(v, bool) or not isinstance(v, (int, torch.Tensor)):
+                raise AuditError(f"{path}: 'layers' must be an integer, got {type(v).__name__}")
+            continue
+        if not k.startswith(KEY_PREFIXES):
+            continue  # extra entries are allowed but must still be plain
+        if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+            raise AuditError(f"{path}: {k!r} is a {type(v).__name__}{'' if not isinstance(v, torch.Tensor) else ' of ' + str(v.dtype)}, expected a float tensor")
+    if "layers" not in d:
+        raise AuditError(f"{path}: not an llm-abliteration measurement (no 'layers' entry)")
+    n = int(d["layers"])
+    if n <= 0:
+        raise AuditError(f"{path}: 'layers' is {n}; expected the number of measured hidden-state indices")
+    try:
+        stack = {
+            "refusal_dir": torch.stack([d[f"refuse_{i}"].float().flatten() for i in range(n)]),
+            "harmful_mean": torch.stack([d[f"harmful_{i}"].float().flatten() for i in range(n)]),
+            "harmless_mean": torch.stack([d[f"harmless_{i}"].float().flatten() for i in range(n)]),
+        }
+    except KeyError as e:
+        raise AuditError(f"{path}: llm-abliteration measurement lacks {e.args[0]!r} (it says layers={n})") from None
+    except RuntimeError as e:
+        raise AuditError(f"{path}: the measured vectors do not share one size ({e})") from None
+    return Directions(**stack, metadata={"convention": CONVENTION, "source": f"llm-abliteration {path.name}"})
+
+
+def load_directions(path: str | os.PathLike):
+    """Our directions.safetensors, or llm-abliteration's measurement (by content: a torch.save zip or legacy pickle)."""
+    from audit.measure import Directions
+
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"{path}: no such directions file; run `audit measure BASE` first")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pt", ".pth", ".bin", ".refuse"):
+        return load_measurement(path)
+    return Directions.load(path)
+
+
+def resolve_measurements(config) -> Path | None:
+    """The config's ``measurements`` path, relative to the config file when not found as given."""
+    if not config.measurements:
+        return None
+    p = Path(config.measurements)
+    if not p.is_absolute() and not p.exists() and config.source and Path(config.source).is_file():
+        alt = Path(config.source).parent / p
+        if alt.exists():
+            return alt
+    return p
+
+
+def load_config(path: str | os.PathLike):
+    """llm-abliteration's YAML (or ours): audit.ablation_config.load_config, the one reader of both."""
+    from audit.ablation_config import load_config as _load
+
+    return _load(path)

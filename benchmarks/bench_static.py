@@ -1,0 +1,165 @@
+"""Static audit speed and memory on a synthetic base + ablated pair of a few GB.
+
+Builds (once, cached in --dir) a qwen3_moe-shaped bf16 checkpoint of about --gb GB in 1 GB shards
+and an ablated copy (o_proj and expert down_proj orthogonalized in the middle layers, the commonest
+ablation), then in fresh subprocesses: (1) reads both models once, every tensor, with the audit's own
+reader -- the baseline; (2) runs static_audit with a directions file (every writer and reader
+projected on its layer's direction, every changed tensor's direction recovered). Reports the time
+ratio (target <= 1.5) and the audit's peak RSS against 1 GB + 4x the largest tensor.
+
+    python benchmarks/bench_static.py --gb 4 --dir /tmp/bench_static
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+H, I, E, HEADS = 2048, 768, 32, 16
+
+
+def _shapes(layers: int, vocab: int) -> list[tuple[str, tuple]]:
+    out = [("model.embed_tokens.weight", (vocab, H))]
+    for l in range(layers):
+        p = f"model.layers.{l}."
+        out += [(p + "input_layernorm.weight", (H,)), (p + "post_attention_layernorm.weight", (H,)),
+                (p + "self_attn.q_proj.weight", (H, H)), (p + "self_attn.k_proj.weight", (H // 4, H)),
+                (p + "self_attn.v_proj.weight", (H // 4, H)), (p + "self_attn.o_proj.weight", (H, H)),
+                (p + "self_attn.q_norm.weight", (H // HEADS,)), (p + "self_attn.k_norm.weight", (H // HEADS,)),
+                (p + "mlp.gate.weight", (E, H))]
+        for e in range(E):
+            out += [(p + f"mlp.experts.{e}.gate_proj.weight", (I, H)), (p + f"mlp.experts.{e}.up_proj.weight", (I, H)),
+                    (p + f"mlp.experts.{e}.down_proj.weight", (H, I))]
+    out += [("model.norm.weight", (H,)), ("lm_head.weight", (vocab, H))]
+    return out
+
+
+def build(dir_: Path, gb: float) -> tuple[Path, Path, Path]:
+    from audit.measure import Directions
+    from audit.model_dir import write_index, write_shard
+    from checks.linalg import project_out
+
+    base, abl = dir_ / "base", dir_ / "ablated"
+    dfile = dir_ / "directions.safetensors"
+    per_layer = 2 * (H * H * 2 + 2 * (H // 4) * H + E * H + 3 * E * I * H)
+    vocab = 32000
+    layers = max(4, math.ceil((gb * 1e9 - 2 * 2 * vocab * H) / per_layer))
+    if (abl / "model.safetensors.index.json").is_file() and json.loads((dir_ / "meta.json").read_text()).get("layers") == layers:
+        return base, abl, dfile
+    cfg = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": H, "intermediate_size": 4 * H,
+           "moe_intermediate_size": I, "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": HEADS // 4,
+           "head_dim": H // HEADS, "num_experts": E, "num_experts_per_tok": 4, "vocab_size": vocab, "torch_dtype": "bfloat16",
+           "tie_word_embeddings": False}
+    g = torch.Generator().manual_seed(0)
+    d = Directions(torch.randn(layers + 1, H, generator=g), torch.randn(layers + 1, H, generator=g), torch.randn(layers + 1, H, generator=g))
+    d.save(dfile)
+    r = d.refusal_dir[layers // 2] / d.refusal_dir[layers // 2].norm()
+    ablated_layers = range(layers // 4, 3 * layers // 4)
+    for p in (base, abl):
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "config.json").write_text(json.dumps(cfg))
+    shard, shard_bytes, n, wmap_total = [], 0, 0, 0
+    wmap: dict[str, str] = {}
+
+    def flush():
+        nonlocal shard, shard_bytes, n
+        if not shard:
+            return
+        name = f"model-{n:05d}.safetensors"
+        write_shard(base / name, [(k, t) for k, t, _ in shard], {"format": "pt"})
+        write_shard(abl / name, [(k, a if a is not None else t) for k, t, a in shard], {"format": "pt"})
+        for k, _, _ in shard:
+            wmap[k] = name
+        shard, shard_bytes, n = [], 0, n + 1
+
+    t0 = time.time()
+    for key, shape in _shapes(layers, vocab):
+        t = torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+        a = None
+        lay = int(key.split(".")[2]) if ".layers." in key else None
+        if lay in ablated_layers and key.endswith(("o_proj.weight", "down_proj.weight")):
+            a = project_out(t, r, 0).to(torch.bfloat16)
+        shard.append((key, t, a))
+        shard_bytes += t.numel() * 2
+        wmap_total += t.numel() * 2
+        if shard_bytes >= 1 << 30:
+            flush()
+    flush()
+    write_index(base, wmap, wmap_total)
+    write_index(abl, wmap, wmap_total)
+    (dir_ / "meta.json").write_text(json.dumps({"layers": layers, "bytes": wmap_total}))
+    print(f"built {layers} layers, {wmap_total / 1e9:.2f} GB per model in {time.time() - t0:.0f} s", flush=True)
+    return base, abl, dfile
+
+
+HWM = """
+def hwm():  # peak RSS of this process (ru_maxrss would include the parent's peak, inherited through fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+READ = HWM + """
+import sys, time, json
+sys.path.insert(0, {root!r})
+from audit.model_dir import ModelDir
+from audit.compare import read_tensor
+t0 = time.perf_counter(); c0 = time.process_time(); n = 0
+for path in ({abl!r}, {base!r}):
+    md = ModelDir(path); fds = {{}}
+    for info in sorted(md.tensors.values(), key=lambda t: (t.shard, t.begin)):
+        t = read_tensor(md, info, fds); n += t.numel() * t.element_size()
+print(json.dumps({{"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "bytes": n, "rss_mb": hwm()}}))
+"""
+AUDIT = HWM + """
+import sys, time, json
+sys.path.insert(0, {root!r})
+import torch
+from audit.static_audit import static_audit
+t0 = time.perf_counter(); c0 = time.process_time()
+res = static_audit({abl!r}, base={base!r}, directions={dfile!r})
+dt = time.perf_counter() - t0
+print(json.dumps({{"seconds": dt, "cpu_s": time.process_time() - c0, "rss_mb": hwm(),
+                  "summary": {{k: v.summary for k, v in res.items()}}}}))
+"""
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gb", type=float, default=4.0, help="size of each model (the pair is twice this)")
+    ap.add_argument("--dir", default="/tmp/bench_static")
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    base, abl, dfile = build(Path(args.dir), args.gb)
+    largest = max(math.prod(s) * 2 for _, s in _shapes(1, 32000))
+    kw = {"root": str(ROOT), "abl": str(abl), "base": str(base), "dfile": str(dfile)}
+    _run(READ.format(**kw))  # warm the page cache: both runs then read from the same place
+    for _ in range(args.repeat):
+        rd = _run(READ.format(**kw))
+        au = _run(AUDIT.format(**kw))
+        limit_mb = 1024 + 4 * largest / 2**20
+        print(json.dumps({
+            "pair_gb": rd["bytes"] / 1e9, "read_s": round(rd["seconds"], 2), "audit_s": round(au["seconds"], 2),
+            "ratio": round(au["seconds"] / rd["seconds"], 2), "ratio_target": 1.5,
+            "read_cpu_s": round(rd["cpu_s"], 2), "audit_cpu_s": round(au["cpu_s"], 2), "load_avg": __import__("os").getloadavg()[0],
+            "audit_peak_rss_mb": round(au["rss_mb"]), "rss_limit_mb": round(limit_mb), "read_peak_rss_mb": round(rd["rss_mb"]),
+            "largest_tensor_mb": round(largest / 2**20), "summary": au["summary"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

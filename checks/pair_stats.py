@@ -1,0 +1,353 @@
+"""Everything the weight checks need from one (base, ablated) tensor pair, in two cache-sized sweeps.
+
+One pure function, ``pair_stats``, turns the two tensors of one key into a small record: whether the
+bytes are identical, the Frobenius norms of W, W' and of the change D = W' - W, non-finite counts,
+the component along each given direction r before and after (r . W and r . W' on the residual axis,
+kept per expert for fused tensors), the rounding floor of W's dtype along r, and -- for a changed
+tensor -- the dominant direction of the change (its top singular vector on the residual axis), how
+much of the change's energy that direction holds, and the effective scale of the edit along it.
+
+The tensor is seen as [P, H, Q] with the residual axis in the middle and swept in blocks of about
+``block`` elements, so every quantity of a block is computed while it is in cache and memory stays at
+the two input tensors plus a few blocks. Sweep 1 converts each block once to float32 and gathers all
+statistics plus a streaming power iteration for the change's direction; sweep 2 (changed tensors
+only) does one more exact power step, which also gives the top singular value and the scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+# Mean squared relative error of round-to-nearest into a binary float format, per eps^2: for a value
+# with mantissa m (log-uniform in [1, 2)) the absolute error is uniform in +-ulp/2 with ulp = x*eps/m,
+# so E[err^2] = x^2 eps^2 E[1/m^2] / 12 = x^2 eps^2 * 0.5410 / 12.
+ROUND_MSE_PER_EPS2 = 0.5410 / 12
+CANDIDATE_EXPLAINS = 0.99  # a given direction holding this share of the change's energy is taken as its direction
+
+
+@dataclass
+class DirStats:
+    """One direction r against one pair. Norms are of r . W over the non-residual axes."""
+
+    before: float  # ||r . W||
+    after: float  # ||r . W'||
+    dot: float  # <r . W, r . W'>: signed, so a reflection (r . W' = -r . W) is told from "untouched"
+    floor: float  # expected ||r . e|| if W' was rounded to its dtype (e = rounding error)
+    per_expert: dict[str, list[float]] | None = None  # fused tensors: before/after/dot/floor per expert
+    vec_before: list[float] | None = None  # small results (a router: per-expert logit sensitivity r . W_e)
+    vec_after: list[float] | None = None
+
+    @property
+    def share_left(self) -> float | None:
+        return self.after / self.before if self.before > 0 else None
+
+    @property
+    def signed_left(self) -> float | None:
+        """<r.W', r.W> / ||r.W||^2 = 1 - s for an edit W' = W - s r r^T W."""
+        return self.dot / self.before ** 2 if self.before > 0 else None
+
+
+@dataclass
+class EditRecovery:
+    """The dominant direction of a change D = W' - W on the residual axis."""
+
+    direction: torch.Tensor  # unit [H] float32, sign: largest |component| positive
+    rank1_share: float  # sigma_1^2 / ||D||_F^2: 1 for an exact rank-one edit
+    scale: float | None  # effective s along the direction over the edited columns: 1 - <u.W', u.W>/||u.W||^2 (1 removed, 2 reflected)
+    sigma1: float
+    along: DirStats | None = None  # the tensor against its own recovered direction (edited columns only)
+
+
+@dataclass
+class PairStats:
+    """What one key's pair says; tensors are not kept (only ``recovery.direction``, [H])."""
+
+    identical: bool
+    numel: int
+    base_fro: float = 0.0
+    ablated_fro: float = 0.0
+    diff_fro: float = 0.0
+    nonfinite_base: int = 0
+    nonfinite_ablated: int = 0
+    expert_rel_change: list[float] | None = None  # fused tensors: ||D_e|| / ||W_e|| per expert
+    dirs: dict[str, DirStats] = field(default_factory=dict)
+    recovery: EditRecovery | None = None
+
+    @property
+    def rel_change(self) -> float:
+        return self.diff_fro / self.base_fro if self.base_fro > 0 else (math.inf if self.diff_fro > 0 else 0.0)
+
+
+def round_mse_coeff(dtype: torch.dtype) -> float:
+    """E[(round(x) - x)^2] / x^2 for storing into ``dtype`` (0 for integer types)."""
+    if not dtype.is_floating_point:
+        return 0.0
+    return ROUND_MSE_PER_EPS2 * float(torch.finfo(dtype).eps) ** 2
+
+
+def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    ua = a.contiguous().reshape(-1).view(torch.uint8)
+    ub = b.contiguous().reshape(-1).view(torch.uint8)
+    n8 = ua.numel() // 8 * 8
+    if n8 and not np.array_equal(ua[:n8].view(torch.int64).numpy(), ub[:n8].view(torch.int64).numpy()):
+        return False  # numpy compares 8 bytes at a time without allocating (torch.equal on uint8 is ~50x slower)
+    return bool(torch.equal(ua[n8:], ub[n8:]))
+
+
+def _phq(t: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """View as [P, H, Q] with the residual axis in the middle (no residual axis: [1, numel, 1])."""
+    t = t.contiguous()
+    if axis is None:
+        return t.reshape(1, -1, 1)
+    p = math.prod(t.shape[:axis])
+    q = math.prod(t.shape[axis + 1:])
+    return t.reshape(p, t.shape[axis], q)
+
+
+def _blocks(p: int, h: int, q: int, block: int):
+    """(p0, p1, q0, q1) slices of about ``block`` elements covering [P, H, Q]."""
+    cols = max(1, block // max(h, 1))
+    if q >= cols:
+        for p0 in range(p):
+            for q0 in range(0, q, cols):
+                yield p0, p0 + 1, q0, min(q, q0 + cols)
+    else:
+        pb = max(1, cols // q)
+        for p0 in range(0, p, pb):
+            yield p0, min(p, p0 + pb), 0, q
+
+
+class _Work:
+    """Reusable float32 scratch blocks: fresh allocations page-fault on every block and cost ~30x the arithmetic."""
+
+    bufs: ClassVar[dict[tuple[int, int], torch.Tensor]] = {}  # per process; only the thread that runs pair_stats uses them
+
+    @classmethod
+    def get(cls, slot: int, n: int) -> torch.Tensor:
+        b = cls.bufs.get((slot, 0))
+        if b is None or b.numel() < n:
+            b = torch.empty(max(n, 1 << 18), dtype=torch.float32)
+            cls.bufs[(slot, 0)] = b
+        return b[:n]
+
+
+def _mat(xv: torch.Tensor, c0: int, c1: int, Q: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns c0:c1 of the [H, P*Q] matrix view of ``xv`` [P, H, Q] as float32 in scratch ``slot``: (buffer, [H, cols] view).
+
+    Blocks never straddle: either within one p (Q large) or whole p's (Q small).
+    """
+    H = xv.shape[1]
+    n = (c1 - c0) * H
+    buf = _Work.get(slot, n)
+    if Q == 1:
+        raw = buf.view(c1 - c0, H)
+        raw.copy_(xv[c0:c1, :, 0])
+        return raw, raw.T
+    p0, q0 = divmod(c0, Q)
+    if c1 - c0 <= Q - q0:
+        raw = buf.view(H, c1 - c0)
+        raw.copy_(xv[p0, :, q0:q0 + (c1 - c0)])
+        return raw, raw
+    p1 = c1 // Q
+    raw = buf.view(H, p1 - p0, Q)
+    raw.copy_(xv[p0:p1].transpose(0, 1))
+    raw = raw.view(H, -1)
+    return raw, raw
+
+
+def _ranges_of(xv: torch.Tensor, block: int):
+    P, H, Q = xv.shape
+    for p0, p1, q0, q1 in _blocks(P, H, Q, block):
+        yield p0 * Q + q0, ((p1 - 1) * Q + q1 if p1 - p0 == 1 else p1 * Q)
+
+
+def _like(raw: torch.Tensor, m: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A scratch tensor shaped like ``raw`` and its matrix view laid out like ``m`` (raw or raw.T)."""
+    out = buf[: raw.numel()].view(raw.shape)
+    return out, (out.T if m.stride() != raw.stride() else out)
+
+
+def _sign_fix(u: torch.Tensor) -> torch.Tensor:
+    i = int(u.abs().argmax())
+    return -u if u[i] < 0 else u
+
+
+def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, directions: dict[str, torch.Tensor] | None = None,
+               expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
+               block: int = 1 << 18, small_vec: int = 512, hints: list[torch.Tensor] | None = None) -> PairStats:
+    """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
+
+    ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
+    the fused experts axis (must precede ``resid_axis``); per-expert results then come along.
+    ``along_unchanged``: also compute r . W for an identical pair (how much r it writes or reads).
+    ``hints``: more unit directions (e.g. those recovered from the previous tensors), tried only as
+    candidates that may explain a change (sparing sweep 2), never reported.
+    """
+    identical = bytes_equal(w0, w1)
+    directions = {k: v for k, v in (directions or {}).items() if v is not None}
+    n_report = len(directions)
+    if hints and not identical and resid_axis is not None:
+        directions.update({f"_hint{i}": h for i, h in enumerate(hints) if h is not None and h.numel() == w0.shape[resid_axis]})
+    use_dirs = bool(directions) and resid_axis is not None and (not identical or along_unchanged)
+    st = PairStats(identical=identical, numel=w0.numel())
+    x0v, x1v = _phq(w0, resid_axis), _phq(w1, resid_axis)
+    P, H, Q = x0v.shape
+    per_expert = expert_axis is not None and n_experts > 0 and resid_axis is not None and expert_axis < resid_axis and P % n_experts == 0
+    names = list(directions)
+    R = torch.stack([directions[n].float().flatten() for n in names]) if use_dirs else None  # [m, H]
+    if R is not None and R.shape[1] != H:
+        raise ValueError(f"direction size {R.shape[1]} != residual axis size {H}")
+    R2 = R * R if R is not None else None
+    c_round = round_mse_coeff(w1.dtype)
+    PQ = P * Q
+    a0 = torch.zeros(len(names), PQ) if use_dirs else None
+    a1 = torch.zeros(len(names), PQ) if use_dirs and not identical else None
+    fl = torch.zeros(len(names), PQ) if use_dirs and not identical and c_round > 0 else None
+    e_d2 = torch.zeros(PQ) if per_expert and not identical else None
+    e_w2 = torch.zeros(PQ) if per_expert and not identical else None
+    s_w0 = s_w1 = s_d = 0.0
+    nf0 = nf1 = 0
+    # streaming power iteration on D D^T (sweep 1): u follows the running dominant direction
+    want_rec = recover and not identical and resid_axis is not None
+    u = None
+    g = torch.zeros(H) if want_rec else None
+
+    for c0, c1 in (_ranges_of(x0v, block) if (use_dirs or not identical) else ()):  # identical, nothing to project: done
+        raw0, m0 = _mat(x0v, c0, c1, Q, 0)
+        f0 = raw0.reshape(-1)
+        if identical:
+            s_w0 += float(torch.dot(f0, f0))
+            if use_dirs:
+                a0[:, c0:c1] = R @ m0
+            continue
+        raw1, m1 = _mat(x1v, c0, c1, Q, 1)
+        rawd, dm = _like(raw0, m0, _Work.get(2, raw0.numel()))
+        torch.sub(raw1, raw0, out=rawd)
+        f1, fd = raw1.reshape(-1), rawd.reshape(-1)
+        w0sq, w1sq, dsq = float(torch.dot(f0, f0)), float(torch.dot(f1, f1)), float(torch.dot(fd, fd))
+        if not math.isfinite(w0sq):
+            nf0 += int((~torch.isfinite(raw0)).sum())
+        if not math.isfinite(w1sq):
+            nf1 += int((~torch.isfinite(raw1)).sum())
+        s_w0 += w0sq
+        s_w1 += w1sq
+        s_d += dsq
+        if e_d2 is not None:
+            e_d2[c0:c1] = dm.square().sum(0)
+            e_w2[c0:c1] = m0.square().sum(0)
+        if use_dirs:
+            a0[:, c0:c1] = R @ m0
+            a1[:, c0:c1] = R @ m1
+            if fl is not None:
+                rawsq, msq = _like(raw1, m1, _Work.get(3, raw1.numel()))
+                torch.mul(raw1, raw1, out=rawsq)
+                fl[:, c0:c1] = R2 @ msq
+        if want_rec and dsq > 0 and math.isfinite(dsq):
+            if u is None:  # start: the first known direction, else the block's largest column
+                if R is not None:
+                    u = R[0].clone()
+                else:
+                    u = dm[:, int(dm.square().sum(0).argmax())].clone()
+                u = u / u.norm().clamp_min(1e-30)
+            g += dm @ (dm.T @ u)
+            n = g.norm()
+            if n > 0:
+                u = g / n
+
+    st.base_fro = math.sqrt(s_w0)
+    if identical:
+        st.ablated_fro, st.diff_fro = st.base_fro, 0.0
+    else:
+        st.ablated_fro, st.diff_fro = math.sqrt(s_w1) if math.isfinite(s_w1) else math.inf, math.sqrt(s_d) if math.isfinite(s_d) else math.inf
+    st.nonfinite_base, st.nonfinite_ablated = nf0, nf1
+    if e_d2 is not None:
+        ed = e_d2.reshape(n_experts, -1).sum(1).sqrt()
+        ew = e_w2.reshape(n_experts, -1).sum(1).sqrt()  # flat columns are (p, q) with p = expert-major
+        st.expert_rel_change = torch.where(ew > 0, ed / ew.clamp_min(1e-30), torch.where(ed > 0, torch.full_like(ed, math.inf), torch.zeros_like(ed))).tolist()
+
+    if use_dirs:
+        a1_ = a0 if identical else a1
+        for j, n in enumerate(names[:n_report]):
+            v0, v1 = a0[j], a1_[j]
+            f2 = fl[j] * c_round if fl is not None else None
+            ds = DirStats(before=float(v0.norm()), after=float(v1.norm()), dot=float((v0 * v1).sum()),
+                          floor=float(f2.sum().sqrt()) if f2 is not None else 0.0)
+            if per_expert:
+                e0, e1 = v0.reshape(n_experts, -1), v1.reshape(n_experts, -1)
+                ds.per_expert = {"before": e0.norm(dim=1).tolist(), "after": e1.norm(dim=1).tolist(), "dot": (e0 * e1).sum(1).tolist(),
+                                 "floor": (f2.reshape(n_experts, -1).sum(1).sqrt().tolist() if f2 is not None else [0.0] * n_experts)}
+            if v0.numel() <= small_vec:
+                ds.vec_before, ds.vec_after = v0.flatten().tolist(), v1.flatten().tolist()
+            st.dirs[n] = ds
+
+    if want_rec and u is not None and st.diff_fro > 0 and math.isfinite(st.diff_fro):
+        st.recovery = _from_candidates(names, a0, a1, fl, c_round, g, s_d) if use_dirs else None
+        if st.recovery is None:  # no given direction explains the edit: one more exact power step
+            st.recovery = _refine(x0v, x1v, u, block, st.diff_fro, c_round)
+    return st
+
+
+def _from_candidates(names, a0, a1, fl, c_round, g, s_d, explained: float = CANDIDATE_EXPLAINS) -> EditRecovery | None:
+    """Skip sweep 2 when a given direction r explains the change: ||D^T r||^2 >= ``explained`` ||D||^2.
+
+    D^T r = r.W' - r.W is already known from sweep 1, so the rank-one share along r, the scale along
+    r (over the edited columns) and r's residue come free; the direction reported is still the one the
+    data gave (the streamed power iteration ``g``, which started from r), not r itself.
+    """
+    best, share = None, 0.0
+    for j in range(len(names)):
+        dj = a1[j] - a0[j]
+        sj = float(dj @ dj) / s_d if s_d > 0 else 0.0
+        if sj > share:
+            best, share = j, sj
+    if best is None or share < explained or float(g.norm()) == 0:
+        return None
+    mask = a1[best] != a0[best]
+    c0v, c1v = torch.where(mask, a0[best], 0.0), torch.where(mask, a1[best], 0.0)
+    aa, ab, bb = float(c0v @ c0v), float(c0v @ c1v), float(c1v @ c1v)
+    floor = math.sqrt(float(fl[best][mask].sum()) * c_round) if fl is not None else 0.0
+    along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=floor)
+    return EditRecovery(direction=_sign_fix(g / g.norm()).float(), rank1_share=min(1.0, share), scale=1.0 - ab / aa if aa > 0 else None,
+                        sigma1=math.sqrt(share * s_d), along=along)
+
+
+def _refine(x0v: torch.Tensor, x1v: torch.Tensor, u: torch.Tensor, block: int, diff_fro: float, c_round: float) -> EditRecovery:
+    """Sweep 2: z = D D^T u (one exact power step), ||D^T u||, and u . W, u . W' for the scale."""
+    _, H, Q = x0v.shape
+    z = torch.zeros(H)
+    t2 = 0.0
+    aa = ab = bb = fl = 0.0  # ||u.W||^2, <u.W, u.W'>, ||u.W'||^2, expected rounding residue^2
+    u2 = u * u
+    for c0, c1 in _ranges_of(x0v, block):
+        raw0, m0 = _mat(x0v, c0, c1, Q, 0)
+        raw1, m1 = _mat(x1v, c0, c1, Q, 1)
+        rawd, dm = _like(raw0, m0, _Work.get(2, raw0.numel()))
+        torch.sub(raw1, raw0, out=rawd)
+        t = dm.T @ u
+        z += dm @ t
+        t2 += float(t @ t)
+        mask = t != 0  # the edited columns only (the scale of a partial edit is that of its edited part)
+        c0v = torch.where(mask, u @ m0, 0.0)
+        c1v = torch.where(mask, u @ m1, 0.0)
+        aa += float(c0v @ c0v)
+        ab += float(c0v @ c1v)
+        bb += float(c1v @ c1v)
+        if c_round > 0:
+            rawsq, msq = _like(raw1, m1, _Work.get(3, raw1.numel()))
+            torch.mul(raw1, raw1, out=rawsq)
+            fl += float(((u2 @ msq) * mask).sum()) * c_round
+    zn = float(z.norm())
+    sigma1 = zn / math.sqrt(t2) if t2 > 0 else 0.0
+    direction = _sign_fix(z / zn) if zn > 0 else u
+    share = min(1.0, sigma1 ** 2 / diff_fro ** 2) if diff_fro > 0 else 0.0
+    scale = 1.0 - ab / aa if aa > 0 else None
+    along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=math.sqrt(fl))
+    return EditRecovery(direction=direction.float(), rank1_share=share, scale=scale, sigma1=sigma1, along=along)

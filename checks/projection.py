@@ -1,0 +1,193 @@
+"""How much of the refusal direction r each tensor still writes (or reads) after the ablation.
+
+For a writer the share of its original write capacity along r that is left, ||r^T W'|| / ||r^T W||,
+and ||r^T W'|| / ||W'||_F; for a reader ||W' r|| / ||W r|| (one formula: the component along r on
+the residual axis, checks/pair_stats.py). Each changed tensor is classified against the rounding
+floor of its dtype: ``removed``, ``rounding`` (what is left is what storing W' in bf16/fp16 leaves),
+``weak-scale`` (reduced, not removed), ``reflected`` (r flipped, s ~ 2), ``not-ablated``. Per-expert
+layer x expert matrices and the router's per-expert logit sensitivity r . W_e come along.
+
+Directions are named: "ablated" (the direction the intent says was removed, or the one recovered
+from the edit) and "local" (the layer's own measured direction: index L for readers of layer L,
+L+1 for its writers, whose output enters hidden_states[L+1]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding
+from checks.pair_stats import DirStats
+from checks.weights import GROUP_NAMES, ranges
+
+REMOVED_TOL = 0.05  # share of r left that counts as removed
+FLOOR_K = 3.0  # a residue within FLOOR_K x the expected rounding residue is rounding
+NOT_ABLATED = 0.95  # share left above this: not ablated
+CLASSES = ("removed", "rounding", "weak-scale", "reflected", "not-ablated", "no-signal")
+WRITERS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
+
+
+@dataclass
+class TensorProjection:
+    """One tensor's components along the named directions, before and after."""
+
+    key: str
+    layer: int | None
+    component: str
+    projection: str
+    io: str
+    targets: tuple[str, ...]
+    changed: bool
+    dtype: str
+    expert: int | None = None
+    ablated_fro: float = 0.0
+    dirs: dict[str, DirStats] = field(default_factory=dict)
+
+
+def classify(ds: DirStats, changed: bool, tol: float = REMOVED_TOL) -> str:
+    """removed / rounding / weak-scale / reflected / not-ablated / no-signal for one tensor along one direction."""
+    if ds.before <= 0 or not math.isfinite(ds.before):
+        return "no-signal"
+    if not changed:
+        return "not-ablated"
+    left, signed = ds.share_left, ds.signed_left
+    if signed is not None and signed <= -0.5:
+        return "reflected"
+    if left <= tol:
+        return "removed"
+    if ds.floor > 0 and ds.after <= FLOOR_K * ds.floor:
+        return "rounding"
+    if left < NOT_ABLATED:
+        return "weak-scale"
+    return "not-ablated"
+
+
+def _matrix(title, rows_of: dict[int, list], n_cols: int, col_prefix: str, unit: str, note: str, vmax=1.0) -> dict:
+    layers = sorted(rows_of)
+    return {"title": title, "rows": [f"L{l}" for l in layers], "cols": [f"{col_prefix}{e}" for e in range(n_cols)],
+            "values": [rows_of[l] for l in layers], "vmin": 0.0, "vmax": vmax, "unit": unit, "note": note}
+
+
+def check_projection(recs: list[TensorProjection], n_experts: int = 0, hidden_size: int | None = None,
+                     direction_cosines: list[dict] | None = None, tol: float = REMOVED_TOL) -> CheckResult:
+    """Shares left along each direction, classes, findings (writer-left, reader-left, precision-loss, weak-scale), matrices."""
+    dir_names = sorted({n for r in recs for n in r.dirs}, key=lambda n: (n != "ablated", n))
+    if not dir_names:
+        return CheckResult("projection", "skip", "no direction to project on: give --directions, --config with measurements, or --harmful/--harmless", [], {})
+    findings: list[Finding] = []
+    data: dict = {"matrices": {}, "tables": {}, "classes": {}, "writes_before": {}, "writes_after": {}, "reads_before": {}, "reads_after": {}}
+    main = dir_names[0]
+    mod_layers = {r.layer for r in recs if r.changed and r.layer is not None}
+    n_layers = max([r.layer + 1 for r in recs if r.layer is not None] + [0])
+
+    for dn in dir_names:
+        per_group_before: dict[str, list] = defaultdict(lambda: [0.0] * n_layers)
+        per_group_after: dict[str, list] = defaultdict(lambda: [0.0] * n_layers)
+        counts: dict[str, int] = defaultdict(int)
+        by_class: dict[str, list[TensorProjection]] = defaultdict(list)
+        expert_left: dict[str, dict[int, list]] = defaultdict(dict)
+        expert_before: dict[str, dict[int, list]] = defaultdict(dict)
+        router_before: dict[int, list] = {}
+        router_after: dict[int, list] = {}
+        for r in recs:
+            ds = r.dirs.get(dn)
+            if ds is None:
+                continue
+            cls = classify(ds, r.changed, tol)
+            counts[cls] += 1
+            by_class[cls].append(r)
+            layer = 0 if r.layer is None else r.layer
+            for t in r.targets:
+                if layer < n_layers:
+                    per_group_before[t][layer] += ds.before
+                    per_group_after[t][layer] += ds.after
+            if r.component == "experts" and n_experts:
+                name = f"experts_{r.projection}"
+                if ds.per_expert is not None:
+                    b, a = ds.per_expert["before"], ds.per_expert["after"]
+                    expert_left[name][layer] = [a[e] / b[e] if b[e] > 0 else None for e in range(min(len(b), n_experts))]
+                    expert_before[name][layer] = list(b[:n_experts])
+                elif r.expert is not None and r.expert < n_experts:
+                    expert_left[name].setdefault(layer, [None] * n_experts)[r.expert] = ds.share_left
+                    expert_before[name].setdefault(layer, [None] * n_experts)[r.expert] = ds.before
+            if r.component == "router" and r.projection == "router" and ds.vec_before is not None:
+                router_before[layer], router_after[layer] = ds.vec_before, ds.vec_after
+        data["classes"][dn] = dict(counts)
+        for name, rows in expert_left.items():
+            data["matrices"][f"{dn}:{name}:share_left"] = _matrix(
+                f"{GROUP_NAMES.get(name, name)}: share of r left, ||r.W'||/||r.W|| ({dn} direction)", rows, n_experts, "E", "share",
+                "0 removed, 1 untouched; >1 grew")
+        for name, rows in expert_before.items():
+            data["matrices"][f"{dn}:{name}:before"] = _matrix(
+                f"{GROUP_NAMES.get(name, name)}: ||r.W|| before ablation ({dn} direction)", rows, n_experts, "E", "norm",
+                "how much each expert writes (down) or reads (gate/up) along r", vmax=None)
+        if router_before:
+            nE = max(len(v) for v in router_before.values())
+            data["matrices"][f"{dn}:router:sensitivity_before"] = _matrix(f"Router logit sensitivity to r, W_e . r, before ({dn})", router_before, nE, "E", "logit per unit r", "signed", vmax=None)
+            data["matrices"][f"{dn}:router:sensitivity_after"] = _matrix(f"Router logit sensitivity to r, W_e . r, after ({dn})", router_after, nE, "E", "logit per unit r", "signed", vmax=None)
+            for m in (data["matrices"][f"{dn}:router:sensitivity_before"], data["matrices"][f"{dn}:router:sensitivity_after"]):
+                m["vmin"] = None
+        # per layer x group share left (sums over the group's tensors)
+        groups = [g for g in per_group_before if any(per_group_before[g])]
+        rows = {l: [(per_group_after[g][l] / per_group_before[g][l]) if per_group_before[g][l] > 0 else None for g in groups] for l in range(n_layers)}
+        data["matrices"][f"{dn}:share_left_by_group"] = {"title": f"Share of r left per layer and group ({dn} direction)", "rows": [f"L{l}" for l in range(n_layers)],
+                                                         "cols": groups, "values": [rows[l] for l in range(n_layers)], "vmin": 0.0, "vmax": 1.0, "unit": "share",
+                                                         "note": "sum over the group's tensors of ||r.W'|| / sum of ||r.W||"}
+        for g in groups:
+            key = "writes" if g in WRITERS else "reads"
+            key = key if dn == main else f"{key}_{dn}"
+            data.setdefault(f"{key}_before", {})[g] = [per_group_before[g][l] if per_group_before[g][l] > 0 else None for l in range(n_layers)]
+            data.setdefault(f"{key}_after", {})[g] = [per_group_after[g][l] if per_group_before[g][l] > 0 else None for l in range(n_layers)]
+        if dn != main:
+            continue
+        findings += _findings(recs, dn, by_class, per_group_before, per_group_after, mod_layers, tol)
+
+    if direction_cosines:
+        data["tables"]["direction_cosines"] = {"title": "Cosine of the ablated direction to each layer's measured direction",
+                                               "columns": list(direction_cosines[0].keys()), "rows": [list(d.values()) for d in direction_cosines]}
+    if hidden_size:
+        data["random_direction_share"] = 1 / math.sqrt(hidden_size)
+    status = max((f.severity for f in findings), key=lambda s: {INFO: 0, PASS: 0, WARN: 1, FAIL: 2}[s], default=PASS)
+    c = data["classes"].get(main, {})
+    summary = f"against the {main} direction: " + ", ".join(f"{c[k]} {k}" for k in CLASSES if c.get(k))
+    return CheckResult("projection", status if status != INFO else PASS, summary, findings, data)
+
+
+def _findings(recs, dn, by_class, before, after, mod_layers, tol) -> list[Finding]:
+    out: list[Finding] = []
+    # writers / readers still carrying r in the layers the ablation worked on
+    for io, code, sev in (("writer", "writer-left", FAIL), ("reader", "reader-left", WARN)):
+        for g in sorted(before):
+            if (g in WRITERS) != (io == "writer"):
+                continue
+            layers = [l for l in sorted(mod_layers) if l < len(before[g]) and before[g][l] > 0 and after[g][l] / before[g][l] >= tol]
+            if not layers:
+                continue
+            shares = [after[g][l] / before[g][l] for l in layers]
+            experts = sorted({(r.layer, r.expert) for r in recs if r.component == "experts" and r.layer in layers and r.expert is not None
+                              and g in r.targets and r.dirs.get(dn) and (r.dirs[dn].share_left or 0) >= tol})
+            out.append(Finding(code, sev, f"{GROUP_NAMES.get(g, g)} still {'write' if io == 'writer' else 'read'} {max(shares):.0%} of their r "
+                               f"({dn} direction) in ablated layers {ranges(layers)}", value=max(shares), threshold=tol, layers=layers,
+                               experts=[list(e) for e in experts[:200]], evidence={"targets": [g], "share_left": dict(zip(map(str, layers), shares))}))
+    rnd = by_class.get("rounding", [])
+    if rnd:
+        worst = max(rnd, key=lambda r: r.dirs[dn].share_left or 0)
+        out.append(Finding("precision-loss", WARN, f"{len(rnd)} tensor(s) keep up to {worst.dirs[dn].share_left:.1%} of r, which is what rounding to "
+                           f"{worst.dtype} leaves (e.g. {worst.key}); compute in float32 and store a wider dtype, or accept the residue",
+                           value=worst.dirs[dn].share_left, threshold=tol, layers=sorted({r.layer for r in rnd if r.layer is not None}),
+                           evidence={"keys": [r.key for r in rnd[:50]], "dtype": worst.dtype, "floor_share": worst.dirs[dn].floor / worst.dirs[dn].before}))
+    weak = by_class.get("weak-scale", [])
+    if weak:
+        s_eff = sorted(1 - (r.dirs[dn].signed_left or 0) for r in weak)
+        med = s_eff[len(s_eff) // 2]
+        out.append(Finding("weak-scale", WARN, f"{len(weak)} tensor(s) reduced but not removed along r: effective scale ~{med:.2f} "
+                           f"(share left ~{1 - med:.0%}); raise scale to 1.0 or lower sparsity", value=med, threshold=1.0,
+                           layers=sorted({r.layer for r in weak if r.layer is not None}), evidence={"keys": [r.key for r in weak[:50]], "effective_scale": med}))
+    refl = by_class.get("reflected", [])
+    if refl:
+        out.append(Finding("reflected", FAIL, f"{len(refl)} tensor(s) have r reflected (r.W' = -r.W, effective scale ~2): the edit was applied twice "
+                           "or as a Householder reflection", value=float(len(refl)), layers=sorted({r.layer for r in refl if r.layer is not None}),
+                           evidence={"keys": [r.key for r in refl[:50]]}))
+    return out

@@ -1,0 +1,268 @@
+"""Key diff of base vs ablated weights, judged against the intent: what changed, what was meant to.
+
+Input: one ``TensorDiff`` per key (built by audit/compare.py from a streamed pair) and an ``Intent``
+(from our manifest, a YAML config's plan, or inferred from what changed). Output: the "weights"
+CheckResult with findings ``no-change``, ``intended-untouched``, ``unintended-modified`` (with a
+``prefix_collision`` flag when an entry for layer N seems to have rewritten layers N0-N9),
+``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, and a
+layer x target-group grid (intended vs actual) for the report.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding
+from checks.layout import TARGETS
+
+# What a thorough ablation touches, used as the intent when none is given (the guide's sections 1-2:
+# every residual writer, plus the inputs of routed and shared experts).
+INFERRED_TARGETS = ("attn_out", "mlp_down", "experts_down", "shared_down", "experts_gate", "experts_up", "shared_gate", "shared_up")
+GROUP_NAMES = {
+    "embed": "embeddings", "attn_out": "attention o_proj", "attn_in": "attention q/k/v", "mlp_down": "dense MLP down_proj",
+    "mlp_gate": "dense MLP gate_proj", "mlp_up": "dense MLP up_proj", "experts_down": "routed experts' down_proj",
+    "experts_gate": "routed experts' gate_proj", "experts_up": "routed experts' up_proj", "shared_down": "shared experts' down_proj",
+    "shared_gate": "shared experts' gate_proj", "shared_up": "shared experts' up_proj", "router": "router",
+}
+STATUSES = ("unchanged", "changed", "missing", "added", "shape-changed", "dtype-changed")
+
+
+@dataclass
+class TensorDiff:
+    """One key's comparison. ``changed_targets``: the target groups whose part of the tensor changed."""
+
+    key: str
+    status: str  # one of STATUSES
+    layer: int | None = None
+    component: str | None = None
+    projection: str | None = None
+    expert: int | None = None
+    io: str | None = None
+    targets: tuple[str, ...] = ()
+    changed_targets: tuple[str, ...] = ()
+    rel_change: float | None = None
+    nonfinite_base: int = 0
+    nonfinite_ablated: int = 0
+    base_shape: tuple | None = None
+    ablated_shape: tuple | None = None
+    base_dtype: str | None = None
+    ablated_dtype: str | None = None
+    expert_rel_change: list[float] | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.status == "changed"
+
+
+@dataclass
+class Intent:
+    """What the ablation meant to touch: target group -> layers; exact keys when known; config entries."""
+
+    source: str  # manifest / config / inferred
+    targets: dict[str, set[int]] = field(default_factory=dict)
+    keys: set[str] | None = None
+    entries: list[dict] = field(default_factory=list)  # {"layer", "measurement", "scale", "targets"}
+    note: str = ""
+
+    def intends(self, target: str, layer: int | None) -> bool:
+        return layer is not None and layer in self.targets.get(target, set())
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "targets": {t: sorted(v) for t, v in self.targets.items()}, "entries": self.entries,
+                "n_keys": None if self.keys is None else len(self.keys), "note": self.note}
+
+
+def ranges(xs) -> str:
+    """[1,2,3,7] -> '1-3, 7'."""
+    xs = sorted({x for x in xs if x is not None})
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(f"{xs[i]}-{xs[j]}" if j > i else str(xs[i]))
+        i = j + 1
+    return ", ".join(out)
+
+
+def modified_groups(diffs: list[TensorDiff]) -> dict[str, set[int]]:
+    """Target group -> layers where some tensor of the group changed (embeddings: layer 0)."""
+    out: dict[str, set[int]] = defaultdict(set)
+    for d in diffs:
+        if d.changed:
+            for t in d.changed_targets:
+                out[t].add(0 if d.layer is None else d.layer)
+    return dict(out)
+
+
+def present_groups(diffs: list[TensorDiff]) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = defaultdict(set)
+    for d in diffs:
+        if d.status != "added":
+            for t in d.targets:
+                out[t].add(0 if d.layer is None else d.layer)
+    return dict(out)
+
+
+def inferred_intent(diffs: list[TensorDiff]) -> Intent:
+    """No manifest, no config: the intent is every INFERRED_TARGETS group over the range of changed layers."""
+    mod = modified_groups(diffs)
+    layers = sorted({l for ls in mod.values() for l in ls})
+    if not layers:
+        return Intent("inferred", {}, None, [], "nothing changed, so no intent can be inferred")
+    lo, hi = layers[0], layers[-1]
+    changed_layers = set(layers)
+    present = present_groups(diffs)
+    targets = {t: {l for l in present.get(t, set()) if lo <= l <= hi and l in changed_layers} for t in INFERRED_TARGETS}
+    for t, ls in mod.items():  # whatever changed was meant (router, attn_in, embed ...)
+        targets.setdefault(t, set()).update(ls)
+    return Intent("inferred", {t: v for t, v in targets.items() if v}, None, [],
+                  f"inferred from the changed layers {ranges(layers)}: a thorough ablation edits every residual writer and the experts' inputs there")
+
+
+def _collision_entries(layer: int, entry_layers: list[int]) -> list[int]:
+    """Entries whose layer number is a string prefix of ``layer`` (1 -> 10..19, 100..): what key.startswith matches."""
+    s = str(layer)
+    return [n for n in entry_layers if n != layer and s.startswith(str(n))]
+
+
+def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | None = None) -> CheckResult:
+    """The key diff judged against ``intent``; see the module docstring for the findings."""
+    findings: list[Finding] = []
+    n_changed = sum(d.changed for d in diffs)
+    mod = modified_groups(diffs)
+    present = present_groups(diffs)
+
+    # structural problems first
+    for status, code, sev in (("missing", "missing", FAIL), ("added", "added", WARN), ("shape-changed", "shape-changed", FAIL), ("dtype-changed", "dtype-changed", WARN)):
+        ds = [d for d in diffs if d.status == status]
+        if ds:
+            what = {"missing": "in the base but not in the ablated model", "added": "in the ablated model but not in the base",
+                    "shape-changed": "with a different shape", "dtype-changed": "stored with a different dtype"}[status]
+            detail = [f"{d.key} {d.base_shape}->{d.ablated_shape}" if status == "shape-changed" else
+                      f"{d.key} {d.base_dtype}->{d.ablated_dtype}" if status == "dtype-changed" else d.key for d in ds[:20]]
+            findings.append(Finding(code, sev, f"{len(ds)} tensor(s) {what}: {', '.join(detail[:5])}{' ...' if len(ds) > 5 else ''}",
+                                    value=float(len(ds)), layers=sorted({d.layer for d in ds if d.layer is not None}), evidence={"keys": detail}))
+    bad = [d for d in diffs if d.nonfinite_ablated > d.nonfinite_base]
+    if bad:
+        findings.append(Finding("nan-inf", FAIL, f"NaN/Inf introduced in {len(bad)} tensor(s): {', '.join(d.key for d in bad[:5])}",
+                                value=float(sum(d.nonfinite_ablated - d.nonfinite_base for d in bad)), layers=sorted({d.layer for d in bad if d.layer is not None}),
+                                evidence={"keys": [d.key for d in bad[:50]]}))
+
+    if n_changed == 0:
+        findings.append(Finding("no-change", FAIL, "no tensor changed: the ablated model's weights are bit-identical to the base",
+                                value=0.0, evidence={"targets": sorted(intent.targets), "source": intent.source}))
+
+    # intended but untouched: one finding per set of groups sharing the same untouched layers
+    untouched: dict[str, list[int]] = {}
+    if n_changed:
+        for t, layers in intent.targets.items():
+            have = present.get(t, set())
+            miss = sorted(l for l in layers if l in have and l not in mod.get(t, set()))
+            if miss:
+                untouched[t] = miss
+    by_layers: dict[tuple, list[str]] = defaultdict(list)
+    for t, ls in untouched.items():
+        by_layers[tuple(ls)].append(t)
+    sev_untouched = WARN if intent.source == "inferred" else FAIL
+    for ls, ts in sorted(by_layers.items(), key=lambda kv: (kv[0], kv[1])):
+        ts = sorted(ts, key=TARGETS.index)
+        names = " and ".join(GROUP_NAMES.get(t, t) for t in ts)
+        all_layers = sorted(set().union(*(present.get(t, set()) for t in ts)))
+        where = "anywhere" if list(ls) == all_layers and not any(mod.get(t) for t in ts) else f"in layers {ranges(ls)}"
+        untouched_keys = [d.key for d in diffs if d.layer in ls and not d.changed and set(d.targets) & set(ts)][:20]
+        findings.append(Finding("intended-untouched", sev_untouched, f"{names} untouched {where} ({'inferred intent' if intent.source == 'inferred' else intent.source})",
+                                value=float(len(ls)), layers=list(ls), evidence={"targets": ts, "layers": list(ls), "keys": untouched_keys, "source": intent.source}))
+
+    # touched but not intended
+    if intent.source != "inferred":
+        stray = [d for d in diffs if d.changed and (
+            (intent.keys is not None and d.key not in intent.keys) or
+            (intent.keys is None and not any(intent.intends(t, 0 if d.layer is None else d.layer) for t in d.changed_targets)))]
+        if stray:
+            layers = sorted({d.layer for d in stray if d.layer is not None})
+            entry_layers = sorted({int(e["layer"]) for e in intent.entries if e.get("layer") is not None} | {l for ls in intent.targets.values() for l in ls})
+            culprits = {l: _collision_entries(l, entry_layers) for l in layers}
+            collided = {l: c for l, c in culprits.items() if c}
+            by_entry: dict[int, list[int]] = defaultdict(list)
+            for l, c in collided.items():
+                by_entry[max(c, key=lambda n: len(str(n)))].append(l)
+            msg = f"{len(stray)} tensor(s) changed that the {intent.source} does not name, in layers {ranges(layers) or 'outside the layers'}"
+            if by_entry:
+                msg += "; " + "; ".join(f"the entry for layer {n} also matched layers {ranges(ls)} (prefix collision: 'layers.{n}' is a string prefix of 'layers.{ls[0]}')"
+                                        for n, ls in sorted(by_entry.items()))
+            findings.append(Finding("unintended-modified", FAIL, msg, value=float(len(stray)), layers=layers,
+                                    evidence={"layers": layers, "keys": [d.key for d in stray[:50]], "targets": sorted({t for d in stray for t in d.changed_targets}),
+                                              "prefix_collision": bool(by_entry), "collisions": {str(n): ls for n, ls in by_entry.items()}}))
+
+    # layers left out between ablated ones
+    mod_layers = sorted({l for ls in mod.values() for l in ls})
+    if len(mod_layers) >= 2:
+        gaps = [l for l in range(mod_layers[0], mod_layers[-1] + 1) if l not in mod_layers]
+        if gaps:
+            intended_layers = {l for ls in intent.targets.values() for l in ls} if intent.source != "inferred" else set()
+            meant = [l for l in gaps if l in intended_layers]
+            findings.append(Finding("layer-gap", WARN, f"layers {ranges(gaps)} left unmodified between the ablated layers {ranges(mod_layers)}"
+                                    + (f" (the intent names {ranges(meant)})" if meant else ""), value=float(len(gaps)), layers=gaps,
+                                    evidence={"gaps": gaps, "modified_layers": mod_layers, "intended": meant}))
+
+    data = _grid(diffs, intent, mod, present, layers_total)
+    data["counts"] = {s: sum(d.status == s for d in diffs) for s in STATUSES}
+    data["intent"] = intent.to_dict()
+    data["modified"] = {t: sorted(v) for t, v in mod.items()}
+    data["present"] = {t: sorted(v) for t, v in present.items()}
+    data["intended"] = {t: sorted(v) for t, v in intent.targets.items()}
+    status = max((f.severity for f in findings), key=lambda s: {INFO: 0, PASS: 0, WARN: 1, FAIL: 2}[s], default=PASS)
+    summary = (f"{n_changed} of {len(diffs)} tensors changed in layers {ranges(mod_layers) or '-'}; intent from {intent.source}; "
+               + ("; ".join(f.message for f in findings if f.severity == FAIL)[:300] or "changes match the intent"))
+    return CheckResult("weights", status if status != INFO else PASS, summary, findings, data)
+
+
+def _grid(diffs, intent: Intent, mod, present, layers_total) -> dict:
+    """Matrices for the report: intent vs actual per layer x target group, relative change, changed experts."""
+    groups = [t for t in TARGETS if t in present or t in intent.targets]
+    n_layers = max([layers_total or 0] + [d.layer + 1 for d in diffs if d.layer is not None])
+    code = {(True, True): 2.0, (False, True): 1.0, (True, False): -1.0, (False, False): 0.0}
+    vals, rel = [], []
+    relmax: dict[tuple[int, str], float] = {}
+    for d in diffs:
+        if d.rel_change is not None:
+            for t in d.targets:
+                k = (0 if d.layer is None else d.layer, t)
+                relmax[k] = max(relmax.get(k, 0.0), d.rel_change)
+    for l in range(n_layers):
+        row, rrow = [], []
+        for t in groups:
+            if l not in present.get(t, set()):
+                row.append(None)
+                rrow.append(None)
+                continue
+            row.append(code[(intent.intends(t, l), l in mod.get(t, set()))])
+            rrow.append(relmax.get((l, t)))
+        vals.append(row)
+        rel.append(rrow)
+    rows = [f"L{l}" for l in range(n_layers)]
+    mats = {
+        "intent_vs_actual": {"title": "Intended vs modified, per layer and target group", "rows": rows, "cols": groups, "values": vals,
+                             "vmin": -1, "vmax": 2, "unit": "code",
+                             "note": "2 intended and modified; 1 modified, not intended; -1 intended, untouched; 0 neither; empty: not in the model"},
+        "rel_change": {"title": "Largest relative change ||W'-W||/||W|| per layer and group", "rows": rows, "cols": groups, "values": rel,
+                       "vmin": 0.0, "vmax": None, "unit": "ratio", "note": "0: bit-identical"},
+    }
+    n_exp = max([d.expert + 1 for d in diffs if d.expert is not None] + [len(d.expert_rel_change) for d in diffs if d.expert_rel_change] + [0])
+    if n_exp:
+        grid: dict[int, list] = {}
+        for d in diffs:
+            if d.component != "experts" or d.layer is None or d.rel_change is None:
+                continue
+            row = grid.setdefault(d.layer, [None] * n_exp)
+            per = d.expert_rel_change if d.expert_rel_change else ([None] * d.expert + [d.rel_change] if d.expert is not None else [])
+            for e, v in enumerate(per):
+                if v is not None:
+                    row[e] = max(row[e] or 0.0, v)
+        layers = sorted(grid)
+        mats["experts_rel_change"] = {"title": "Routed experts: largest relative change per expert", "rows": [f"L{l}" for l in layers],
+                                      "cols": [f"E{e}" for e in range(n_exp)], "values": [grid[l] for l in layers],
+                                      "vmin": 0.0, "vmax": None, "unit": "ratio", "note": "0: every tensor of the expert bit-identical"}
+    return {"matrices": mats}
