@@ -1,0 +1,520 @@
+"""One forward pass per batch of prompts, recording what the routing and contribution checks judge.
+
+For every prompt (the statistical unit) and every decoder layer the probe keeps summaries only:
+the experts each token was routed to, *as the router module returned them* (GLM/DeepSeek's
+sigmoid + correction bias + group-limited top-k, softmax top-k, gpt-oss's biased logits,
+Llama-4's scores: never recomputed here), their routing weights, the residual stream's projection
+on r, and how much each component writes along r: attention, the dense MLP, the shared expert and
+every routed expert. An expert's contribution along r is weight * u_e . (act(gate_e h) * up_e h)
+with u_e = r^T W_down_e, computed from the expert weights in memory on the tokens the router sent
+to it (batched per expert), from the MoE block's input h; no hook reaches inside fused kernels.
+Padding is masked out; memory does not grow with the number of prompts (per-batch tensors are
+reduced to per-prompt sums before the next batch).
+
+Conventions: ``directions`` is r [H] (one global direction) or [L+1, H] where row i belongs to
+hidden_states[i], the input of decoder layer i (row L: the final norm's output). The residual
+projection at index i uses row i; the writers of decoder layer i (attention, MLP, experts) are
+projected on row i+1, the direction of the stream they write into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from checks.errors import AuditError
+
+try:  # transformers' grouped expert matmul (the one its MoE forward uses); a per-expert loop stands in without it
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # pragma: no cover
+    _grouped_linear = None
+
+_ARRAYS = ("tokens_per_prompt", "resid_last", "resid_mean", "attn_mean", "attn_last", "mlp_mean", "mlp_last",
+           "shared_mean", "shared_last", "expert_mean", "expert_last", "sel_count", "sel_weight", "last_sel", "last_weight")
+
+
+@dataclass
+class ProbeResult:
+    """Per-prompt summaries (float32 numpy). n prompts, L decoder layers, E routed experts (0 if dense).
+
+    resid_*  [n, L+1]  residual stream . r at hidden_states[i] (last prompt token / mean over tokens)
+    attn_*, mlp_*, shared_*  [n, L]  the component's output . r (mean over tokens / last token);
+             mlp is the whole feed-forward block (dense MLP, or MoE block = experts + shared)
+    expert_* [n, L, E]  routed expert e's weighted output . r, summed over the prompt's tokens / n tokens (mean)
+             or at the last token
+    sel_count  [n, L, E]  tokens routed to e;  sel_weight [n, L, E]  routing weight of e averaged over
+             all tokens (0 where not chosen);  last_sel / last_weight: the same at the last prompt token
+    """
+
+    family: str
+    n_layers: int
+    n_experts: int
+    top_k: int
+    moe_layers: list[int]
+    tokens_per_prompt: np.ndarray
+    resid_last: np.ndarray
+    resid_mean: np.ndarray
+    attn_mean: np.ndarray
+    attn_last: np.ndarray
+    mlp_mean: np.ndarray
+    mlp_last: np.ndarray
+    shared_mean: np.ndarray
+    shared_last: np.ndarray
+    expert_mean: np.ndarray
+    expert_last: np.ndarray
+    sel_count: np.ndarray
+    sel_weight: np.ndarray
+    last_sel: np.ndarray
+    last_weight: np.ndarray
+    has_shared: list[int] = field(default_factory=list)  # layers with a shared expert
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.tokens_per_prompt.shape[0])
+
+    @property
+    def sel_freq(self) -> np.ndarray:
+        """[n, L, E] fraction of the prompt's tokens routed to each expert."""
+        return self.sel_count / np.maximum(self.tokens_per_prompt, 1)[:, None, None]
+
+    def save(self, path: str | Path) -> None:
+        meta = {"family": self.family, "n_layers": self.n_layers, "n_experts": self.n_experts, "top_k": self.top_k}
+        np.savez_compressed(path, **{k: getattr(self, k) for k in _ARRAYS}, moe_layers=np.array(self.moe_layers, dtype=np.int64),
+                            has_shared=np.array(self.has_shared, dtype=np.int64), meta=np.array(repr(meta)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeResult:
+        import ast
+
+        with np.load(path, allow_pickle=False) as z:
+            meta = ast.literal_eval(str(z["meta"]))
+            return cls(**meta, moe_layers=z["moe_layers"].tolist(), has_shared=z["has_shared"].tolist(), **{k: z[k] for k in _ARRAYS})
+
+    def subset(self, idx) -> ProbeResult:
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in _ARRAYS:
+            kw[k] = kw[k][idx]
+        return ProbeResult(**kw)
+
+
+# ---------------------------------------------------------------- model structure
+
+
+def _decoder_layers(model) -> Sequence[torch.nn.Module]:
+    inner = getattr(model, "model", model)
+    for obj in (inner, getattr(inner, "language_model", None)):
+        if obj is not None and isinstance(getattr(obj, "layers", None), torch.nn.ModuleList):
+            return obj.layers
+    raise AuditError(f"{type(model).__name__}: no decoder layers found (expected model.model.layers); this architecture is not supported by the probe")
+
+
+def _final_norm(model):
+    inner = getattr(model, "model", model)
+    norm = getattr(inner, "norm", None)
+    if norm is None:
+        raise AuditError(f"{type(model).__name__}: no final norm (model.model.norm); this architecture is not supported by the probe")
+    return norm
+
+
+def _ffn(layer) -> torch.nn.Module:
+    for name in ("mlp", "block_sparse_moe", "feed_forward"):
+        m = getattr(layer, name, None)
+        if m is not None:
+            return m
+    raise AuditError(f"{type(layer).__name__}: no feed-forward block (mlp / block_sparse_moe / feed_forward)")
+
+
+def _router(block) -> torch.nn.Module | None:
+    for name in ("gate", "router"):
+        m = getattr(block, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    return None
+
+
+def _shared(block) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    for name in ("shared_experts", "shared_expert", "shared_mlp"):
+        m = getattr(block, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m, getattr(block, "shared_expert_gate", None)
+    return None, None
+
+
+def _top_k(router, experts) -> int:
+    for obj in (router, experts):
+        for name in ("top_k", "num_experts_per_tok"):
+            v = getattr(obj, name, None)
+            if isinstance(v, int):
+                return v
+    raise AuditError(f"{type(router).__name__}: cannot tell how many experts each token uses (no top_k)")
+
+
+def _unpack_router(out, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [N, k] long, weights [N, k] float) from what the router module returned.
+
+    transformers 5 routers return (logits, top-k weights, top-k indices); Llama-4's returns
+    (scores [N, E], logits) with unselected experts at sigmoid(-inf) = 0: its choice is the top-k of
+    the scores it returned.
+    """
+    if isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point():
+        return out[2].reshape(-1, out[2].shape[-1]).long(), out[1].reshape(-1, out[1].shape[-1]).float()
+    if isinstance(out, tuple) and len(out) == 2 and out[0].is_floating_point():
+        scores = out[0].reshape(-1, out[0].shape[-1])
+        w, idx = torch.topk(scores.float(), top_k, dim=-1)
+        return idx, w
+    raise AuditError(f"router returned {type(out).__name__} of {len(out) if isinstance(out, tuple) else 1} item(s); "
+                     "expected (logits, weights, indices) as transformers 5 routers return; upgrade transformers or report this family")
+
+
+class _ExpertMath:
+    """Expert e's activation and its output along r, from the fused weights in memory."""
+
+    def __init__(self, experts: torch.nn.Module):
+        self.m = experts
+        self.llama4 = not hasattr(experts, "has_gate") and hasattr(experts, "expert_dim")  # Llama4TextExperts: [E, H, 2I], input pre-scaled
+        self.transposed = self.llama4 or bool(getattr(experts, "is_transposed", False))
+        self.has_gate = self.llama4 or bool(getattr(experts, "has_gate", True))
+        self.has_bias = bool(getattr(experts, "has_bias", False))
+        self.post_norm = bool(getattr(experts, "has_post_expert_norm", False))
+        if not hasattr(experts, "down_proj") or not isinstance(experts.down_proj, torch.Tensor) or experts.down_proj.ndim != 3:
+            raise AuditError(f"{type(experts).__name__}: experts are not held as fused 3-D tensors (transformers 5 layout); the probe cannot compute their contributions")
+        self.num_experts = int(experts.down_proj.shape[0])
+        self.u: torch.Tensor | None = None  # [E, I] r^T W_down_e (float32)
+        self.ub: torch.Tensor | None = None  # [E] r . down bias_e
+
+    def prepare(self, r: torch.Tensor) -> None:
+        down = self.m.down_proj
+        r = r.to(device=down.device, dtype=torch.float32)
+        u = [(down[e].float() @ r) if self.transposed else (r @ down[e].float()) for e in range(self.num_experts)]  # per expert: no [E,H,I] float copy
+        self.u = torch.stack(u)
+        self.ub = self.m.down_proj_bias.float() @ r if self.has_bias else None
+
+    def act(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        w = m.gate_up_proj[e] if self.has_gate else m.up_proj[e]
+        y = x @ w if self.transposed else F.linear(x, w)
+        if self.has_bias:
+            y = y + (m.gate_up_proj_bias[e] if self.has_gate else m.up_proj_bias[e])
+        if self.llama4:
+            gate, up = y.chunk(2, dim=-1)
+            return m.act_fn(gate) * up
+        return m._apply_gate(y) if self.has_gate else m.act_fn(y)
+
+    def act_grouped(self, x: torch.Tensor, e_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """Activations of all (token, expert) pairs at once, rows sorted by expert: one grouped matmul
+        (transformers' own grouped linear) instead of a loop over experts; None where unavailable."""
+        if _grouped_linear is None or self.post_norm:
+            return None
+        m = self.m
+        w = m.gate_up_proj if self.has_gate else m.up_proj
+        try:
+            offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            y = _grouped_linear(x, w, offs, is_transposed=self.transposed)
+        except (RuntimeError, TypeError, NotImplementedError):
+            return None
+        if self.has_bias:
+            y = y + (m.gate_up_proj_bias if self.has_gate else m.up_proj_bias)[e_sorted]
+        if self.llama4:
+            gate, up = y.chunk(2, dim=-1)
+            return m.act_fn(gate) * up
+        return m._apply_gate(y) if self.has_gate else m.act_fn(y)
+
+    def along(self, e: int, a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Expert e's (unweighted) output . r for activations a [n, I]: u_e . a (+ r . bias)."""
+        if self.post_norm:  # a norm after down breaks linearity: take the full output
+            m = self.m
+            out = a @ m.down_proj[e] if self.transposed else F.linear(a, m.down_proj[e])
+            if self.has_bias:
+                out = out + m.down_proj_bias[e]
+            return m.post_expert_norm(out).float() @ r.to(out.device, torch.float32)
+        c = a.float() @ self.u[e]
+        return c + self.ub[e] if self.ub is not None else c
+
+
+# ---------------------------------------------------------------- the probe
+
+
+def _directions(directions: torch.Tensor, n_layers: int, hidden: int) -> torch.Tensor:
+    d = torch.as_tensor(directions).detach().float().cpu()
+    if d.ndim == 1:
+        d = d.expand(n_layers + 1, -1)
+    if d.shape != (n_layers + 1, hidden):
+        raise AuditError(f"directions have shape {tuple(d.shape)}; expected [{hidden}] or [{n_layers + 1}, {hidden}] (one per hidden_states index)")
+    n = d.norm(dim=-1, keepdim=True)
+    if not torch.isfinite(n).all() or (n == 0).any():
+        raise AuditError("directions contain a zero or non-finite row; re-run `audit measure`")
+    return (d / n).contiguous()
+
+
+def encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt with the chat template applied and the generation prompt added."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise AuditError("the tokenizer has no chat template; prompts must be formatted as the model was trained")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def batches(ids: list[list[int]], batch_size: int, pad_id: int):
+    """Yield (prompt indices, input_ids [B, T], attention_mask [B, T]) left-padded, similar lengths together."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        t = max(len(ids[i]) for i in idx)
+        x = torch.full((len(idx), t), pad_id, dtype=torch.long)
+        m = torch.zeros((len(idx), t), dtype=torch.long)
+        for b, i in enumerate(idx):
+            n = len(ids[i])
+            x[b, t - n:] = torch.tensor(ids[i], dtype=torch.long)
+            m[b, t - n:] = 1
+        yield idx, x, m
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each prompt's first real token (left padding must not shift them)."""
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def _pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise AuditError("the tokenizer has neither a pad nor an eos token; set pad_token in tokenizer_config.json")
+    return int(pid)
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+class _Recorder:
+    """Forward hooks on every decoder layer; reduces each batch to per-prompt sums on the fly."""
+
+    def __init__(self, model, r: torch.Tensor):
+        self.layers = _decoder_layers(model)
+        self.L = len(self.layers)
+        self.r = r
+        self._r_dev: dict = {}
+        self.moe: dict[int, tuple] = {}  # layer -> (router, _ExpertMath, top_k)
+        self.shared_layers: list[int] = []
+        self.resid_mult = [float(getattr(layer, "residual_multiplier", 1.0)) for layer in self.layers]
+        self.handles = []
+        for i, layer in enumerate(self.layers):
+            block = _ffn(layer)
+            experts = getattr(block, "experts", None)
+            if isinstance(experts, torch.nn.Module):
+                router = _router(block)
+                if router is None:
+                    raise AuditError(f"layer {i}: MoE block {type(block).__name__} has no router module (gate / router)")
+                em = _ExpertMath(experts)
+                em.prepare(r[i + 1])
+                self.moe[i] = (router, em, _top_k(router, experts))
+            shared, shared_gate = _shared(block)
+            if shared is not None:
+                self.shared_layers.append(i)
+            self._hook_layer(i, layer, block, shared, shared_gate)
+        self._hook(_final_norm(model).register_forward_hook(lambda mod, a, out: self._resid(self.L, out)))
+        self.E = max((em.num_experts for _, em, _ in self.moe.values()), default=0)
+        self.top_k = max((k for _, _, k in self.moe.values()), default=0)
+
+    # ------------------------------------------------------------ plumbing
+    def _hook(self, h):
+        self.handles.append(h)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def rv(self, i: int, device) -> torch.Tensor:
+        key = (i, str(device))
+        if key not in self._r_dev:
+            self._r_dev[key] = self.r[i].to(device)
+        return self._r_dev[key]
+
+    def start(self, mask: torch.Tensor):
+        """A new batch: mask [B, T] (1 = real token)."""
+        self.mask = mask
+        self.B, self.T = mask.shape
+        self.mcache: dict = {}
+        self.ntok = mask.sum(1).clamp_min(1).float()
+        self.out: list[tuple[str, int, torch.Tensor]] = []  # (array, layer, [B] or [B, E] on its device)
+        self.pending: dict[int, dict] = {}
+
+    def flush(self, arrays: dict[str, np.ndarray], idx: list[int]) -> None:
+        """Move the batch's per-prompt values to the CPU arrays (one transfer per device)."""
+        by_dev: dict[str, list] = {}
+        for item in self.out:
+            by_dev.setdefault(str(item[2].device), []).append(item)
+        for items in by_dev.values():
+            flat = torch.cat([v.reshape(self.B, -1).float() for _, _, v in items], dim=1).cpu().numpy()
+            col = 0
+            for name, i, v in items:
+                w = v.reshape(self.B, -1).shape[1]
+                arrays[name][idx, i] = flat[:, col:col + w] if v.ndim == 2 else flat[:, col]
+                col += w
+        self.out = []
+
+    def m(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self.mcache:
+            self.mcache[key] = (self.mask.to(device).float(), self.ntok.to(device))
+        return self.mcache[key]
+
+    def _put(self, name: str, i: int, per_tok: torch.Tensor):
+        """per_tok [B, T] -> masked mean and last-token value into acc[name_mean/_last][:, i]."""
+        mask, ntok = self.m(per_tok.device)
+        per_tok = per_tok.reshape(self.B, self.T).float()
+        self.out.append((name + "_mean", i, (per_tok * mask).sum(1) / ntok))
+        self.out.append((name + "_last", i, per_tok[:, -1]))
+
+    def _proj(self, x: torch.Tensor, ri: int) -> torch.Tensor:
+        return x.reshape(self.B, self.T, -1).float() @ self.rv(ri, x.device)
+
+    @staticmethod
+    def _first(x):
+        return x[0] if isinstance(x, tuple) else x
+
+    # ------------------------------------------------------------ hooks
+    def _resid(self, i: int, h):
+        self._put("resid", i, self._proj(self._first(h), i))
+
+    def _hook_layer(self, i, layer, block, shared, shared_gate):
+        mult = self.resid_mult[i]
+
+        def pre_layer(mod, args, kwargs):
+            self._resid(i, args[0] if args else kwargs["hidden_states"])
+
+        def attn_out(mod, args, out):
+            self._put("attn", i, self._proj(self._first(out), i + 1) * mult)
+
+        def block_in(mod, args, kwargs):
+            self.pending[i] = {"h": args[0] if args else kwargs["hidden_states"]}
+
+        def block_out(mod, args, out):
+            self._put("mlp", i, self._proj(self._first(out), i + 1) * mult)
+            p = self.pending.pop(i, {})
+            if "shared" in p:
+                s = p["shared"]
+                if "shared_gate" in p:
+                    s = s * torch.sigmoid(p["shared_gate"].reshape(self.B, self.T).float())
+                self._put("shared", i, s * mult)
+            if i in self.moe:
+                self._experts(i, p, mult)
+
+        self._hook(layer.register_forward_pre_hook(pre_layer, with_kwargs=True))
+        attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+        if attn is not None:
+            self._hook(attn.register_forward_hook(attn_out))
+        self._hook(block.register_forward_pre_hook(block_in, with_kwargs=True))
+        self._hook(block.register_forward_hook(block_out))
+        if i in self.moe:
+            router, _, k = self.moe[i]
+            self._hook(router.register_forward_hook(lambda mod, a, out: self.pending[i].__setitem__("route", _unpack_router(out, k))))
+        if shared is not None:
+            self._hook(shared.register_forward_hook(lambda mod, a, out: self.pending[i].__setitem__("shared", self._proj(self._first(out), i + 1))))
+        if shared_gate is not None:
+            self._hook(shared_gate.register_forward_hook(lambda mod, a, out: self.pending[i].__setitem__("shared_gate", out)))
+
+    def _experts(self, i: int, p: dict, mult: float):
+        """Routing counts/weights and each selected expert's contribution along r, per prompt."""
+        if "route" not in p:
+            raise AuditError(f"layer {i}: the router was not called during the forward pass; this MoE implementation is not supported")
+        _, em, _ = self.moe[i]
+        h = p["h"].reshape(-1, p["h"].shape[-1])
+        idx, w = p["route"]
+        dev = h.device
+        idx, w = idx.to(dev), w.to(dev)
+        B, T, E = self.B, self.T, self.E
+        valid = self.mask.to(dev).reshape(-1).bool()
+        tok = torch.arange(B * T, device=dev).repeat_interleave(idx.shape[1])
+        e_all, w_all = idx.reshape(-1), w.reshape(-1)
+        keep = valid[tok]
+        tok, e_all, w_all = tok[keep], e_all[keep], w_all[keep]
+        slot = (tok // T) * E + e_all  # (prompt, expert) cell of each (token, expert) pair
+        is_last = (tok % T) == T - 1
+        ones = torch.ones_like(w_all)
+        cnt = torch.zeros(B * E, device=dev).index_add_(0, slot, ones)
+        wsum = torch.zeros(B * E, device=dev).index_add_(0, slot, w_all)
+        lsel = torch.zeros(B * E, device=dev).index_add_(0, slot[is_last], ones[is_last])
+        lw = torch.zeros(B * E, device=dev).index_add_(0, slot[is_last], w_all[is_last])
+        e_sorted, order = torch.sort(e_all)
+        counts = torch.bincount(e_sorted, minlength=em.num_experts)
+        x = h.index_select(0, tok[order])
+        w_sorted = w_all[order]
+        if em.llama4:  # Llama-4 scales the expert's input by the router score
+            x = x * w_sorted.to(x.dtype)[:, None]
+        r = self.rv(i + 1, dev)
+        a = em.act_grouped(x, e_sorted, counts)
+        if a is not None and not em.post_norm:
+            c_sorted = (a.float() * em.u[e_sorted]).sum(-1)
+            if em.ub is not None:
+                c_sorted = c_sorted + em.ub[e_sorted]
+        else:
+            c_sorted = torch.empty_like(w_sorted)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    c_sorted[start:start + n] = em.along(e, em.act(e, x[start:start + n]), r)
+                    start += n
+        if not em.llama4:
+            c_sorted = c_sorted * w_sorted
+        contrib = torch.empty_like(c_sorted)
+        contrib[order] = c_sorted
+        contrib = contrib * mult
+        csum = torch.zeros(B * E, device=dev).index_add_(0, slot, contrib)
+        clast = torch.zeros(B * E, device=dev).index_add_(0, slot[is_last], contrib[is_last])
+        ntok = self.ntok.to(dev)[:, None]
+        for name, v in (("sel_count", cnt.view(B, E)), ("sel_weight", wsum.view(B, E) / ntok), ("last_sel", lsel.view(B, E)),
+                        ("last_weight", lw.view(B, E)), ("expert_mean", csum.view(B, E) / ntok), ("expert_last", clast.view(B, E))):
+            self.out.append((name, i, v))
+
+
+@torch.inference_mode()
+def probe(model, tokenizer, prompts: Sequence[str], directions: torch.Tensor, batch_size: int = 16,
+          progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+    """Run ``prompts`` (plain instructions) through ``model`` and summarize routing and writes along r per prompt.
+
+    ``directions``: r [H] or per-layer [L+1, H] (normalized here). ``progress(done, total)`` is called per batch.
+    Works on dense models too (routing arrays then have E = 0).
+    """
+    if not prompts:
+        raise AuditError("no prompts to probe; check the prompt files")
+    layers = _decoder_layers(model)
+    hidden = model.get_input_embeddings().weight.shape[-1]
+    r = _directions(directions, len(layers), hidden)
+    ids = encode(tokenizer, prompts)
+    pad = _pad_id(tokenizer)
+    rec = _Recorder(model, r)
+    n, L, E = len(prompts), rec.L, rec.E
+    out = {"tokens_per_prompt": np.array([len(x) for x in ids], dtype=np.float32),
+           **{k: np.zeros((n, L + 1), np.float32) for k in ("resid_last", "resid_mean")},
+           **{f"{c}_{s}": np.zeros((n, L), np.float32) for c in ("attn", "mlp", "shared") for s in ("mean", "last")},
+           **{k: np.zeros((n, L, E), np.float32) for k in ("expert_mean", "expert_last", "sel_count", "sel_weight", "last_sel", "last_weight")}}
+    dev = _input_device(model)
+    done = 0
+    try:
+        for idx, x, m in batches(ids, batch_size, pad):
+            rec.start(m)
+            model(input_ids=x.to(dev), attention_mask=m.to(dev), position_ids=_positions(m).to(dev), use_cache=False)
+            rec.flush(out, idx)
+            done += len(idx)
+            if progress is not None:
+                progress(done, n)
+    finally:
+        rec.remove()
+    family = getattr(model.config, "model_type", type(model).__name__)
+    return ProbeResult(family=family, n_layers=L, n_experts=E, top_k=rec.top_k, moe_layers=sorted(rec.moe),
+                       has_shared=rec.shared_layers, **out)
+
+
+def plain_forward(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) -> None:
+    """The same batches through the model with no hooks: the baseline the probe's overhead is measured against."""
+    ids = encode(tokenizer, prompts)
+    dev = _input_device(model)
+    with torch.inference_mode():
+        for _, x, m in batches(ids, batch_size, _pad_id(tokenizer)):
+            model(input_ids=x.to(dev), attention_mask=m.to(dev), position_ids=_positions(m).to(dev), use_cache=False)

@@ -1,0 +1,226 @@
+"""Routing check: which experts harmful prompts prefer, and what the ablation did to that choice.
+
+The prompt is the statistical unit (a prompt's tokens are not independent draws): each prompt gives
+one selection frequency per layer x expert (tokens routed to the expert / prompt tokens). Harmful vs
+harmless is compared with a two-sided Mann-Whitney U test per cell, harmful before vs after ablation
+with a paired Wilcoxon signed-rank test (same prompts) or Mann-Whitney when unpaired, and the
+p-values of all layer x expert cells are corrected together by Benjamini-Hochberg. Findings:
+``refusal-experts`` (harmful-associated experts and whether their weights were ablated),
+``routing-compensation`` (harmful prompts move to other refusal-associated experts after the
+ablation), ``router-ineffective`` (the router was modified but harmful routing did not change).
+Inputs are probe summaries: anything with ``sel_count`` [n, L, E] and ``tokens_per_prompt`` [n]
+(audit.probe.ProbeResult, or a dict of arrays), optionally ``moe_layers``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from scipy import stats
+
+from checks.findings import FAIL, INFO, PASS, SKIP, WARN, CheckResult, Finding
+
+
+def _get(x, name, default=None):
+    if isinstance(x, dict):
+        return x.get(name, default)
+    return getattr(x, name, default)
+
+
+def selection_freq(x, position: str = "tokens") -> np.ndarray:
+    """[n, L, E] per-prompt fraction of tokens routed to each expert ("tokens"), or 0/1 at the last prompt token ("last")."""
+    if position == "last":
+        return np.asarray(_get(x, "last_sel"), dtype=np.float64)
+    if position != "tokens":
+        raise ValueError(f"position must be 'tokens' or 'last', not {position!r}")
+    cnt = np.asarray(_get(x, "sel_count"), dtype=np.float64)
+    ntok = np.maximum(np.asarray(_get(x, "tokens_per_prompt"), dtype=np.float64), 1.0)
+    return cnt / ntok[:, None, None]
+
+
+def _moe_layers(x, freq: np.ndarray) -> list[int]:
+    layers = _get(x, "moe_layers")
+    if layers is None:
+        layers = [i for i in range(freq.shape[1]) if freq[:, i].sum() > 0]
+    return [int(i) for i in layers]
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """BH-adjusted q-values for any shape of p-values (NaN is treated as p = 1)."""
+    p = np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
+    flat = p.ravel()
+    m = flat.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(flat)
+    ranked = flat[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out.reshape(p.shape)
+
+
+def _unpaired_p(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two-sided Mann-Whitney p per cell of a [n1, C] vs b [n0, C]; 1 where both sides are constant and equal."""
+    p = np.ones(a.shape[1])
+    vary = (np.ptp(np.concatenate([a, b]), axis=0) > 0)
+    if vary.any() and len(a) > 0 and len(b) > 0:
+        p[vary] = stats.mannwhitneyu(a[:, vary], b[:, vary], alternative="two-sided", axis=0).pvalue
+    return np.nan_to_num(p, nan=1.0)
+
+
+def _paired_p(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Two-sided Wilcoxon signed-rank p per cell on paired per-prompt values; 1 where nothing changed."""
+    d = after - before
+    p = np.ones(d.shape[1])
+    changed = np.abs(d).max(axis=0) > 0
+    if changed.any():
+        p[changed] = stats.wilcoxon(d[:, changed], zero_method="zsplit", alternative="two-sided", axis=0).pvalue
+    return np.nan_to_num(p, nan=1.0)
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence (bits, 0..1) between two expert distributions."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    if p.sum() <= 0 or q.sum() <= 0:
+        return 0.0
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a, b):
+        nz = a > 0
+        return float((a[nz] * np.log2(a[nz] / b[nz])).sum())
+
+    return max(0.0, (kl(p, m) + kl(q, m)) / 2)
+
+
+def _matrix(title, layers, values, unit, note, symmetric=True):
+    v = np.asarray(values, dtype=np.float64)
+    lim = float(np.nanmax(np.abs(v))) if v.size else 0.0
+    return {"title": title, "rows": [f"layer {i}" for i in layers], "cols": [f"e{j}" for j in range(v.shape[1] if v.ndim == 2 else 0)],
+            "values": v.tolist(), "vmin": -lim if symmetric else 0.0, "vmax": lim, "unit": unit, "note": note}
+
+
+def _modified_set(modified_experts) -> set[tuple[int, int]] | None:
+    if modified_experts is None:
+        return None
+    return {(int(a), int(b)) for a, b in modified_experts}
+
+
+def _router_layers(router_modified, layers: list[int]) -> list[int]:
+    if router_modified is None or router_modified is False:
+        return []
+    if router_modified is True:
+        return list(layers)
+    return [int(i) for i in router_modified if int(i) in layers]
+
+
+def routing_check(harmful_before, harmless_before, harmful_after=None, modified_experts=None, router_modified=None,
+                  alpha: float = 0.05, min_shift: float = 0.0, position: str = "tokens") -> CheckResult:
+    """Compare routing on harmful vs harmless prompts (and harmful before vs after ablation).
+
+    ``modified_experts``: [layer, expert] pairs whose weights the ablation changed (None: unknown).
+    ``router_modified``: True / a list of layers whose router was modified / None or False.
+    ``alpha``: false-discovery rate for the Benjamini-Hochberg correction.
+    ``min_shift``: smallest risk difference (fraction of tokens) reported as an association.
+    ``position``: "tokens" (per-prompt frequency over all prompt tokens) or "last" (selected at the last
+    prompt token, where refusal is decided; the per-prompt value is then 0 or 1).
+    """
+    t0 = time.perf_counter()
+    fh, fb = selection_freq(harmful_before, position), selection_freq(harmless_before, position)
+    layers = _moe_layers(harmful_before, fh)
+    if not layers or fh.shape[2] == 0:
+        return CheckResult("routing", SKIP, "dense model: no routing to check", seconds=time.perf_counter() - t0)
+    E = fh.shape[2]
+    a, b = fh[:, layers].reshape(len(fh), -1), fb[:, layers].reshape(len(fb), -1)
+    rd = (a.mean(0) - b.mean(0)).reshape(len(layers), E)
+    q = benjamini_hochberg(_unpaired_p(a, b)).reshape(len(layers), E)
+    findings: list[Finding] = []
+    data: dict = {"matrices": {}, "curves": {}, "tables": {}}
+    data["matrices"]["routing-rd"] = _matrix("Selection frequency, harmful - harmless (before ablation)", layers, rd, "fraction of tokens",
+                                             f"per-prompt frequencies; Mann-Whitney U, BH q < {alpha} marks refusal-associated experts")
+    data["matrices"]["routing-q"] = _matrix("BH q-value, harmful vs harmless", layers, q, "q", "", symmetric=False)
+    js_hb = [js_divergence(fh[:, i].mean(0), fb[:, i].mean(0)) for i in layers]
+    data["curves"]["routing-js"] = {"title": "Routing divergence per layer (Jensen-Shannon, bits)", "x": layers, "xlabel": "layer",
+                                    "series": {"harmful vs harmless (before)": js_hb}}
+
+    sig = (q < alpha) & (rd > min_shift)
+    refusal = [(layers[li], int(e)) for li, e in zip(*np.nonzero(sig))]
+    modified = _modified_set(modified_experts)
+    rows = []
+    for (layer, e) in refusal:
+        li = layers.index(layer)
+        rows.append({"layer": layer, "expert": e, "risk_difference": float(rd[li, e]), "q": float(q[li, e]),
+                     "freq_harmful": float(fh[:, layer, e].mean()), "freq_harmless": float(fb[:, layer, e].mean()),
+                     "ablated": None if modified is None else (layer, e) in modified})
+    rows.sort(key=lambda r: -r["risk_difference"])
+    data["tables"]["refusal-experts"] = rows
+    if refusal:
+        left = [r for r in rows if r["ablated"] is False]
+        sev = WARN if (modified is None or left) else INFO
+        state = ("weights of these experts: unknown whether ablated" if modified is None else
+                 f"{len(left)} of {len(rows)} not ablated" if left else "all of them ablated")
+        findings.append(Finding(
+            "refusal-experts", sev,
+            f"{len(rows)} layer x expert cells selected more often on harmful prompts (BH q < {alpha}); {state}",
+            value=float(len(rows)), threshold=alpha, layers=sorted({r["layer"] for r in rows}),
+            experts=[[r["layer"], r["expert"]] for r in rows],
+            evidence={"experts": rows, "position": position, "tested_cells": int(rd.size), "n_harmful": len(fh), "n_harmless": len(fb),
+                      "not_ablated": [[r["layer"], r["expert"]] for r in left]}))
+
+    if harmful_after is not None:
+        fa = selection_freq(harmful_after, position)
+        paired = fa.shape[0] == fh.shape[0]
+        c = fa[:, layers].reshape(len(fa), -1)
+        p_shift = _paired_p(a, c) if paired else _unpaired_p(a, c)
+        q_shift = benjamini_hochberg(p_shift).reshape(len(layers), E)
+        shift = (c.mean(0) - a.mean(0)).reshape(len(layers), E)
+        data["matrices"]["routing-shift"] = _matrix("Selection frequency on harmful prompts, after - before ablation", layers, shift,
+                                                    "fraction of tokens", ("Wilcoxon signed-rank (paired prompts)" if paired else "Mann-Whitney U")
+                                                    + f"; BH over all cells, alpha {alpha}")
+        if harmless_before is not None:
+            rd_after = (c.mean(0) - b.mean(0)).reshape(len(layers), E)
+            data["matrices"]["routing-rd-after"] = _matrix("Selection frequency, harmful (after) - harmless (before)", layers, rd_after,
+                                                           "fraction of tokens", "")
+        js_ba = [js_divergence(fh[:, i].mean(0), fa[:, i].mean(0)) for i in layers]
+        data["curves"]["routing-js"]["series"]["harmful before vs after"] = js_ba
+        moved = q_shift < alpha
+        rs = {(layers[li], int(e)) for li, e in zip(*np.nonzero(sig))}
+        down = [(layers[li], int(e)) for li, e in zip(*np.nonzero(moved & (shift < 0))) if (layers[li], int(e)) in rs]
+        up = [(layers[li], int(e)) for li, e in zip(*np.nonzero(moved & (shift > 0))) if (layers[li], int(e)) in rs]
+        mass_before = [float(sum(fh[:, layer, e].mean() for (l2, e) in refusal if l2 == layer)) for layer in layers]
+        mass_after = [float(sum(fa[:, layer, e].mean() for (l2, e) in refusal if l2 == layer)) for layer in layers]
+        data["curves"]["refusal-expert-mass"] = {"title": "Harmful prompts' tokens routed to refusal-associated experts", "x": layers,
+                                                 "xlabel": "layer", "series": {"before": mass_before, "after": mass_after}}
+        if down and up:
+            findings.append(Finding(
+                "routing-compensation", WARN,
+                f"after ablation harmful prompts left {len(down)} refusal-associated expert(s) and moved to {len(up)} other(s)",
+                value=float(len(up)), threshold=alpha, layers=sorted({x[0] for x in down + up}),
+                experts=[list(x) for x in up],
+                evidence={"decreased": [{"layer": l, "expert": e, "shift": float(shift[layers.index(l), e]), "q": float(q_shift[layers.index(l), e])} for l, e in down],
+                          "increased": [{"layer": l, "expert": e, "shift": float(shift[layers.index(l), e]), "q": float(q_shift[layers.index(l), e])} for l, e in up],
+                          "refusal_mass_before": sum(mass_before), "refusal_mass_after": sum(mass_after)}))
+        rl = _router_layers(router_modified, layers)
+        if rl:
+            idx = [layers.index(i) for i in rl]
+            changed = int(moved[idx].sum())
+            if changed == 0:
+                findings.append(Finding(
+                    "router-ineffective", WARN,
+                    f"router modified in {len(rl)} layer(s) but no expert's selection frequency on harmful prompts changed significantly "
+                    f"(BH q < {alpha}); max JS divergence {max(js_ba[j] for j in idx):.4f} bits",
+                    value=float(max(js_ba[j] for j in idx)), threshold=alpha, layers=rl,
+                    experts=[[l, e] for (l, e) in refusal if l in rl],
+                    evidence={"js_before_after": {str(layers[j]): js_ba[j] for j in idx},
+                              "refusal_experts_still_selected": [{"layer": l, "expert": e, "freq_before": float(fh[:, l, e].mean()),
+                                                                  "freq_after": float(fa[:, l, e].mean())} for (l, e) in refusal if l in rl]}))
+
+    worst = max((f.severity for f in findings), key=lambda s: {INFO: 0, PASS: 0, WARN: 1, FAIL: 2}[s], default=PASS)
+    status = {INFO: PASS, PASS: PASS}.get(worst, worst)
+    summary = (f"{len(refusal)} refusal-associated expert cell(s) in {len(layers)} MoE layer(s)"
+               + ("" if harmful_after is None else f"; {sum(1 for f in findings if f.code == 'routing-compensation')} compensation, "
+                  f"{sum(1 for f in findings if f.code == 'router-ineffective')} ineffective-router finding(s)"))
+    return CheckResult("routing", status, summary, findings, data, seconds=time.perf_counter() - t0)

@@ -1,0 +1,189 @@
+"""audit/probe.py: recorded routing equals the router's own choice, padding excluded, contributions add up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from audit.probe import ProbeResult, _positions, _unpack_router, batches, encode, probe
+from audit.tiny import MOE_FAMILIES
+from checks.errors import AuditError
+
+PROMPTS = ["hi", "the cat writes a short poem today.", "a farmer builds the bridge step by step with great care.",
+           "our team plans the budget", "my neighbour repairs the old clock again?", "a chef cooks"]
+
+
+@pytest.fixture(scope="module")
+def load(tiny_model):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            from transformers import AutoModelForCausalLM
+
+            cache[family] = AutoModelForCausalLM.from_pretrained(str(tiny_model(family))).eval()
+        return cache[family]
+
+    return get
+
+
+def _routers(model):
+    """(layer, router module) for every MoE layer, found independently of the probe's own lookup."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        for block_name in ("mlp", "block_sparse_moe", "feed_forward"):
+            block = getattr(layer, block_name, None)
+            if block is not None and hasattr(block, "experts"):
+                out.append((i, getattr(block, "gate", None) or block.router))
+    return out
+
+
+def _reference_counts(model, tok, prompts, batch_size):
+    """Per-prompt selection counts [n, L, E] and last-token choice from the routers' own outputs (hooks of the test's own)."""
+    n, L = len(prompts), model.config.num_hidden_layers
+    E = next(m.num_experts for _, m in _routers(model) if hasattr(m, "num_experts"))
+    counts = np.zeros((n, L, E))
+    last = np.zeros((n, L, E))
+    logits_topk = {}
+    for idx, x, m in batches(encode(tok, prompts), batch_size, tok.pad_token_id):
+        seen = {}
+        hs = [r.register_forward_hook(lambda mod, a, out, i=i, seen=seen: seen.__setitem__(i, out)) for i, r in _routers(model)]
+        with torch.no_grad():
+            res = model(input_ids=x, attention_mask=m, position_ids=_positions(m), output_router_logits=True)
+        for h in hs:
+            h.remove()
+        B, T = x.shape
+        for i, out in seen.items():
+            k = model.config.num_experts_per_tok
+            if isinstance(out, tuple) and len(out) == 3:
+                ind = out[2].reshape(B, T, -1)
+            else:  # Llama-4: (scores with -inf -> 0 for unselected, logits)
+                ind = (out[0] > 0).reshape(B, T, -1).nonzero()[:, 2].reshape(B, T, k)
+            for b, p in enumerate(idx):
+                for t in range(T):
+                    if m[b, t]:
+                        counts[p, i, ind[b, t]] += 1
+                        if t == T - 1:
+                            last[p, i, ind[b, t]] = 1
+        if getattr(res, "router_logits", None) is not None:
+            for i, lg in zip([i for i, _ in _routers(model)], [g for g in res.router_logits if g is not None]):
+                logits_topk.setdefault(i, []).append((idx, lg.reshape(B, T, -1), m))
+    return counts, last, logits_topk
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_routing_equals_router_output(family, load, tiny_tok):
+    model = load(family)
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    res = probe(model, tiny_tok, PROMPTS, r, batch_size=4)
+    counts, last, logits = _reference_counts(model, tiny_tok, PROMPTS, 4)
+    ml = res.moe_layers
+    assert ml and res.n_experts == counts.shape[2]
+    np.testing.assert_array_equal(res.sel_count[:, ml], counts[:, ml])
+    np.testing.assert_array_equal(res.last_sel[:, ml], last[:, ml])
+    # padding excluded: each real token picks exactly k experts, no more
+    k = res.top_k
+    np.testing.assert_array_equal(res.sel_count[:, ml].sum(-1), np.broadcast_to(k * res.tokens_per_prompt[:, None], (len(PROMPTS), len(ml))))
+    assert res.tokens_per_prompt.tolist() == [len(x) for x in encode(tiny_tok, PROMPTS)]
+    # routing weights: positive where selected, zero elsewhere
+    assert ((res.sel_weight[:, ml] > 0) == (res.sel_count[:, ml] > 0)).all()
+    # for plain top-k routers, the recorded choice is also the top-k of output_router_logits
+    if family not in ("glm4_moe", "deepseek_v3"):
+        for i, chunks in logits.items():
+            for idx, lg, m in chunks:
+                top = torch.topk(lg.float(), k, dim=-1).indices
+                for b, p in enumerate(idx):
+                    got = np.zeros(res.n_experts)
+                    for t in range(lg.shape[1]):
+                        if m[b, t]:
+                            got[top[b, t]] += 1
+                    np.testing.assert_array_equal(got, res.sel_count[p, i])
+
+
+def test_group_limited_choice_differs_from_softmax(load, tiny_tok):
+    """GLM routing uses sigmoid + correction bias + group-limited top-k: with a large bias on one group the
+    recorded experts follow the bias (the router's real choice), not a softmax of the logits."""
+    model = load("glm4_moe")
+    gate = model.model.layers[1].mlp.gate
+    saved = gate.e_score_correction_bias.clone()
+    try:
+        with torch.no_grad():
+            gate.e_score_correction_bias.zero_()
+            gate.e_score_correction_bias[4:] = 10.0  # group 1 (experts 4..7) always wins
+        res = probe(model, tiny_tok, PROMPTS, torch.ones(model.config.hidden_size), batch_size=3)
+    finally:
+        with torch.no_grad():
+            gate.e_score_correction_bias.copy_(saved)
+    assert res.sel_count[:, 1, :4].sum() == 0 and res.sel_count[:, 1, 4:].sum() == 2 * res.tokens_per_prompt.sum()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES + ["llama"])
+def test_contributions_add_up(family, load, tiny_tok):
+    """Per prompt and layer: residual(i+1) - residual(i) = attention + MLP block; MoE block = experts + shared."""
+    model = load(family)
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    res = probe(model, tiny_tok, PROMPTS, r, batch_size=4)
+    L = res.n_layers
+    for s in ("mean", "last"):
+        resid = getattr(res, f"resid_{s}")
+        step = resid[:, 1:L] - resid[:, : L - 1]
+        parts = getattr(res, f"attn_{s}")[:, : L - 1] + getattr(res, f"mlp_{s}")[:, : L - 1]
+        scale = np.abs(parts).max()
+        assert scale > 0
+        np.testing.assert_allclose(step, parts, atol=1e-4 * scale)
+        if res.moe_layers:
+            ml = res.moe_layers
+            moe = getattr(res, f"expert_{s}")[:, ml].sum(-1) + getattr(res, f"shared_{s}")[:, ml]
+            np.testing.assert_allclose(moe, getattr(res, f"mlp_{s}")[:, ml], atol=1e-4 * np.abs(moe).max())
+            assert np.abs(getattr(res, f"expert_{s}")[:, ml]).max() > 0
+    if family == "llama":
+        assert res.n_experts == 0 and res.moe_layers == [] and res.sel_count.shape == (len(PROMPTS), L, 0)
+    # the final index is the final norm's output, as in output_hidden_states
+    ids = encode(tiny_tok, PROMPTS[:1])
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states
+    ru = r / r.norm()
+    want = np.array([float(h[0, -1] @ ru) for h in hs])
+    np.testing.assert_allclose(res.resid_last[0], want, atol=1e-4 * np.abs(want).max())
+
+
+def test_padding_does_not_change_results(load, tiny_tok):
+    model = load("qwen2_moe")
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    alone = probe(model, tiny_tok, PROMPTS[:1], r, batch_size=1)
+    padded = probe(model, tiny_tok, PROMPTS, r, batch_size=len(PROMPTS))
+    one = padded.subset([0])
+    np.testing.assert_array_equal(alone.sel_count, one.sel_count)
+    for k in ("resid_mean", "resid_last", "expert_mean", "shared_mean", "attn_last"):
+        np.testing.assert_allclose(getattr(alone, k), getattr(one, k), atol=1e-5 * (np.abs(getattr(alone, k)).max() + 1e-12))
+
+
+def test_directions_per_layer_and_errors(load, tiny_tok, tmp_path):
+    model = load("mixtral")
+    H, L = model.config.hidden_size, model.config.num_hidden_layers
+    r = torch.randn(H, generator=torch.Generator().manual_seed(4))
+    a = probe(model, tiny_tok, PROMPTS[:3], 3 * r, batch_size=2)  # normalized internally
+    b = probe(model, tiny_tok, PROMPTS[:3], r.expand(L + 1, H).clone(), batch_size=3)
+    np.testing.assert_allclose(a.expert_mean, b.expert_mean, atol=1e-6)
+    per = torch.randn(L + 1, H, generator=torch.Generator().manual_seed(5))
+    c = probe(model, tiny_tok, PROMPTS[:3], per, batch_size=3)
+    assert not np.allclose(c.resid_last, b.resid_last)
+    with pytest.raises(AuditError, match="directions"):
+        probe(model, tiny_tok, PROMPTS[:1], torch.randn(L, H))
+    with pytest.raises(AuditError, match="zero"):
+        probe(model, tiny_tok, PROMPTS[:1], torch.zeros(H))
+    with pytest.raises(AuditError):
+        probe(model, tiny_tok, [], r)
+    path = tmp_path / "probe.npz"
+    c.save(path)
+    d = ProbeResult.load(path)
+    assert d.moe_layers == c.moe_layers and d.family == c.family
+    np.testing.assert_array_equal(d.expert_mean, c.expert_mean)
+
+
+def test_unpack_router_rejects_unknown_output():
+    with pytest.raises(AuditError, match="router"):
+        _unpack_router(torch.zeros(3, 4), 2)
+    idx, w = _unpack_router((torch.zeros(3, 4), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long)), 2)
+    assert idx.dtype == torch.long and w.shape == (3, 2)
