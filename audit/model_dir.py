@@ -277,6 +277,22 @@ def write_shard(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: d
             f.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
 
 
+def check_destination(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
+    """The absolute destination, after refusing one inside an input or (without ``force``) a non-empty one.
+
+    Called before long work starts, so a bad -o fails in a second, not after the run.
+    """
+    dest = Path(dest).absolute()
+    for inp in inputs:
+        ip = Path(inp).resolve()
+        dp = dest.resolve()
+        if dp == ip or ip in dp.parents:
+            raise AuditError(f"{dest}: is inside the input {ip}; the audit never writes into an input directory")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
+        raise AuditError(f"{dest}: exists and is not empty; choose another -o or pass --force to replace it")
+    return dest
+
+
 class OutputDir:
     """Build an output directory in a temporary sibling folder; ``commit`` renames it into place.
 
@@ -285,14 +301,7 @@ class OutputDir:
     """
 
     def __init__(self, dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False):
-        self.dest = Path(dest).absolute()
-        for inp in inputs:
-            ip = Path(inp).resolve()
-            dp = self.dest.resolve()
-            if dp == ip or ip in dp.parents:
-                raise AuditError(f"{self.dest}: is inside the input {ip}; the audit never writes into an input directory")
-        if self.dest.exists() and (not self.dest.is_dir() or any(self.dest.iterdir())) and not force:
-            raise AuditError(f"{self.dest}: exists and is not empty; choose another -o or pass --force to replace it")
+        self.dest = check_destination(dest, inputs, force)
         self.force = force
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))

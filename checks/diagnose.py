@@ -184,7 +184,14 @@ def diagnose(ev: dict) -> dict:
 
     # -- how the edit itself was made ----------------------------------------------------------
     cos, ablated_index = ev.get("direction_cos_good"), ev.get("ablated_index")
-    if cos is not None and abs(cos) < 0.9 and good is not None:
+    q = ev.get("quality") or {}  # index -> signal quality of the direction measured there
+    q_abl, q_good = q.get(ablated_index), q.get(good)
+    separable = q_abl is not None and q_good and q_abl >= 0.8 * q_good
+    if cos is not None and abs(cos) < 0.9 and good is not None and separable:
+        not_blamed.append({"component": f"the direction (measured at index {ablated_index})",
+                           "reason": f"it differs from the best index {good} (|cos| {abs(cos):.2f}), but refusal separates almost as well there "
+                                     f"(quality {q_abl:.3g} vs {q_good:.3g})"})
+    elif cos is not None and abs(cos) < 0.9 and good is not None:
         causes.append(Cause("direction-mismatch", min(0.95, 0.4 + (0.9 - abs(cos))), f"The direction removed has cosine {abs(cos):.2f} to the refusal direction measured at index {good}"
                             + (f" (it matches index {ablated_index})." if ablated_index is not None else "."),
                             evidence=[f"|cos(ablated direction, direction at index {good})| = {abs(cos):.3f}"], numbers={"cosine": cos, "good_index": good, "ablated_index": ablated_index},
@@ -235,8 +242,16 @@ def rank_by_simulation(causes: list[Cause], refusal_target: float = 0.10) -> lis
             c.confidence = max(c.confidence, 0.9)
 
     def key(c: Cause):
+        # tiers: fixes proven to reach the target (most confident evidence first, then least damage),
+        # fixes that help but do not reach it (lowest refusal first), causes not simulated, demoted ones
         sim = c.simulated or {}
         r = sim.get("refusal_rate")
-        return (c.demoted, not c.explains_refusal, r if r is not None else 2.0, sim.get("kl") or 0.0, -c.confidence)
+        if c.demoted:
+            return (3, 0.0, -c.confidence, 0.0)
+        if r is None:
+            return (2, 0.0, -c.confidence, 0.0)
+        if r <= refusal_target:
+            return (0, 0.0, -c.confidence, sim.get("kl") or 0.0)
+        return (1, r, -c.confidence, sim.get("kl") or 0.0)
 
     return sorted(causes, key=key)

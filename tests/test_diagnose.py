@@ -62,6 +62,24 @@ def test_direction_mismatch_and_findings():
     assert ids[0] == "direction-mismatch" and "unintended-modification" in ids
 
 
+def test_direction_from_another_good_index_is_not_blamed():
+    full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}
+    ev = _ev(full, _zeros(), direction_cos_good=0.4, good_index=1, ablated_index=2, quality={1: 1.27, 2: 1.21})
+    out = diagnose(ev)
+    assert not any(c.id == "direction-mismatch" for c in out["causes"])
+    assert any("separates almost as well" in nb["reason"] for nb in out["not_blamed"])
+    ev["quality"] = {1: 1.27, 2: 0.2}
+    assert any(c.id == "direction-mismatch" for c in diagnose(ev)["causes"])
+
+
+def test_rank_prefers_confident_evidence_among_fixes_that_work():
+    a = Cause("direction-mismatch", 0.6, "a")
+    b = Cause("routed-experts-not-ablated", 0.95, "b")
+    a.simulated = {"refusal_rate": 0.0, "baseline": 1.0, "kl": 0.0}
+    b.simulated = {"refusal_rate": 0.02, "baseline": 1.0, "kl": 0.01}
+    assert [c.id for c in rank_by_simulation([a, b])] == ["routed-experts-not-ablated", "direction-mismatch"]
+
+
 def test_rank_by_simulation_demotes_fixes_that_change_nothing():
     a = Cause("expert-inputs-not-ablated", 0.6, "a")
     b = Cause("layer-coverage", 0.5, "b")

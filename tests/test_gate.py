@@ -20,7 +20,9 @@ def test_sound_ablation_passes():
     assert g["passed"] is True
     names = {t["name"]: t for t in g["thresholds"]}
     assert names["max_refusal_after"]["passed"] and names["min_drop"]["value"] == pytest.approx(0.96)
-    assert names["max_residual_projection"]["passed"] is None  # not measured: skipped, not passed
+    assert "max_residual_projection" not in names  # off by default (opt-in)
+    g = evaluate_gate(_results(), GateConfig(max_residual_projection=0.2))
+    assert [t["passed"] for t in g["thresholds"] if t["name"] == "max_residual_projection"] == [None]  # not measured: skipped, not passed
 
 
 def test_each_threshold_can_fail():

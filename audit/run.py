@@ -1,0 +1,465 @@
+"""`audit run`: every check, the diagnosis with each fix simulated, the gate, and the three output files.
+
+Stages (each timed into results.json): inputs -> directions -> weights (static, streamed) ->
+probes (routing and writes along r, base and ablated) -> completions and judgements -> damage ->
+diagnosis -> simulated fixes -> gate -> report.html / results.json / junit.xml. Optionally the top
+fix is applied with our ablation and re-audited (``apply_fix``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from checks.errors import AuditError
+
+
+@dataclass
+class RunOptions:
+    model_dir: str
+    base: str | None = None
+    config: str | None = None
+    gate: str | None = None
+    harmful: str | None = None
+    harmless: str | None = None
+    directions: str | None = None
+    out: str = "audit-out"
+    force: bool = False
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    limit: int | None = None  # at most this many prompts per set
+    simulate: bool = True
+    confirm_top: int = 2  # simulated fixes confirmed by full generation
+    apply_fix: str | None = None  # write the fixed ablation here, re-audit it
+    device: str | None = None
+    quiet: bool = False
+    command: str = "audit run"
+
+
+@dataclass
+class _Ctx:
+    opts: RunOptions
+    stages: dict = field(default_factory=dict)
+    t0: float = field(default_factory=time.time)
+
+    def say(self, msg: str) -> None:
+        if not self.opts.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def stage(self, name: str):
+        ctx = self
+
+        class _S:
+            def __enter__(self):
+                ctx.say(f"[audit] {name} ...")
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                ctx.stages[name] = round(time.perf_counter() - self.t, 3)
+
+        return _S()
+
+
+def _prompt_source(explicit: str | None, kind: str, dirs: list[Path]) -> str | None:
+    """--harmful/--harmless win; else a model directory may ship its evaluation prompts as prompts/{kind}.txt."""
+    if explicit:
+        return explicit
+    for d in dirs:
+        p = d / "prompts" / f"{kind}.txt"
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def _train_source(explicit: str | None, kind: str, dirs: list[Path]) -> str | None:
+    for d in dirs:
+        p = d / "prompts" / f"train_{kind}.txt"
+        if p.is_file() and not explicit:
+            return str(p)
+    return explicit
+
+
+def _reference_index(intent_cfg, recovery: dict) -> int | None:
+    """The measurement index the ablation used: its config's commonest entry, else the recovered direction's best match."""
+    if intent_cfg is not None and intent_cfg.entries:
+        return Counter(e.measurement for e in intent_cfg.entries).most_common(1)[0][0]
+    groups = (recovery.get("data") or {}).get("groups") or []
+    if groups and groups[0].get("best_index") is not None:
+        return int(groups[0]["best_index"])
+    return None
+
+
+def _good_index(dirs) -> int:
+    """The index where harmful and harmless separate best (quality), skipping the embeddings and the final norm."""
+    table = dirs.quality_table()
+    inner = [row for row in table if 0 < row["index"] < len(table) - 1] or table
+    return int(max(inner, key=lambda row: row["quality"])["index"])
+
+
+def _config_from_changes(modified: dict, measurement: int):
+    """A config that says what another tool did: modified target groups over the layers it changed."""
+    from audit.ablation_config import AblationConfig
+
+    comps = [t for t in modified if modified[t]]
+    layers = sorted({l for ls in modified.values() for l in ls})
+    if not comps or not layers:
+        return None
+    return AblationConfig.from_dict({"components": comps, "ablate": [{"layer": l, "measurement": measurement} for l in layers]},
+                                    source="inferred from the changed weights")
+
+
+def _writes(pr_h, pr_a) -> tuple[dict[str, list[float]], list[float]]:
+    """Per component group and layer: mean write along r at the last prompt token, harmful minus harmless."""
+    def d(name):
+        return (getattr(pr_h, name).mean(0) - getattr(pr_a, name).mean(0)).astype(float)
+
+    L = pr_h.n_layers
+    moe = set(pr_h.moe_layers)
+    mlp = d("mlp_last")
+    out = {"attn_out": d("attn_last").tolist(),
+           "mlp_down": [float(mlp[l]) if l not in moe else 0.0 for l in range(L)],
+           "shared_down": d("shared_last").tolist()}
+    if pr_h.n_experts:
+        out["experts_down"] = d("expert_last").sum(-1).tolist()
+    resid = d("resid_last").tolist()
+    out["embed"] = [resid[0]] + [0.0] * (L - 1)
+    return out, resid
+
+
+def _load(md, device):
+    dtype = torch.float32 if device in (None, "cpu") else "auto"
+    return md.load_model(dtype=dtype, device=device)
+
+
+def run_audit(opts: RunOptions, write: bool = True) -> dict:
+    """Run every check on ``opts.model_dir`` and return the results document (and write the outputs)."""
+    from audit.ablate import DIRECTIONS_NAME, load_manifest
+    from audit.ablation_config import AblationConfig
+    from audit.damage import kl_first_token, kl_teacher_forced
+    from audit.foreign import load_config, load_directions, resolve_measurements
+    from audit.generate import LocalBackend
+    from audit.measure import measure_directions
+    from audit.model_dir import ModelDir, check_destination
+    from audit.probe import probe
+    from audit.prompts import load_prompts
+    from audit.static_audit import static_audit
+    from checks.contribution import contribution_check
+    from checks.diagnose import diagnose, rank_by_simulation
+    from checks.findings import jsonable
+    from checks.gate import GateConfig, evaluate_gate
+    from checks.refusal import judge
+    from checks.refusal_eval import damage_check, refusal_check
+    from checks.routing import routing_check
+
+    ctx = _Ctx(opts)
+    with ctx.stage("inputs"):
+        abl = ModelDir(opts.model_dir)
+        manifest = load_manifest(abl.path)
+        base_path = opts.base or (manifest or {}).get("base", {}).get("path")
+        if base_path is None:
+            raise AuditError(f"{abl.path}: no ablation-manifest.json names its base; pass --base BASE (the model it was ablated from)")
+        base = ModelDir(base_path)
+        if write:
+            check_destination(opts.out, [abl.path, base.path], opts.force)
+        if opts.apply_fix:
+            check_destination(opts.apply_fix, [abl.path, base.path], opts.force)
+        if base.layout.family != abl.layout.family:
+            raise AuditError(f"{abl.path} is {abl.layout.family} but its base {base.path} is {base.layout.family}; pass the right --base")
+        dirs_near = [abl.path, base.path]
+        harmful_src = _prompt_source(opts.harmful, "harmful", dirs_near)
+        harmless_src = _prompt_source(opts.harmless, "harmless", dirs_near)
+        harmful = load_prompts(harmful_src, "harmful")[: opts.limit]
+        harmless = load_prompts(harmless_src, "harmless")[: opts.limit]
+        intent_cfg = None
+        if manifest is not None:
+            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
+        elif opts.config:
+            intent_cfg = load_config(opts.config)
+    with ctx.stage("directions"):
+        directions = None
+        if opts.directions:
+            directions = load_directions(opts.directions)
+        elif manifest is not None and (abl.path / manifest.get("directions_file", DIRECTIONS_NAME)).is_file():
+            directions = load_directions(abl.path / manifest.get("directions_file", DIRECTIONS_NAME))
+        elif intent_cfg is not None and resolve_measurements(intent_cfg) is not None and resolve_measurements(intent_cfg).is_file():
+            directions = load_directions(resolve_measurements(intent_cfg))
+        directions_source = "given" if opts.directions else "ablation" if directions is not None else "measured on the base"
+        if directions is None:
+            th = load_prompts(_train_source(opts.harmful, "harmful", dirs_near), "harmful")
+            ta = load_prompts(_train_source(opts.harmless, "harmless", dirs_near), "harmless")
+            directions = measure_directions(base, th, ta, batch_size=opts.batch_size, device=opts.device)
+        if directions.hidden_size != base.layout.hidden_size:
+            raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
+    with ctx.stage("weights"):
+        static = static_audit(abl.path, base.path, config=None if manifest else opts.config, directions=directions)
+    weights = static["weights"].to_dict()
+    modified = weights["data"].get("modified", {})
+    present = weights["data"].get("present", {})
+    good = _good_index(directions)
+    ref_index = _reference_index(intent_cfg, static["recovery"].to_dict())
+    if intent_cfg is None:
+        intent_cfg = _config_from_changes(modified, ref_index if ref_index is not None else good)
+    r = directions.refusal_dir[ref_index if ref_index is not None else good]
+
+    with ctx.stage("load models"):
+        tok = base.tokenizer()
+        m_base, m_abl = _load(base, opts.device), _load(abl, opts.device)
+    with ctx.stage("probes"):
+        p = {(m, k): probe(model, tok, prompts, r, batch_size=opts.batch_size)
+             for m, model in (("base", m_base), ("abl", m_abl)) for k, prompts in (("harmful", harmful), ("harmless", harmless))}
+    mod_experts = [[l, e] for l in modified.get("experts_down", []) for e in range(base.layout.n_routed_experts)]
+    routing = routing_check(p["base", "harmful"], p["base", "harmless"], p["abl", "harmful"], modified_experts=mod_experts or None,
+                            router_modified=modified.get("router") or None, position="last")
+    contribution = contribution_check(p["base", "harmful"], p["abl", "harmful"], harmless_before=p["base", "harmless"], harmless_after=p["abl", "harmless"])
+    writes_before, resid_before = _writes(p["base", "harmful"], p["base", "harmless"])
+    writes_after, resid_after = _writes(p["abl", "harmful"], p["abl", "harmless"])
+    peak = max(abs(x) for x in resid_before) or 1.0
+    contribution.data["residual_left_max"] = max(max(0.0, a) / peak for a in resid_after)
+
+    with ctx.stage("completions"):
+        gen_b, gen_a = LocalBackend(m_base, tok), LocalBackend(m_abl, tok)
+        c = {("base", "harmful"): gen_b.complete(harmful, opts.max_new_tokens, opts.batch_size),
+             ("abl", "harmful"): gen_a.complete(harmful, opts.max_new_tokens, opts.batch_size),
+             ("base", "harmless"): gen_b.complete(harmless, opts.max_new_tokens, opts.batch_size),
+             ("abl", "harmless"): gen_a.complete(harmless, opts.max_new_tokens, opts.batch_size)}
+        j = {k: [judge(x.answer, x.prompt) for x in v] for k, v in c.items()}
+    refusal = refusal_check(j["abl", "harmful"], j["base", "harmful"], j["abl", "harmless"], j["base", "harmless"])
+    before_rate = (refusal.data.get("before") or {}).get("rate")
+    if before_rate is not None and before_rate < 0.5:
+        from checks.findings import WARN, Finding
+
+        refusal.findings.append(Finding("base-does-not-refuse", WARN,
+                                        f"the base model refuses only {before_rate:.0%} of these harmful prompts: the refusal numbers cannot show "
+                                        "what the ablation removed; use prompts the base refuses (--harmful) and check its chat template",
+                                        value=before_rate, threshold=0.5))
+        refusal.status = WARN if refusal.status == "pass" else refusal.status
+    refusal.data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "label": jj.label, "reason": jj.reason, "when": "before" if m == "base" else "after", "set": k}
+                               for (m, k), xs in c.items() for x, jj in list(zip(xs, j[m, k]))[:6]]
+    with ctx.stage("damage"):
+        kl1 = kl_first_token(m_base, m_abl, tok, harmless, batch_size=opts.batch_size)
+        kltf = kl_teacher_forced(m_base, m_abl, tok, harmless, c["base", "harmless"], batch_size=opts.batch_size)
+    damage = damage_check(kl1, kltf, j["abl", "harmless"] + j["abl", "harmful"])
+
+    checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage}
+    checks_d = {name: cr.to_dict() for name, cr in checks.items()}
+    doc = {"checks": checks_d}
+    gate_cfg, gate_source = _gate_config(opts.gate)
+    gate = evaluate_gate(doc, gate_cfg, gate_source)
+
+    # -- diagnosis ---------------------------------------------------------------------------
+    with ctx.stage("diagnosis"):
+        findings = [f for cr in checks_d.values() for f in cr["findings"]]
+        mism = next((f for f in findings if f["code"] == "direction-mismatch"), None)
+        rates = refusal.data
+        ev = {
+            "modified": modified, "present": present, "moe_layers": base.layout.moe_layers,
+            "writes_before": writes_before, "writes_after": writes_after,
+            "residual_before": resid_before, "residual_after": resid_after,
+            "refusal_experts": next((f["experts"] for f in findings if f["code"] == "refusal-experts"), []),
+            "compensation": any(f["code"] == "routing-compensation" for f in findings),
+            "router_modified": bool(modified.get("router")),
+            "router_ineffective": any(f["code"] == "router-ineffective" for f in findings),
+            "good_index": good, "ablated_index": ref_index,
+            "quality": {row["index"]: row["quality"] for row in directions.quality_table()},
+            "direction_cos_good": mism["evidence"].get("cosine") if mism else None,
+            "findings": [f for f in findings if f["code"] in ("weak-scale", "precision-loss", "intended-untouched", "no-change", "unintended-modified")],
+            "damaged": next((f["message"] for f in checks_d["damage"]["findings"] if f["severity"] == "fail"), None),
+        }
+        diag = diagnose(ev)
+        causes = diag["causes"]
+        refusal_after = (rates.get("after") or {}).get("rate")
+        target = gate_cfg.max_refusal_after
+        if refusal_after is not None and target is not None and refusal_after <= target:
+            causes = [c for c in causes if not c.explains_refusal]  # refusal is gone: only soundness problems remain
+    sim_info = None
+    refusal_left = refusal_after is not None and (target is None or refusal_after > target)
+    if opts.simulate and causes and refusal_left and intent_cfg is not None:
+        with ctx.stage("simulation"):
+            sim_info = _simulate(causes, intent_cfg, directions, m_base, m_abl, tok, harmful, harmless, j, opts, refusal_after)
+            causes = rank_by_simulation(causes, refusal_target=gate_cfg.max_refusal_after or 0.1)
+    from audit.fixes import apply_patch, config_yaml
+
+    for cz in causes:
+        if intent_cfg is not None and cz.fix.get("patch") is not None:
+            cz.fix["config_yaml"] = config_yaml(apply_patch(intent_cfg, cz.fix["patch"]))
+
+    verdict = "pass" if gate["passed"] else "fail"
+    results = {
+        "schema_version": "1.0",
+        "tool": {"name": "moe-ablation-audit", "version": _version()},
+        "run": _run_info(opts, ctx, abl, base, harmful_src, harmless_src, len(harmful), len(harmless), directions_source, good, ref_index,
+                         "manifest" if manifest else "config" if opts.config else "inferred", gate_source),
+        "model": base.layout.summary(),
+        "verdict": verdict,
+        "headline": _headline(verdict, rates, causes),
+        "causes": [cz.to_dict() for cz in causes],
+        "not_blamed": diag["not_blamed"],
+        "simulation": sim_info,
+        "checks": checks_d,
+        "gate": gate,
+    }
+    if opts.apply_fix and causes and verdict == "fail" and intent_cfg is not None:
+        results["applied_fix"] = _apply_fix(causes[0], intent_cfg, directions, base, opts, results)
+    results = jsonable(results)
+    results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
+    if write:
+        write_outputs(results, opts.out, inputs=[abl.path, base.path], force=opts.force)
+    return results
+
+
+def _simulate(causes, config, directions, m_base, m_abl, tok, harmful, harmless, judged, opts, baseline) -> dict:
+    """Each cause's fix, simulated: the fixed config as inference-time interventions on the *base* model.
+
+    Hooks equal the weight edits of the same config (tests/test_intervene.py), so this is exactly
+    what re-ablating with the fix gives, without writing a weight. The first-token refusal score
+    is calibrated on judged generations of the base and the ablated model (both classes present),
+    estimated with early stopping, and the best candidates are confirmed by generation.
+    """
+    from audit.estimate import Calibration, estimate_many, first_token_scores, refusal_token_ids
+    from audit.fixes import apply_patch
+    from audit.generate import last_token_logprobs
+    from audit.intervene import apply, from_config
+
+    t0 = time.perf_counter()
+    token_ids = refusal_token_ids(tok)
+    labels, scores = [], []
+    for name, model in (("base", m_base), ("abl", m_abl)):
+        labels += [x.refused for x in judged[name, "harmful"]] + [x.refused for x in judged[name, "harmless"]]
+        scores.append(torch.as_tensor(first_token_scores(model, tok, harmful + harmless, token_ids, opts.batch_size)))
+    if len({x for x in labels if x is not None}) < 2:
+        return {"skipped": [c.id for c in causes], "seconds": round(time.perf_counter() - t0, 3),
+                "note": "no simulation: neither model both refuses and answers these prompts, so the refusal score cannot be calibrated"}
+    calib = Calibration.fit(torch.cat(scores), labels)
+    candidates, skipped = {}, []
+    for cz in causes:
+        patch = cz.fix.get("patch")
+        if not cz.explains_refusal or not patch or set(patch) <= {"dtype"}:
+            skipped.append(cz.id)
+            continue
+        try:
+            candidates[cz.id] = from_config(apply_patch(config, patch), directions)
+        except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
+            skipped.append(f"{cz.id} ({e})")
+    est = estimate_many(m_base, tok, harmful, candidates, calib, token_ids, opts.batch_size, confirm_top=opts.confirm_top,
+                        max_new_tokens=min(opts.max_new_tokens, 48)) if candidates else {"candidates": [], "seconds": 0.0}
+    by_id = {row["name"]: row for row in est["candidates"]}
+    lp_base = last_token_logprobs(m_base, tok, harmless, opts.batch_size) if by_id else None
+    for cz in causes:
+        row = by_id.get(cz.id)
+        if row is None:
+            continue
+        gen = row.get("generation")
+        with apply(m_base, candidates[cz.id]):  # the damage the fix would do: first-token KL(base || fixed) on harmless prompts
+            lp_fix = last_token_logprobs(m_base, tok, harmless, opts.batch_size)
+        kl = float((lp_base.exp() * (lp_base - lp_fix)).sum(-1).mean())
+        cz.simulated = {"kl": kl, "refusal_rate": gen["rate"] if gen else row["rate"], "interval": [gen["lo"], gen["hi"]] if gen else [row["lo"], row["hi"]],
+                        "method": "generation" if gen else "first-token score", "first_token_estimate": row["rate"],
+                        "n": gen["n"] if gen else row["n_used"], "baseline": baseline,
+                        "seconds": row["seconds"] + (gen["seconds"] if gen else 0.0), "interventions": row["interventions"]}
+    return {"calibration": calib.to_dict(), "seconds": round(time.perf_counter() - t0, 3), "skipped": skipped,
+            "candidates": len(candidates), "model": "base with the fixed config as hooks"}
+
+
+def _apply_fix(cause, config, directions, base, opts, results) -> dict:
+    """Re-ablate the base with the top cause's fix (our ablation), re-audit it, record both."""
+    from audit.ablate import ablate
+    from audit.fixes import apply_patch
+
+    new = apply_patch(config, cause.fix.get("patch", {}) if hasattr(cause, "fix") else {})
+    ablate(base.path, new, opts.apply_fix, directions=directions, force=opts.force)
+    sub = RunOptions(**{**opts.__dict__, "model_dir": opts.apply_fix, "base": str(base.path), "config": None, "apply_fix": None,
+                        "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None})
+    again = run_audit(sub, write=False)
+    rates = again["checks"]["refusal"]["data"]
+    after = rates.get("after") or {}
+    applied = {"cause": cause.id, "model_dir": str(Path(opts.apply_fix).resolve()), "verdict": again["verdict"],
+               "refusal_rate": after.get("rate"), "interval": [after.get("lo"), after.get("hi")], "report": "applied-fix/report.html"}
+    for c in results["causes"]:
+        if c["id"] == cause.id:
+            c["applied"] = applied
+    results["_applied_results"] = again
+    return applied
+
+
+def _gate_config(path: str | None):
+    from checks.gate import GateConfig
+
+    if path is None:
+        pp = Path("pyproject.toml")
+        if pp.is_file():
+            import tomllib
+
+            try:
+                data = tomllib.loads(pp.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise AuditError(f"{pp.resolve()}: not valid TOML ({e})") from None
+            tbl = data.get("tool", {}).get("audit", {}).get("gate")
+            if tbl is not None:
+                return GateConfig.from_dict(tbl, f"{pp.resolve()} [tool.audit.gate]"), f"{pp.resolve()} [tool.audit.gate]"
+        return GateConfig(), "defaults"
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise AuditError(f"{p}: no such gate file")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise AuditError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(d, dict):
+        raise AuditError(f"{p}: a gate file is a mapping of thresholds, e.g. max_refusal_after: 0.1")
+    d = d.get("gate", d)
+    return GateConfig.from_dict(d, str(p)), str(p)
+
+
+def _version() -> str:
+    from audit import __version__
+
+    return __version__
+
+
+def _headline(verdict, rates, causes) -> str:
+    b, a = (rates.get("before") or {}).get("rate"), (rates.get("after") or {}).get("rate")
+    rr = f"refusal {b:.0%} -> {a:.0%}" if b is not None and a is not None else "refusal not measured"
+    if verdict == "pass":
+        return f"The ablation works: {rr}."
+    top = causes[0] if causes else None
+    return f"The ablation fails: {rr}." + (f" Most likely cause: {top.title}." if top else "")
+
+
+def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_source, gate_source) -> dict:
+    import platform
+
+    import transformers
+
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ctx.t0)), "command": opts.command,
+            "model_dir": str(abl.path.resolve()), "base_dir": str(base.path.resolve()), "config": opts.config, "intent_source": intent_source,
+            "prompts": {"harmful": {"source": hs or "embedded default", "n": nh}, "harmless": {"source": ls or "embedded default", "n": nl}},
+            "directions": {"source": dsrc, "good_index": good, "ablated_index": ref}, "gate_source": gate_source,
+            "max_new_tokens": opts.max_new_tokens, "device": opts.device or "cpu", "stages": ctx.stages,
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def write_outputs(results: dict, out: str, inputs=(), force: bool = False) -> Path:
+    """report.html, results.json and junit.xml (plus applied-fix/ when a fix was applied), written atomically."""
+    from audit.model_dir import OutputDir
+    from reports.html import write_report
+    from reports.junit import write_junit
+    from reports.results_io import write_results_json
+
+    applied = results.pop("_applied_results", None)
+    with OutputDir(out, inputs=inputs, force=force) as od:
+        for folder, res in ((od.tmp, results), (od.tmp / "applied-fix", applied)):
+            if res is None:
+                continue
+            folder.mkdir(exist_ok=True)
+            write_results_json(res, folder / "results.json")
+            write_report(res, folder / "report.html")
+            write_junit(res, folder / "junit.xml")
+        dest = od.commit()
+    return dest

@@ -1,0 +1,122 @@
+"""`audit run` end to end on the organism: verdicts, causes proven by applying their fix, exit codes.
+
+Each scenario ablates an organism variant incompletely with our ablation, audits it with
+``--apply-fix`` and checks the claim the report makes: the top cause's simulated fix predicts the
+measured result of really applying it, and applying it passes. Where the variant's carrier is
+known (organism.json), the top cause must name it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("audit.organism")
+
+LIMIT = 48  # prompts per set: keeps each audit to seconds; Wilson intervals stay ~ +-0.07 at 0 or 1
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """organism(variant) -> (path, info, Directions) for glm4_moe, built once per cache and measured once per session."""
+    from audit.measure import measure_directions
+    from audit.model_dir import ModelDir
+    from audit.organism import cached_organism
+    from audit.prompts import load_prompts
+
+    cache = {}
+
+    def get(variant: str = "base"):
+        if variant not in cache:
+            path = cached_organism("glm4_moe", variant, 0)
+            info = json.loads((path / "organism.json").read_text())
+            dirs = measure_directions(ModelDir(path), load_prompts(str(path / "prompts" / "train_harmful.txt"), "harmful"),
+                                      load_prompts(str(path / "prompts" / "train_harmless.txt"), "harmless"))
+            cache[variant] = (path, info, dirs)
+        return cache[variant]
+
+    return get
+
+
+def _ablate(organism, tmp_path, variant, components, layers, measurement=None, scale=1.0):
+    from audit.ablate import ablate
+    from audit.ablation_config import AblationConfig
+
+    path, info, dirs = organism(variant)
+    m = info["good_layer"] if measurement is None else measurement
+    cfg = AblationConfig.from_dict({"components": components, "ablate": [{"layer": l, "measurement": m, "scale": scale} for l in layers]})
+    out = tmp_path / f"abl-{variant}"
+    ablate(path, cfg, out, directions=dirs)
+    return out
+
+
+def _audit(model_dir, tmp_path, apply_fix=True, **kw):
+    from audit.run import RunOptions, run_audit
+
+    opts = RunOptions(model_dir=str(model_dir), out=str(tmp_path / "report"), limit=LIMIT, max_new_tokens=24, quiet=True,
+                      apply_fix=str(tmp_path / "fixed") if apply_fix else None, **kw)
+    return run_audit(opts)
+
+
+ALL_WRITERS = ["embed", "attn_out", "mlp_down", "experts_down", "shared_down"]
+SCENARIOS = {  # name: (variant, components, layers, expected top cause or None when any proven cause will do)
+    "guide-band": ("base", ["experts_down", "router", "shared_down", "attn_out"], [1, 2], None),
+    "shared-left-out": ("shared", ["embed", "attn_out", "mlp_down", "experts_down"], [0, 1, 2, 3], "shared-experts-not-ablated"),
+    "experts-left-out": ("experts", ["embed", "attn_out", "mlp_down", "shared_down"], [0, 1, 2, 3], "routed-experts-not-ablated"),
+    "late-narrow-band": ("late", ALL_WRITERS, [0, 1], "layer-coverage"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_incomplete_ablation_is_diagnosed_and_the_fix_proven(organism, tmp_path, name):
+    variant, comps, layers, expected = SCENARIOS[name]
+    res = _audit(_ablate(organism, tmp_path, variant, comps, layers), tmp_path)
+    assert res["verdict"] == "fail", res["headline"]
+    top = res["causes"][0]
+    if expected:
+        assert top["id"] == expected, [(c["id"], c["confidence"]) for c in res["causes"]]
+    applied = res["applied_fix"]
+    assert applied["cause"] == top["id"]
+    assert applied["verdict"] == "pass" and applied["refusal_rate"] <= 0.10, applied
+    sim = top["simulated"]
+    assert sim is not None and abs(sim["refusal_rate"] - applied["refusal_rate"]) <= 0.10, (sim, applied)
+    assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "applied-fix" / "report.html").is_file()
+
+
+def test_sound_ablation_passes_without_false_alarm(organism, tmp_path):
+    res = _audit(_ablate(organism, tmp_path, "base", ALL_WRITERS, [0, 1, 2, 3]), tmp_path, apply_fix=False)
+    assert res["verdict"] == "pass", (res["headline"], res["gate"])
+    assert all(c["confidence_label"] == "low" for c in res["causes"]), [(c["id"], c["confidence"]) for c in res["causes"]]
+    assert res["simulation"] is None  # nothing to prove: no time spent simulating
+
+
+def test_cli_exit_codes(organism, tmp_path):
+    abl = _ablate(organism, tmp_path, "base", ["attn_out"], [1])
+    cmd = [sys.executable, "-m", "audit.cli", "run", str(abl), "-o", str(tmp_path / "r"), "--limit", "16", "--max-new-tokens", "16", "--no-simulate"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr[-2000:]  # gate failed
+    assert "verdict: FAIL" in r.stdout
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["verdict"] == "fail" and doc["causes"]
+    bad = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("max_refusal: 0.1\n")
+    bad = subprocess.run(cmd[:-1] + ["--gate", str(gate), "--force"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown gate key" in bad.stderr
+
+
+def test_no_output_written_into_inputs(organism, tmp_path):
+    from checks.errors import AuditError
+
+    abl = _ablate(organism, tmp_path, "base", ALL_WRITERS, [0, 1, 2, 3])
+    before = sorted(p.name for p in Path(abl).iterdir())
+    with pytest.raises(AuditError, match="never writes into an input"):
+        from audit.run import RunOptions, run_audit
+
+        run_audit(RunOptions(model_dir=str(abl), out=str(abl / "report"), limit=8, max_new_tokens=8, quiet=True, simulate=False))
+    assert sorted(p.name for p in Path(abl).iterdir()) == before
