@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from audit import __version__
-from audit.ablation_config import AblationConfig, PlannedEdit, plan, unmatched_targets
+from audit.ablation_config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
 from audit.measure import Directions
 from audit.model_dir import DTYPES, ModelDir, OutputDir, copy_side_files, write_index
 from checks.errors import AuditError
@@ -178,15 +178,6 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, Planned
         os.close(dst_fd)
 
 
-def _resolve_measurements(config: AblationConfig) -> Path:
-    p = Path(config.measurements)
-    if not p.is_absolute() and not p.exists() and config.source and Path(config.source).is_file():
-        alt = Path(config.source).parent / p
-        if alt.exists():
-            return alt
-    return p
-
-
 def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
            force: bool = False, progress: bool | None = None) -> dict:
     """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written."""
@@ -198,7 +189,7 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
     if directions is None:
         if not config.measurements:
             raise AuditError(f"{config.source}: no directions: set 'measurements:' in the config or pass --directions (made by `audit measure`)")
-        directions = Directions.load(_resolve_measurements(config))
+        directions = Directions.load(resolve_measurements(config))
     edits = plan(config, layout, directions)
     if not edits:
         raise AuditError(f"{config.source}: matches no tensor of {md.path} (components {', '.join(config.components)}); check the layers and components")

@@ -346,3 +346,22 @@ def unmatched_targets(config: AblationConfig, edits: list[PlannedEdit]) -> list[
         named.discard("router")
     hit = {t for ed in edits for t in ed.targets}
     return sorted(named - hit)
+
+
+def resolve_measurements(config: "AblationConfig") -> Path | None:
+    """The config's ``measurements`` path: relative to the config file first, else to the working directory.
+
+    (llm-abliteration's configs are usually written next to their measurement file; the working
+    directory is the fallback for configs written for a run from a project root.)
+    """
+    if not config.measurements:
+        return None
+    p = Path(config.measurements)
+    if p.is_absolute():
+        return p
+    if config.source and Path(config.source).is_file():
+        beside = Path(config.source).parent / p
+        if beside.exists():
+            return beside
+    return p
+

@@ -80,15 +80,10 @@ def load_directions(path: str | os.PathLike):
 
 
 def resolve_measurements(config) -> Path | None:
-    """The config's ``measurements`` path, relative to the config file when not found as given."""
-    if not config.measurements:
-        return None
-    p = Path(config.measurements)
-    if not p.is_absolute() and not p.exists() and config.source and Path(config.source).is_file():
-        alt = Path(config.source).parent / p
-        if alt.exists():
-            return alt
-    return p
+    """See audit.ablation_config.resolve_measurements (one rule for every command)."""
+    from audit.ablation_config import resolve_measurements as _resolve
+
+    return _resolve(config)
 
 
 def load_config(path: str | os.PathLike):

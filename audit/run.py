@@ -94,6 +94,13 @@ def _reference_index(intent_cfg, recovery: dict) -> int | None:
     return None
 
 
+def _cos(dirs, i: int, j: int) -> float | None:
+    """|cos| between the directions measured at indices i and j (None if either is zero)."""
+    a, b = dirs.refusal_dir[i].double(), dirs.refusal_dir[j].double()
+    na, nb = a.norm(), b.norm()
+    return abs(float(a @ b / (na * nb))) if na > 0 and nb > 0 else None
+
+
 def _good_index(dirs) -> int:
     """The index where harmful and harmless separate best (quality), skipping the embeddings and the final norm."""
     table = dirs.quality_table()
@@ -252,10 +259,24 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     gate = evaluate_gate(doc, gate_cfg, gate_source)
 
     # -- diagnosis ---------------------------------------------------------------------------
+    from audit.fixes import actual_config, apply_patch, config_yaml
+
+    fix_base = actual_config(intent_cfg, modified) if intent_cfg is not None else None  # what really reached the weights
+    rates = refusal.data
+    refusal_after = (rates.get("after") or {}).get("rate")
+    target = gate_cfg.max_refusal_after
+    sim = None
+    bypass = None
+    if opts.simulate and not gate["passed"]:
+        with ctx.stage("simulation: calibration and bypass test"):
+            sim = _Simulator(m_base, m_abl, tok, harmful, harmless, j, opts, directions, base.layout)
+            sim.opts_target = target if target is not None else 0.1
+            if sim.calibration is not None:
+                bypass = sim.bypass_scan(ref_index)
+                good = bypass["best_index"]
     with ctx.stage("diagnosis"):
         findings = [f for cr in checks_d.values() for f in cr["findings"]]
         mism = next((f for f in findings if f["code"] == "direction-mismatch"), None)
-        rates = refusal.data
         ev = {
             "modified": modified, "present": present, "moe_layers": base.layout.moe_layers,
             "writes_before": writes_before, "writes_after": writes_after,
@@ -264,29 +285,35 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             "compensation": any(f["code"] == "routing-compensation" for f in findings),
             "router_modified": bool(modified.get("router")),
             "router_ineffective": any(f["code"] == "router-ineffective" for f in findings),
+            "intended": weights["data"].get("intended", {}),
             "good_index": good, "ablated_index": ref_index,
             "quality": {row["index"]: row["quality"] for row in directions.quality_table()},
-            "direction_cos_good": mism["evidence"].get("cosine") if mism else None,
+            "bypass": {int(k): v["rate"] for k, v in bypass["indices"].items()} if bypass else None,
+            "bypass_kl": {int(k): v["kl"] for k, v in bypass["indices"].items()} if bypass else None,
+            "refusal_target": target if target is not None else 0.1,
+            "direction_cos_good": _cos(directions, ref_index, good) if ref_index is not None else (mism["evidence"].get("cosine") if mism else None),
             "findings": [f for f in findings if f["code"] in ("weak-scale", "precision-loss", "intended-untouched", "no-change", "unintended-modified")],
             "damaged": next((f["message"] for f in checks_d["damage"]["findings"] if f["severity"] == "fail"), None),
         }
         diag = diagnose(ev)
         causes = diag["causes"]
-        refusal_after = (rates.get("after") or {}).get("rate")
-        target = gate_cfg.max_refusal_after
-        if refusal_after is not None and target is not None and refusal_after <= target:
-            causes = [c for c in causes if not c.explains_refusal]  # refusal is gone: only soundness problems remain
+        if refusal_after is not None and target is not None and refusal_after <= target:  # refusal is gone: only soundness problems remain
+            for c in causes:
+                if c.explains_refusal:
+                    diag["not_blamed"].append({"component": c.numbers.get("component", c.title), "reason": f"{c.summary} But refusal is already {refusal_after:.0%}: "
+                                                                               "this does not limit the ablation."})
+            causes = [c for c in causes if not c.explains_refusal]
     sim_info = None
-    refusal_left = refusal_after is not None and (target is None or refusal_after > target)
-    if opts.simulate and causes and refusal_left and intent_cfg is not None:
-        with ctx.stage("simulation"):
-            sim_info = _simulate(causes, intent_cfg, directions, m_base, m_abl, tok, harmful, harmless, j, opts, refusal_after)
-            causes = rank_by_simulation(causes, refusal_target=gate_cfg.max_refusal_after or 0.1)
-    from audit.fixes import apply_patch, config_yaml
-
+    if sim is not None and sim.calibration is not None and causes and fix_base is not None:
+        with ctx.stage("simulation: candidate fixes"):
+            sim_info = sim.simulate_causes(causes, fix_base, refusal_after)
+            causes = rank_by_simulation(causes, refusal_target=target or 0.1)
+    if sim is not None:
+        sim_info = {**(sim_info or {}), "calibration": sim.calibration.to_dict() if sim.calibration else None, "bypass": bypass,
+                    "note": sim.note, "seconds": round(sim.seconds, 3)}
     for cz in causes:
-        if intent_cfg is not None and cz.fix.get("patch") is not None:
-            cz.fix["config_yaml"] = config_yaml(apply_patch(intent_cfg, cz.fix["patch"]))
+        if fix_base is not None and cz.fix.get("patch") is not None:
+            cz.fix["config_yaml"] = config_yaml(apply_patch(fix_base, cz.fix["patch"]))
 
     verdict = "pass" if gate["passed"] else "fail"
     results = {
@@ -303,8 +330,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "checks": checks_d,
         "gate": gate,
     }
-    if opts.apply_fix and causes and verdict == "fail" and intent_cfg is not None:
-        results["applied_fix"] = _apply_fix(causes[0], intent_cfg, directions, base, opts, results)
+    if opts.apply_fix and causes and verdict == "fail" and fix_base is not None:
+        results["applied_fix"] = _apply_fix(causes[0], fix_base, directions, base, opts, results)
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
     if write:
@@ -312,57 +339,122 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     return results
 
 
-def _simulate(causes, config, directions, m_base, m_abl, tok, harmful, harmless, judged, opts, baseline) -> dict:
-    """Each cause's fix, simulated: the fixed config as inference-time interventions on the *base* model.
+WRITER_TARGETS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
 
-    Hooks equal the weight edits of the same config (tests/test_intervene.py), so this is exactly
-    what re-ablating with the fix gives, without writing a weight. The first-token refusal score
-    is calibrated on judged generations of the base and the ablated model (both classes present),
-    estimated with early stopping, and the best candidates are confirmed by generation.
+
+class _Simulator:
+    """Fixes simulated on the *base* model: a config as inference-time hooks equals re-ablating with it.
+
+    The first-token refusal score is calibrated once on judged generations of the base and the
+    ablated model (both classes are then present); each candidate is estimated with early stopping
+    and the best ones confirmed by generation (audit/estimate.py). Also runs the bypass test that
+    picks the measurement index: every residual writer ablated with the direction of each
+    candidate index, the one that removes refusal wins.
     """
-    from audit.estimate import Calibration, estimate_many, first_token_scores, refusal_token_ids
-    from audit.fixes import apply_patch
-    from audit.generate import last_token_logprobs
-    from audit.intervene import apply, from_config
 
-    t0 = time.perf_counter()
-    token_ids = refusal_token_ids(tok)
-    labels, scores = [], []
-    for name, model in (("base", m_base), ("abl", m_abl)):
-        labels += [x.refused for x in judged[name, "harmful"]] + [x.refused for x in judged[name, "harmless"]]
-        scores.append(torch.as_tensor(first_token_scores(model, tok, harmful + harmless, token_ids, opts.batch_size)))
-    if len({x for x in labels if x is not None}) < 2:
-        return {"skipped": [c.id for c in causes], "seconds": round(time.perf_counter() - t0, 3),
-                "note": "no simulation: neither model both refuses and answers these prompts, so the refusal score cannot be calibrated"}
-    calib = Calibration.fit(torch.cat(scores), labels)
-    candidates, skipped = {}, []
-    for cz in causes:
-        patch = cz.fix.get("patch")
-        if not cz.explains_refusal or not patch or set(patch) <= {"dtype"}:
-            skipped.append(cz.id)
-            continue
-        try:
-            candidates[cz.id] = from_config(apply_patch(config, patch), directions)
-        except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
-            skipped.append(f"{cz.id} ({e})")
-    est = estimate_many(m_base, tok, harmful, candidates, calib, token_ids, opts.batch_size, confirm_top=opts.confirm_top,
-                        max_new_tokens=min(opts.max_new_tokens, 48)) if candidates else {"candidates": [], "seconds": 0.0}
-    by_id = {row["name"]: row for row in est["candidates"]}
-    lp_base = last_token_logprobs(m_base, tok, harmless, opts.batch_size) if by_id else None
-    for cz in causes:
-        row = by_id.get(cz.id)
-        if row is None:
-            continue
-        gen = row.get("generation")
-        with apply(m_base, candidates[cz.id]):  # the damage the fix would do: first-token KL(base || fixed) on harmless prompts
-            lp_fix = last_token_logprobs(m_base, tok, harmless, opts.batch_size)
-        kl = float((lp_base.exp() * (lp_base - lp_fix)).sum(-1).mean())
-        cz.simulated = {"kl": kl, "refusal_rate": gen["rate"] if gen else row["rate"], "interval": [gen["lo"], gen["hi"]] if gen else [row["lo"], row["hi"]],
-                        "method": "generation" if gen else "first-token score", "first_token_estimate": row["rate"],
-                        "n": gen["n"] if gen else row["n_used"], "baseline": baseline,
-                        "seconds": row["seconds"] + (gen["seconds"] if gen else 0.0), "interventions": row["interventions"]}
-    return {"calibration": calib.to_dict(), "seconds": round(time.perf_counter() - t0, 3), "skipped": skipped,
-            "candidates": len(candidates), "model": "base with the fixed config as hooks"}
+    def __init__(self, m_base, m_abl, tok, harmful, harmless, judged, opts, directions, layout):
+        from audit.estimate import Calibration, first_token_scores, refusal_token_ids
+
+        t0 = time.perf_counter()
+        self.m_base, self.tok, self.harmful, self.harmless, self.opts = m_base, tok, harmful, harmless, opts
+        self.directions, self.layout = directions, layout
+        self.opts_target = 0.1
+        self.token_ids = refusal_token_ids(tok)
+        self.calibration, self.note, self._lp_base = None, None, None
+        labels, scores = [], []
+        for name, model in (("base", m_base), ("abl", m_abl)):
+            labels += [x.refused for x in judged[name, "harmful"]] + [x.refused for x in judged[name, "harmless"]]
+            scores.append(torch.as_tensor(first_token_scores(model, tok, harmful + harmless, self.token_ids, opts.batch_size)))
+        if len({x for x in labels if x is not None}) < 2:
+            self.note = "no simulation: neither model both refuses and answers these prompts, so the refusal score cannot be calibrated"
+        else:
+            self.calibration = Calibration.fit(torch.cat(scores), labels)
+        self.seconds = time.perf_counter() - t0
+
+    def estimate(self, candidates: dict, confirm_top: int = 0) -> dict:
+        from audit.estimate import estimate_many
+
+        t0 = time.perf_counter()
+        out = estimate_many(self.m_base, self.tok, self.harmful, candidates, self.calibration, self.token_ids, self.opts.batch_size,
+                            confirm_top=confirm_top, max_new_tokens=min(self.opts.max_new_tokens, 48)) if candidates else {"candidates": []}
+        self.seconds += time.perf_counter() - t0
+        return {row["name"]: row for row in out["candidates"]}
+
+    def kl(self, interventions) -> float:
+        """First-token KL(base || base with the fix) on harmless prompts: the damage the fix would do."""
+        from audit.generate import last_token_logprobs
+        from audit.intervene import apply
+
+        t0 = time.perf_counter()
+        if self._lp_base is None:
+            self._lp_base = last_token_logprobs(self.m_base, self.tok, self.harmless, self.opts.batch_size)
+        with apply(self.m_base, interventions):
+            lp = last_token_logprobs(self.m_base, self.tok, self.harmless, self.opts.batch_size)
+        self.seconds += time.perf_counter() - t0
+        return float((self._lp_base.exp() * (self._lp_base - lp)).sum(-1).mean())
+
+    def bypass_scan(self, ablated_index: int | None, top: int = 3) -> dict:
+        """Refusal with every residual writer ablated at every layer, per candidate measurement index."""
+        from audit.ablation_config import AblationConfig
+        from audit.intervene import from_config
+
+        table = self.directions.quality_table()
+        inner = sorted((row for row in table if 0 < row["index"] < len(table) - 1), key=lambda row: -row["quality"])
+        cands = [row["index"] for row in inner[:top]]
+        if ablated_index is not None and ablated_index not in cands and ablated_index < len(table):
+            cands.append(ablated_index)
+        present = [t for t in WRITER_TARGETS if self.layout.keys_where(component={"embed": "embed", "attn_out": "attn", "mlp_down": "mlp",
+                                                                                   "experts_down": "experts", "shared_down": "shared_experts"}[t])]
+        ivs = {}
+        for i in cands:
+            if float(self.directions.refusal_dir[i].norm()) == 0:
+                continue
+            cfg = AblationConfig.from_dict({"components": present, "ablate": [{"layer": l, "measurement": i} for l in range(self.layout.num_layers)]},
+                                           source=f"bypass test, index {i}")
+            ivs[f"index {i}"] = from_config(cfg, self.directions)
+        rows = self.estimate(ivs)
+        quality = {row["index"]: row["quality"] for row in table}
+        res = {str(i): {"rate": rows[f"index {i}"]["rate"], "lo": rows[f"index {i}"]["lo"], "hi": rows[f"index {i}"]["hi"], "quality": quality[i],
+                        "kl": self.kl(ivs[f"index {i}"])} for i in cands if f"index {i}" in rows}
+        target = self.opts_target
+        lowest = min(v["rate"] for v in res.values())
+        ok = [k for k, v in res.items() if v["rate"] <= max(target, lowest)]  # the indices that remove refusal (or do best)
+        best = min(ok, key=lambda k: (res[k]["kl"], -res[k]["quality"]))  # of those, the least damage
+        return {"indices": res, "best_index": int(best), "components": present,
+                "note": "refusal (first-token estimate) with every residual writer ablated at every layer using the direction of each index"}
+
+    def simulate_causes(self, causes, config, baseline) -> dict:
+        from audit.fixes import apply_patch
+        from audit.intervene import from_config
+
+        candidates, skipped = {}, []
+        for cz in causes:
+            patch = cz.fix.get("patch")
+            if not patch or set(patch) <= {"dtype"} or (not cz.explains_refusal and "measurement" not in patch):
+                skipped.append(cz.id)
+                continue
+            try:
+                ivs = from_config(apply_patch(config, patch), self.directions)
+            except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
+                skipped.append(f"{cz.id} ({e})")
+                continue
+            if ivs:
+                candidates[cz.id] = ivs
+            else:  # the fix adds nothing to what reached the weights: the model stays as it is
+                cz.simulated = {"refusal_rate": baseline, "interval": None, "method": "nothing to apply", "baseline": baseline, "kl": 0.0,
+                                "n": 0, "seconds": 0.0, "interventions": []}
+        by_id = self.estimate(candidates, confirm_top=self.opts.confirm_top)
+        for cz in causes:
+            row = by_id.get(cz.id)
+            if row is None:
+                continue
+            gen = row.get("generation")
+            cz.simulated = {"kl": self.kl(candidates[cz.id]), "refusal_rate": gen["rate"] if gen else row["rate"],
+                            "interval": [gen["lo"], gen["hi"]] if gen else [row["lo"], row["hi"]],
+                            "method": "generation" if gen else "first-token score", "first_token_estimate": row["rate"],
+                            "n": gen["n"] if gen else row["n_used"], "baseline": baseline,
+                            "seconds": row["seconds"] + (gen["seconds"] if gen else 0.0), "interventions": row["interventions"]}
+        return {"skipped": skipped, "candidates": len(candidates), "model": "base with the fixed config as hooks"}
 
 
 def _apply_fix(cause, config, directions, base, opts, results) -> dict:

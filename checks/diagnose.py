@@ -135,7 +135,7 @@ def diagnose(ev: dict) -> dict:
         causes.append(Cause(cid, min(0.95, 0.25 + 0.7 * of_remaining), summary,
                             evidence=[f"{name}: share of pre-ablation r-writing left = {share:.3f} (tolerance {WRITE_TOL}); "
                                       f"{of_remaining:.0%} of all r still written"],
-                            numbers={"share_left": share, "share_of_remaining": of_remaining, "group": group}, layers=layers_left,
+                            numbers={"share_left": share, "share_of_remaining": of_remaining, "group": group, "component": name}, layers=layers_left,
                             links=["#check-contribution", "#check-weights"], fix=fix))
     # merge duplicate ids (e.g. layer-coverage from several groups)
     merged: dict[str, Cause] = {}
@@ -186,15 +186,36 @@ def diagnose(ev: dict) -> dict:
     cos, ablated_index = ev.get("direction_cos_good"), ev.get("ablated_index")
     q = ev.get("quality") or {}  # index -> signal quality of the direction measured there
     q_abl, q_good = q.get(ablated_index), q.get(good)
-    separable = q_abl is not None and q_good and q_abl >= 0.8 * q_good
-    if cos is not None and abs(cos) < 0.9 and good is not None and separable:
+    inner = ablated_index is not None and q and 0 < ablated_index < max(q)  # the embeddings and the final normed output are never good indices
+    separable = inner and q_abl is not None and q_good and q_abl >= 0.8 * q_good
+    q_ratio = q_abl / q_good if q_abl is not None and q_good else None
+    # a mismatch: the directions differ clearly (|cos| < 0.9), or they differ somewhat (< 0.99) and the
+    # index used separates harmful from harmless clearly worse than the best one (< 0.8x its quality)
+    mismatch = cos is not None and good is not None and ablated_index != good and (
+        abs(cos) < 0.9 or (abs(cos) < 0.99 and (not inner or (q_ratio is not None and q_ratio < 0.8))))
+    bypass = ev.get("bypass") or {}  # index -> refusal with every writer ablated using that index's direction
+    tgt = ev.get("refusal_target", 0.1)
+    if ablated_index in bypass and good in bypass:  # the counterfactual test decides, not the heuristics
+        works_abl, works_good = bypass[ablated_index] <= tgt, bypass[good] <= tgt
+        separable = works_abl
+        mismatch = ablated_index != good and not works_abl and bypass[good] < bypass[ablated_index] - 0.2
+        if works_abl and ablated_index != good:
+            not_blamed.append({"component": f"the direction (measured at index {ablated_index})",
+                               "reason": f"ablating every residual writer with it removes refusal ({bypass[ablated_index]:.0%} left)"})
+    if mismatch and separable and abs(cos) < 0.9 and not bypass:
         not_blamed.append({"component": f"the direction (measured at index {ablated_index})",
                            "reason": f"it differs from the best index {good} (|cos| {abs(cos):.2f}), but refusal separates almost as well there "
                                      f"(quality {q_abl:.3g} vs {q_good:.3g})"})
-    elif cos is not None and abs(cos) < 0.9 and good is not None:
-        causes.append(Cause("direction-mismatch", min(0.95, 0.4 + (0.9 - abs(cos))), f"The direction removed has cosine {abs(cos):.2f} to the refusal direction measured at index {good}"
+    elif mismatch and not separable:
+        proven = ablated_index in bypass and good in bypass
+        conf = 0.85 if proven else min(0.95, 0.4 + (1.0 - abs(cos)) + 0.3 * (1.0 - (q_ratio or 0.0)))
+        causes.append(Cause("direction-mismatch", conf, f"The direction removed has cosine {abs(cos):.2f} to the refusal direction measured at index {good}"
                             + (f" (it matches index {ablated_index})." if ablated_index is not None else "."),
-                            evidence=[f"|cos(ablated direction, direction at index {good})| = {abs(cos):.3f}"], numbers={"cosine": cos, "good_index": good, "ablated_index": ablated_index},
+                            evidence=[f"|cos(ablated direction, direction at index {good})| = {abs(cos):.3f}"]
+                            + ([f"signal quality at index {ablated_index}: {q_abl:.3g}, at index {good}: {q_good:.3g}"] if q_abl is not None and q_good else [])
+                            + ([f"bypass test (every writer ablated with the index's direction): refusal {bypass[ablated_index]:.0%} at index "
+                                f"{ablated_index}, {bypass[good]:.0%} at index {good}"] if ablated_index in bypass and good in bypass else []),
+                            numbers={"cosine": cos, "good_index": good, "ablated_index": ablated_index, "quality_ratio": q_ratio},
                             links=["#check-recovery", "#check-signal"], fix={"summary": f"measure at index {good}: set measurement: {good} in every entry", "patch": {"measurement": good}}))
     for f in ev.get("findings") or []:
         code = f.get("code")
@@ -205,16 +226,32 @@ def diagnose(ev: dict) -> dict:
             causes.append(Cause("precision-loss", 0.35, f.get("message", "residue left by rounding"), evidence=[f.get("message", "")], layers=f.get("layers", []),
                                 links=["#check-projection"], fix={"summary": "store the ablated weights in float32 (or apply the edit in float32 and keep the residue below tolerance)", "patch": {"dtype": "float32"}}))
         elif code in ("intended-untouched", "no-change"):
-            causes.append(Cause("keys-not-matched", 0.9, f.get("message", "intended tensors untouched"), evidence=[f.get("message", "")], layers=f.get("layers", []),
-                                links=["#check-weights"], fix={"summary": "re-run the ablation with `audit ablate`, which matches keys by parsed layer index for every layout (fused experts included)",
-                                                              "patch": {"add_components": f.get("evidence", {}).get("targets", [])}}))
+            intended = ev.get("intended") or {}
+            missing = {t: sorted(set(ls) - set(modified.get(t, []))) for t, ls in intended.items()}
+            missing = {t: ls for t, ls in missing.items() if ls and t in present}
+            causes.append(Cause("keys-not-matched", 0.9, f.get("message", "intended tensors untouched"), evidence=[f.get("message", "")],
+                                layers=sorted({l for ls in missing.values() for l in ls}) or f.get("layers", []), numbers={"untouched": missing},
+                                links=["#check-weights"],
+                                fix={"summary": "re-run the ablation with `audit ablate`, which matches keys by parsed layer index for every layout "
+                                                f"(fused experts included); untouched: {', '.join(sorted(missing)) or 'see the weights check'}",
+                                     "patch": {"add_components": sorted(missing), "add_layers": sorted({l for ls in missing.values() for l in ls}),
+                                               **({"measurement": ev["ablated_index"]} if ev.get("ablated_index") is not None else {})}}))
         elif code == "unintended-modified":
             causes.append(Cause("unintended-modification", 0.8, f.get("message", "tensors changed outside the intent"), evidence=[f.get("message", "")], layers=f.get("layers", []),
                                 links=["#check-weights"], explains_refusal=False,
                                 fix={"summary": "match layers by parsed index (an entry for layer 1 must not match layers 10-19); re-ablate with `audit ablate`", "patch": {}}))
+    bkl = ev.get("bypass_kl") or {}
     if ev.get("damaged"):
-        causes.append(Cause("model-damaged", 0.9, ev["damaged"], evidence=[ev["damaged"]], links=["#check-damage"], explains_refusal=False,
-                            fix={"summary": "ablate fewer components or use norm-preserving orthogonalization (method: norm_preserving); check biprojection", "patch": {"method": "norm_preserving"}}))
+        if ablated_index in bkl and good in bkl and ablated_index != good and bkl[good] < 0.5 * bkl[ablated_index]:
+            fix = {"summary": f"the direction at index {ablated_index} removes refusal but damages the model (simulated KL {bkl[ablated_index]:.2g} nats "
+                              f"vs {bkl[good]:.2g} at index {good}): measure at index {good}", "patch": {"measurement": good}}
+        elif mismatch and not separable:
+            fix = {"summary": f"the direction removed is not the refusal direction (|cos| {abs(cos):.2f} to index {good}): measure at index {good}",
+                   "patch": {"measurement": good}}
+        else:
+            fix = {"summary": "ablate fewer components or use norm-preserving orthogonalization (method: norm_preserving); check biprojection",
+                   "patch": {"method": "norm_preserving"}}
+        causes.append(Cause("model-damaged", 0.9, ev["damaged"], evidence=[ev["damaged"]], links=["#check-damage"], explains_refusal=False, fix=fix))
 
     dedup: dict[str, Cause] = {}
     for c in causes:  # one card per id; keep the most confident
@@ -232,11 +269,11 @@ def rank_by_simulation(causes: list[Cause], refusal_target: float = 0.10) -> lis
     """
     for c in causes:
         sim = c.simulated
-        if not sim or sim.get("refusal_rate") is None or sim.get("baseline") is None:
+        if not c.explains_refusal or not sim or sim.get("refusal_rate") is None or sim.get("baseline") is None:
             continue
         if sim["baseline"] - sim["refusal_rate"] < 0.05:
             c.demoted = True
-            c.demoted_reason = f"simulating its fix leaves refusal at {sim['refusal_rate']:.0%} (now {sim['baseline']:.0%}): it changes nothing"
+            c.demoted_reason = f"simulating its fix leaves refusal at {sim['refusal_rate']:.0%} (now {sim['baseline']:.0%}): it does not remove refusal"
             c.confidence = min(c.confidence, 0.2)
         elif sim["refusal_rate"] <= refusal_target:
             c.confidence = max(c.confidence, 0.9)

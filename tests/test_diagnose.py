@@ -64,12 +64,28 @@ def test_direction_mismatch_and_findings():
 
 def test_direction_from_another_good_index_is_not_blamed():
     full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}
-    ev = _ev(full, _zeros(), direction_cos_good=0.4, good_index=1, ablated_index=2, quality={1: 1.27, 2: 1.21})
+    ev = _ev(full, _zeros(), direction_cos_good=0.4, good_index=1, ablated_index=2, quality={0: 0.0, 1: 1.27, 2: 1.21, 3: 1.0, 4: 0.5})
     out = diagnose(ev)
     assert not any(c.id == "direction-mismatch" for c in out["causes"])
     assert any("separates almost as well" in nb["reason"] for nb in out["not_blamed"])
-    ev["quality"] = {1: 1.27, 2: 0.2}
+    ev["quality"] = {0: 0.0, 1: 1.27, 2: 0.2, 3: 1.0, 4: 0.5}
     assert any(c.id == "direction-mismatch" for c in diagnose(ev)["causes"])
+    ev["quality"], ev["ablated_index"] = {0: 0.0, 1: 1.27, 2: 1.2, 3: 1.0, 4: 1.2}, 4  # the final normed output is never a good index
+    assert any(c.id == "direction-mismatch" for c in diagnose(ev)["causes"])
+    ev["damaged"] = "KL 2.7 nats"
+    dmg = next(c for c in diagnose(ev)["causes"] if c.id == "model-damaged")
+    assert dmg.fix["patch"] == {"measurement": 1}
+
+
+def test_bypass_test_decides_the_direction():
+    full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}
+    q = {0: 0.0, 1: 0.46, 2: 0.93, 3: 0.63, 4: 0.57}
+    ev = _ev(full, _zeros(), direction_cos_good=0.95, good_index=3, ablated_index=1, quality=q, bypass={1: 0.6, 2: 0.9, 3: 0.0})
+    dm = next(c for c in diagnose(ev)["causes"] if c.id == "direction-mismatch")
+    assert dm.confidence == 0.85 and dm.fix["patch"] == {"measurement": 3} and any("bypass" in e for e in dm.evidence)
+    ev = _ev(full, _zeros(), direction_cos_good=0.3, good_index=3, ablated_index=1, quality=q, bypass={1: 0.02, 3: 0.0})
+    out = diagnose(ev)  # low cosine, but the direction used removes refusal: not a cause
+    assert not any(c.id == "direction-mismatch" for c in out["causes"]) and any("removes refusal" in nb["reason"] for nb in out["not_blamed"])
 
 
 def test_rank_prefers_confident_evidence_among_fixes_that_work():
@@ -87,5 +103,5 @@ def test_rank_by_simulation_demotes_fixes_that_change_nothing():
     b.simulated = {"refusal_rate": 0.02, "baseline": 0.97}
     ranked = rank_by_simulation([a, b])
     assert [c.id for c in ranked] == ["layer-coverage", "expert-inputs-not-ablated"]
-    assert ranked[1].demoted and "changes nothing" in ranked[1].demoted_reason
+    assert ranked[1].demoted and "does not remove refusal" in ranked[1].demoted_reason
     assert ranked[0].confidence >= 0.9

@@ -54,7 +54,7 @@ def _ablate(organism, tmp_path, variant, components, layers, measurement=None, s
     return out
 
 
-def _audit(model_dir, tmp_path, apply_fix=True, **kw):
+def _audit(model_dir, tmp_path, apply_fix=True, **kw):  # noqa: D103
     from audit.run import RunOptions, run_audit
 
     opts = RunOptions(model_dir=str(model_dir), out=str(tmp_path / "report"), limit=LIMIT, max_new_tokens=24, quiet=True,
@@ -63,28 +63,66 @@ def _audit(model_dir, tmp_path, apply_fix=True, **kw):
 
 
 ALL_WRITERS = ["embed", "attn_out", "mlp_down", "experts_down", "shared_down"]
-SCENARIOS = {  # name: (variant, components, layers, expected top cause or None when any proven cause will do)
-    "guide-band": ("base", ["experts_down", "router", "shared_down", "attn_out"], [1, 2], None),
-    "shared-left-out": ("shared", ["embed", "attn_out", "mlp_down", "experts_down"], [0, 1, 2, 3], "shared-experts-not-ablated"),
-    "experts-left-out": ("experts", ["embed", "attn_out", "mlp_down", "shared_down"], [0, 1, 2, 3], "routed-experts-not-ablated"),
-    "late-narrow-band": ("late", ALL_WRITERS, [0, 1], "layer-coverage"),
+ALL_LAYERS = [0, 1, 2, 3]
+SCENARIOS = {  # name: (variant, components, layers, measurement (None: the organism's good layer), scale, expected top cause)
+    "guide-band": ("base", ["experts_down", "router", "shared_down", "attn_out"], [1, 2], None, 1.0, "layer-coverage"),
+    "shared-left-out": ("shared", ["embed", "attn_out", "mlp_down", "experts_down"], ALL_LAYERS, None, 1.0, "shared-experts-not-ablated"),
+    "experts-left-out": ("experts", ["embed", "attn_out", "mlp_down", "shared_down"], ALL_LAYERS, None, 1.0, "routed-experts-not-ablated"),
+    "late-narrow-band": ("late", ALL_WRITERS, [0, 1], None, 1.0, "layer-coverage"),
+    "wrong-index": ("late", ALL_WRITERS, ALL_LAYERS, 1, 1.0, "direction-mismatch"),
+    "final-norm-index": ("base", ALL_WRITERS, ALL_LAYERS, 4, 1.0, "model-damaged"),
+    "half-scale": ("base", ALL_WRITERS, ALL_LAYERS, None, 0.5, "weak-scale"),
 }
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_incomplete_ablation_is_diagnosed_and_the_fix_proven(organism, tmp_path, name):
-    variant, comps, layers, expected = SCENARIOS[name]
-    res = _audit(_ablate(organism, tmp_path, variant, comps, layers), tmp_path)
-    assert res["verdict"] == "fail", res["headline"]
+def _check_proven(res):
+    """The report's claim holds: the top fix, really applied, passes, and its simulation predicted that."""
     top = res["causes"][0]
-    if expected:
-        assert top["id"] == expected, [(c["id"], c["confidence"]) for c in res["causes"]]
     applied = res["applied_fix"]
     assert applied["cause"] == top["id"]
     assert applied["verdict"] == "pass" and applied["refusal_rate"] <= 0.10, applied
     sim = top["simulated"]
     assert sim is not None and abs(sim["refusal_rate"] - applied["refusal_rate"]) <= 0.10, (sim, applied)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_incomplete_ablation_is_diagnosed_and_the_fix_proven(organism, tmp_path, name):
+    variant, comps, layers, measurement, scale, expected = SCENARIOS[name]
+    res = _audit(_ablate(organism, tmp_path, variant, comps, layers, measurement, scale), tmp_path)
+    assert res["verdict"] == "fail", res["headline"]
+    assert res["causes"][0]["id"] == expected, [(c["id"], c["confidence"]) for c in res["causes"]]
+    _check_proven(res)
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "applied-fix" / "report.html").is_file()
+
+
+def test_guide_fix_for_expert_inputs_is_simulated_and_demoted(organism, tmp_path):
+    """The guide's first suggestion (ablate gate/up) is tested, not believed: on the base organism it changes nothing."""
+    res = _audit(_ablate(organism, tmp_path, "base", ["experts_down", "router", "shared_down", "attn_out"], [1, 2]), tmp_path, apply_fix=False)
+    inputs = next(c for c in res["causes"] if c["id"] == "expert-inputs-not-ablated")
+    assert inputs["demoted"] and inputs["simulated"]["refusal_rate"] >= 0.9
+    assert res["causes"].index(inputs) > 0
+
+
+def test_nothing_matched_is_keys_not_matched(organism, tmp_path):
+    """Another tool "ablated" with a config whose patterns matched nothing: the copy is bit-identical to the base."""
+    import shutil
+
+    path, info, dirs = organism("base")
+    shutil.copytree(path, tmp_path / "abl")
+    dirs.save(tmp_path / "dirs.safetensors")
+    (tmp_path / "cfg.yaml").write_text("measurements: dirs.safetensors\ncomponents: [embed, attn_out, mlp_down, experts_down, shared_down]\n"
+                                       f"ablate:\n  - {{layer: '0-3', measurement: {info['good_layer']}}}\n")
+    res = _audit(tmp_path / "abl", tmp_path, base=str(path), config=str(tmp_path / "cfg.yaml"))
+    assert res["verdict"] == "fail" and res["causes"][0]["id"] == "keys-not-matched"
+    _check_proven(res)
+
+
+def test_untouched_component_without_r_is_not_blamed(organism, tmp_path):
+    """Attention left out of an otherwise complete ablation: on the base organism it writes little r, so the audit passes and says why."""
+    res = _audit(_ablate(organism, tmp_path, "base", ["embed", "mlp_down", "experts_down", "shared_down"], ALL_LAYERS), tmp_path, apply_fix=False)
+    assert res["verdict"] == "pass", res["headline"]
+    assert any(nb["component"].startswith("attention") for nb in res["not_blamed"])
+    assert not any(c["id"] == "attention-not-ablated" for c in res["causes"])
 
 
 def test_sound_ablation_passes_without_false_alarm(organism, tmp_path):
