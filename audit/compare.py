@@ -115,7 +115,7 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
     pairs = _prefetched(md_a, md_b, fds)
     recent: list[torch.Tensor] = []
     try:
-        for info_a, info_b, w1, w0 in pairs:
+        for info_a, info_b, w1, w0, same in pairs:
             key = info_a.name
             role = layout.roles.get(key) or md_a.layout.roles.get(key)
             base = _diff_base(key, role)
@@ -134,14 +134,15 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
             dirs = directions_for(key, role) if (directions_for and role is not None and role.resid_axis is not None) else {}
             floating = w0.dtype.is_floating_point and w1.dtype == w0.dtype
             if not floating:  # integer / quantized blocks: bytes only
-                same = bytes_equal(w0, w1)
+                same = same if same is not None else bytes_equal(w0, w1)
                 if status == "changed":
                     status = "unchanged" if same else "changed"
                 out.diffs.append(TensorDiff(**base, status=status, rel_change=0.0 if same else None, changed_targets=() if same else base.get("targets", ())))
                 continue
             st = pair_stats(w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
                             layout.n_routed_experts if role and role.component == "experts" else 0,
-                            along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent)
+                            along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent,
+                            identical=same)
             if status == "changed" and st.identical:
                 status = "unchanged"
             changed = status == "changed" or (status == "dtype-changed" and not st.identical)
@@ -173,18 +174,20 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
 
 
 def _prefetched(md_a: ModelDir, md_b: ModelDir, fds: dict):
-    """(info_a, info_b, ablated, base) in the ablated model's disk order; the next pair is read while this one is judged.
+    """(info_a, info_b, ablated, base, identical) in the ablated model's disk order; the next pair is read while this one is judged.
 
-    One reader thread overlaps the disk (or page cache) with the arithmetic: at most two pairs are in
-    memory, so peak memory stays at 4x the largest tensor. Pairs that cannot be compared come with None tensors.
+    One reader thread overlaps the disk (or page cache) with the arithmetic and also tells whether the
+    pair is bit-identical (libc memcmp, without the GIL; None when dtypes differ): at most two pairs are
+    in memory, so peak memory stays at 4x the largest tensor. Pairs that cannot be compared come with None tensors.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def load(info_a):
         info_b = md_b.tensors.get(info_a.name)
         if info_b is None or info_b.shape != info_a.shape:
-            return info_a, info_b, None, None
-        return info_a, info_b, read_tensor(md_a, info_a, fds), read_tensor(md_b, info_b, fds)
+            return info_a, info_b, None, None, None
+        w1, w0 = read_tensor(md_a, info_a, fds), read_tensor(md_b, info_b, fds)
+        return info_a, info_b, w1, w0, (bytes_equal(w0, w1) if w0.dtype == w1.dtype else None)
 
     order = sorted(md_a.tensors.values(), key=lambda t: (t.shard, t.begin))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-read") as pool:
