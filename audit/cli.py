@@ -150,7 +150,8 @@ def _cmd_run(args) -> int:
     opts = RunOptions(model_dir=args.model_dir, base=args.base, config=args.config, gate=args.gate, harmful=args.harmful,
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
-                      apply_fix=args.apply_fix, device=args.device, command="audit " + " ".join(sys.argv[1:]))
+                      apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
+                      command="audit " + " ".join(sys.argv[1:]))
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the in-memory simulation of each fix")
     s.add_argument("--apply-fix", metavar="OUT", help="apply the top fix with our ablation into OUT and re-audit it")
     s.add_argument("--device", help="torch device (default cpu), e.g. cuda or auto (accelerate device_map)")
+    s.add_argument("--server", metavar="URL", help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve) serving the ablated model: its completions come from there")
+    s.add_argument("--served-model", metavar="NAME", help="the name the server serves the ablated model under (default: MODEL_DIR)")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")

@@ -37,6 +37,8 @@ class RunOptions:
     confirm_top: int = 2  # simulated fixes confirmed by full generation
     apply_fix: str | None = None  # write the fixed ablation here, re-audit it
     device: str | None = None
+    server: str | None = None  # OpenAI-compatible server that serves the ablated model (its completions come from there)
+    served_model: str | None = None  # the name it serves it under (default: the model directory's path)
     quiet: bool = False
     command: str = "audit run"
 
@@ -149,7 +151,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from audit.ablation_config import AblationConfig
     from audit.damage import kl_first_token, kl_teacher_forced
     from audit.foreign import load_config, load_directions, resolve_measurements
-    from audit.generate import LocalBackend
+    from audit.generate import LocalBackend, ServerBackend
     from audit.measure import measure_directions
     from audit.model_dir import ModelDir, check_destination
     from audit.probe import probe
@@ -229,7 +231,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     contribution.data["residual_left_max"] = max(max(0.0, a) / peak for a in resid_after)
 
     with ctx.stage("completions"):
-        gen_b, gen_a = LocalBackend(m_base, tok), LocalBackend(m_abl, tok)
+        gen_b = LocalBackend(m_base, tok)
+        gen_a = ServerBackend(opts.server, opts.served_model or str(abl.path), tokenizer=tok) if opts.server else LocalBackend(m_abl, tok)
         c = {("base", "harmful"): gen_b.complete(harmful, opts.max_new_tokens, opts.batch_size),
              ("abl", "harmful"): gen_a.complete(harmful, opts.max_new_tokens, opts.batch_size),
              ("base", "harmless"): gen_b.complete(harmless, opts.max_new_tokens, opts.batch_size),
@@ -465,7 +468,8 @@ def _apply_fix(cause, config, directions, base, opts, results) -> dict:
     new = apply_patch(config, cause.fix.get("patch", {}) if hasattr(cause, "fix") else {})
     ablate(base.path, new, opts.apply_fix, directions=directions, force=opts.force)
     sub = RunOptions(**{**opts.__dict__, "model_dir": opts.apply_fix, "base": str(base.path), "config": None, "apply_fix": None,
-                        "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None})
+                        "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None,
+                        "server": None, "served_model": None})
     again = run_audit(sub, write=False)
     rates = again["checks"]["refusal"]["data"]
     after = rates.get("after") or {}
@@ -534,6 +538,7 @@ def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_sour
             "prompts": {"harmful": {"source": hs or "embedded default", "n": nh}, "harmless": {"source": ls or "embedded default", "n": nl}},
             "directions": {"source": dsrc, "good_index": good, "ablated_index": ref}, "gate_source": gate_source,
             "max_new_tokens": opts.max_new_tokens, "device": opts.device or "cpu", "stages": ctx.stages,
+            "completions_from": f"{opts.server} ({opts.served_model or abl.path})" if opts.server else "local transformers",
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
