@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from checks.errors import AuditError
+from checks.findings import ranges
 
 
 def _cmd_inspect(args) -> int:
@@ -23,32 +24,16 @@ def _cmd_inspect(args) -> int:
     print(f"{md.path}  family={lay.family}  layers={lay.num_layers}  hidden={lay.hidden_size}")
     print(f"  size {md.nbytes / 2**20:.1f} MiB in {len(md.shards)} shard(s); dtypes {md.dtypes()}")
     if lay.moe_layers:
-        print(f"  MoE layers {_ranges(lay.moe_layers)}; dense MLP layers {_ranges(lay.dense_layers) or 'none'}")
+        print(f"  MoE layers {ranges(lay.moe_layers)}; dense MLP layers {ranges(lay.dense_layers) or 'none'}")
         print(f"  routed experts {lay.n_routed_experts}, shared experts {lay.n_shared_experts}, top-k {lay.top_k}; routing: {lay.routing_rule}")
     else:
-        print(f"  dense model: MLP layers {_ranges(lay.dense_layers)}")
+        print(f"  dense model: MLP layers {ranges(lay.dense_layers)}")
     comps = sorted({c for v in lay.counts().values() for c in v})
     print("  tensors per component per layer:")
     print("    " + "layer".ljust(8) + "".join(c[:14].rjust(15) for c in comps))
     for layer, counts in sorted(lay.counts().items(), key=lambda kv: (kv[0] == "global", kv[0] if kv[0] != "global" else 0)):
         print("    " + str(layer).ljust(8) + "".join(str(counts.get(c, "")).rjust(15) for c in comps))
     return 0
-
-
-def _ranges(xs: list[int]) -> str:
-    """[1,2,3,7] -> '1-3, 7'."""
-    out, start, prev = [], None, None
-    for x in sorted(xs):
-        if start is None:
-            start = prev = x
-        elif x == prev + 1:
-            prev = x
-        else:
-            out.append(f"{start}-{prev}" if prev != start else str(start))
-            start = prev = x
-    if start is not None:
-        out.append(f"{start}-{prev}" if prev != start else str(start))
-    return ", ".join(out)
 
 
 def _cmd_measure(args) -> int:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from checks.errors import AuditError
+from checks.findings import ranges
 from checks.layout import READER, TARGETS, WRITER, Layout, build_layout, targets_of
 from checks.linalg import unit
 
@@ -97,7 +98,7 @@ class Intervention:
     def describe(self) -> str:
         parts = []
         if self.targets:
-            parts.append(f"project r out of {'+'.join(self.targets)} at layers {_ranges(self.layers)} (scale {self.scale:g})")
+            parts.append(f"project r out of {'+'.join(self.targets)} at layers {ranges(self.layers)} (scale {self.scale:g})")
         if self.experts:
             parts.append("experts " + "; ".join(f"L{k}:{sorted(v)}" for k, v in sorted(self.experts.items())))
         if self.avoid_experts:
@@ -122,24 +123,6 @@ def from_config(config, directions) -> list[Intervention]:
         if comps:
             out.append(Intervention(tuple(comps), [e.layer], {e.layer: r}, e.scale * config.scale, name=f"layer {e.layer}", strict=False))
     return out
-
-
-def _ranges(xs) -> str:
-    xs = sorted(set(xs))
-    if not xs:
-        return "-"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ",".join(out)
-
-
-# -- the projection ------------------------------------------------------------------------------
 
 
 class _Proj:
@@ -367,7 +350,7 @@ def _register(model, layout: Layout, iv: Intervention, handles: list, restores: 
     for layer, ids in (iv.experts or {}).items():
         if layer not in layers or layer not in layout.moe_layers:
             raise AuditError(f"intervention {iv.name!r}: experts given for layer {layer}, which is not among its layers "
-                             f"{_ranges(layers)} or not a MoE layer (MoE layers: {_ranges(layout.moe_layers)})")
+                             f"{ranges(layers)} or not a MoE layer (MoE layers: {ranges(layout.moe_layers)})")
         if not ids or any(not 0 <= int(e) < layout.n_routed_experts for e in ids):
             raise AuditError(f"intervention {iv.name!r}: expert ids {list(ids)} at layer {layer} must be a non-empty subset of 0..{layout.n_routed_experts - 1}")
     plain: dict[tuple[str, str], int | None] = {}  # (module path, writer/reader) -> layer
@@ -405,7 +388,7 @@ def _register(model, layout: Layout, iv: Intervention, handles: list, restores: 
             plain[(_module_path(lm[0]), READER)] = None
     missing = wanted - matched
     if missing and iv.strict:
-        raise AuditError(f"intervention {iv.name!r}: target(s) {sorted(missing)} match no tensor of this {layout.family} model at layers {_ranges(layers)}")
+        raise AuditError(f"intervention {iv.name!r}: target(s) {sorted(missing)} match no tensor of this {layout.family} model at layers {ranges(layers)}")
     for (path, io), layer in plain.items():
         module = model.get_submodule(path)
         proj = _Proj(iv.direction_at(layer), iv.scale)
@@ -426,7 +409,7 @@ def _register(model, layout: Layout, iv: Intervention, handles: list, restores: 
     for layer, avoid in (iv.avoid_experts or {}).items():
         keys = [k for k in layout.keys_where(component="router", projection="router", layer=int(layer)) if k.endswith("weight")]
         if not keys:
-            raise AuditError(f"intervention {iv.name!r}: layer {layer} has no router to steer (MoE layers: {_ranges(layout.moe_layers)})")
+            raise AuditError(f"intervention {iv.name!r}: layer {layer} has no router to steer (MoE layers: {ranges(layout.moe_layers)})")
         avoid = sorted(int(e) for e in avoid)
         if layout.n_routed_experts and any(not 0 <= e < layout.n_routed_experts for e in avoid):
             raise AuditError(f"intervention {iv.name!r}: expert ids {avoid} out of range 0..{layout.n_routed_experts - 1}")

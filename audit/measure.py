@@ -137,23 +137,10 @@ class Directions:
 
     @classmethod
     def _load_llm_abliteration(cls, path: Path) -> "Directions":
-        """llm-abliteration's dict: refuse_i, harmful_i, harmless_i for i < layers (hidden_states[i], our convention)."""
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AuditError(f"{path}: neither a safetensors directions file nor a loadable llm-abliteration measurement ({type(e).__name__}: {e})") from None
-        if not isinstance(d, dict) or "layers" not in d:
-            raise AuditError(f"{path}: not an llm-abliteration measurement (no 'layers' entry)")
-        n = int(d["layers"])
-        try:
-            stack = {
-                "refusal_dir": torch.stack([d[f"refuse_{i}"].float().flatten() for i in range(n)]),
-                "harmful_mean": torch.stack([d[f"harmful_{i}"].float().flatten() for i in range(n)]),
-                "harmless_mean": torch.stack([d[f"harmless_{i}"].float().flatten() for i in range(n)]),
-            }
-        except KeyError as e:
-            raise AuditError(f"{path}: llm-abliteration measurement lacks {e.args[0]!r}") from None
-        return cls(**stack, metadata={"convention": CONVENTION, "source": f"llm-abliteration {path.name}"})
+        """llm-abliteration's measurement dict (refuse_i, harmful_i, harmless_i); audit/foreign.py reads it, type-checked."""
+        from audit.foreign import load_measurement
+
+        return load_measurement(path)
 
 
 def _check_prompts(harmful: list[str], harmless: list[str]) -> None:

@@ -160,7 +160,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from checks.contribution import contribution_check
     from checks.diagnose import diagnose, rank_by_simulation
     from checks.findings import jsonable
-    from checks.gate import GateConfig, evaluate_gate
+    from checks.gate import evaluate_gate
     from checks.refusal import judge
     from checks.refusal_eval import damage_check, refusal_check
     from checks.routing import routing_check

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from checks.findings import ranges
+
 WRITER_GROUPS = {  # target group -> (cause id when never modified, human name)
     "attn_out": ("attention-not-ablated", "attention (o_proj)"),
     "shared_down": ("shared-experts-not-ablated", "shared experts (down_proj)"),
@@ -72,18 +74,6 @@ def confidence_label(c: float) -> str:
     return "high" if c >= 0.67 else "medium" if c >= 0.34 else "low"
 
 
-def _ranges(xs) -> str:
-    xs = sorted(set(xs))
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(f"{xs[i]}-{xs[j]}" if j > i else str(xs[i]))
-        i = j + 1
-    return ", ".join(out)
-
-
 def _pos(x) -> float:
     return max(0.0, float(x)) if x is not None else 0.0
 
@@ -114,19 +104,18 @@ def diagnose(ev: dict) -> dict:
                 not_blamed.append({"component": name, "reason": f"left untouched, but writes only {share:.1%} of the r written before ablation"})
                 continue
             cid = cid_unmodified
-            fix = {"summary": f"add {group} to the ablated components" + (f" and ablate layers {_ranges(layers_left)}" if cid == "layer-coverage" else ""),
+            fix = {"summary": f"add {group} to the ablated components" + (f" and ablate layers {ranges(layers_left)}" if cid == "layer-coverage" else ""),
                    "patch": {"add_components": [group], "add_layers": layers_left}}
-            summary = f"{name}: not modified, and still write {share:.0%} of the r written before ablation (layers {_ranges(layers_left)})."
+            summary = f"{name}: not modified, and still write {share:.0%} of the r written before ablation (layers {ranges(layers_left)})."
         else:
             outside = [l for l in layers_left if l not in modified[group]]
-            inside = [l for l in layers_left if l in modified[group]]
             if share < WRITE_TOL:
                 continue
             if outside:
                 cid = "layer-coverage"
                 out_share = sum(share_by_layer[l] for l in outside)
-                summary = f"{name}: ablated in layers {_ranges(modified[group])}, but layers {_ranges(outside)} still write {out_share:.0%} of r."
-                fix = {"summary": f"extend the ablated layers to {_ranges(sorted(set(mod_layers) | set(outside)))}", "patch": {"add_layers": outside}}
+                summary = f"{name}: ablated in layers {ranges(modified[group])}, but layers {ranges(outside)} still write {out_share:.0%} of r."
+                fix = {"summary": f"extend the ablated layers to {ranges(sorted(set(mod_layers) | set(outside)))}", "patch": {"add_layers": outside}}
                 share = out_share
             else:
                 continue  # still writing inside ablated layers: weak-scale / direction-mismatch / precision-loss below
@@ -164,8 +153,8 @@ def diagnose(ev: dict) -> dict:
             left = max(_pos(ra[l]) / _pos(rb[l]) for l in reads)
             causes.append(Cause("expert-inputs-not-ablated", 0.25 + 0.3 * min(1.0, left),
                                 f"Routed experts' gate/up projections are unmodified and the residual stream still carries r at their input "
-                                f"in layers {_ranges(reads)} (up to {left:.0%} of its pre-ablation projection).",
-                                evidence=[f"residual projection on r after/before at MoE layers {_ranges(reads)}: max {left:.2f}"],
+                                f"in layers {ranges(reads)} (up to {left:.0%} of its pre-ablation projection).",
+                                evidence=[f"residual projection on r after/before at MoE layers {ranges(reads)}: max {left:.2f}"],
                                 numbers={"residual_left_max": left}, layers=reads, links=["#check-contribution", "#check-projection"],
                                 fix={"summary": "add experts_gate and experts_up to the ablated components", "patch": {"add_components": ["experts_gate", "experts_up"]}}))
         else:
@@ -196,7 +185,7 @@ def diagnose(ev: dict) -> dict:
     bypass = ev.get("bypass") or {}  # index -> refusal with every writer ablated using that index's direction
     tgt = ev.get("refusal_target", 0.1)
     if ablated_index in bypass and good in bypass:  # the counterfactual test decides, not the heuristics
-        works_abl, works_good = bypass[ablated_index] <= tgt, bypass[good] <= tgt
+        works_abl = bypass[ablated_index] <= tgt
         separable = works_abl
         mismatch = ablated_index != good and not works_abl and bypass[good] < bypass[ablated_index] - 0.2
         if works_abl and ablated_index != good:

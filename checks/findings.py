@@ -66,3 +66,17 @@ def jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return jsonable(x.item())
     return str(x)
+
+
+def ranges(xs) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7' (None and non-integers dropped): how layers and experts are written for people."""
+    xs = sorted({x for x in xs if isinstance(x, int) and not isinstance(x, bool)})
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(f"{xs[i]}-{xs[j]}" if j > i else str(xs[i]))
+        i = j + 1
+    return ", ".join(out)
+

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding
+from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding, ranges
 from checks.layout import TARGETS
 
 # What a thorough ablation touches, used as the intent when none is given (the guide's sections 1-2:
@@ -71,19 +71,6 @@ class Intent:
     def to_dict(self) -> dict:
         return {"source": self.source, "targets": {t: sorted(v) for t, v in self.targets.items()}, "entries": self.entries,
                 "n_keys": None if self.keys is None else len(self.keys), "note": self.note}
-
-
-def ranges(xs) -> str:
-    """[1,2,3,7] -> '1-3, 7'."""
-    xs = sorted({x for x in xs if x is not None})
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(f"{xs[i]}-{xs[j]}" if j > i else str(xs[i]))
-        i = j + 1
-    return ", ".join(out)
 
 
 def modified_groups(diffs: list[TensorDiff]) -> dict[str, set[int]]:

@@ -22,6 +22,8 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from checks.findings import ranges
+
 from reports import charts
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -84,20 +86,8 @@ def _anchor(name: Any) -> str:
 
 
 def _ranges(xs: Any) -> str:
-    """[1,2,3,7] -> '1-3, 7' (non-integers listed as they are)."""
-    if not isinstance(xs, (list, tuple)):
-        return str(xs)
-    ints = sorted({x for x in xs if isinstance(x, int) and not isinstance(x, bool)})
-    out: list[str] = []
-    i = 0
-    while i < len(ints):
-        j = i
-        while j + 1 < len(ints) and ints[j + 1] == ints[j] + 1:
-            j += 1
-        out.append(f"{ints[i]}-{ints[j]}" if j > i else str(ints[i]))
-        i = j + 1
-    out += [str(x) for x in xs if not (isinstance(x, int) and not isinstance(x, bool))]
-    return ", ".join(out)
+    """[1,2,3,7] -> '1-3, 7' (anything that is not a list shown as it is)."""
+    return ranges(xs) if isinstance(xs, (list, tuple)) else str(xs)
 
 
 def _experts(pairs: Any, limit: int = 40) -> str:

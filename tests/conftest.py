@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,3 +40,38 @@ def tiny_model(tmp_path_factory, tiny_tok):
         return cache[key]
 
     return make
+
+
+@contextlib.contextmanager
+def serve_model(model_dir, dtype: str = "float32"):
+    """A real OpenAI-compatible server: `transformers serve MODEL_DIR` on 127.0.0.1 (a free port). Yields its URL; always stopped."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    exe = shutil.which("transformers") or pytest.skip("the `transformers` command is not on PATH")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", dtype],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("transformers serve exited early:\n" + proc.stdout.read().decode(errors="replace")[-2000:])
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("transformers serve did not answer within 90 s")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)

@@ -7,15 +7,11 @@ token for token; it skips only when the serving extras (fastapi, uvicorn, openai
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import time
-import urllib.request
 
 import pytest
 import torch
+from conftest import serve_model
 
 from audit.generate import Completion, LocalBackend, ServerBackend, first_token_refusal_scores, split_reasoning
 from checks.errors import AuditError
@@ -73,44 +69,11 @@ def test_first_token_refusal_scores(llama):
     assert max(first_token_refusal_scores(model, tok, PROMPTS[:2], [5])) < 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(llama):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
     pytest.importorskip("openai")
-    exe = shutil.which("transformers") or pytest.skip("the `transformers` command is not on PATH")
-    path = llama[0]
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([exe, "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("transformers serve exited early:\n" + proc.stdout.read().decode(errors="replace")[-2000:])
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("transformers serve did not answer within 90 s")
-                time.sleep(0.5)
-        yield url, str(path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
+    with serve_model(llama[0]) as url:
+        yield url, str(llama[0])
 
 
 def test_server_matches_local_token_for_token(server, llama):
@@ -125,6 +88,12 @@ def test_server_matches_local_token_for_token(server, llama):
         # token for token: the server's text re-encodes to the local ids (special tokens aside)
         special = set(tok.all_special_ids)
         assert tok.decode([t for t in a.token_ids if t not in special]) == b.text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_server_bad_inputs(server):

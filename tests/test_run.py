@@ -8,18 +8,13 @@ known (organism.json), the top cause must name it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import serve_model
 
 pytest.importorskip("audit.organism")
 
@@ -166,49 +161,17 @@ def test_no_output_written_into_inputs(organism, tmp_path):
     assert sorted(p.name for p in Path(abl).iterdir()) == before
 
 
-@contextlib.contextmanager
-def _serve(model_dir):
-    """`transformers serve MODEL_DIR` on 127.0.0.1 (a free port); yields its URL; always stopped."""
-    exe = shutil.which("transformers") or pytest.skip("the `transformers` command is not on PATH")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([exe, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "transformers serve exited early"
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "transformers serve did not answer within 90 s"
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def test_server_backend_gives_the_same_audit(organism, tmp_path):
     """Refusal before (base) and compliance after (a complete ablation), through a real OpenAI-compatible server and locally."""
     from audit.generate import LocalBackend, ServerBackend
     from audit.model_dir import ModelDir
 
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
     path, info, dirs = organism("base")
     abl = _ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS)
     tok = ModelDir(path).tokenizer()
     harmful = (path / "prompts" / "harmful.txt").read_text().splitlines()[:16]
     for model_dir in (path, abl):  # the base refuses, the ablated model complies: the same texts both ways
-        with _serve(model_dir) as url:
+        with serve_model(model_dir) as url:
             local = LocalBackend(ModelDir(model_dir).load_model("float32"), tok).complete(harmful, 24)
             remote = ServerBackend(url, str(model_dir), tokenizer=tok).complete(harmful, 24)
             assert [c.answer for c in remote] == [c.answer for c in local]
