@@ -6,8 +6,12 @@ sigmoid + correction bias + group-limited top-k, softmax top-k, gpt-oss's biased
 Llama-4's scores: never recomputed here), their routing weights, the residual stream's projection
 on r, and how much each component writes along r: attention, the dense MLP, the shared expert and
 every routed expert. An expert's contribution along r is weight * u_e . (act(gate_e h) * up_e h)
-with u_e = r^T W_down_e, computed from the expert weights in memory on the tokens the router sent
-to it (batched per expert), from the MoE block's input h; no hook reaches inside fused kernels.
+with u_e = r^T W_down_e. For transformers 5's fused experts (grouped_mm, batched_mm and the standard
+eager loop) the activations are taken *as the experts module computes them* (a temporary wrapper
+around its gate, or an op-for-op copy of its eager loop; see ``_ExpertTap``), so nothing is
+recomputed and the model's outputs are unchanged; other experts modules (Llama-4, post-expert
+norms, expert parallelism, unknown kernels) fall back to recomputing the activations from the
+expert weights in memory on the tokens the router sent to each expert, from the block's input h.
 Padding is masked out; memory does not grow with the number of prompts (per-batch tensors are
 reduced to per-prompt sums before the next batch).
 
@@ -33,6 +37,13 @@ try:  # transformers' grouped expert matmul (the one its MoE forward uses); a pe
     from transformers.integrations.moe import _grouped_linear
 except ImportError:  # pragma: no cover
     _grouped_linear = None
+
+try:  # the experts kernels whose row order _ExpertTap knows
+    from transformers.integrations import moe as _hf_moe
+except ImportError:  # pragma: no cover
+    _hf_moe = None
+
+TAP_EXPERTS = True  # False: always recompute expert activations (the reference path; tests compare the two)
 
 _ARRAYS = ("tokens_per_prompt", "resid_last", "resid_mean", "attn_mean", "attn_last", "mlp_mean", "mlp_last",
            "shared_mean", "shared_last", "expert_mean", "expert_last", "sel_count", "sel_weight", "last_sel", "last_weight")
@@ -236,6 +247,156 @@ class _ExpertMath:
         return c + self.ub[e] if self.ub is not None else c
 
 
+def _eager_code(name: str):
+    """Bytecode of a transformers eager experts forward we know the row order of (None if unavailable)."""
+    try:
+        if name == "loop":
+            from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+        else:
+            from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+    except ImportError:  # pragma: no cover
+        return None
+    return _code_key(cls.forward)
+
+
+def _code_key(fn):
+    fn = getattr(fn, "__wrapped__", fn)
+    c = getattr(fn, "__code__", None)
+    return None if c is None else (c.co_code, c.co_consts, c.co_names, c.co_varnames)
+
+
+class _ExpertTap:
+    """Each (token, expert) pair's u_e . a taken from the activations a the experts module computes itself.
+
+    While installed, the module's gate (``_apply_gate``, whose output feeds the down projection) is
+    wrapped to keep what it returns, unchanged; for the standard eager loop, which calls no gate
+    method, ``forward`` is replaced by an op-for-op copy of it that keeps each expert's activations.
+    The row order of the kept activations is known per kernel: grouped_mm sorts the pairs by expert,
+    batched_mm keeps them token-major, the eager loop goes expert by expert in ``torch.where`` order.
+    ``mode`` is None where the module is not one of these (the probe then recomputes).
+    """
+
+    def __init__(self, experts: torch.nn.Module, em: _ExpertMath):
+        self.m, self.em = experts, em
+        self.mode = self._mode()
+        self.chunks: list[torch.Tensor] = []
+        self.route: torch.Tensor | None = None
+        self.saved: dict[str, object] = {}
+        self.handles: list = []
+        self._where_key: torch.Tensor | None = None  # eager order key of (token, slot) pairs, per batch shape
+
+    def _mode(self) -> str | None:
+        m, em = self.m, self.em
+        if em.llama4 or em.post_norm or not em.has_gate or getattr(m, "_is_expert_parallel", True) or _hf_moe is None:
+            return None
+        fw = type(m).forward
+        if not hasattr(fw, "__wrapped__") or not callable(getattr(m, "_apply_gate", None)):
+            return None  # not dispatched by transformers' use_experts_implementation
+        impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+        funcs = getattr(_hf_moe, "ALL_EXPERTS_FUNCTIONS", {})
+        if impl == "grouped_mm" and funcs.get("grouped_mm") is getattr(_hf_moe, "grouped_mm_experts_forward", None):
+            return "sorted"
+        if impl == "batched_mm" and funcs.get("batched_mm") is getattr(_hf_moe, "batched_mm_experts_forward", None):
+            return "flat"
+        if impl == "eager":
+            key = _code_key(fw)
+            if key is not None and key == _eager_code("loop") and not em.transposed and not em.has_bias \
+                    and getattr(type(m), "_apply_gate", None) is getattr(_hf_moe, "_default_apply_gate", None):
+                return "loop"
+            if key is not None and key == _eager_code("gpt_oss"):
+                return "eager"
+        return None
+
+    # ------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        if self.mode is None:
+            return
+        d = self.m.__dict__
+        for name in ("_apply_gate", "forward"):
+            if name in d:
+                self.saved[name] = d[name]
+        if self.mode == "loop":
+            d["forward"] = self._loop_forward
+        else:
+            gate = self.m._apply_gate  # the bound method the kernel would call
+
+            def record(y, _gate=gate):
+                a = _gate(y)
+                self.chunks.append(a)
+                return a
+
+            d["_apply_gate"] = record
+        self.handles.append(self.m.register_forward_pre_hook(self._pre, with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        d = self.m.__dict__
+        for name in ("_apply_gate", "forward"):
+            d.pop(name, None)
+            if name in self.saved:
+                d[name] = self.saved[name]
+        self.saved.clear()
+        self.chunks, self.route = [], None
+
+    def _pre(self, mod, args, kwargs):
+        self.chunks = []
+        self.route = args[1] if len(args) > 1 else next((v for k, v in kwargs.items() if k in ("top_k_index", "router_indices")), None)
+
+    def _loop_forward(self, hidden_states, top_k_index, top_k_weights):
+        """transformers' standard eager experts loop, op for op (same results to the bit), keeping activations."""
+        m = self.m
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=m.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            if expert_idx == m.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            gate, up = F.linear(hidden_states[token_idx], m.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            a = m.act_fn(gate) * up
+            self.chunks.append(a)
+            out = F.linear(a, m.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+    # ------------------------------------------------------------ result
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(u_e . a (+ r . bias_e) of every (token, slot) pair [N * k] token-major, the expert ids [N * k] the module
+        was given); None if nothing was kept or the rows do not add up."""
+        chunks, idx = self.chunks, self.route
+        self.chunks, self.route = [], None
+        if not chunks or idx is None:
+            return None
+        ids = idx.reshape(-1).long()
+        S, k = ids.numel(), idx.shape[-1]
+        if self.mode == "sorted":
+            e_rows, pair = torch.sort(idx.reshape(-1))  # the kernel's own sort of the same ids: the same permutation
+            e_rows = e_rows.long()
+        elif self.mode == "flat":
+            e_rows, pair = ids, None
+        else:  # expert by expert, then torch.where order over [k, N]: slot-major, token-minor (ids < E: no EP sentinels)
+            if self._where_key is None or self._where_key.shape != ids.shape or self._where_key.device != ids.device:
+                p = torch.arange(S, device=ids.device)
+                self._where_key = (p % k) * (S // k) + p // k
+            pair = torch.argsort(ids * S + self._where_key)
+            e_rows = ids[pair]
+        a = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        if a.shape[0] != e_rows.shape[0] or a.shape[-1] != self.em.u.shape[-1]:
+            return None
+        c_rows = (a.float() * self.em.u[e_rows]).sum(-1)
+        if self.em.ub is not None:
+            c_rows = c_rows + self.em.ub[e_rows]
+        if pair is None:
+            return c_rows, ids
+        c = torch.zeros(S, dtype=c_rows.dtype, device=c_rows.device)
+        c[pair] = c_rows
+        return c, ids
+
+
 # ---------------------------------------------------------------- the probe
 
 
@@ -299,9 +460,17 @@ class _Recorder:
         self.r = r
         self._r_dev: dict = {}
         self.moe: dict[int, tuple] = {}  # layer -> (router, _ExpertMath, top_k)
+        self.taps: dict[int, _ExpertTap] = {}  # layer -> tap on its experts module (mode None: recompute)
         self.shared_layers: list[int] = []
         self.resid_mult = [float(getattr(layer, "residual_multiplier", 1.0)) for layer in self.layers]
         self.handles = []
+        try:
+            self._install(model, r)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install(self, model, r: torch.Tensor) -> None:
         for i, layer in enumerate(self.layers):
             block = _ffn(layer)
             experts = getattr(block, "experts", None)
@@ -312,6 +481,9 @@ class _Recorder:
                 em = _ExpertMath(experts)
                 em.prepare(r[i + 1])
                 self.moe[i] = (router, em, _top_k(router, experts))
+                if TAP_EXPERTS:
+                    self.taps[i] = tap = _ExpertTap(experts, em)
+                    tap.install()
             shared, shared_gate = _shared(block)
             if shared is not None:
                 self.shared_layers.append(i)
@@ -325,9 +497,12 @@ class _Recorder:
         self.handles.append(h)
 
     def remove(self):
+        """Take every hook off and give each experts module its own forward back."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for tap in self.taps.values():
+            tap.remove()
 
     def rv(self, i: int, device) -> torch.Tensor:
         key = (i, str(device))
@@ -341,35 +516,51 @@ class _Recorder:
         self.B, self.T = mask.shape
         self.mcache: dict = {}
         self.ntok = mask.sum(1).clamp_min(1).float()
-        self.out: list[tuple[str, int, torch.Tensor]] = []  # (array, layer, [B] or [B, E] on its device)
+        self.cols: list[tuple[str, int, torch.Tensor]] = []  # (component, layer, per-token value [B, T]) reduced at flush
+        self.out: list[tuple[tuple[str, ...], list[int], torch.Tensor]] = []  # (arrays, layers, [B, len(layers), E, len(arrays)])
         self.pending: dict[int, dict] = {}
+        self.moe_rows: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (layer, idx, w, contrib [N, k])
 
     def flush(self, arrays: dict[str, np.ndarray], idx: list[int]) -> None:
-        """Move the batch's per-prompt values to the CPU arrays (one transfer per device)."""
-        by_dev: dict[str, list] = {}
+        """Reduce the batch's per-token values to per-prompt ones and move everything to the CPU arrays: a few
+        whole-batch ops and one transfer per device, however many layers."""
+        self._reduce_moe()
+        by_dev: dict[str, tuple[list, list]] = {}
+        for item in self.cols:
+            by_dev.setdefault(str(item[2].device), ([], []))[0].append(item)
         for item in self.out:
-            by_dev.setdefault(str(item[2].device), []).append(item)
-        for items in by_dev.values():
-            flat = torch.cat([v.reshape(self.B, -1).float() for _, _, v in items], dim=1).cpu().numpy()
-            col = 0
-            for name, i, v in items:
-                w = v.reshape(self.B, -1).shape[1]
-                arrays[name][idx, i] = flat[:, col:col + w] if v.ndim == 2 else flat[:, col]
-                col += w
-        self.out = []
+            by_dev.setdefault(str(item[2].device), ([], []))[1].append(item)
+        for cols, outs in by_dev.values():
+            parts = []
+            if cols:
+                mask, ntok = self.m(cols[0][2].device)
+                P = torch.stack([v for _, _, v in cols])  # [M, B, T]
+                parts += [((P * mask).sum(-1) / ntok).T, P[:, :, -1].T]  # masked mean, last token: [B, M] each
+            parts += [v.reshape(self.B, -1) for _, _, v in outs]
+            flat = torch.cat(parts, dim=1).cpu().numpy()
+            M = len(cols)
+            for j, (name, i, _) in enumerate(cols):
+                arrays[name + "_mean"][idx, i] = flat[:, j]
+                arrays[name + "_last"][idx, i] = flat[:, M + j]
+            col = 2 * M
+            rows = np.asarray(idx)[:, None]
+            for names, layers, v in outs:
+                block = flat[:, col:col + v[0].numel()].reshape(v.shape)
+                for j, name in enumerate(names):
+                    arrays[name][rows, layers] = block[..., j]
+                col += v[0].numel()
+        self.cols, self.out = [], []
 
-    def m(self, device) -> torch.Tensor:
+    def m(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask [B, T] float, tokens per prompt [B]) on ``device``."""
         key = str(device)
         if key not in self.mcache:
             self.mcache[key] = (self.mask.to(device).float(), self.ntok.to(device))
         return self.mcache[key]
 
     def _put(self, name: str, i: int, per_tok: torch.Tensor):
-        """per_tok [B, T] -> masked mean and last-token value into acc[name_mean/_last][:, i]."""
-        mask, ntok = self.m(per_tok.device)
-        per_tok = per_tok.reshape(self.B, self.T).float()
-        self.out.append((name + "_mean", i, (per_tok * mask).sum(1) / ntok))
-        self.out.append((name + "_last", i, per_tok[:, -1]))
+        """per_tok [B, T]: its masked mean and last-token value go to name_mean / name_last[:, i] at flush."""
+        self.cols.append((name, i, per_tok.reshape(self.B, self.T).float()))
 
     def _proj(self, x: torch.Tensor, ri: int) -> torch.Tensor:
         return x.reshape(self.B, self.T, -1).float() @ self.rv(ri, x.device)
@@ -419,35 +610,63 @@ class _Recorder:
         if shared_gate is not None:
             self._hook(shared_gate.register_forward_hook(lambda mod, a, out: self.pending[i].__setitem__("shared_gate", out)))
 
+    _MOE_ARRAYS = ("sel_count", "sel_weight", "expert_mean", "last_sel", "last_weight", "expert_last")
+
     def _experts(self, i: int, p: dict, mult: float):
         """Routing counts/weights and each selected expert's contribution along r, per prompt."""
         if "route" not in p:
             raise AuditError(f"layer {i}: the router was not called during the forward pass; this MoE implementation is not supported")
-        _, em, _ = self.moe[i]
         h = p["h"].reshape(-1, p["h"].shape[-1])
         idx, w = p["route"]
         dev = h.device
         idx, w = idx.to(dev), w.to(dev)
+        N, k = idx.shape
+        tap = self.taps.get(i)
+        taken = tap.take() if tap is not None and tap.mode is not None else None
+        if taken is not None and taken[1].shape == (N * k,) and torch.equal(taken[1].to(dev), idx.reshape(-1)):
+            contrib = taken[0].to(dev).view(N, k) * w  # taken from the experts' own forward: nothing recomputed
+        else:
+            tok = torch.arange(N, device=dev).repeat_interleave(k)
+            keep = self.m(dev)[0].reshape(-1).bool()[tok]
+            contrib = torch.zeros(N * k, device=dev)
+            contrib[keep] = self._recompute(i, h, tok[keep], idx.reshape(-1)[keep], w.reshape(-1)[keep])
+            contrib = contrib.view(N, k)
+        if mult != 1.0:
+            contrib = contrib * mult
+        self.moe_rows.append((i, idx, w, contrib))  # reduced for all layers at once at flush
+
+    def _reduce_moe(self) -> None:
+        """Per-prompt routing counts/weights and expert contributions of every MoE layer of the batch: one
+        index_add over all layers' kept (token, expert) pairs (per device and k), not a dozen small ops per layer."""
+        groups: dict[tuple, list] = {}
+        for row in self.moe_rows:
+            groups.setdefault((str(row[1].device), row[1].shape[1]), []).append(row)
         B, T, E = self.B, self.T, self.E
-        valid = self.mask.to(dev).reshape(-1).bool()
-        tok = torch.arange(B * T, device=dev).repeat_interleave(idx.shape[1])
-        e_all, w_all = idx.reshape(-1), w.reshape(-1)
-        keep = valid[tok]
-        tok, e_all, w_all = tok[keep], e_all[keep], w_all[keep]
-        slot = (tok // T) * E + e_all  # (prompt, expert) cell of each (token, expert) pair
-        is_last = (tok % T) == T - 1
-        ones = torch.ones_like(w_all)
-        cnt = torch.zeros(B * E, device=dev).index_add_(0, slot, ones)
-        wsum = torch.zeros(B * E, device=dev).index_add_(0, slot, w_all)
-        lsel = torch.zeros(B * E, device=dev).index_add_(0, slot[is_last], ones[is_last])
-        lw = torch.zeros(B * E, device=dev).index_add_(0, slot[is_last], w_all[is_last])
+        for rows in groups.values():
+            dev, k, M = rows[0][1].device, rows[0][1].shape[1], len(rows)
+            idx = torch.stack([r[1] for r in rows])  # [M, N, k]
+            w = torch.stack([r[2] for r in rows])
+            vals = torch.stack((torch.ones_like(w), w, torch.stack([r[3] for r in rows])), dim=-1)  # [M, N, k, 3]
+            valid = self.m(dev)[0].reshape(-1).bool()
+            cell = torch.arange(M, device=dev)[:, None] * (B * E) + torch.arange(B, device=dev).repeat_interleave(T)[None, :] * E
+            slot = (cell[:, valid, None] + idx[:, valid]).reshape(-1)  # (layer, prompt, expert) cell of each kept pair
+            acc = torch.zeros(M * B * E, 3, device=dev).index_add_(0, slot, vals[:, valid].reshape(-1, 3)).view(M, B, E, 3)
+            acc = acc / torch.stack((torch.ones_like(self.ntok), self.ntok, self.ntok), -1).to(dev)[None, :, None, :]
+            li = idx.view(M, B, T, k)[:, :, -1]  # the last position is a real token of every (left-padded) prompt
+            last = torch.zeros(M, B, E, 3, device=dev).scatter_(2, li[..., None].expand(M, B, k, 3), vals.view(M, B, T, k, 3)[:, :, -1])
+            self.out.append((self._MOE_ARRAYS, [r[0] for r in rows], torch.cat((acc, last), dim=-1).transpose(0, 1)))  # [B, M, E, 6]
+        self.moe_rows = []
+
+    def _recompute(self, i: int, h: torch.Tensor, tok: torch.Tensor, e_all: torch.Tensor, w_all: torch.Tensor) -> torch.Tensor:
+        """Each kept (token, expert) pair's weighted output . r, recomputing the activations from block input h."""
+        _, em, _ = self.moe[i]
         e_sorted, order = torch.sort(e_all)
         counts = torch.bincount(e_sorted, minlength=em.num_experts)
         x = h.index_select(0, tok[order])
         w_sorted = w_all[order]
         if em.llama4:  # Llama-4 scales the expert's input by the router score
             x = x * w_sorted.to(x.dtype)[:, None]
-        r = self.rv(i + 1, dev)
+        r = self.rv(i + 1, h.device)
         a = em.act_grouped(x, e_sorted, counts)
         if a is not None and not em.post_norm:
             c_sorted = (a.float() * em.u[e_sorted]).sum(-1)
@@ -464,13 +683,7 @@ class _Recorder:
             c_sorted = c_sorted * w_sorted
         contrib = torch.empty_like(c_sorted)
         contrib[order] = c_sorted
-        contrib = contrib * mult
-        csum = torch.zeros(B * E, device=dev).index_add_(0, slot, contrib)
-        clast = torch.zeros(B * E, device=dev).index_add_(0, slot[is_last], contrib[is_last])
-        ntok = self.ntok.to(dev)[:, None]
-        for name, v in (("sel_count", cnt.view(B, E)), ("sel_weight", wsum.view(B, E) / ntok), ("last_sel", lsel.view(B, E)),
-                        ("last_weight", lw.view(B, E)), ("expert_mean", csum.view(B, E) / ntok), ("expert_last", clast.view(B, E))):
-            self.out.append((name, i, v))
+        return contrib
 
 
 @torch.inference_mode()

@@ -187,3 +187,111 @@ def test_unpack_router_rejects_unknown_output():
         _unpack_router(torch.zeros(3, 4), 2)
     idx, w = _unpack_router((torch.zeros(3, 4), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long)), 2)
     assert idx.dtype == torch.long and w.shape == (3, 2)
+
+
+# ---------------------------------------------------------------- the experts tap (issue 7: no recomputation)
+
+IMPLS = ("grouped_mm", "batched_mm", "eager")
+
+
+_IMPL_CACHE: dict = {}
+
+
+def _load_impl(tiny_model, family, impl):
+    """``family``'s tiny model with its experts run by ``impl`` (cached for this module)."""
+    from transformers import AutoModelForCausalLM
+
+    if (family, impl) not in _IMPL_CACHE:
+        kw = {} if family == "llama4_text" else {"experts_implementation": impl}  # Llama-4 has a single experts class
+        _IMPL_CACHE[family, impl] = AutoModelForCausalLM.from_pretrained(str(tiny_model(family)), **kw).eval()
+    return _IMPL_CACHE[family, impl]
+
+
+def _experts_modules(model):
+    return [m for m in model.modules() if hasattr(m, "down_proj") and isinstance(getattr(m, "down_proj"), torch.Tensor)
+            and m.down_proj.ndim == 3]
+
+
+def _taps(model, r):
+    import audit.probe as P
+
+    rec = P._Recorder(model, P._directions(r, model.config.num_hidden_layers, model.config.hidden_size))
+    try:
+        return {i: t.mode for i, t in rec.taps.items()}
+    finally:
+        rec.remove()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_tap_equals_recompute(family, impl, tiny_model, tiny_tok, monkeypatch):
+    """Contributions taken from the experts' own forward equal the recomputed ones; routing is identical."""
+    import audit.probe as P
+
+    if family == "llama4_text" and impl != "grouped_mm":
+        pytest.skip("Llama-4 experts have one implementation")
+    model = _load_impl(tiny_model, family, impl)
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    modes = set(_taps(model, r).values())
+    assert modes == ({None} if family == "llama4_text" else {"grouped_mm": {"sorted"}, "batched_mm": {"flat"},
+                                                            "eager": {"eager" if family == "gpt_oss" else "loop"}}[impl])
+    tapped = probe(model, tiny_tok, PROMPTS, r, batch_size=4)
+    monkeypatch.setattr(P, "TAP_EXPERTS", False)
+    ref = probe(model, tiny_tok, PROMPTS, r, batch_size=4)
+    for k in P._ARRAYS:
+        a, b = getattr(tapped, k), getattr(ref, k)
+        if k.startswith(("sel_", "last_")) or k == "tokens_per_prompt":
+            np.testing.assert_array_equal(a, b, err_msg=k)
+        else:
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * (np.abs(b).max() + 1e-30), err_msg=k)
+    assert np.abs(tapped.expert_mean).max() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", [f for f in MOE_FAMILIES if f != "llama4_text"])
+def test_tap_leaves_logits_unchanged_and_is_removed(family, impl, tiny_model, tiny_tok):
+    """With the taps installed the model computes the same logits, to the bit; afterwards nothing is left behind."""
+    import audit.probe as P
+
+    model = _load_impl(tiny_model, family, impl)
+    ids = encode(tiny_tok, PROMPTS)
+    idx, x, m = next(batches(ids, len(ids), tiny_tok.pad_token_id))
+    kw = dict(input_ids=x, attention_mask=m, position_ids=_positions(m), use_cache=False)
+    experts = _experts_modules(model)
+    forwards = [e.forward for e in experts]
+    with torch.inference_mode():
+        want = model(**kw).logits
+        r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+        rec = P._Recorder(model, P._directions(r, model.config.num_hidden_layers, model.config.hidden_size))
+        try:
+            assert rec.taps and all(t.mode for t in rec.taps.values())
+            assert any("forward" in e.__dict__ or "_apply_gate" in e.__dict__ for e in experts)  # the swap is in place
+            rec.start(m)
+            got = model(**kw).logits
+        finally:
+            rec.remove()
+        after = model(**kw).logits
+    assert torch.equal(got, want) and torch.equal(after, want)
+    for e, f in zip(experts, forwards):
+        assert "forward" not in e.__dict__ and "_apply_gate" not in e.__dict__ and not e._forward_pre_hooks
+        assert e.forward == f
+
+
+def test_tap_restored_on_exception(tiny_model, tiny_tok):
+    """An exception in the middle of the probe (here: inside the forward pass, then in the progress callback)
+    still gives every experts module its own forward back and removes every hook."""
+    for impl in ("grouped_mm", "eager"):
+        model = _load_impl(tiny_model, "qwen3_moe", impl)
+        experts = _experts_modules(model)
+        r = torch.ones(model.config.hidden_size)
+        boom = model.model.layers[-1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            probe(model, tiny_tok, PROMPTS, r, batch_size=2)
+        boom.remove()
+        with pytest.raises(KeyboardInterrupt):
+            probe(model, tiny_tok, PROMPTS, r, batch_size=2, progress=lambda d, n: (_ for _ in ()).throw(KeyboardInterrupt()))
+        for e in experts:
+            assert "forward" not in e.__dict__ and "_apply_gate" not in e.__dict__ and not e._forward_pre_hooks
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        res = probe(model, tiny_tok, PROMPTS[:2], r, batch_size=2)  # and it works again afterwards
+        assert np.abs(res.expert_mean).max() > 0
