@@ -392,9 +392,6 @@ def render_html(results: dict) -> str:
 
 def write_report(results: dict, path: str | os.PathLike) -> Path:
     """Write report.html atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_html(results), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from reports.results_io import write_text_atomic
+
+    return write_text_atomic(path, render_html(results))

@@ -152,9 +152,7 @@ def render_junit(results: dict) -> str:
 
 
 def write_junit(results: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_junit(results), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write junit.xml atomically."""
+    from reports.results_io import write_text_atomic
+
+    return write_text_atomic(path, render_junit(results))

@@ -45,12 +45,11 @@ def dumps_results(results: dict) -> str:
     return json.dumps(_stable(results), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def write_results_json(results: dict, path: str | os.PathLike) -> Path:
-    """Write results.json atomically (temp file in the same folder, then rename)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps_results(results)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -59,6 +58,11 @@ def write_results_json(results: dict, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_results_json(results: dict, path: str | os.PathLike) -> Path:
+    """Write results.json atomically."""
+    return write_text_atomic(path, dumps_results(results))
 
 
 def _major(version: Any) -> int | None:
