@@ -240,8 +240,13 @@ class ModelDir:
 
     def load_model(self, dtype: torch.dtype | str = "auto", device: str | None = None):
         """The model through transformers (safetensors only, no remote code), in eval mode."""
-        from transformers import AutoModelForCausalLM
+        import sys
 
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        if not sys.stderr.isatty():  # progress bars only on a terminal; CI logs stay readable
+            hf_logging.disable_progress_bar()
         kwargs = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
         if device not in (None, "cpu"):
             kwargs["device_map"] = device
