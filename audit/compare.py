@@ -22,7 +22,7 @@ from audit.model_dir import DTYPES, ModelDir, TensorInfo
 from checks.errors import AuditError
 from checks.layout import Layout, Role, targets_of
 from checks.pair_stats import bytes_equal, pair_stats
-from checks.projection import TensorProjection
+from checks.projection import TensorProjection, floor_can_matter
 from checks.recover import TensorRecovery
 from checks.weights import TensorDiff
 
@@ -142,7 +142,7 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
             st = pair_stats(w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
                             layout.n_routed_experts if role and role.component == "experts" else 0,
                             along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent,
-                            identical=same)
+                            identical=same, floor_needed=floor_can_matter)  # the exact rounding floor only where it can change a class
             if status == "changed" and st.identical:
                 status = "unchanged"
             changed = status == "changed" or (status == "dtype-changed" and not st.identical)

@@ -12,12 +12,17 @@ The tensor is seen as [P, H, Q] with the residual axis in the middle and swept i
 the two input tensors plus a few blocks. Sweep 1 converts each block once to float32 and gathers all
 statistics plus a streaming power iteration for the change's direction; sweep 2 (changed tensors
 only) does one more exact power step, which also gives the top singular value and the scale.
+
+Given ``floor_needed`` (the judge's rule for when a floor can change its verdict), the rounding floor
+is first bounded for free (floor^2 <= c max_h r_h^2 ||W'||_F^2) and computed exactly, in one more
+sweep over W', only for the directions where that bound leaves the verdict open.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -37,10 +42,11 @@ class DirStats:
     before: float  # ||r . W||
     after: float  # ||r . W'||
     dot: float  # <r . W, r . W'>: signed, so a reflection (r . W' = -r . W) is told from "untouched"
-    floor: float  # expected ||r . e|| if W' was rounded to its dtype (e = rounding error)
+    floor: float  # expected ||r . e|| if W' was rounded to its dtype (e = rounding error); an upper bound of it when not floor_exact
     per_expert: dict[str, list[float]] | None = None  # fused tensors: before/after/dot/floor per expert
     vec_before: list[float] | None = None  # small results (a router: per-expert logit sensitivity r . W_e)
     vec_after: list[float] | None = None
+    floor_exact: bool = True  # False: ``floor`` is only an upper bound (the exact value could not change the verdict)
 
     @property
     def share_left(self) -> float | None:
@@ -69,8 +75,8 @@ class PairStats:
 
     identical: bool
     numel: int
-    base_fro: float = 0.0
-    ablated_fro: float = 0.0
+    base_fro: float | None = 0.0  # None for an identical pair: nothing reports it, so it is not computed
+    ablated_fro: float | None = 0.0
     diff_fro: float = 0.0
     nonfinite_base: int = 0
     nonfinite_ablated: int = 0
@@ -80,6 +86,8 @@ class PairStats:
 
     @property
     def rel_change(self) -> float:
+        if self.identical:
+            return 0.0
         return self.diff_fro / self.base_fro if self.base_fro > 0 else (math.inf if self.diff_fro > 0 else 0.0)
 
 
@@ -199,7 +207,7 @@ def _sign_fix(u: torch.Tensor) -> torch.Tensor:
 def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, directions: dict[str, torch.Tensor] | None = None,
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
                block: int = 1 << 18, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
-               identical: bool | None = None) -> PairStats:
+               identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
     ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
@@ -208,6 +216,9 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     ``hints``: more unit directions (e.g. those recovered from the previous tensors), tried only as
     candidates that may explain a change (sparing sweep 2), never reported. ``identical``: the
     caller's bytes_equal(w0, w1) when it already has it (a reader thread compares while this runs).
+    ``floor_needed(ds)``: given ``ds.floor`` as an upper bound of the rounding floor, whether the exact
+    floor could change the verdict on ``ds``; the floor is then computed only where it says so (the
+    others keep the bound, ``floor_exact=False``). None: every floor exact.
     """
     identical = bytes_equal(w0, w1) if identical is None else bool(identical)
     directions = {k: v for k, v in (directions or {}).items() if v is not None}
@@ -230,7 +241,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     PQ = P * Q
     a0 = torch.zeros(R.shape[0], PQ) if use_dirs else None
     a1 = torch.zeros(R.shape[0], PQ) if use_dirs and not identical else None
-    fl = torch.zeros(R.shape[0], PQ) if use_dirs and not identical and c_round > 0 else None
+    lazy_floor = floor_needed is not None
+    fl = torch.zeros(R.shape[0], PQ) if use_dirs and not identical and c_round > 0 and not lazy_floor else None
     e_d2 = torch.zeros(PQ) if per_expert and not identical else None
     e_w2 = torch.zeros(PQ) if per_expert and not identical else None
     s_w0 = s_w1 = s_d = 0.0
@@ -243,8 +255,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     for c0, c1 in (_ranges_of(x0v, block) if (use_dirs or not identical) else ()):  # identical, nothing to project: done
         raw0, m0 = _mat(x0v, c0, c1, Q, 0)
         f0 = raw0.reshape(-1)
-        if identical:
-            s_w0 += float(torch.dot(f0, f0))
+        if identical:  # only the projections: ||W|| of an untouched tensor is reported nowhere
             if use_dirs:
                 a0[:, c0:c1] = R @ m0
             continue
@@ -282,10 +293,11 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
             if n > 0:
                 u = g / n
 
-    st.base_fro = math.sqrt(s_w0)
     if identical:
-        st.ablated_fro, st.diff_fro = st.base_fro, 0.0
+        st.base_fro = st.ablated_fro = None
+        st.diff_fro = 0.0
     else:
+        st.base_fro = math.sqrt(s_w0)
         st.ablated_fro, st.diff_fro = math.sqrt(s_w1) if math.isfinite(s_w1) else math.inf, math.sqrt(s_d) if math.isfinite(s_d) else math.inf
     st.nonfinite_base, st.nonfinite_ablated = nf0, nf1
     if e_d2 is not None:
@@ -293,29 +305,65 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         ew = e_w2.reshape(n_experts, -1).sum(1).sqrt()  # flat columns are (p, q) with p = expert-major
         st.expert_rel_change = torch.where(ew > 0, ed / ew.clamp_min(1e-30), torch.where(ed > 0, torch.full_like(ed, math.inf), torch.zeros_like(ed))).tolist()
 
+    floors = _ColFloors(x1v, R2, block, fl) if use_dirs and not identical and c_round > 0 else None
     if use_dirs:
         a1_ = a0 if identical else a1
         for j, n in enumerate(names[:n_report]):
             v0, v1 = a0[j], a1_[j]
-            f2 = fl[j] * c_round if fl is not None else None
-            ds = DirStats(before=float(v0.norm()), after=float(v1.norm()), dot=float((v0 * v1).sum()),
-                          floor=float(f2.sum().sqrt()) if f2 is not None else 0.0)
+            ds = DirStats(before=float(v0.norm()), after=float(v1.norm()), dot=float((v0 * v1).sum()), floor=0.0)
+            f2 = None
+            if floors is not None:
+                ds.floor = _floor_bound(R2[j], s_w1, c_round)
+                if not lazy_floor or not math.isfinite(ds.floor) or floor_needed(ds):
+                    f2 = floors.rows(j) * c_round
+                    ds.floor = float(f2.sum().sqrt())
+                else:
+                    ds.floor_exact = False
             if per_expert:
                 e0, e1 = v0.reshape(n_experts, -1), v1.reshape(n_experts, -1)
                 ds.per_expert = {"before": e0.norm(dim=1).tolist(), "after": e1.norm(dim=1).tolist(), "dot": (e0 * e1).sum(1).tolist(),
-                                 "floor": (f2.reshape(n_experts, -1).sum(1).sqrt().tolist() if f2 is not None else [0.0] * n_experts)}
+                                 "floor": (f2.reshape(n_experts, -1).sum(1).sqrt().tolist() if f2 is not None else [ds.floor] * n_experts)}
             if v0.numel() <= small_vec:
                 ds.vec_before, ds.vec_after = v0.flatten().tolist(), v1.flatten().tolist()
             st.dirs[n] = ds
 
     if want_rec and u is not None and st.diff_fro > 0 and math.isfinite(st.diff_fro):
-        st.recovery = _from_candidates(names, a0, a1, fl, c_round, g, s_d) if use_dirs else None
+        st.recovery = _from_candidates(names, a0, a1, floors, R2, s_w1, c_round, g, s_d, floor_needed) if use_dirs else None
         if st.recovery is None:  # no given direction explains the edit: one more exact power step
-            st.recovery = _refine(x0v, x1v, u, block, st.diff_fro, c_round)
+            st.recovery = _refine(x0v, x1v, u, block, st.diff_fro, c_round, s_w1, floor_needed)
     return st
 
 
-def _from_candidates(names, a0, a1, fl, c_round, g, s_d, explained: float = CANDIDATE_EXPLAINS) -> EditRecovery | None:
+def _floor_bound(r2: torch.Tensor, s_w1: float, c_round: float) -> float:
+    """Upper bound of the rounding floor along r, free: sum_c sum_h r_h^2 W'_hc^2 <= max_h r_h^2 ||W'||_F^2 (1e-3 margin for float32 sums)."""
+    return math.sqrt(c_round * float(r2.max()) * s_w1) * (1 + 1e-3) if s_w1 >= 0 else math.nan
+
+
+class _ColFloors:
+    """Per-column sum_h r_h^2 W'_hc^2 for rows of R2: from sweep 1's accumulator, or from one more sweep over W' on first use."""
+
+    def __init__(self, x1v: torch.Tensor, R2: torch.Tensor, block: int, fl: torch.Tensor | None):
+        self.x1v, self.R2, self.block, self.fl = x1v, R2, block, fl
+
+    def rows(self, j: int) -> torch.Tensor:
+        if self.fl is None:
+            self.fl = _col_floor(self.x1v, self.R2, self.block)  # all rows in one sweep: the padded gemm costs as much as one row's
+        return self.fl[j]
+
+
+def _col_floor(x1v: torch.Tensor, R2: torch.Tensor, block: int) -> torch.Tensor:
+    """[m, P*Q]: R2 @ (W' * W') per column of the [H, P*Q] view, W' converted block by block."""
+    _, H, Q = x1v.shape
+    out = torch.zeros(R2.shape[0], x1v.shape[0] * Q)
+    for c0, c1 in _ranges_of(x1v, block):
+        raw1, m1 = _mat(x1v, c0, c1, Q, 1)
+        rawsq, msq = _like(raw1, m1, _Work.get(3, raw1.numel()))
+        torch.mul(raw1, raw1, out=rawsq)
+        out[:, c0:c1] = R2 @ msq
+    return out
+
+
+def _from_candidates(names, a0, a1, floors, R2, s_w1, c_round, g, s_d, floor_needed=None, explained: float = CANDIDATE_EXPLAINS) -> EditRecovery | None:
     """Skip sweep 2 when a given direction r explains the change: ||D^T r||^2 >= ``explained`` ||D||^2.
 
     D^T r = r.W' - r.W is already known from sweep 1, so the rank-one share along r, the scale along
@@ -333,19 +381,27 @@ def _from_candidates(names, a0, a1, fl, c_round, g, s_d, explained: float = CAND
     mask = a1[best] != a0[best]
     c0v, c1v = torch.where(mask, a0[best], 0.0), torch.where(mask, a1[best], 0.0)
     aa, ab, bb = float(c0v @ c0v), float(c0v @ c1v), float(c1v @ c1v)
-    floor = math.sqrt(float(fl[best][mask].sum()) * c_round) if fl is not None else 0.0
-    along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=floor)
+    along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=0.0)
+    if floors is not None:  # masked columns only: the all-column bound still holds
+        along.floor = _floor_bound(R2[best], s_w1, c_round)
+        if floor_needed is None or not math.isfinite(along.floor) or floor_needed(along):
+            along.floor = math.sqrt(float(floors.rows(best)[mask].sum()) * c_round)
+        else:
+            along.floor_exact = False
     return EditRecovery(direction=_sign_fix(g / g.norm()).float(), rank1_share=min(1.0, share), scale=1.0 - ab / aa if aa > 0 else None,
                         sigma1=math.sqrt(share * s_d), along=along)
 
 
-def _refine(x0v: torch.Tensor, x1v: torch.Tensor, u: torch.Tensor, block: int, diff_fro: float, c_round: float) -> EditRecovery:
+def _refine(x0v: torch.Tensor, x1v: torch.Tensor, u: torch.Tensor, block: int, diff_fro: float, c_round: float, s_w1: float = math.nan,
+            floor_needed: Callable[[DirStats], bool] | None = None) -> EditRecovery:
     """Sweep 2: z = D D^T u (one exact power step), ||D^T u||, and u . W, u . W' for the scale."""
     _, H, Q = x0v.shape
     z = torch.zeros(H)
     t2 = 0.0
     aa = ab = bb = fl = 0.0  # ||u.W||^2, <u.W, u.W'>, ||u.W'||^2, expected rounding residue^2
     u2 = u * u
+    lazy = floor_needed is not None and c_round > 0
+    masks = torch.zeros(x0v.shape[0] * Q, dtype=torch.bool) if lazy else None
     for c0, c1 in _ranges_of(x0v, block):
         raw0, m0 = _mat(x0v, c0, c1, Q, 0)
         raw1, m1 = _mat(x1v, c0, c1, Q, 1)
@@ -360,7 +416,9 @@ def _refine(x0v: torch.Tensor, x1v: torch.Tensor, u: torch.Tensor, block: int, d
         aa += float(c0v @ c0v)
         ab += float(c0v @ c1v)
         bb += float(c1v @ c1v)
-        if c_round > 0:
+        if lazy:
+            masks[c0:c1] = mask
+        elif c_round > 0:
             rawsq, msq = _like(raw1, m1, _Work.get(3, raw1.numel()))
             torch.mul(raw1, raw1, out=rawsq)
             fl += float(((u2 @ msq) * mask).sum()) * c_round
@@ -370,4 +428,10 @@ def _refine(x0v: torch.Tensor, x1v: torch.Tensor, u: torch.Tensor, block: int, d
     share = min(1.0, sigma1 ** 2 / diff_fro ** 2) if diff_fro > 0 else 0.0
     scale = 1.0 - ab / aa if aa > 0 else None
     along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=math.sqrt(fl))
+    if lazy:
+        along.floor = _floor_bound(u2, s_w1, c_round)
+        if not math.isfinite(along.floor) or floor_needed(along):
+            along.floor = math.sqrt(float(_col_floor(x1v, u2[None], block)[0][masks].sum()) * c_round)
+        else:
+            along.floor_exact = False
     return EditRecovery(direction=direction.float(), rank1_share=share, scale=scale, sigma1=sigma1, along=along)

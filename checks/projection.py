@@ -42,7 +42,7 @@ class TensorProjection:
     changed: bool
     dtype: str
     expert: int | None = None
-    ablated_fro: float = 0.0
+    ablated_fro: float | None = 0.0  # None for an unchanged tensor (not computed)
     dirs: dict[str, DirStats] = field(default_factory=dict)
 
 
@@ -62,6 +62,20 @@ def classify(ds: DirStats, changed: bool, tol: float = REMOVED_TOL) -> str:
     if left < NOT_ABLATED:
         return "weak-scale"
     return "not-ablated"
+
+
+def floor_can_matter(ds: DirStats, tol: float = REMOVED_TOL) -> bool:
+    """With ``ds.floor`` an upper bound of the rounding floor of a changed tensor: whether the exact floor could change ``classify``.
+
+    Only ``rounding`` depends on the floor, and only for a signal that is neither reflected nor removed
+    (verdicts reached before the floor is looked at); the exact floor is at most the bound, so a residue
+    above FLOOR_K x the bound is never rounding. Valid for any ``classify(..., tol)`` with tol >= ``tol``.
+    """
+    if ds.before <= 0 or not math.isfinite(ds.before):
+        return False
+    if ds.signed_left <= -0.5 or ds.share_left <= tol:
+        return False
+    return not (ds.after > FLOOR_K * ds.floor)  # NaN residue: inconclusive, compute it
 
 
 def _matrix(title, rows_of: dict[int, list], n_cols: int, col_prefix: str, unit: str, note: str, vmax=1.0) -> dict:

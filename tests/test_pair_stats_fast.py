@@ -49,3 +49,38 @@ def test_precomputed_identical_and_padding_agree():
     assert a.dirs["ablated"].share_left < 0.02 and not math.isclose(a.dirs["local"].share_left, 0.0, abs_tol=0.1)
     same = ps.pair_stats(w0, w0.clone(), 0, dirs, identical=True)
     assert same.identical and same.dirs["ablated"].before == pytest.approx(a.dirs["ablated"].before, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lazy_rounding_floor_keeps_every_class(dtype):
+    """The floor computed only where the bound leaves the verdict open: same classes, exact floors
+    where they matter, and a bound never below the exact floor elsewhere."""
+    from checks.projection import classify, floor_can_matter
+
+    torch.manual_seed(1)
+    H = 64
+    r = torch.nn.functional.normalize(torch.randn(H), dim=0)
+    dirs = {"ablated": r, "local": torch.nn.functional.normalize(torch.randn(H), dim=0)}
+    faint = project_out(torch.randn(H, 300), r, 0) + 1.3 * torch.finfo(dtype).eps * torch.outer(r, torch.randn(300))  # little r: the residue is rounding
+    cases = {s: (torch.randn(H, 300), s) for s in (1.0, 0.5, 2.0, 0.0)} | {"faint": (faint, 1.0)}
+    seen, kinds = set(), set()
+    for name, (w, s) in cases.items():
+        for axis, ea, ne, shape in ((0, None, 0, (H, 300)), (1, 0, 4, (4, H, 75))):
+            w0 = w.to(dtype) if axis == 0 else w.reshape(H, 4, 75).transpose(0, 1).contiguous().to(dtype)
+            w1 = project_out(w0.float(), r, axis, s).to(dtype)
+            exact = ps.pair_stats(w0, w1, axis, dirs, ea, ne)
+            lazy = ps.pair_stats(w0, w1, axis, dirs, ea, ne, floor_needed=floor_can_matter)
+            pairs = [(exact.dirs[k], lazy.dirs[k]) for k in dirs]
+            if exact.recovery is not None:
+                pairs.append((exact.recovery.along, lazy.recovery.along))
+            for e, l in pairs:
+                assert classify(e, True) == classify(l, True), (name, axis)
+                seen.add(classify(e, True))
+                kinds.add(l.floor_exact)
+                if l.floor_exact:
+                    assert l.floor == pytest.approx(e.floor, rel=1e-5)
+                else:
+                    assert l.floor >= e.floor * (1 - 1e-6) and not floor_can_matter(l)
+    assert {"removed", "rounding", "weak-scale", "reflected", "not-ablated"} <= seen and kinds == {True, False}
+    same = ps.pair_stats(w0, w0.clone(), 1, dirs, 0, 4, floor_needed=floor_can_matter)
+    assert same.rel_change == 0.0 and same.base_fro is None and same.dirs["ablated"].before > 0
