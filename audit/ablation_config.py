@@ -193,16 +193,21 @@ def _entries(item, where: str) -> list[Entry]:
 
 def load_config(path: str | os.PathLike) -> AblationConfig:
     """Read a YAML ablation config; AuditError on a missing file, bad YAML or bad settings."""
+    path = Path(path)
+    return AblationConfig.from_dict(read_yaml(path, "config"), source=str(path))
+
+
+def read_yaml(path: str | os.PathLike, kind: str):
+    """The parsed content of a YAML file (ablation config, gate); AuditError naming the file when missing or invalid."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise AuditError(f"{path}: no such config file")
+        raise AuditError(f"{path}: no such {kind} file")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise AuditError(f"{path}: not valid YAML ({e})") from None
-    return AblationConfig.from_dict(d, source=str(path))
 
 
 # -- the plan ---------------------------------------------------------------------------------

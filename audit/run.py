@@ -498,15 +498,10 @@ def _gate_config(path: str | None):
             if tbl is not None:
                 return GateConfig.from_dict(tbl, f"{pp.resolve()} [tool.audit.gate]"), f"{pp.resolve()} [tool.audit.gate]"
         return GateConfig(), "defaults"
-    import yaml
+    from audit.ablation_config import read_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise AuditError(f"{p}: no such gate file")
-    try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise AuditError(f"{p}: not valid YAML ({e})") from None
+    d = read_yaml(p, "gate") or {}
     if not isinstance(d, dict):
         raise AuditError(f"{p}: a gate file is a mapping of thresholds, e.g. max_refusal_after: 0.1")
     d = d.get("gate", d)
