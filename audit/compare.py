@@ -2,23 +2,26 @@
 
 ``open_pair`` opens both directories and refuses pairs that cannot be compared (another family,
 other shapes of the residual stream). ``compare_models`` walks the ablated model's tensors in disk
-order, reads each pair with plain positioned reads (no memory map: resident memory stays at one
-pair, whatever the model size), hands it to the pure per-tensor function checks.pair_stats, and
+order (audit/reader.py: chunks mapped from the page cache; two workers, each judging its chunks
+while the other waits on memory; resident memory flat in model size), hands each pair to the pure per-tensor function checks.pair_stats, and
 returns the small records the checks judge: TensorDiff (weights), TensorProjection (projection),
 TensorRecovery (recovery).
 """
 
 from __future__ import annotations
 
-import math
 import os
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from audit.model_dir import DTYPES, ModelDir, TensorInfo
+from audit.model_dir import ModelDir
+from audit.reader import chunks, read_pairs
 from checks.errors import AuditError
 from checks.layout import Layout, Role, targets_of
 from checks.pair_stats import bytes_equal, pair_stats
@@ -27,6 +30,8 @@ from checks.recover import TensorRecovery
 from checks.weights import TensorDiff
 
 INTERLEAVED_GATE_UP = ("gpt_oss",)
+WORKERS = 2  # fixed, not the machine's core count: which worker saw which tensor must not change the results
+CHUNK = 16 << 20  # bytes per model per mapping: small enough for resident memory to stay flat
 
 
 @dataclass
@@ -55,29 +60,6 @@ def open_pair(ablated: str | os.PathLike, base: str | os.PathLike) -> tuple[Mode
     return md_a, md_b
 
 
-def read_tensor(md: ModelDir, info: TensorInfo, fds: dict) -> torch.Tensor:
-    """One tensor read with os.preadv into an owned buffer (page cache -> memory once; nothing stays mapped)."""
-    dtype, size = DTYPES[info.dtype]
-    if dtype is None:
-        raise AuditError(f"{md.path / info.shard}: {info.name} has dtype {info.dtype}, which this torch build cannot read")
-    fd = fds.get((md.path, info.shard))
-    if fd is None:
-        fd = os.open(md.path / info.shard, os.O_RDONLY)
-        fds[(md.path, info.shard)] = fd
-    n = info.end - info.begin
-    if n != math.prod(info.shape) * size:
-        raise AuditError(f"{md.path / info.shard}: {info.name} occupies {n} bytes, its shape {info.shape} x {info.dtype} needs {math.prod(info.shape) * size}")
-    buf = torch.empty(n, dtype=torch.uint8)
-    mv = memoryview(buf.numpy())
-    got = 0
-    while got < n:
-        k = os.preadv(fd, [mv[got:]], info.begin + got)
-        if k <= 0:
-            raise AuditError(f"{md.path / info.shard}: truncated while reading {info.name}")
-        got += k
-    return buf.view(dtype).reshape(info.shape) if n else torch.empty(info.shape, dtype=dtype)
-
-
 def _gate_up_halves(t: torch.Tensor, role: Role, family: str) -> tuple[torch.Tensor, torch.Tensor]:
     axes = [a for a in range(t.ndim) if a not in (role.resid_axis, role.expert_axis)]
     ax = axes[-1]
@@ -97,106 +79,119 @@ def _changed_targets(w0, w1, role: Role, family: str) -> tuple[str, ...]:
 
 
 def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str, Role], dict] | None = None,
-                   progress: Callable[[int, int], None] | None = None, along_unchanged: bool = True) -> Comparison:
+                   progress: Callable[[int, int], None] | None = None, along_unchanged: bool = True,
+                   workers: int = WORKERS, chunk: int = CHUNK) -> Comparison:
     """Stream every tensor pair once. ``directions_for(key, role)`` -> {name: unit [H]} to project on.
 
     Unchanged tensors are projected only when they write to the stream (how much r an untouched
     writer still writes is what the diagnosis needs) or route (the router's per-expert sensitivity).
+    ``workers`` threads each read and judge every ``workers``-th chunk of about ``chunk`` bytes, so one
+    reads while the other computes; the assignment is fixed, so the results do not depend on timing.
     """
     t0 = time.perf_counter()
     layout: Layout = md_b.layout
-    out = Comparison()
-    fds: dict = {}
+    order = sorted(md_a.tensors.values(), key=lambda t: (t.shard, t.begin))
+    groups = chunks(order, chunk)
+    judged: dict[str, tuple] = {}
     total = md_a.nbytes + md_b.nbytes
+    done = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def work(k: int) -> None:
+        fds: dict = {}
+        recent: list[torch.Tensor] = []  # this worker's last recovered directions: likely its next tensor's
+        try:
+            for group in groups[k::workers]:
+                if stop.is_set():
+                    return
+                for info_a, info_b, w1, w0, same in read_pairs(md_a, md_b, group, fds):
+                    judged[info_a.name] = _judge(info_a, info_b, w1, w0, same, md_a, layout, directions_for, along_unchanged, recent)
+                    del w1, w0
+                    if progress and info_b is not None:
+                        with lock:
+                            done[0] += info_a.nbytes + info_b.nbytes
+                            progress(done[0], total)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
     threads = torch.get_num_threads()
-    # Work comes in cache-sized blocks (~1 MB): one thread per op streams them best; several threads
+    # Work comes in cache-sized pieces (~1 MB): one thread per op streams them best; several threads
     # per small op spend more on synchronisation than they save (and stall badly on a loaded machine).
     torch.set_num_threads(1)
-    pairs = _prefetched(md_a, md_b, fds)
-    recent: list[torch.Tensor] = []
+    # A worker back from a read needs the interpreter lock; with the default 5 ms switch interval it can
+    # wait that long behind the other worker's short operations (measured: reads ran 2x slower).
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
     try:
-        for info_a, info_b, w1, w0, same in pairs:
-            key = info_a.name
-            role = layout.roles.get(key) or md_a.layout.roles.get(key)
-            base = _diff_base(key, role)
-            if info_b is None:
-                out.diffs.append(TensorDiff(**base, status="added", ablated_shape=info_a.shape, ablated_dtype=info_a.dtype))
-                continue
-            base.update(base_shape=info_b.shape, ablated_shape=info_a.shape, base_dtype=info_b.dtype, ablated_dtype=info_a.dtype)
-            if info_b.shape != info_a.shape:
-                out.diffs.append(TensorDiff(**base, status="shape-changed"))
-                continue
-            out.bytes_read += info_a.nbytes + info_b.nbytes
-            status = "changed"
-            if info_b.dtype != info_a.dtype:
-                status = "dtype-changed"
-                w1 = w1.to(w0.dtype) if w0.dtype.is_floating_point and w1.dtype.is_floating_point else w1
-            dirs = directions_for(key, role) if (directions_for and role is not None and role.resid_axis is not None) else {}
-            floating = w0.dtype.is_floating_point and w1.dtype == w0.dtype
-            if not floating:  # integer / quantized blocks: bytes only
-                same = same if same is not None else bytes_equal(w0, w1)
-                if status == "changed":
-                    status = "unchanged" if same else "changed"
-                out.diffs.append(TensorDiff(**base, status=status, rel_change=0.0 if same else None, changed_targets=() if same else base.get("targets", ())))
-                continue
-            st = pair_stats(w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
-                            layout.n_routed_experts if role and role.component == "experts" else 0,
-                            along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent,
-                            identical=same, floor_needed=floor_can_matter)  # the exact rounding floor only where it can change a class
-            if status == "changed" and st.identical:
-                status = "unchanged"
-            changed = status == "changed" or (status == "dtype-changed" and not st.identical)
-            ct = _changed_targets(w0, w1, role, layout.family) if (changed and role is not None) else ()
-            out.diffs.append(TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change,
-                                        nonfinite_base=st.nonfinite_base, nonfinite_ablated=st.nonfinite_ablated, expert_rel_change=st.expert_rel_change))
-            if role is not None and role.io in ("writer", "reader") and st.dirs:
-                out.projections.append(TensorProjection(key, role.layer, role.component, role.projection, role.io, targets_of(role), changed,
-                                                        info_b.dtype, role.expert, st.ablated_fro, st.dirs))
-            if changed and st.recovery is not None and role is not None:
-                out.recoveries.append(TensorRecovery(key, role.layer, role.component, role.projection, role.io, st.recovery, role.expert))
-                u = st.recovery.direction
-                if st.recovery.rank1_share >= 0.5 and not any(abs(float(h @ u)) > 0.999 for h in recent if h.numel() == u.numel()):
-                    recent[:] = [u] + recent[:1]  # the last two distinct directions seen: likely the next tensor's
-            del w0, w1
-            if progress:
-                progress(out.bytes_read, total)
-        for key, info_b in md_b.tensors.items():
-            if key not in md_a.tensors:
-                role = layout.roles.get(key)
-                out.diffs.append(TensorDiff(**_diff_base(key, role), status="missing", base_shape=info_b.shape, base_dtype=info_b.dtype))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audit-pair") as ex:
+            for f in [ex.submit(work, k) for k in range(workers)]:
+                f.result()
     finally:
-        pairs.close()  # waits for a read in flight before the files close
         torch.set_num_threads(threads)
-        for fd in fds.values():
-            os.close(fd)
+        sys.setswitchinterval(switch)
+    out = Comparison()
+    for info_a in order:
+        diff, proj, rec, nbytes = judged[info_a.name]
+        out.diffs.append(diff)
+        if proj is not None:
+            out.projections.append(proj)
+        if rec is not None:
+            out.recoveries.append(rec)
+        out.bytes_read += nbytes
+    for key, info_b in md_b.tensors.items():
+        if key not in md_a.tensors:
+            role = layout.roles.get(key)
+            out.diffs.append(TensorDiff(**_diff_base(key, role), status="missing", base_shape=info_b.shape, base_dtype=info_b.dtype))
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _prefetched(md_a: ModelDir, md_b: ModelDir, fds: dict):
-    """(info_a, info_b, ablated, base, identical) in the ablated model's disk order; the next pair is read while this one is judged.
-
-    One reader thread overlaps the disk (or page cache) with the arithmetic and also tells whether the
-    pair is bit-identical (libc memcmp, without the GIL; None when dtypes differ): at most two pairs are
-    in memory, so peak memory stays at 4x the largest tensor. Pairs that cannot be compared come with None tensors.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def load(info_a):
-        info_b = md_b.tensors.get(info_a.name)
-        if info_b is None or info_b.shape != info_a.shape:
-            return info_a, info_b, None, None, None
-        w1, w0 = read_tensor(md_a, info_a, fds), read_tensor(md_b, info_b, fds)
-        return info_a, info_b, w1, w0, (bytes_equal(w0, w1) if w0.dtype == w1.dtype else None)
-
-    order = sorted(md_a.tensors.values(), key=lambda t: (t.shard, t.begin))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-read") as pool:
-        nxt = pool.submit(load, order[0]) if order else None
-        for i in range(len(order)):
-            item = nxt.result()
-            nxt = pool.submit(load, order[i + 1]) if i + 1 < len(order) else None
-            yield item
-            del item
+def _judge(info_a, info_b, w1, w0, same, md_a: ModelDir, layout: Layout, directions_for, along_unchanged: bool, recent: list):
+    """One pair -> (TensorDiff, TensorProjection | None, TensorRecovery | None, bytes read); updates ``recent``."""
+    key = info_a.name
+    role = layout.roles.get(key) or md_a.layout.roles.get(key)
+    base = _diff_base(key, role)
+    if info_b is None:
+        return TensorDiff(**base, status="added", ablated_shape=info_a.shape, ablated_dtype=info_a.dtype), None, None, 0
+    base.update(base_shape=info_b.shape, ablated_shape=info_a.shape, base_dtype=info_b.dtype, ablated_dtype=info_a.dtype)
+    if info_b.shape != info_a.shape:
+        return TensorDiff(**base, status="shape-changed"), None, None, 0
+    nbytes = info_a.nbytes + info_b.nbytes
+    status = "changed"
+    if info_b.dtype != info_a.dtype:
+        status = "dtype-changed"
+        w1 = w1.to(w0.dtype) if w0.dtype.is_floating_point and w1.dtype.is_floating_point else w1
+    dirs = directions_for(key, role) if (directions_for and role is not None and role.resid_axis is not None) else {}
+    if not (w0.dtype.is_floating_point and w1.dtype == w0.dtype):  # integer / quantized blocks: bytes only
+        same = same if same is not None else bytes_equal(w0, w1)
+        if status == "changed":
+            status = "unchanged" if same else "changed"
+        return TensorDiff(**base, status=status, rel_change=0.0 if same else None, changed_targets=() if same else base.get("targets", ())), None, None, nbytes
+    st = pair_stats(w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
+                    layout.n_routed_experts if role and role.component == "experts" else 0,
+                    along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent,
+                    identical=same, floor_needed=floor_can_matter)  # the exact rounding floor only where it can change a class
+    if status == "changed" and st.identical:
+        status = "unchanged"
+    changed = status == "changed" or (status == "dtype-changed" and not st.identical)
+    ct = _changed_targets(w0, w1, role, layout.family) if (changed and role is not None) else ()
+    diff = TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change,
+                      nonfinite_base=st.nonfinite_base, nonfinite_ablated=st.nonfinite_ablated, expert_rel_change=st.expert_rel_change)
+    proj = rec = None
+    if role is not None and role.io in ("writer", "reader") and st.dirs:
+        proj = TensorProjection(key, role.layer, role.component, role.projection, role.io, targets_of(role), changed,
+                                info_b.dtype, role.expert, st.ablated_fro, st.dirs)
+    if changed and st.recovery is not None and role is not None:
+        rec = TensorRecovery(key, role.layer, role.component, role.projection, role.io, st.recovery, role.expert)
+        u = st.recovery.direction
+        if st.recovery.rank1_share >= 0.5 and not any(abs(float(h @ u)) > 0.999 for h in recent if h.numel() == u.numel()):
+            recent[:] = [u] + recent[:1]  # the last two distinct directions seen
+    return diff, proj, rec, nbytes
 
 
 def _diff_base(key: str, role: Role | None) -> dict:

@@ -1,4 +1,4 @@
-"""Everything the weight checks need from one (base, ablated) tensor pair, in two cache-sized sweeps.
+"""Everything the weight checks need from one (base, ablated) tensor pair, in one pass over memory.
 
 One pure function, ``pair_stats``, turns the two tensors of one key into a small record: whether the
 bytes are identical, the Frobenius norms of W, W' and of the change D = W' - W, non-finite counts,
@@ -7,20 +7,24 @@ kept per expert for fused tensors), the rounding floor of W's dtype along r, and
 tensor -- the dominant direction of the change (its top singular vector on the residual axis), how
 much of the change's energy that direction holds, and the effective scale of the edit along it.
 
-The tensor is seen as [P, H, Q] with the residual axis in the middle and swept in blocks of about
-``block`` elements, so every quantity of a block is computed while it is in cache and memory stays at
-the two input tensors plus a few blocks. Sweep 1 converts each block once to float32 and gathers all
-statistics plus a streaming power iteration for the change's direction; sweep 2 (changed tensors
-only) does one more exact power step, which also gives the top singular value and the scale.
+The tensor is seen as the [H, P*Q] matrix of its [P, H, Q] view (residual axis in the middle) and
+walked in pieces of about ``block`` elements that are contiguous in memory: whole columns when the
+residual axis is the last one (Q = 1), else panels of whole rows of one p, whose products are summed
+over the panels. Each piece is converted once to float32 (not at all when it already is), and every
+statistic of the piece is taken while it is in cache; memory stays at the two inputs plus a few pieces
+(and, for row panels, one p's change). The same pass gives D D^T r for each given direction r (or
+hint): when one explains the change, that is the direction the data gives (one exact power step from
+r); otherwise a few more power steps find it.
 
 Given ``floor_needed`` (the judge's rule for when a floor can change its verdict), the rounding floor
 is first bounded for free (floor^2 <= c max_h r_h^2 ||W'||_F^2) and computed exactly, in one more
-sweep over W', only for the directions where that bound leaves the verdict open.
+pass over W', only for the directions where that bound leaves the verdict open.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import ClassVar
@@ -33,6 +37,7 @@ import torch
 # so E[err^2] = x^2 eps^2 E[1/m^2] / 12 = x^2 eps^2 * 0.5410 / 12.
 ROUND_MSE_PER_EPS2 = 0.5410 / 12
 CANDIDATE_EXPLAINS = 0.99  # a given direction holding this share of the change's energy is taken as its direction
+RETAIN_D = 1 << 23  # row panels: keep one p's change (up to 32 MB of float32) for D D^T r in the same pass; larger, one more pass
 
 
 @dataclass
@@ -136,67 +141,84 @@ def _phq(t: torch.Tensor, axis: int | None) -> torch.Tensor:
     return t.reshape(p, t.shape[axis], q)
 
 
-def _blocks(p: int, h: int, q: int, block: int):
-    """(p0, p1, q0, q1) slices of about ``block`` elements covering [P, H, Q]."""
-    cols = max(1, block // max(h, 1))
-    if q >= cols:
-        for p0 in range(p):
-            for q0 in range(0, q, cols):
-                yield p0, p0 + 1, q0, min(q, q0 + cols)
-    else:
-        pb = max(1, cols // q)
-        for p0 in range(0, p, pb):
-            yield p0, min(p, p0 + pb), 0, q
-
-
 class _Work:
-    """Reusable float32 scratch blocks: fresh allocations page-fault on every block and cost ~30x the arithmetic."""
+    """Reusable float32 scratch blocks, per thread: fresh allocations page-fault on every block and cost ~30x the arithmetic."""
 
-    bufs: ClassVar[dict[tuple[int, int], torch.Tensor]] = {}  # per process; only the thread that runs pair_stats uses them
+    local: ClassVar[threading.local] = threading.local()
 
     @classmethod
     def get(cls, slot: int, n: int) -> torch.Tensor:
-        b = cls.bufs.get((slot, 0))
+        bufs = cls.local.__dict__.setdefault("bufs", {})
+        b = bufs.get(slot)
         if b is None or b.numel() < n:
             b = torch.empty(max(n, 1 << 18), dtype=torch.float32)
-            cls.bufs[(slot, 0)] = b
+            bufs[slot] = b
         return b[:n]
 
 
-def _mat(xv: torch.Tensor, c0: int, c1: int, Q: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns c0:c1 of the [H, P*Q] matrix view of ``xv`` [P, H, Q] as float32 in scratch ``slot``: (buffer, [H, cols] view).
+@dataclass
+class _Piece:
+    """A sub-matrix [rows, cols] of the [H, P*Q] view: rows ``hs``, columns c0:c1 (of one p when ``p`` is set)."""
 
-    Blocks never straddle: either within one p (Q large) or whole p's (Q small).
+    hs: slice
+    c0: int
+    c1: int
+    p: int | None
+    raw: list[torch.Tensor]  # float32, contiguous in memory (a flat view is free)
+    mat: list[torch.Tensor]  # the same data as [rows, cols] matrices (raw or raw.T)
+
+
+class _Walk:
+    """Walks the [H, P*Q] matrix view of one or more [P, H, Q] tensors in pieces contiguous in memory.
+
+    Q = 1 (residual axis last: readers, embeddings, gpt-oss's [E, in, out] writers): pieces of whole
+    columns. Q > 1 (writers [H, in], fused [E, H, I]): panels of whole rows of one p, so products with
+    the columns are partial sums over the panels (``full_rows`` False).
     """
-    H = xv.shape[1]
-    n = (c1 - c0) * H
-    buf = _Work.get(slot, n)
-    if Q == 1:
-        raw = buf.view(c1 - c0, H)
-        raw.copy_(xv[c0:c1, :, 0])
-        return raw, raw.T
-    p0, q0 = divmod(c0, Q)
-    if c1 - c0 <= Q - q0:
-        raw = buf.view(H, c1 - c0)
-        raw.copy_(xv[p0, :, q0:q0 + (c1 - c0)])
-        return raw, raw
-    p1 = c1 // Q
-    raw = buf.view(H, p1 - p0, Q)
-    raw.copy_(xv[p0:p1].transpose(0, 1))
-    raw = raw.view(H, -1)
-    return raw, raw
+
+    def __init__(self, xs: list[torch.Tensor], block: int):
+        self.xs, self.block = xs, block
+        self.P, self.H, self.Q = xs[0].shape
+        self.full_rows = self.Q == 1
+
+    @staticmethod
+    def _f32(src: torch.Tensor, slot: int) -> torch.Tensor:
+        if src.dtype == torch.float32:
+            return src  # a contiguous view of the input; never written to
+        buf = _Work.get(slot, src.numel()).view(src.shape)
+        buf.copy_(src)
+        return buf
+
+    def __iter__(self):
+        P, H, Q = self.P, self.H, self.Q
+        if self.full_rows:
+            cols = max(1, self.block // max(H, 1))
+            for c0 in range(0, P, cols):
+                c1 = min(P, c0 + cols)
+                raw = [self._f32(x[c0:c1, :, 0], i) for i, x in enumerate(self.xs)]  # [cols, H]
+                yield _Piece(slice(0, H), c0, c1, None, raw, [r.T for r in raw])
+        else:
+            rows = max(1, self.block // Q)
+            for p in range(P):
+                for h0 in range(0, H, rows):
+                    h1 = min(H, h0 + rows)
+                    raw = [self._f32(x[p, h0:h1, :], i) for i, x in enumerate(self.xs)]  # [rows, Q]
+                    yield _Piece(slice(h0, h1), p * Q, (p + 1) * Q, p, raw, raw)
 
 
-def _ranges_of(xv: torch.Tensor, block: int):
-    P, H, Q = xv.shape
-    for p0, p1, q0, q1 in _blocks(P, H, Q, block):
-        yield p0 * Q + q0, ((p1 - 1) * Q + q1 if p1 - p0 == 1 else p1 * Q)
+def _diff(pc: _Piece, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """D = W' - W of a two-tensor piece in ``out`` or scratch: (contiguous raw, [rows, cols] matrix)."""
+    raw0, raw1 = pc.raw
+    rawd = (out if out is not None else _Work.get(2, raw0.numel())).view(raw0.shape)
+    torch.sub(raw1, raw0, out=rawd)
+    return rawd, (rawd if pc.mat[0] is raw0 else rawd.T)
 
 
-def _like(raw: torch.Tensor, m: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A scratch tensor shaped like ``raw`` and its matrix view laid out like ``m`` (raw or raw.T)."""
-    out = buf[: raw.numel()].view(raw.shape)
-    return out, (out.T if m.stride() != raw.stride() else out)
+def _sq(raw: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+    """W' * W' of a piece in scratch, laid out like ``mat``."""
+    out = _Work.get(3, raw.numel()).view(raw.shape)
+    torch.mul(raw, raw, out=out)
+    return out if mat is raw else out.T
 
 
 def _sign_fix(u: torch.Tensor) -> torch.Tensor:
@@ -206,7 +228,7 @@ def _sign_fix(u: torch.Tensor) -> torch.Tensor:
 
 def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, directions: dict[str, torch.Tensor] | None = None,
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
-               block: int = 1 << 18, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
+               block: int = 1 << 19, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
                identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
@@ -214,11 +236,11 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     the fused experts axis (must precede ``resid_axis``); per-expert results then come along.
     ``along_unchanged``: also compute r . W for an identical pair (how much r it writes or reads).
     ``hints``: more unit directions (e.g. those recovered from the previous tensors), tried only as
-    candidates that may explain a change (sparing sweep 2), never reported. ``identical``: the
-    caller's bytes_equal(w0, w1) when it already has it (a reader thread compares while this runs).
-    ``floor_needed(ds)``: given ``ds.floor`` as an upper bound of the rounding floor, whether the exact
-    floor could change the verdict on ``ds``; the floor is then computed only where it says so (the
-    others keep the bound, ``floor_exact=False``). None: every floor exact.
+    candidates that may explain a change (sparing the power steps), never reported. ``identical``:
+    the caller's bytes_equal(w0, w1) when it already has it. ``floor_needed(ds)``: given ``ds.floor``
+    as an upper bound of the rounding floor, whether the exact floor could change the verdict on
+    ``ds``; the floor is then computed only where it says so (the others keep the bound,
+    ``floor_exact=False``). None: every floor exact.
     """
     identical = bytes_equal(w0, w1) if identical is None else bool(identical)
     directions = {k: v for k, v in (directions or {}).items() if v is not None}
@@ -239,59 +261,52 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     R2 = R * R if R is not None else None
     c_round = round_mse_coeff(w1.dtype)
     PQ = P * Q
+    lazy_floor = floor_needed is not None
     a0 = torch.zeros(R.shape[0], PQ) if use_dirs else None
     a1 = torch.zeros(R.shape[0], PQ) if use_dirs and not identical else None
-    lazy_floor = floor_needed is not None
     fl = torch.zeros(R.shape[0], PQ) if use_dirs and not identical and c_round > 0 and not lazy_floor else None
-    e_d2 = torch.zeros(PQ) if per_expert and not identical else None
-    e_w2 = torch.zeros(PQ) if per_expert and not identical else None
+    e_d2 = torch.zeros(P) if per_expert and not identical else None  # per p: ||D_p||^2, ||W_p||^2 (experts are whole p's)
+    e_w2 = torch.zeros(P) if per_expert and not identical else None
     s_w0 = s_w1 = s_d = 0.0
     nf0 = nf1 = 0
-    # streaming power iteration on D D^T (sweep 1): u follows the running dominant direction
     want_rec = recover and not identical and resid_axis is not None
-    u = None
-    g = torch.zeros(H) if want_rec else None
+    # D D^T r for every candidate r, in the same pass (Z [H, m]): whole columns give D^T r at once; row
+    # panels keep one p's D ([H, Q] float32, when small enough) until its D^T r is complete
+    Z = torch.zeros(H, R.shape[0]) if want_rec and use_dirs and (Q == 1 or H * Q <= RETAIN_D) else None
+    slab = _Work.get(4, H * Q).view(H, Q) if Z is not None and Q > 1 else None
 
-    for c0, c1 in (_ranges_of(x0v, block) if (use_dirs or not identical) else ()):  # identical, nothing to project: done
-        raw0, m0 = _mat(x0v, c0, c1, Q, 0)
-        f0 = raw0.reshape(-1)
-        if identical:  # only the projections: ||W|| of an untouched tensor is reported nowhere
+    if identical:  # only the projections: ||W|| of an untouched tensor is reported nowhere
+        for pc in (_Walk([x0v], block) if use_dirs else ()):
+            a0[:, pc.c0:pc.c1].addmm_(R[:, pc.hs], pc.mat[0])
+    else:
+        for pc in _Walk([x0v, x1v], block):
+            (raw0, raw1), (m0, m1) = pc.raw, pc.mat
+            rawd, dm = _diff(pc, slab[pc.hs] if slab is not None else None)
+            f0, f1, fd = raw0.view(-1), raw1.view(-1), rawd.view(-1)
+            w0sq, w1sq, dsq = float(torch.dot(f0, f0)), float(torch.dot(f1, f1)), float(torch.dot(fd, fd))
+            if not math.isfinite(w0sq):
+                nf0 += int((~torch.isfinite(raw0)).sum())
+            if not math.isfinite(w1sq):
+                nf1 += int((~torch.isfinite(raw1)).sum())
+            s_w0 += w0sq
+            s_w1 += w1sq
+            s_d += dsq
+            if e_d2 is not None:
+                if pc.p is not None:
+                    e_d2[pc.p] += dsq
+                    e_w2[pc.p] += w0sq
+                else:  # whole columns, one per p
+                    e_d2[pc.c0:pc.c1] = torch.linalg.vector_norm(rawd, dim=1).square_()
+                    e_w2[pc.c0:pc.c1] = torch.linalg.vector_norm(raw0, dim=1).square_()
             if use_dirs:
-                a0[:, c0:c1] = R @ m0
-            continue
-        raw1, m1 = _mat(x1v, c0, c1, Q, 1)
-        rawd, dm = _like(raw0, m0, _Work.get(2, raw0.numel()))
-        torch.sub(raw1, raw0, out=rawd)
-        f1, fd = raw1.reshape(-1), rawd.reshape(-1)
-        w0sq, w1sq, dsq = float(torch.dot(f0, f0)), float(torch.dot(f1, f1)), float(torch.dot(fd, fd))
-        if not math.isfinite(w0sq):
-            nf0 += int((~torch.isfinite(raw0)).sum())
-        if not math.isfinite(w1sq):
-            nf1 += int((~torch.isfinite(raw1)).sum())
-        s_w0 += w0sq
-        s_w1 += w1sq
-        s_d += dsq
-        if e_d2 is not None:
-            e_d2[c0:c1] = dm.square().sum(0)
-            e_w2[c0:c1] = m0.square().sum(0)
-        if use_dirs:
-            a0[:, c0:c1] = R @ m0
-            a1[:, c0:c1] = R @ m1
-            if fl is not None:
-                rawsq, msq = _like(raw1, m1, _Work.get(3, raw1.numel()))
-                torch.mul(raw1, raw1, out=rawsq)
-                fl[:, c0:c1] = R2 @ msq
-        if want_rec and dsq > 0 and math.isfinite(dsq):
-            if u is None:  # start: the first known direction, else the block's largest column
-                if R is not None:
-                    u = R[0].clone()
-                else:
-                    u = dm[:, int(dm.square().sum(0).argmax())].clone()
-                u = u / u.norm().clamp_min(1e-30)
-            g += dm @ (dm.T @ u)
-            n = g.norm()
-            if n > 0:
-                u = g / n
+                rh = R[:, pc.hs]
+                a0[:, pc.c0:pc.c1].addmm_(rh, m0)
+                a1[:, pc.c0:pc.c1].addmm_(rh, m1)
+                if fl is not None:
+                    fl[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _sq(raw1, m1))
+                if Z is not None and (slab is None or pc.hs.stop == H):  # D^T R^T of these columns is complete
+                    t = a1[:, pc.c0:pc.c1] - a0[:, pc.c0:pc.c1]
+                    Z.addmm_(dm if slab is None else slab, t.T)
 
     if identical:
         st.base_fro = st.ablated_fro = None
@@ -302,7 +317,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     st.nonfinite_base, st.nonfinite_ablated = nf0, nf1
     if e_d2 is not None:
         ed = e_d2.reshape(n_experts, -1).sum(1).sqrt()
-        ew = e_w2.reshape(n_experts, -1).sum(1).sqrt()  # flat columns are (p, q) with p = expert-major
+        ew = e_w2.reshape(n_experts, -1).sum(1).sqrt()  # p is expert-major
         st.expert_rel_change = torch.where(ew > 0, ed / ew.clamp_min(1e-30), torch.where(ed > 0, torch.full_like(ed, math.inf), torch.zeros_like(ed))).tolist()
 
     floors = _ColFloors(x1v, R2, block, fl) if use_dirs and not identical and c_round > 0 else None
@@ -327,11 +342,31 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                 ds.vec_before, ds.vec_after = v0.flatten().tolist(), v1.flatten().tolist()
             st.dirs[n] = ds
 
-    if want_rec and u is not None and st.diff_fro > 0 and math.isfinite(st.diff_fro):
-        st.recovery = _from_candidates(names, a0, a1, floors, R2, s_w1, c_round, g, s_d, floor_needed) if use_dirs else None
-        if st.recovery is None:  # no given direction explains the edit: one more exact power step
-            st.recovery = _refine(x0v, x1v, u, block, st.diff_fro, c_round, s_w1, floor_needed)
+    if want_rec and st.diff_fro > 0 and math.isfinite(st.diff_fro):
+        walk = _Walk([x0v, x1v], block)
+        best = _best_candidate(a0, a1, len(names), s_d) if use_dirs else None
+        z = None
+        if best is not None and best[1] > 0:
+            z = Z[:, best[0]] if Z is not None else _apply_d(walk, a1[best[0]] - a0[best[0]])  # D D^T r: one exact power step from r
+        if best is not None and best[1] >= CANDIDATE_EXPLAINS:
+            st.recovery = _from_candidate(best[0], best[1], a0, a1, z, floors, R2, s_w1, c_round, s_d, floor_needed)
+        else:
+            st.recovery = _refine(walk, z if z is not None and float(z.norm()) > 0 else _Start.get(H), st.diff_fro, c_round, s_w1, floor_needed)
     return st
+
+
+class _Start:
+    """A fixed pseudo-random unit start for power steps when no given direction is near the change."""
+
+    cache: ClassVar[dict[int, torch.Tensor]] = {}
+
+    @classmethod
+    def get(cls, h: int) -> torch.Tensor:
+        if h not in cls.cache:
+            v = torch.randn(h, generator=torch.Generator().manual_seed(0))
+            cls.cache[h] = v / v.norm()
+        return cls.cache[h]
+
 
 
 def _floor_bound(r2: torch.Tensor, s_w1: float, c_round: float) -> float:
@@ -340,98 +375,120 @@ def _floor_bound(r2: torch.Tensor, s_w1: float, c_round: float) -> float:
 
 
 class _ColFloors:
-    """Per-column sum_h r_h^2 W'_hc^2 for rows of R2: from sweep 1's accumulator, or from one more sweep over W' on first use."""
+    """Per-column sum_h r_h^2 W'_hc^2 for rows of R2: from the first pass's accumulator, or from one more pass over W' on first use."""
 
     def __init__(self, x1v: torch.Tensor, R2: torch.Tensor, block: int, fl: torch.Tensor | None):
         self.x1v, self.R2, self.block, self.fl = x1v, R2, block, fl
 
     def rows(self, j: int) -> torch.Tensor:
         if self.fl is None:
-            self.fl = _col_floor(self.x1v, self.R2, self.block)  # all rows in one sweep: the padded gemm costs as much as one row's
+            self.fl = _col_floor(self.x1v, self.R2, self.block)  # all rows in one pass: the padded gemm costs as much as one row's
         return self.fl[j]
 
 
 def _col_floor(x1v: torch.Tensor, R2: torch.Tensor, block: int) -> torch.Tensor:
-    """[m, P*Q]: R2 @ (W' * W') per column of the [H, P*Q] view, W' converted block by block."""
-    _, H, Q = x1v.shape
-    out = torch.zeros(R2.shape[0], x1v.shape[0] * Q)
-    for c0, c1 in _ranges_of(x1v, block):
-        raw1, m1 = _mat(x1v, c0, c1, Q, 1)
-        rawsq, msq = _like(raw1, m1, _Work.get(3, raw1.numel()))
-        torch.mul(raw1, raw1, out=rawsq)
-        out[:, c0:c1] = R2 @ msq
+    """[m, P*Q]: R2 @ (W' * W') per column of the [H, P*Q] view."""
+    out = torch.zeros(R2.shape[0], x1v.shape[0] * x1v.shape[2])
+    for pc in _Walk([x1v], block):
+        out[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _sq(pc.raw[0], pc.mat[0]))
     return out
 
 
-def _from_candidates(names, a0, a1, floors, R2, s_w1, c_round, g, s_d, floor_needed=None, explained: float = CANDIDATE_EXPLAINS) -> EditRecovery | None:
-    """Skip sweep 2 when a given direction r explains the change: ||D^T r||^2 >= ``explained`` ||D||^2.
-
-    D^T r = r.W' - r.W is already known from sweep 1, so the rank-one share along r, the scale along
-    r (over the edited columns) and r's residue come free; the direction reported is still the one the
-    data gave (the streamed power iteration ``g``, which started from r), not r itself.
-    """
-    best, share = None, 0.0
-    for j in range(len(names)):
-        dj = a1[j] - a0[j]
-        sj = float(dj @ dj) / s_d if s_d > 0 else 0.0
-        if sj > share:
-            best, share = j, sj
-    if best is None or share < explained or float(g.norm()) == 0:
+def _best_candidate(a0: torch.Tensor, a1: torch.Tensor, m: int, s_d: float) -> tuple[int, float] | None:
+    """(j, share): the given direction r_j holding the largest share ||D^T r_j||^2 / ||D||^2 of the change (D^T r = r.W' - r.W)."""
+    if s_d <= 0:
         return None
-    mask = a1[best] != a0[best]
-    c0v, c1v = torch.where(mask, a0[best], 0.0), torch.where(mask, a1[best], 0.0)
-    aa, ab, bb = float(c0v @ c0v), float(c0v @ c1v), float(c1v @ c1v)
-    along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=0.0)
-    if floors is not None:  # masked columns only: the all-column bound still holds
-        along.floor = _floor_bound(R2[best], s_w1, c_round)
+    shares = ((a1[:m] - a0[:m]).square().sum(1) / s_d).tolist()
+    j = max(range(m), key=shares.__getitem__)
+    return j, shares[j]
+
+
+def _along(walk: _Walk, u: torch.Tensor, uw0: torch.Tensor, uw1: torch.Tensor, mask: torch.Tensor, s_w1: float, c_round: float,
+           floor_needed) -> DirStats:
+    """u . W and u . W' over the edited columns (``mask``), with the rounding floor along u over them."""
+    c0v, c1v = torch.where(mask, uw0, 0.0), torch.where(mask, uw1, 0.0)
+    along = DirStats(before=float(c0v.norm()), after=float(c1v.norm()), dot=float(c0v @ c1v), floor=0.0)
+    if c_round > 0:
+        u2 = (u * u)[None]
+        along.floor = _floor_bound(u2, s_w1, c_round)  # masked columns only: the all-column bound still holds
         if floor_needed is None or not math.isfinite(along.floor) or floor_needed(along):
-            along.floor = math.sqrt(float(floors.rows(best)[mask].sum()) * c_round)
+            along.floor = math.sqrt(float(_col_floor(walk.xs[1], u2, walk.block)[0][mask].sum()) * c_round)
+            along.floor_exact = True
         else:
             along.floor_exact = False
-    return EditRecovery(direction=_sign_fix(g / g.norm()).float(), rank1_share=min(1.0, share), scale=1.0 - ab / aa if aa > 0 else None,
+    return along
+
+
+def _apply_d(walk: _Walk, t: torch.Tensor) -> torch.Tensor:
+    """z = D t, [H]: one pass."""
+    z = torch.zeros(walk.H)
+    for pc in walk:
+        _, dm = _diff(pc)
+        z[pc.hs] += dm @ t[pc.c0:pc.c1]
+    return z
+
+
+def _from_candidate(j, share, a0, a1, z, floors, R2, s_w1, c_round, s_d, floor_needed) -> EditRecovery:
+    """The change is (almost) along the given direction r_j: ||D^T r_j||^2 >= CANDIDATE_EXPLAINS ||D||^2.
+
+    D^T r_j = r_j.W' - r_j.W is known from the first pass, so the rank-one share, the scale over the
+    edited columns and the residue along r_j come free; the direction reported is the data's, z = D D^T r_j,
+    not r_j itself.
+    """
+    t = a1[j] - a0[j]
+    mask = t != 0
+    c0v, c1v = torch.where(mask, a0[j], 0.0), torch.where(mask, a1[j], 0.0)
+    aa, ab, bb = float(c0v @ c0v), float(c0v @ c1v), float(c1v @ c1v)
+    along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=0.0)
+    if floors is not None:
+        along.floor = _floor_bound(R2[j], s_w1, c_round)
+        if floor_needed is None or not math.isfinite(along.floor) or floor_needed(along):
+            along.floor = math.sqrt(float(floors.rows(j)[mask].sum()) * c_round)
+        else:
+            along.floor_exact = False
+    direction = _sign_fix(z / z.norm())  # r_j . z = ||D^T r_j||^2 > 0: never zero
+    return EditRecovery(direction=direction.float(), rank1_share=min(1.0, share), scale=1.0 - ab / aa if aa > 0 else None,
                         sigma1=math.sqrt(share * s_d), along=along)
 
 
-def _refine(x0v: torch.Tensor, x1v: torch.Tensor, u: torch.Tensor, block: int, diff_fro: float, c_round: float, s_w1: float = math.nan,
-            floor_needed: Callable[[DirStats], bool] | None = None) -> EditRecovery:
-    """Sweep 2: z = D D^T u (one exact power step), ||D^T u||, and u . W, u . W' for the scale."""
-    _, H, Q = x0v.shape
-    z = torch.zeros(H)
-    t2 = 0.0
-    aa = ab = bb = fl = 0.0  # ||u.W||^2, <u.W, u.W'>, ||u.W'||^2, expected rounding residue^2
-    u2 = u * u
-    lazy = floor_needed is not None and c_round > 0
-    masks = torch.zeros(x0v.shape[0] * Q, dtype=torch.bool) if lazy else None
-    for c0, c1 in _ranges_of(x0v, block):
-        raw0, m0 = _mat(x0v, c0, c1, Q, 0)
-        raw1, m1 = _mat(x1v, c0, c1, Q, 1)
-        rawd, dm = _like(raw0, m0, _Work.get(2, raw0.numel()))
-        torch.sub(raw1, raw0, out=rawd)
-        t = dm.T @ u
-        z += dm @ t
-        t2 += float(t @ t)
-        mask = t != 0  # the edited columns only (the scale of a partial edit is that of its edited part)
-        c0v = torch.where(mask, u @ m0, 0.0)
-        c1v = torch.where(mask, u @ m1, 0.0)
-        aa += float(c0v @ c0v)
-        ab += float(c0v @ c1v)
-        bb += float(c1v @ c1v)
-        if lazy:
-            masks[c0:c1] = mask
-        elif c_round > 0:
-            rawsq, msq = _like(raw1, m1, _Work.get(3, raw1.numel()))
-            torch.mul(raw1, raw1, out=rawsq)
-            fl += float(((u2 @ msq) * mask).sum()) * c_round
-    zn = float(z.norm())
-    sigma1 = zn / math.sqrt(t2) if t2 > 0 else 0.0
+def _power_step(walk: _Walk, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t = D^T u, z = D t (one exact power step on D D^T), and u . W, u . W' per column."""
+    PQ = walk.P * walk.Q
+    t, uw0, uw1, z = torch.zeros(PQ), torch.zeros(PQ), torch.zeros(PQ), torch.zeros(walk.H)
+    for pc in walk:
+        _, dm = _diff(pc)
+        uh, cs = u[pc.hs], slice(pc.c0, pc.c1)
+        t[cs] += uh @ dm
+        uw0[cs] += uh @ pc.mat[0]
+        uw1[cs] += uh @ pc.mat[1]
+        if walk.full_rows:  # whole columns: t of this piece is final, D t accumulates in the same pass
+            z += dm @ t[cs]
+    if not walk.full_rows:
+        z = _apply_d(walk, t)
+    return t, z, uw0, uw1
+
+
+def _refine(walk: _Walk, u: torch.Tensor, diff_fro: float, c_round: float, s_w1: float = math.nan,
+            floor_needed: Callable[[DirStats], bool] | None = None, steps: int = 3, converged: float = 0.9999) -> EditRecovery:
+    """Power steps on D D^T from ``u`` until the direction settles (|cos| >= ``converged``, at most ``steps``).
+
+    The last step gives sigma_1 = ||D D^T u|| / ||D^T u||, the direction, and the scale along u over
+    the edited columns (those where D^T u != 0).
+    """
+    u = u.float() / u.float().norm()
+    for k in range(steps):
+        t, z, uw0, uw1 = _power_step(walk, u)
+        zn = float(z.norm())
+        if zn == 0:
+            break
+        new = z / zn
+        if abs(float(new @ u)) >= converged or k == steps - 1:
+            break
+        u = new
+    tn = float(t.norm())
+    sigma1 = zn / tn if tn > 0 else 0.0
     direction = _sign_fix(z / zn) if zn > 0 else u
     share = min(1.0, sigma1 ** 2 / diff_fro ** 2) if diff_fro > 0 else 0.0
-    scale = 1.0 - ab / aa if aa > 0 else None
-    along = DirStats(before=math.sqrt(aa), after=math.sqrt(bb), dot=ab, floor=math.sqrt(fl))
-    if lazy:
-        along.floor = _floor_bound(u2, s_w1, c_round)
-        if not math.isfinite(along.floor) or floor_needed(along):
-            along.floor = math.sqrt(float(_col_floor(x1v, u2[None], block)[0][masks].sum()) * c_round)
-        else:
-            along.floor_exact = False
-    return EditRecovery(direction=direction.float(), rank1_share=share, scale=scale, sigma1=sigma1, along=along)
+    along = _along(walk, u, uw0, uw1, t != 0, s_w1, c_round, floor_needed)
+    return EditRecovery(direction=direction.float(), rank1_share=share, scale=1.0 - along.dot / along.before ** 2 if along.before > 0 else None,
+                        sigma1=sigma1, along=along)

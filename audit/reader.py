@@ -1,0 +1,124 @@
+"""The (ablated, base) tensor pairs of two model directories, in chunks, straight from the page cache.
+
+Each run of neighbouring tensors is memory-mapped on its own and unmapped as soon as the last view
+of it is gone, so every byte is read once, by the arithmetic itself (no copy into a buffer first),
+and resident memory stays at the chunks being judged, whatever the model size. Mapping whole shards
+instead would keep every touched page resident until the end. A file cannot shrink under the
+mapping unnoticed: model_dir.read_header checks every offset against the file size first.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+import warnings
+
+import torch
+
+from audit.model_dir import DTYPES, ModelDir, TensorInfo
+from checks.errors import AuditError
+from checks.pair_stats import bytes_equal
+
+PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def _open(md: ModelDir, shard: str, fds: dict) -> int:
+    fd = fds.get((md.path, shard))
+    if fd is None:
+        fd = os.open(md.path / shard, os.O_RDONLY)
+        fds[(md.path, shard)] = fd
+    return fd
+
+
+def _check(md: ModelDir, info: TensorInfo) -> tuple[torch.dtype, int]:
+    dtype, size = DTYPES[info.dtype]
+    if dtype is None:
+        raise AuditError(f"{md.path / info.shard}: {info.name} has dtype {info.dtype}, which this torch build cannot read")
+    if info.end - info.begin != math.prod(info.shape) * size:
+        raise AuditError(f"{md.path / info.shard}: {info.name} occupies {info.end - info.begin} bytes, its shape {info.shape} x {info.dtype} "
+                         f"needs {math.prod(info.shape) * size}")
+    return dtype, size
+
+
+_first = threading.Lock()
+_warned = False
+
+
+def _frombuffer(mm: mmap.mmap) -> torch.Tensor:
+    """torch.frombuffer of a read-only mapping, without torch's one-time "buffer is not writable" warning (nothing here writes to inputs)."""
+    global _warned
+    if not _warned:
+        with _first, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(mm, dtype=torch.uint8)
+            _warned = True  # torch warns once per process
+            return t
+    return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def _runs(infos: list[TensorInfo], max_gap: int) -> list[list[TensorInfo]]:
+    runs: list[list[TensorInfo]] = []
+    for info in sorted(infos, key=lambda t: (t.shard, t.begin)):
+        if runs and runs[-1][-1].shard == info.shard and 0 <= info.begin - runs[-1][-1].end <= max_gap:
+            runs[-1].append(info)
+        else:
+            runs.append([info])
+    return runs
+
+
+def map_tensors(md: ModelDir, infos: list[TensorInfo], fds: dict, max_gap: int = 1 << 16) -> dict[str, torch.Tensor]:
+    """Read-only tensors mapped from the files, one mapping per run of neighbours (gaps up to ``max_gap`` bytes).
+
+    A mapping lives as long as one of its tensors does. Tensors unaligned in the file get an aligned copy.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for run in _runs(infos, max_gap):
+        checked = [_check(md, info) for info in run]
+        off = run[0].begin // PAGE * PAGE
+        if run[-1].end == off:  # empty tensors only: nothing to map
+            mem = torch.empty(0, dtype=torch.uint8)
+        else:
+            mm = mmap.mmap(_open(md, run[0].shard, fds), run[-1].end - off, offset=off, access=mmap.ACCESS_READ)
+            mem = _frombuffer(mm)  # holds the mapping; PROT_READ: nothing can write to the file through it
+        for info, (dtype, size) in zip(run, checked):
+            n, at = info.end - info.begin, info.begin - off
+            if n == 0:
+                out[info.name] = torch.empty(info.shape, dtype=dtype)
+                continue
+            raw = mem[at:at + n]
+            if at % size:
+                raw = raw.clone()
+            out[info.name] = raw.view(dtype).reshape(info.shape)
+    return out
+
+
+def chunks(order: list[TensorInfo], chunk: int) -> list[list[TensorInfo]]:
+    """Consecutive tensors of one shard grouped into chunks of about ``chunk`` bytes (a larger tensor is a chunk of its own)."""
+    groups: list[list[TensorInfo]] = []
+    size = 0
+    for info in order:
+        if not groups or size + info.nbytes > chunk or groups[-1][-1].shard != info.shard:
+            groups.append([])
+            size = 0
+        groups[-1].append(info)
+        size += info.nbytes
+    return groups
+
+
+def read_pairs(md_a: ModelDir, md_b: ModelDir, group: list[TensorInfo], fds: dict
+               ) -> list[tuple[TensorInfo, TensorInfo | None, torch.Tensor | None, torch.Tensor | None, bool | None]]:
+    """(info_a, info_b, ablated, base, identical) for the ablated model's tensors ``group`` and the base's of the same names.
+
+    Bit-identity by libc memcmp (None when the dtypes differ). Pairs that cannot be compared (missing
+    in the base, another shape) come with None tensors.
+    """
+    pairs = [(ia, md_b.tensors.get(ia.name)) for ia in group]
+    ok = [(ia, ib) for ia, ib in pairs if ib is not None and ib.shape == ia.shape]
+    ta, tb = map_tensors(md_a, [ia for ia, _ in ok], fds), map_tensors(md_b, [ib for _, ib in ok], fds)
+    out = []
+    for ia, ib in pairs:
+        w1, w0 = ta.get(ia.name), tb.get(ia.name)
+        out.append((ia, ib, w1, w0, bytes_equal(w0, w1) if w0 is not None and w0.dtype == w1.dtype else None))
+    return out
