@@ -66,16 +66,12 @@ def load_measurement(path: str | os.PathLike):
 
 
 def load_directions(path: str | os.PathLike):
-    """Our directions.safetensors, or llm-abliteration's measurement (by content: a torch.save zip or legacy pickle)."""
+    """Our directions.safetensors, or llm-abliteration's measurement (told apart by content: audit.measure.Directions.load)."""
     from audit.measure import Directions
 
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"{path}: no such directions file; run `audit measure BASE` first")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pt", ".pth", ".bin", ".refuse"):
-        return load_measurement(path)
     return Directions.load(path)
 
 

@@ -112,8 +112,12 @@ class Directions:
         if not path.is_file():
             raise AuditError(f"{path}: no such directions file; run `audit measure BASE -o {path.name}` first")
         with open(path, "rb") as f:
-            head = f.read(8)
-        if head[:2] == b"PK" or path.suffix in (".pt", ".pth", ".bin", ".refuse"):  # torch.save zip archive
+            head = f.read(9)
+        # safetensors: an 8-byte little-endian header length, then the JSON header. Tell it first: that length
+        # can itself begin with the bytes that mark a torch.save zip ("PK") or a legacy pickle (0x80).
+        if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
+            return cls._load_safetensors(path)
+        if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pt", ".pth", ".bin", ".refuse"):
             return cls._load_llm_abliteration(path)
         return cls._load_safetensors(path)
 

@@ -229,7 +229,7 @@ def _sign_fix(u: torch.Tensor) -> torch.Tensor:
 def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, directions: dict[str, torch.Tensor] | None = None,
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
                block: int = 1 << 19, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
-               identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None) -> PairStats:
+               identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None, retain: int = RETAIN_D) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
     ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
@@ -240,7 +240,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     the caller's bytes_equal(w0, w1) when it already has it. ``floor_needed(ds)``: given ``ds.floor``
     as an upper bound of the rounding floor, whether the exact floor could change the verdict on
     ``ds``; the floor is then computed only where it says so (the others keep the bound,
-    ``floor_exact=False``). None: every floor exact.
+    ``floor_exact=False``). None: every floor exact. ``retain``: the most float32 elements of the change
+    kept for D D^T r (the whole tensor, else one p of row panels, else one more pass).
     """
     identical = bytes_equal(w0, w1) if identical is None else bool(identical)
     directions = {k: v for k, v in (directions or {}).items() if v is not None}
@@ -249,6 +250,9 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         directions.update({f"_hint{i}": h for i, h in enumerate(hints) if h is not None and h.numel() == w0.shape[resid_axis]})
     use_dirs = bool(directions) and resid_axis is not None and (not identical or along_unchanged)
     st = PairStats(identical=identical, numel=w0.numel())
+    if identical and not use_dirs:  # nothing to compute: ||W|| of an untouched tensor is reported nowhere
+        st.base_fro = st.ablated_fro = None
+        return st
     x0v, x1v = _phq(w0, resid_axis), _phq(w1, resid_axis)
     P, H, Q = x0v.shape
     per_expert = expert_axis is not None and n_experts > 0 and resid_axis is not None and expert_axis < resid_axis and P % n_experts == 0
@@ -270,10 +274,12 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     s_w0 = s_w1 = s_d = 0.0
     nf0 = nf1 = 0
     want_rec = recover and not identical and resid_axis is not None
-    # D D^T r for every candidate r, in the same pass (Z [H, m]): whole columns give D^T r at once; row
-    # panels keep one p's D ([H, Q] float32, when small enough) until its D^T r is complete
-    Z = torch.zeros(H, R.shape[0]) if want_rec and use_dirs and (Q == 1 or H * Q <= RETAIN_D) else None
-    slab = _Work.get(4, H * Q).view(H, Q) if Z is not None and Q > 1 else None
+    # D D^T r without a second pass over the inputs: keep the whole change D (float32) when it is small
+    # enough and multiply once at the end (``whole``); else accumulate Z = D D^T R^T [H, m] for every
+    # candidate as D^T R^T completes -- per piece for whole columns, per p for row panels (one p's D kept)
+    whole = want_rec and use_dirs and P * H * Q <= retain
+    Z = torch.zeros(H, R.shape[0]) if want_rec and use_dirs and not whole and (Q == 1 or H * Q <= retain) else None
+    slab = _Work.get(4, P * H * Q).view(P, H, Q) if whole else (_Work.get(4, H * Q).view(1, H, Q) if Z is not None and Q > 1 else None)
 
     if identical:  # only the projections: ||W|| of an untouched tensor is reported nowhere
         for pc in (_Walk([x0v], block) if use_dirs else ()):
@@ -281,7 +287,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     else:
         for pc in _Walk([x0v, x1v], block):
             (raw0, raw1), (m0, m1) = pc.raw, pc.mat
-            rawd, dm = _diff(pc, slab[pc.hs] if slab is not None else None)
+            rawd, dm = _diff(pc, None if slab is None else (slab[pc.c0:pc.c1, :, 0] if Q == 1 else slab[pc.p if whole else 0, pc.hs]))
             f0, f1, fd = raw0.view(-1), raw1.view(-1), rawd.view(-1)
             w0sq, w1sq, dsq = float(torch.dot(f0, f0)), float(torch.dot(f1, f1)), float(torch.dot(fd, fd))
             if not math.isfinite(w0sq):
@@ -304,9 +310,9 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                 a1[:, pc.c0:pc.c1].addmm_(rh, m1)
                 if fl is not None:
                     fl[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _sq(raw1, m1))
-                if Z is not None and (slab is None or pc.hs.stop == H):  # D^T R^T of these columns is complete
+                if Z is not None and (Q == 1 or pc.hs.stop == H):  # D^T R^T of these columns is complete
                     t = a1[:, pc.c0:pc.c1] - a0[:, pc.c0:pc.c1]
-                    Z.addmm_(dm if slab is None else slab, t.T)
+                    Z.addmm_(dm if Q == 1 else slab[0], t.T)
 
     if identical:
         st.base_fro = st.ablated_fro = None
@@ -346,8 +352,12 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         walk = _Walk([x0v, x1v], block)
         best = _best_candidate(a0, a1, len(names), s_d) if use_dirs else None
         z = None
-        if best is not None and best[1] > 0:
-            z = Z[:, best[0]] if Z is not None else _apply_d(walk, a1[best[0]] - a0[best[0]])  # D D^T r: one exact power step from r
+        if best is not None and best[1] > 0:  # D D^T r: one exact power step from r
+            t = a1[best[0]] - a0[best[0]]
+            if whole:
+                z = torch.bmm(slab, t.view(P, Q, 1)).sum(0).flatten() if Q > 1 else slab[:, :, 0].T @ t
+            else:
+                z = Z[:, best[0]] if Z is not None else _apply_d(walk, t)
         if best is not None and best[1] >= CANDIDATE_EXPLAINS:
             st.recovery = _from_candidate(best[0], best[1], a0, a1, z, floors, R2, s_w1, c_round, s_d, floor_needed)
         else:

@@ -36,6 +36,30 @@ def test_measurement_file_is_read(tmp_path):
     assert load_directions(tmp_path / "m.refuse").n == 5  # found by content
 
 
+@pytest.mark.parametrize("first", [b"\x80", b"PK"])
+def test_our_directions_file_whose_header_length_looks_like_a_pickle(tmp_path, first):
+    """A safetensors header of 0x..80 bytes starts the file with 0x80, a pickle's mark (seen on a 25-layer file)."""
+    from audit.measure import Directions
+
+    g = torch.Generator().manual_seed(0)
+    d = Directions(torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g))
+    path = tmp_path / "directions.safetensors"
+    d.metadata["note"] = ""
+    d.save(path)
+    n0 = int.from_bytes(path.read_bytes()[:8], "little")
+    want = int.from_bytes(first, "little")
+    step = 256 ** len(first)
+    target = n0 + (want - n0) % step  # the next header length whose low byte(s) are ``first``
+    for extra in range(0, 64):  # the header is padded to 8 bytes: try the pads around the exact one
+        d.metadata["note"] = "x" * (target - n0 + extra - 8)
+        d.save(path)
+        if path.read_bytes()[:len(first)] == first:
+            break
+    assert path.read_bytes()[:len(first)] == first
+    got = load_directions(path)
+    assert torch.equal(got.refusal_dir, d.refusal_dir)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("this must never run",))

@@ -45,8 +45,9 @@ LAYOUTS = {  # name: (shape, residual axis, experts axis, number of experts)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("edit", ["along r", "half scale", "reflect", "some columns", "unknown direction", "noise"])
-@pytest.mark.parametrize("block", [37, 1 << 18])
-def test_matches_float64_reference(dtype, layout, edit, block):
+@pytest.mark.parametrize("block,retain", [(37, 1 << 23), (37, 3000), (37, 0), (1 << 18, 1 << 23)])
+def test_matches_float64_reference(dtype, layout, edit, block, retain):
+    """``retain``: the whole change kept (the common case), one p's (fused row panels), none (one more pass / per-piece products)."""
     shape, axis, ea, ne = LAYOUTS[layout]
     g = torch.Generator().manual_seed(zlib.crc32(f"{layout}|{edit}".encode()))
     r = torch.nn.functional.normalize(torch.randn(H, generator=g, dtype=torch.float64), dim=0)
@@ -62,7 +63,7 @@ def test_matches_float64_reference(dtype, layout, edit, block):
         m1 = _edit(m0, d, s, cols)
     w1 = _from_matrix(m1, shape, axis).to(dtype)
     m1 = _as_matrix(w1, axis)  # what was stored
-    st = pair_stats(w0, w1, axis, {"ablated": r.float()}, ea, ne, block=block)
+    st = pair_stats(w0, w1, axis, {"ablated": r.float()}, ea, ne, block=block, retain=retain)
 
     dm = m1 - m0
     assert st.base_fro == pytest.approx(float(m0.norm()), rel=1e-5)
