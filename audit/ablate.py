@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,18 @@ def _chunks(t: torch.Tensor, resid_axis: int):
         yield t.narrow(ax, start, min(step, t.shape[ax] - start))
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(shape) -> torch.Tensor:
+    """A reused float32 buffer of ``shape`` (per thread): a fresh one page-faults every 4 KB, as costly as the edit itself."""
+    n = torch.Size(shape).numel()
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(shape)
+
+
 def edit_inplace(t: torch.Tensor, edit: PlannedEdit) -> tuple[float, float]:
     """Apply ``edit`` to ``t`` in place (float32 arithmetic, cast back once); returns (||along r|| before, after).
 
@@ -77,7 +90,8 @@ def edit_inplace(t: torch.Tensor, edit: PlannedEdit) -> tuple[float, float]:
     before = after = 0.0
     r_b = r.reshape([-1 if i == ax else 1 for i in range(view.ndim)])
     for chunk in _chunks(view, ax):
-        w = chunk.to(torch.float32, copy=True)
+        w = _scratch(chunk.shape)
+        w.copy_(chunk)
         if edit.method == "norm_preserving":
             before += float(along(w, r, ax).double().pow(2).sum())
             w = project_out_norm_preserving(w, r, ax, edit.scale)
@@ -132,10 +146,13 @@ def _pwrite_all(fd: int, buf, offset: int) -> None:
         mv, offset = mv[n:], offset + n
 
 
-def _read_tensor(fd: int, info) -> torch.Tensor:
-    """One tensor read into fresh memory with pread (a mapping would keep its pages in our RSS)."""
+def _read_tensor(fd: int, info, buf: dict) -> torch.Tensor:
+    """One tensor read with pread into ``buf["raw"]``, reused and grown as needed (a mapping would keep
+    its pages in our RSS; a fresh buffer per tensor page-faults every 4 KB). Valid until the next read."""
     dtype = DTYPES[info.dtype][0]
-    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    if buf.get("raw") is None or buf["raw"].numel() < info.nbytes:
+        buf["raw"] = torch.empty(info.nbytes, dtype=torch.uint8)
+    raw = buf["raw"][:info.nbytes]
     buf, pos = memoryview(raw.numpy()), 0
     while pos < info.nbytes:
         n = os.preadv(fd, [buf[pos:]], info.begin + pos)
@@ -153,7 +170,7 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, Planned
     src_fd = os.open(src, os.O_RDONLY)
     dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        pos = 0
+        pos, buf = 0, {}
         for info in infos:
             edit = edits.get(info.name)
             if edit is None:
@@ -161,7 +178,7 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, Planned
             _copy_range(src_fd, dst_fd, pos, info.begin - pos)
             bar.update(info.begin - pos)
             t0 = time.perf_counter()
-            t = _read_tensor(src_fd, info)  # our own buffer (not a file mapping), edited in place
+            t = _read_tensor(src_fd, info, buf)  # our own buffer (not a file mapping), edited in place
             before, after = edit_inplace(t, edit)
             data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
             if data.nbytes != info.nbytes:
