@@ -131,7 +131,10 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
             out["local"] = local_units[i]
         return out
 
-    cmp = compare_models(md_a, md_b, directions_for, progress=None)
+    from tqdm import tqdm
+
+    with tqdm(total=md_a.nbytes + md_b.nbytes, desc="weights", unit="B", unit_scale=True, disable=None if progress is None else not progress) as bar:
+        cmp = compare_models(md_a, md_b, directions_for, progress=lambda done, total: bar.update(done - bar.n))
     t_stream = time.perf_counter() - t0
 
     if intent is None:

@@ -19,6 +19,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @pytest.fixture(scope="session")
+def glm_organism():
+    """glm_organism(variant) -> (model, tokenizer, r*, meta, prompts(name, n)): the cached glm4_moe organism
+    (seed 0; built on first use), a fresh model on each call so a test may edit it."""
+    organism = pytest.importorskip("audit.organism")
+    import torch
+
+    def load(variant: str):
+        path = organism.cached_organism("glm4_moe", variant, 0)
+        model, tok, meta = organism.load_organism(path)
+
+        def prompts(name: str, n: int) -> list[str]:
+            return organism.read_prompts(path, name)[:n]
+
+        return model, tok, torch.tensor(meta["r_star"]), meta, prompts
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_tok():
     from audit.tiny import tiny_tokenizer
 

@@ -114,32 +114,25 @@ def test_complete_ablation_leaves_no_writer(family, tiny_model, tiny_tok):
 
 # ---------------------------------------------------------------- on the organism
 
-def _organism(variant):
-    organism = pytest.importorskip("audit.organism")
+def test_organism_shared_variant_shared_expert_writes_r(glm_organism):
     from audit.probe import probe
 
-    path = organism.cached_organism("glm4_moe", variant, 0)
-    model, tok, meta = organism.load_organism(path)
-    r = torch.tensor(meta["r_star"])
-    read = lambda name: [x for x in (path / "prompts" / f"{name}.txt").read_text().splitlines() if x.strip()][:32]
-    return model, tok, r, read, probe
-
-
-def test_organism_shared_variant_shared_expert_writes_r():
-    model, tok, r, read, probe = _organism("shared")
-    before, harmless = probe(model, tok, read("harmful"), r), probe(model, tok, read("harmless"), r)
+    model, tok, r, _, prompts = glm_organism("shared")
+    before, harmless = probe(model, tok, prompts("harmful", 32), r), probe(model, tok, prompts("harmless", 32), r)
     res = contribution_check(before, harmless_before=harmless)
     f = next(f for f in res.findings if f.code == "main-writers")
     assert max(f.evidence["by_kind"], key=f.evidence["by_kind"].get) == "shared_experts", f.evidence["by_kind"]
     assert f.evidence["top"][0]["component"] == "shared_experts"
 
 
-def test_organism_complete_ablation_no_writer_left():
-    model, tok, r, read, probe = _organism("base")
-    prompts = read("harmful")
-    before = probe(model, tok, prompts, r)
+def test_organism_complete_ablation_no_writer_left(glm_organism):
+    from audit.probe import probe
+
+    model, tok, r, _, prompts = glm_organism("base")
+    harmful = prompts("harmful", 32)
+    before = probe(model, tok, harmful, r)
     _complete_ablation(model, r)
-    after = probe(model, tok, prompts, r)
+    after = probe(model, tok, harmful, r)
     res = contribution_check(before, after, rel_tol=1e-3)  # stated tolerance: 0.1% of the largest residual projection
     assert not [f for f in res.findings if f.code in ("still-writes-r", "r-survives")], [f.message for f in res.findings]
     assert np.abs(before.resid_last[:, 1:-1]).max() > 100 * np.abs(after.resid_last[:, 1:-1]).max()

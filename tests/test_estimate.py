@@ -144,15 +144,9 @@ def test_estimate_many_ranks_and_confirms(glm):
     assert res["seconds"] >= sum(r_["seconds"] for r_ in rows)
 
 
-def test_organism_first_token_score_separates_and_ablation_lowers_refusal():
-    try:
-        from audit import organism
-    except ImportError:
-        pytest.skip("audit.organism is not available")
-    path = organism.cached_organism("glm4_moe", "base", 0)
-    model, tok, meta = organism.load_organism(path)
-    harmful = organism.read_prompts(path, "harmful")[:32]
-    harmless = organism.read_prompts(path, "harmless")[:32]
+def test_organism_first_token_score_separates_and_ablation_lowers_refusal(glm_organism):
+    model, tok, r, _, prompts = glm_organism("base")
+    harmful, harmless = prompts("harmful", 32), prompts("harmless", 32)
     ids = refusal_token_ids(tok)
     sh = first_token_scores(model, tok, harmful, ids)
     sn = first_token_scores(model, tok, harmless, ids)
@@ -160,7 +154,6 @@ def test_organism_first_token_score_separates_and_ablation_lowers_refusal():
     assert auc > 0.9, f"first-token score does not separate harmful from harmless (AUC {auc:.2f})"
     cal = Calibration.fit(torch.cat([sh, sn]), [True] * len(sh) + [False] * len(sn))
     base = estimate_refusal(model, tok, harmful, [], cal, ids, low=0.0, high=1.0)
-    r = torch.tensor(meta["r_star"])
     writers = Intervention(("embed", "attn_out", "mlp_down", "experts_down", "shared_down"), list(range(model.config.num_hidden_layers)), r, name="all writers")
     ablated = estimate_refusal(model, tok, harmful, [writers], cal, ids, low=0.0, high=1.0)
     assert base["rate"] > 0.7 and ablated["rate"] < base["rate"] - 0.4, (base, ablated)

@@ -108,23 +108,11 @@ def test_dense_and_probe_object():
 
 # ---------------------------------------------------------------- on the organism (planted refusal experts)
 
-def _organism_probe(variant):
-    organism = pytest.importorskip("audit.organism")
-    import json
-
-    import torch
-
+def test_organism_experts_variant_refusal_experts_found(glm_organism):
     from audit.probe import probe
 
-    path = organism.cached_organism("glm4_moe", variant, 0)
-    model, tok, meta = organism.load_organism(path)
-    r = torch.tensor(meta["r_star"])
-    read = lambda name: [x for x in (path / "prompts" / f"{name}.txt").read_text().splitlines() if x.strip()][:48]
-    return probe(model, tok, read("harmful"), r), probe(model, tok, read("harmless"), r), meta, json
-
-
-def test_organism_experts_variant_refusal_experts_found():
-    harmful, harmless, meta, _ = _organism_probe("experts")
+    model, tok, r, meta, prompts = glm_organism("experts")
+    harmful, harmless = probe(model, tok, prompts("harmful", 48), r), probe(model, tok, prompts("harmless", 48), r)
     planted = {(int(layer), int(e)) for layer, es in meta["carriers"]["experts"].items() for e in es}
     res = routing_check(harmful, harmless, position="last")
     f = next(f for f in res.findings if f.code == "refusal-experts")
