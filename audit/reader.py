@@ -4,7 +4,8 @@ Each run of neighbouring tensors is memory-mapped on its own and unmapped as soo
 of it is gone, so every byte is read once, by the arithmetic itself (no copy into a buffer first),
 and resident memory stays at the chunks being judged, whatever the model size. Mapping whole shards
 instead would keep every touched page resident until the end. A file cannot shrink under the
-mapping unnoticed: model_dir.read_header checks every offset against the file size first.
+mapping unnoticed: model_dir.read_header checks every offset against the file size first. Where a
+file system cannot map, the run is read into a buffer instead.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def _frombuffer(mm: mmap.mmap) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=torch.uint8)
 
 
+def _pread(md: ModelDir, shard: str, fd: int, begin: int, n: int) -> torch.Tensor:
+    buf = torch.empty(n, dtype=torch.uint8)
+    mv, got = memoryview(buf.numpy()), 0
+    while got < n:
+        k = os.preadv(fd, [mv[got:]], begin + got)
+        if k <= 0:
+            raise AuditError(f"{md.path / shard}: truncated at byte {begin + got}; re-download or re-copy it")
+        got += k
+    return buf
+
+
 def _runs(infos: list[TensorInfo], max_gap: int) -> list[list[TensorInfo]]:
     runs: list[list[TensorInfo]] = []
     for info in sorted(infos, key=lambda t: (t.shard, t.begin)):
@@ -80,8 +92,11 @@ def map_tensors(md: ModelDir, infos: list[TensorInfo], fds: dict, max_gap: int =
         if run[-1].end == off:  # empty tensors only: nothing to map
             mem = torch.empty(0, dtype=torch.uint8)
         else:
-            mm = mmap.mmap(_open(md, run[0].shard, fds), run[-1].end - off, offset=off, access=mmap.ACCESS_READ)
-            mem = _frombuffer(mm)  # holds the mapping; PROT_READ: nothing can write to the file through it
+            fd = _open(md, run[0].shard, fds)
+            try:
+                mem = _frombuffer(mmap.mmap(fd, run[-1].end - off, offset=off, access=mmap.ACCESS_READ))  # holds the mapping
+            except OSError:  # a file system that cannot map (some FUSE and network mounts): read a copy
+                mem = _pread(md, run[0].shard, fd, off, run[-1].end - off)
         for info, (dtype, size) in zip(run, checked):
             n, at = info.end - info.begin, info.begin - off
             if n == 0:

@@ -49,6 +49,24 @@ def test_mapped_tensors_equal_safetensors(tmp_path, gap, shift):
         assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
 
 
+def test_unmappable_files_are_read_instead(tmp_path, monkeypatch):
+    import mmap
+
+    ts = [("a", torch.randn(5, 7).bfloat16()), ("b", torch.randn(3))]
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _write_raw(d / "model.safetensors", ts)
+
+    def no_mmap(*a, **k):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    md = ModelDir(d)
+    got = map_tensors(md, list(md.tensors.values()), {})
+    assert all(torch.equal(got[k], t) for k, t in ts)
+
+
 def test_read_pairs_identity_and_unmatched(tiny_model, tmp_path):
     from audit.model_dir import write_shard
 
