@@ -85,8 +85,9 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
 
     Unchanged tensors are projected only when they write to the stream (how much r an untouched
     writer still writes is what the diagnosis needs) or route (the router's per-expert sensitivity).
-    ``workers`` threads each read and judge every ``workers``-th chunk of about ``chunk`` bytes, so one
-    reads while the other computes; the assignment is fixed, so the results do not depend on timing.
+    ``workers`` threads each map and judge every ``workers``-th chunk of about ``chunk`` bytes, so one
+    waits on memory while the other computes; the assignment is fixed (hints come from a worker's own
+    previous tensors), so the results do not depend on timing.
     """
     t0 = time.perf_counter()
     layout: Layout = md_b.layout
@@ -120,11 +121,12 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
                 os.close(fd)
 
     threads = torch.get_num_threads()
-    # Work comes in cache-sized pieces (~1 MB): one thread per op streams them best; several threads
+    # Work comes in cache-sized pieces (~2 MB): one thread per op streams them best; several threads
     # per small op spend more on synchronisation than they save (and stall badly on a loaded machine).
     torch.set_num_threads(1)
-    # A worker back from a read needs the interpreter lock; with the default 5 ms switch interval it can
-    # wait that long behind the other worker's short operations (measured: reads ran 2x slower).
+    # A worker back from an operation that ran without the interpreter lock (memcmp, a torch op) needs it
+    # again; with the default 5 ms switch interval it can wait that long behind the other worker's
+    # Python (measured: a reader thread ran 2x slower).
     switch = sys.getswitchinterval()
     sys.setswitchinterval(2e-4)
     try:
