@@ -191,6 +191,8 @@ class _Walk:
 
     def __iter__(self):
         P, H, Q = self.P, self.H, self.Q
+        if P * H * Q == 0:  # an empty tensor: nothing to walk
+            return
         if self.full_rows:
             cols = max(1, self.block // max(H, 1))
             for c0 in range(0, P, cols):

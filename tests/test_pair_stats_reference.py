@@ -106,3 +106,19 @@ def test_identical_pair_projects_base_only():
     assert st.identical and st.recovery is None and st.base_fro is None
     assert st.dirs["ablated"].before == pytest.approx(float((r.double() @ w0.double()).norm()), rel=1e-5)
     assert st.dirs["ablated"].after == st.dirs["ablated"].before
+
+
+@pytest.mark.parametrize("shape,axis", [((H, 0), 0), ((0, H), 1), ((2, H, 0), 1)])
+def test_empty_tensors(shape, axis):
+    r = torch.nn.functional.normalize(torch.randn(H), dim=0)
+    for w1 in (torch.zeros(shape), torch.ones(shape)):  # identical by bytes, and "changed" when told so
+        st = pair_stats(torch.zeros(shape), w1, axis, {"ablated": r}, identical=None if w1.sum() == 0 else False)
+        assert st.rel_change == 0.0 and st.dirs["ablated"].before == 0.0 and st.recovery is None
+
+
+def test_nonfinite_change_counted_not_recovered():
+    w0 = torch.randn(H, 9)
+    w1 = w0.clone()
+    w1[3, 4] = float("nan")
+    st = pair_stats(w0, w1, 0, {"ablated": torch.nn.functional.normalize(torch.randn(H), dim=0)})
+    assert st.nonfinite_ablated == 1 and st.nonfinite_base == 0 and st.recovery is None
