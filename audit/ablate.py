@@ -24,6 +24,7 @@ from audit import __version__
 from audit.ablation_config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
 from audit.measure import Directions
 from audit.model_dir import DTYPES, ModelDir, OutputDir, copy_side_files, write_index
+from audit.reader import pread_into
 from checks.errors import AuditError
 from checks.linalg import along, project_out_norm_preserving
 
@@ -152,13 +153,7 @@ def _read_tensor(fd: int, info, buf: dict) -> torch.Tensor:
     dtype = DTYPES[info.dtype][0]
     if buf.get("raw") is None or buf["raw"].numel() < info.nbytes:
         buf["raw"] = torch.empty(info.nbytes, dtype=torch.uint8)
-    raw = buf["raw"][:info.nbytes]
-    buf, pos = memoryview(raw.numpy()), 0
-    while pos < info.nbytes:
-        n = os.preadv(fd, [buf[pos:]], info.begin + pos)
-        if n <= 0:
-            raise AuditError(f"{info.shard}: unexpected end of file reading {info.name}; the shard is truncated")
-        pos += n
+    raw = pread_into(fd, buf["raw"][:info.nbytes], info.begin, f"{info.shard} ({info.name})")
     return raw.view(dtype).reshape(info.shape)
 
 

@@ -59,15 +59,15 @@ def _frombuffer(mm: mmap.mmap) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=torch.uint8)
 
 
-def _pread(md: ModelDir, shard: str, fd: int, begin: int, n: int) -> torch.Tensor:
-    buf = torch.empty(n, dtype=torch.uint8)
-    mv, got = memoryview(buf.numpy()), 0
+def pread_into(fd: int, dst: torch.Tensor, offset: int, path) -> torch.Tensor:
+    """Fill the uint8 tensor ``dst`` from byte ``offset`` of the open file ``path`` (AuditError if it ends first); returns ``dst``."""
+    mv, got, n = memoryview(dst.numpy()), 0, dst.numel()
     while got < n:
-        k = os.preadv(fd, [mv[got:]], begin + got)
+        k = os.preadv(fd, [mv[got:]], offset + got)
         if k <= 0:
-            raise AuditError(f"{md.path / shard}: truncated at byte {begin + got}; re-download or re-copy it")
+            raise AuditError(f"{path}: truncated at byte {offset + got}; re-download or re-copy it")
         got += k
-    return buf
+    return dst
 
 
 def _runs(infos: list[TensorInfo], max_gap: int) -> list[list[TensorInfo]]:
@@ -96,7 +96,7 @@ def map_tensors(md: ModelDir, infos: list[TensorInfo], fds: dict, max_gap: int =
             try:
                 mem = _frombuffer(mmap.mmap(fd, run[-1].end - off, offset=off, access=mmap.ACCESS_READ))  # holds the mapping
             except OSError:  # a file system that cannot map (some FUSE and network mounts): read a copy
-                mem = _pread(md, run[0].shard, fd, off, run[-1].end - off)
+                mem = pread_into(fd, torch.empty(run[-1].end - off, dtype=torch.uint8), off, md.path / run[0].shard)
         for info, (dtype, size) in zip(run, checked):
             n, at = info.end - info.begin, info.begin - off
             if n == 0:

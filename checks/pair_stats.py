@@ -23,6 +23,7 @@ pass over W', only for the directions where that bound leaves the verdict open.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -363,22 +364,15 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         if best is not None and best[1] >= CANDIDATE_EXPLAINS:
             st.recovery = _from_candidate(best[0], best[1], a0, a1, z, floors, R2, s_w1, c_round, s_d, floor_needed)
         else:
-            st.recovery = _refine(walk, z if z is not None and float(z.norm()) > 0 else _Start.get(H), st.diff_fro, c_round, s_w1, floor_needed)
+            st.recovery = _refine(walk, z if z is not None and float(z.norm()) > 0 else _start(H), st.diff_fro, c_round, s_w1, floor_needed)
     return st
 
 
-class _Start:
+@functools.lru_cache(maxsize=None)
+def _start(h: int) -> torch.Tensor:
     """A fixed pseudo-random unit start for power steps when no given direction is near the change."""
-
-    cache: ClassVar[dict[int, torch.Tensor]] = {}
-
-    @classmethod
-    def get(cls, h: int) -> torch.Tensor:
-        if h not in cls.cache:
-            v = torch.randn(h, generator=torch.Generator().manual_seed(0))
-            cls.cache[h] = v / v.norm()
-        return cls.cache[h]
-
+    v = torch.randn(h, generator=torch.Generator().manual_seed(0))
+    return v / v.norm()
 
 
 def _floor_bound(r2: torch.Tensor, s_w1: float, c_round: float) -> float:
