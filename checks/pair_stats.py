@@ -33,6 +33,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from checks import native
+
 # Mean squared relative error of round-to-nearest into a binary float format, per eps^2: for a value
 # with mantissa m (log-uniform in [1, 2)) the absolute error is uniform in +-ulp/2 with ulp = x*eps/m,
 # so E[err^2] = x^2 eps^2 E[1/m^2] / 12 = x^2 eps^2 * 0.5410 / 12.
@@ -177,8 +179,8 @@ class _Walk:
     the columns are partial sums over the panels (``full_rows`` False).
     """
 
-    def __init__(self, xs: list[torch.Tensor], block: int):
-        self.xs, self.block = xs, block
+    def __init__(self, xs: list[torch.Tensor], block: int, kernels: native.Kernels | None = None):
+        self.xs, self.block, self.K = xs, block, kernels  # K: the C kernels take whole tensors, in place of pieces
         self.P, self.H, self.Q = xs[0].shape
         self.full_rows = self.Q == 1
 
@@ -224,6 +226,19 @@ def _sq(raw: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
     return out if mat is raw else out.T
 
 
+def _pad4(R: torch.Tensor) -> torch.Tensor:
+    """Zero rows up to a multiple of 4: the C kernels take directions 4 at a time."""
+    return torch.cat([R, R.new_zeros(-R.shape[0] % 4, R.shape[1])]) if R.shape[0] % 4 else R
+
+
+def _kernels(want: bool | None, *xs: torch.Tensor) -> native.Kernels | None:
+    """The C kernels when ``want`` is not False and they can read ``xs`` in place; ``want`` True insists."""
+    K = native.kernels() if want is not False and native.usable(*xs) else None
+    if want and K is None:
+        raise RuntimeError("the C kernels of pair_stats are unavailable here (no C compiler, AUDIT_NATIVE=0, or a dtype they do not read)")
+    return K
+
+
 def _sign_fix(u: torch.Tensor) -> torch.Tensor:
     i = int(u.abs().argmax())
     return -u if u[i] < 0 else u
@@ -232,7 +247,8 @@ def _sign_fix(u: torch.Tensor) -> torch.Tensor:
 def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, directions: dict[str, torch.Tensor] | None = None,
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
                block: int = 1 << 19, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
-               identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None, retain: int = RETAIN_D) -> PairStats:
+               identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None, retain: int = RETAIN_D,
+               native: bool | None = None) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
     ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
@@ -244,7 +260,9 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     as an upper bound of the rounding floor, whether the exact floor could change the verdict on
     ``ds``; the floor is then computed only where it says so (the others keep the bound,
     ``floor_exact=False``). None: every floor exact. ``retain``: the most float32 elements of the change
-    kept for D D^T r (the whole tensor, else one p of row panels, else one more pass).
+    kept for D D^T r (the whole tensor, else one p of row panels, else one more pass); torch path only.
+    ``native``: None, the C kernels (checks/native.py) where they can read the pair, else torch (``block``
+    and ``retain`` then apply); False, always torch; True, always the kernels (an error where they cannot).
     """
     identical = bytes_equal(w0, w1) if identical is None else bool(identical)
     directions = {k: v for k, v in (directions or {}).items() if v is not None}
@@ -258,13 +276,14 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         return st
     x0v, x1v = _phq(w0, resid_axis), _phq(w1, resid_axis)
     P, H, Q = x0v.shape
+    K = _kernels(native, x0v, x1v)
     per_expert = expert_axis is not None and n_experts > 0 and resid_axis is not None and expert_axis < resid_axis and P % n_experts == 0
     names = list(directions)
     R = torch.stack([directions[n].float().flatten() for n in names]) if use_dirs else None  # [m, H]
     if R is not None and R.shape[1] != H:
         raise ValueError(f"direction size {R.shape[1]} != residual axis size {H}")
-    if R is not None and R.shape[0] % 4 and R.shape[0] > 1:  # zero rows up to a multiple of 4: MKL takes its fast gemm path (2-3 rows cost ~1.6x 4 rows)
-        R = torch.cat([R, R.new_zeros(4 - R.shape[0] % 4, H)])
+    if R is not None and (R.shape[0] > 1 or K is not None):  # MKL takes its fast gemm path with 4 rows (2-3 rows cost ~1.6x 4)
+        R = _pad4(R)
     R2 = R * R if R is not None else None
     c_round = round_mse_coeff(w1.dtype)
     PQ = P * Q
@@ -280,11 +299,17 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     # D D^T r without a second pass over the inputs: keep the whole change D (float32) when it is small
     # enough and multiply once at the end (``whole``); else accumulate Z = D D^T R^T [H, m] for every
     # candidate as D^T R^T completes -- per piece for whole columns, per p for row panels (one p's D kept)
-    whole = want_rec and use_dirs and P * H * Q <= retain
-    Z = torch.zeros(H, R.shape[0]) if want_rec and use_dirs and not whole and (Q == 1 or H * Q <= retain) else None
+    whole = want_rec and use_dirs and P * H * Q <= retain and K is None  # the kernels read the pair again instead (cheaper than writing D)
+    Z = torch.zeros(H, R.shape[0]) if want_rec and use_dirs and not whole and (Q == 1 or H * Q <= retain) and K is None else None
     slab = _Work.get(4, P * H * Q).view(P, H, Q) if whole else (_Work.get(4, H * Q).view(1, H, Q) if Z is not None and Q > 1 else None)
 
-    if identical:  # only the projections: ||W|| of an untouched tensor is reported nowhere
+    if K is not None:
+        s_w0, s_w1, s_d, e_w2, e_d2 = _native_pass(K, x0v, x1v, identical, R, R2, a0, a1, fl, n_experts if per_expert else 0)
+        if not math.isfinite(s_w0):
+            nf0 = int((~torch.isfinite(x0v)).sum())
+        if not math.isfinite(s_w1):
+            nf1 = int((~torch.isfinite(x1v)).sum())
+    elif identical:  # only the projections: ||W|| of an untouched tensor is reported nowhere
         for pc in (_Walk([x0v], block) if use_dirs else ()):
             a0[:, pc.c0:pc.c1].addmm_(R[:, pc.hs], pc.mat[0])
     else:
@@ -329,7 +354,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         ew = e_w2.reshape(n_experts, -1).sum(1).sqrt()  # p is expert-major
         st.expert_rel_change = torch.where(ew > 0, ed / ew.clamp_min(1e-30), torch.where(ed > 0, torch.full_like(ed, math.inf), torch.zeros_like(ed))).tolist()
 
-    floors = _ColFloors(x1v, R2, block, fl) if use_dirs and not identical and c_round > 0 else None
+    floors = _ColFloors(x1v, R2, block, fl, K) if use_dirs and not identical and c_round > 0 else None
     if use_dirs:
         a1_ = a0 if identical else a1
         for j, n in enumerate(names[:n_report]):
@@ -352,7 +377,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
             st.dirs[n] = ds
 
     if want_rec and st.diff_fro > 0 and math.isfinite(st.diff_fro):
-        walk = _Walk([x0v, x1v], block)
+        walk = _Walk([x0v, x1v], block, K)
         best = _best_candidate(a0, a1, len(names), s_d) if use_dirs else None
         z = None
         if best is not None and best[1] > 0:  # D D^T r: one exact power step from r
@@ -383,17 +408,42 @@ def _floor_bound(r2: torch.Tensor, s_w1: float, c_round: float) -> float:
 class _ColFloors:
     """Per-column sum_h r_h^2 W'_hc^2 for rows of R2: from the first pass's accumulator, or from one more pass over W' on first use."""
 
-    def __init__(self, x1v: torch.Tensor, R2: torch.Tensor, block: int, fl: torch.Tensor | None):
-        self.x1v, self.R2, self.block, self.fl = x1v, R2, block, fl
+    def __init__(self, x1v: torch.Tensor, R2: torch.Tensor, block: int, fl: torch.Tensor | None, kernels: native.Kernels | None = None):
+        self.x1v, self.R2, self.block, self.fl, self.K = x1v, R2, block, fl, kernels
 
     def rows(self, j: int) -> torch.Tensor:
         if self.fl is None:
-            self.fl = _col_floor(self.x1v, self.R2, self.block)  # all rows in one pass: the padded gemm costs as much as one row's
+            self.fl = _col_floor(self.x1v, self.R2, self.block, self.K)  # all rows in one pass: the padded gemm costs as much as one row's
         return self.fl[j]
 
 
-def _col_floor(x1v: torch.Tensor, R2: torch.Tensor, block: int) -> torch.Tensor:
+def _native_pass(K: native.Kernels, x0v, x1v, identical: bool, R, R2, a0, a1, fl, n_experts: int):
+    """The first pass in C: a0 (a1, fl) filled; returns (||W||^2, ||W'||^2, ||D||^2, per-expert ||W_e||^2, ||D_e||^2)."""
+    if identical:
+        if R is not None:
+            K.project(x0v, None, R, a0, None)
+        return 0.0, 0.0, 0.0, None, None
+    P = x0v.shape[0]
+    if R is not None:  # sums per p (the kernel's unit): experts are whole runs of p's
+        sums = torch.zeros(P, 3, dtype=torch.float64)
+        K.project(x0v, x1v, R, a0, a1, sums)
+        if fl is not None:
+            K.project(x1v, None, R2, fl, None, square=True)
+    else:  # nothing to project on: only the norms, per expert where asked (each a contiguous run of p's)
+        sums = torch.zeros(max(n_experts, 1), 3, dtype=torch.float64)
+        for e, (b0, b1) in enumerate(zip(x0v.reshape(sums.shape[0], -1), x1v.reshape(sums.shape[0], -1))):
+            K.sums(b0, b1, sums[e])
+    tot = sums.sum(0).tolist()
+    return tot[0], tot[1], tot[2], (sums[:, 0] if n_experts else None), (sums[:, 2] if n_experts else None)
+
+
+def _col_floor(x1v: torch.Tensor, R2: torch.Tensor, block: int, kernels: native.Kernels | None = None) -> torch.Tensor:
     """[m, P*Q]: R2 @ (W' * W') per column of the [H, P*Q] view."""
+    if kernels is not None:
+        R2 = _pad4(R2)
+        out = torch.zeros(R2.shape[0], x1v.shape[0] * x1v.shape[2])
+        kernels.project(x1v, None, R2, out, None, square=True)
+        return out
     out = torch.zeros(R2.shape[0], x1v.shape[0] * x1v.shape[2])
     for pc in _Walk([x1v], block):
         out[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _sq(pc.raw[0], pc.mat[0]))
@@ -418,7 +468,7 @@ def _along(walk: _Walk, u: torch.Tensor, uw0: torch.Tensor, uw1: torch.Tensor, m
         u2 = (u * u)[None]
         along.floor = _floor_bound(u2, s_w1, c_round)  # masked columns only: the all-column bound still holds
         if floor_needed is None or not math.isfinite(along.floor) or floor_needed(along):
-            along.floor = math.sqrt(float(_col_floor(walk.xs[1], u2, walk.block)[0][mask].sum()) * c_round)
+            along.floor = math.sqrt(float(_col_floor(walk.xs[1], u2, walk.block, walk.K)[0][mask].sum()) * c_round)
             along.floor_exact = True
         else:
             along.floor_exact = False
@@ -428,6 +478,9 @@ def _along(walk: _Walk, u: torch.Tensor, uw0: torch.Tensor, uw1: torch.Tensor, m
 def _apply_d(walk: _Walk, t: torch.Tensor) -> torch.Tensor:
     """z = D t, [H]: one pass."""
     z = torch.zeros(walk.H)
+    if walk.K is not None:
+        walk.K.apply_d(walk.xs[0], walk.xs[1], t.contiguous(), z)
+        return z
     for pc in walk:
         _, dm = _diff(pc)
         z[pc.hs] += dm @ t[pc.c0:pc.c1]
@@ -460,6 +513,12 @@ def _from_candidate(j, share, a0, a1, z, floors, R2, s_w1, c_round, s_d, floor_n
 def _power_step(walk: _Walk, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """t = D^T u, z = D t (one exact power step on D D^T), and u . W, u . W' per column."""
     PQ = walk.P * walk.Q
+    if walk.K is not None:  # u . W and u . W' in one pass, D t in another (t = u.W' - u.W: float32 cancellation is far below what a step needs)
+        a = torch.zeros(2, 4, PQ)
+        walk.K.project(walk.xs[0], walk.xs[1], _pad4(u[None].contiguous()), a[0], a[1])
+        uw0, uw1 = a[0, 0], a[1, 0]
+        t = uw1 - uw0
+        return t, _apply_d(walk, t), uw0, uw1
     t, uw0, uw1, z = torch.zeros(PQ), torch.zeros(PQ), torch.zeros(PQ), torch.zeros(walk.H)
     for pc in walk:
         _, dm = _diff(pc)

@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 
+from checks import native
 from checks.pair_stats import pair_stats, round_mse_coeff
 
 H = 48
@@ -42,12 +43,20 @@ LAYOUTS = {  # name: (shape, residual axis, experts axis, number of experts)
 }
 
 
+NO_KERNELS = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: the C kernels cannot be built here")
+NATIVE = pytest.param(True, marks=NO_KERNELS, id="native")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("edit", ["along r", "half scale", "reflect", "some columns", "unknown direction", "noise"])
-@pytest.mark.parametrize("block,retain", [(37, 1 << 23), (37, 3000), (37, 0), (1 << 18, 1 << 23)])
-def test_matches_float64_reference(dtype, layout, edit, block, retain):
-    """``retain``: the whole change kept (the common case), one p's (fused row panels), none (one more pass / per-piece products)."""
+@pytest.mark.parametrize("block,retain,use_native", [
+    pytest.param(37, 1 << 23, False, id="torch-pieces"), pytest.param(37, 3000, False, id="torch-one-p"),
+    pytest.param(37, 0, False, id="torch-none-kept"), pytest.param(1 << 18, 1 << 23, False, id="torch-whole"),
+    pytest.param(1 << 18, 1 << 23, True, marks=NO_KERNELS, id="native")])
+def test_matches_float64_reference(dtype, layout, edit, block, retain, use_native):
+    """``retain``: the whole change kept (the common case), one p's (fused row panels), none (one more pass / per-piece products);
+    torch's pieces (``block``, ``retain``) or the C kernels, which read whole tensors."""
     shape, axis, ea, ne = LAYOUTS[layout]
     g = torch.Generator().manual_seed(zlib.crc32(f"{layout}|{edit}".encode()))
     r = torch.nn.functional.normalize(torch.randn(H, generator=g, dtype=torch.float64), dim=0)
@@ -63,7 +72,7 @@ def test_matches_float64_reference(dtype, layout, edit, block, retain):
         m1 = _edit(m0, d, s, cols)
     w1 = _from_matrix(m1, shape, axis).to(dtype)
     m1 = _as_matrix(w1, axis)  # what was stored
-    st = pair_stats(w0, w1, axis, {"ablated": r.float()}, ea, ne, block=block, retain=retain)
+    st = pair_stats(w0, w1, axis, {"ablated": r.float()}, ea, ne, block=block, retain=retain, native=use_native)
 
     dm = m1 - m0
     assert st.base_fro == pytest.approx(float(m0.norm()), rel=1e-5)
@@ -98,27 +107,33 @@ def test_matches_float64_reference(dtype, layout, edit, block, retain):
             assert rec.scale == pytest.approx(want, abs=1e-4 + rounding)
 
 
-def test_identical_pair_projects_base_only():
+BOTH = [False, NATIVE]
+
+
+@pytest.mark.parametrize("use_native", BOTH)
+def test_identical_pair_projects_base_only(use_native):
     shape, axis = (H, 70), 0
     w0 = torch.randn(shape).bfloat16()
     r = torch.nn.functional.normalize(torch.randn(H), dim=0)
-    st = pair_stats(w0, w0.clone(), axis, {"ablated": r}, block=37)
+    st = pair_stats(w0, w0.clone(), axis, {"ablated": r}, block=37, native=use_native)
     assert st.identical and st.recovery is None and st.base_fro is None
     assert st.dirs["ablated"].before == pytest.approx(float((r.double() @ w0.double()).norm()), rel=1e-5)
     assert st.dirs["ablated"].after == st.dirs["ablated"].before
 
 
+@pytest.mark.parametrize("use_native", BOTH)
 @pytest.mark.parametrize("shape,axis", [((H, 0), 0), ((0, H), 1), ((2, H, 0), 1)])
-def test_empty_tensors(shape, axis):
+def test_empty_tensors(shape, axis, use_native):
     r = torch.nn.functional.normalize(torch.randn(H), dim=0)
     for w1 in (torch.zeros(shape), torch.ones(shape)):  # identical by bytes, and "changed" when told so
-        st = pair_stats(torch.zeros(shape), w1, axis, {"ablated": r}, identical=None if w1.sum() == 0 else False)
+        st = pair_stats(torch.zeros(shape), w1, axis, {"ablated": r}, identical=None if w1.sum() == 0 else False, native=use_native)
         assert st.rel_change == 0.0 and st.dirs["ablated"].before == 0.0 and st.recovery is None
 
 
-def test_nonfinite_change_counted_not_recovered():
+@pytest.mark.parametrize("use_native", BOTH)
+def test_nonfinite_change_counted_not_recovered(use_native):
     w0 = torch.randn(H, 9)
     w1 = w0.clone()
     w1[3, 4] = float("nan")
-    st = pair_stats(w0, w1, 0, {"ablated": torch.nn.functional.normalize(torch.randn(H), dim=0)})
+    st = pair_stats(w0, w1, 0, {"ablated": torch.nn.functional.normalize(torch.randn(H), dim=0)}, native=use_native)
     assert st.nonfinite_ablated == 1 and st.nonfinite_base == 0 and st.recovery is None
