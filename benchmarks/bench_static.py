@@ -9,7 +9,9 @@ ablation), then, each in a fresh subprocess, with the page cache warm:
 - read_mapped: map both models the way the audit does and read every byte once (memcmp of each
   tensor with itself), one thread -- reading with no copy at all, the lowest bound we know;
 - the static audit with a directions file: every pair compared, every writer and reader projected on
-  its layer's direction, every changed tensor's direction recovered. It uses two worker threads.
+  its layer's direction, every changed tensor's direction recovered. It uses two worker threads and
+  the C kernels of checks/native.py;
+- the same audit on its torch path (AUDIT_NATIVE=0), what runs where no C compiler is found.
 
 Prints the time ratios against both reads (target <= 1.5 against the read) and the audit's peak RSS
 against 1 GB + 4x the largest tensor.
@@ -159,8 +161,8 @@ print(json.dumps({{"seconds": dt, "cpu_s": time.process_time() - c0, "rss_mb": h
 """
 
 
-def _run(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+def _run(code: str, **env: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -178,12 +180,14 @@ def main() -> int:
         copy = _run(READ.format(mode="copy", **kw))
         mapped = _run(READ.format(mode="mapped", **kw))
         au = _run(AUDIT.format(**kw))
+        au_torch = _run(AUDIT.format(**kw), AUDIT_NATIVE="0")
         limit_mb = 1024 + 4 * largest / 2**20
         print(json.dumps({
             "pair_gb": round(copy["bytes"] / 1e9, 2), "audit_s": round(au["seconds"], 2),
             "read_copy_s": round(copy["seconds"], 2), "ratio_vs_copy": round(au["seconds"] / copy["seconds"], 2),
             "read_mapped_s": round(mapped["seconds"], 2), "ratio_vs_mapped": round(au["seconds"] / mapped["seconds"], 2), "ratio_target": 1.5,
-            "audit_cpu_s": round(au["cpu_s"], 2), "read_copy_cpu_s": round(copy["cpu_s"], 2), "load_avg": round(os.getloadavg()[0], 2),
+            "audit_torch_path_s": round(au_torch["seconds"], 2), "torch_path_ratio_vs_copy": round(au_torch["seconds"] / copy["seconds"], 2),
+            "audit_cpu_s": round(au["cpu_s"], 2), "audit_torch_path_cpu_s": round(au_torch["cpu_s"], 2), "read_copy_cpu_s": round(copy["cpu_s"], 2), "load_avg": round(os.getloadavg()[0], 2),
             "audit_peak_rss_mb": round(au["rss_mb"]), "rss_limit_mb": round(limit_mb), "read_peak_rss_mb": round(copy["rss_mb"]),
             "largest_tensor_mb": round(largest / 2**20), "summary": au["summary"]}, indent=1))
     return 0
