@@ -16,6 +16,11 @@ statistic of the piece is taken while it is in cache; memory stays at the two in
 hint): when one explains the change, that is the direction the data gives (one exact power step from
 r); otherwise a few more power steps find it.
 
+Where the C kernels (checks/native.py) can read the pair in place -- CPU, contiguous, bfloat16 or
+float32 -- they take the whole tensor instead of pieces: one pass gives the norms and both products
+for up to 4 directions at a time, and D D^T r reads the pair again rather than keeping D. Elsewhere
+(no C compiler, other dtypes, ``native=False``) the torch walk above gives the same numbers.
+
 Given ``floor_needed`` (the judge's rule for when a floor can change its verdict), the rounding floor
 is first bounded for free (floor^2 <= c max_h r_h^2 ||W'||_F^2) and computed exactly, in one more
 pass over W', only for the directions where that bound leaves the verdict open.
