@@ -187,6 +187,7 @@ def main() -> int:
             "read_copy_s": round(copy["seconds"], 2), "ratio_vs_copy": round(au["seconds"] / copy["seconds"], 2),
             "read_mapped_s": round(mapped["seconds"], 2), "ratio_vs_mapped": round(au["seconds"] / mapped["seconds"], 2), "ratio_target": 1.5,
             "audit_torch_path_s": round(au_torch["seconds"], 2), "torch_path_ratio_vs_copy": round(au_torch["seconds"] / copy["seconds"], 2),
+            "torch_path_same_summary": au_torch["summary"] == au["summary"],
             "audit_cpu_s": round(au["cpu_s"], 2), "audit_torch_path_cpu_s": round(au_torch["cpu_s"], 2), "read_copy_cpu_s": round(copy["cpu_s"], 2), "load_avg": round(os.getloadavg()[0], 2),
             "audit_peak_rss_mb": round(au["rss_mb"]), "rss_limit_mb": round(limit_mb), "read_peak_rss_mb": round(copy["rss_mb"]),
             "largest_tensor_mb": round(largest / 2**20), "summary": au["summary"]}, indent=1))

@@ -127,3 +127,44 @@ def test_builds_into_the_cache_once(monkeypatch, tmp_path):
         assert native.kernels() is not None and libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
         native._load.cache_clear()
+
+
+def _numbers(x, out: dict, path: str = "") -> dict:
+    """Every float in a results tree by its path, timings left out (for a tolerance comparison of two runs)."""
+    if isinstance(x, dict):
+        for k in x:
+            if "seconds" not in k and not k.endswith("_s"):
+                _numbers(x[k], out, f"{path}/{k}")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            _numbers(v, out, f"{path}/{i}")
+    elif isinstance(x, float):
+        out[path] = x
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss", "llama4_text", "qwen2"])
+def test_static_audit_same_verdicts_on_both_paths(family, tiny_model, tmp_path, monkeypatch):
+    """The whole weights stage on a model ablated by hand (writers of layers 0-1, bf16): same statuses,
+    findings and classes with the kernels and with torch, numbers equal to float32 rounding."""
+    from audit.model_dir import ModelDir
+    from audit.static_audit import static_audit
+    from tests.helpers_ablation import edit_fn, rewrite
+
+    base = tiny_model(family)
+    h = ModelDir(base).layout.hidden_size
+    r = torch.nn.functional.normalize(torch.randn(h, generator=torch.Generator().manual_seed(3)), dim=0)
+    out = rewrite(base, tmp_path / "abl", edit_fn(r, {"attn_out", "mlp_down", "experts_down", "shared_down"}, {0, 1}, family=family))
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("AUDIT_NATIVE", flag)
+        runs.append({k: v.to_dict() for k, v in static_audit(out, base=base).items()})
+    a, b = runs
+    for name in a:
+        assert (a[name]["status"], a[name]["summary"]) == (b[name]["status"], b[name]["summary"]), name
+        assert [f["id"] if "id" in f else f.get("title") for f in a[name]["findings"]] == \
+               [f["id"] if "id" in f else f.get("title") for f in b[name]["findings"]], name
+    na, nb = _numbers(a, {}), _numbers(b, {})
+    assert na.keys() == nb.keys()
+    assert na == pytest.approx(nb, rel=2e-3, abs=1e-6)
