@@ -26,79 +26,92 @@ INLINE float ld(const void *x, int64_t i, int dt) {
     return f;
 }
 
+/* One column (contiguous, H long, from element o) against 4 direction rows: res0/res1 = R . x0 / x1, and
+ * with SUMS s += |x0|^2, |x1|^2, |x1 - x0|^2. SUMS is a compile-time constant at each call: a branch in
+ * the loop keeps compilers from vectorizing it without masked stores (AVX2). */
+INLINE void col_block(const void *x0, const void *x1, int dt, int pair, const int SUMS, int square, int64_t o, int64_t H,
+                      const float *r0, float res0[4], float res1[4], double s[3]) {
+    const float *r1 = r0 + H, *r2 = r1 + H, *r3 = r2 + H;
+    float p0[4][LANES] = {{0}}, p1[4][LANES] = {{0}}, q0[LANES] = {0}, q1[LANES] = {0}, qd[LANES] = {0};
+    int64_t h = 0;
+    for (; h + LANES <= H; h += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            float v0 = ld(x0, o + h + l, dt);
+            if (square) v0 *= v0;
+            p0[0][l] += r0[h + l] * v0;
+            p0[1][l] += r1[h + l] * v0;
+            p0[2][l] += r2[h + l] * v0;
+            p0[3][l] += r3[h + l] * v0;
+            if (pair) {
+                float v1 = ld(x1, o + h + l, dt), d = v1 - v0;
+                p1[0][l] += r0[h + l] * v1;
+                p1[1][l] += r1[h + l] * v1;
+                p1[2][l] += r2[h + l] * v1;
+                p1[3][l] += r3[h + l] * v1;
+                if (SUMS) {
+                    q0[l] += v0 * v0;
+                    q1[l] += v1 * v1;
+                    qd[l] += d * d;
+                }
+            }
+        }
+    }
+    for (int l = 0; h < H; h++, l++) { /* tail: fewer than LANES elements */
+        float v0 = ld(x0, o + h, dt);
+        if (square) v0 *= v0;
+        p0[0][l] += r0[h] * v0;
+        p0[1][l] += r1[h] * v0;
+        p0[2][l] += r2[h] * v0;
+        p0[3][l] += r3[h] * v0;
+        if (pair) {
+            float v1 = ld(x1, o + h, dt), d = v1 - v0;
+            p1[0][l] += r0[h] * v1;
+            p1[1][l] += r1[h] * v1;
+            p1[2][l] += r2[h] * v1;
+            p1[3][l] += r3[h] * v1;
+            if (SUMS) {
+                q0[l] += v0 * v0;
+                q1[l] += v1 * v1;
+                qd[l] += d * d;
+            }
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        float t0 = 0, t1 = 0;
+        for (int l = 0; l < LANES; l++) {
+            t0 += p0[k][l];
+            t1 += p1[k][l];
+        }
+        res0[k] = t0;
+        res1[k] = t1;
+    }
+    if (SUMS)
+        for (int l = 0; l < LANES; l++) {
+            s[0] += q0[l];
+            s[1] += q1[l];
+            s[2] += qd[l];
+        }
+}
+
 /* Residual axis last (Q = 1): column c is the contiguous vector x[c*H : (c+1)*H].
  * a0[j*P + c] = R_j . x0_c, a1 likewise for x1; sums[3c..3c+2] = |x0_c|^2, |x1_c|^2, |x1_c - x0_c|^2.
  * square: products of R with x0*x0 instead (rounding floors). */
 INLINE void cols(const void *x0, const void *x1, int dt, int pair, int want_sums, int square, int64_t P, int64_t H,
                  const float *R, int64_t m, float *a0, float *a1, double *sums) {
     for (int64_t c = 0; c < P; c++) {
-        const int64_t o = c * H;
         for (int64_t jb = 0; jb < m; jb += 4) {
-            const float *r0 = R + jb * H, *r1 = r0 + H, *r2 = r1 + H, *r3 = r2 + H;
-            const int do_sums = want_sums && jb == 0;
-            float p0[4][LANES] = {{0}}, p1[4][LANES] = {{0}}, q0[LANES] = {0}, q1[LANES] = {0}, qd[LANES] = {0};
-            int64_t h = 0;
-            for (; h + LANES <= H; h += LANES) {
-                for (int l = 0; l < LANES; l++) {
-                    float v0 = ld(x0, o + h + l, dt);
-                    if (square) v0 *= v0;
-                    p0[0][l] += r0[h + l] * v0;
-                    p0[1][l] += r1[h + l] * v0;
-                    p0[2][l] += r2[h + l] * v0;
-                    p0[3][l] += r3[h + l] * v0;
-                    if (pair) {
-                        float v1 = ld(x1, o + h + l, dt), d = v1 - v0;
-                        p1[0][l] += r0[h + l] * v1;
-                        p1[1][l] += r1[h + l] * v1;
-                        p1[2][l] += r2[h + l] * v1;
-                        p1[3][l] += r3[h + l] * v1;
-                        if (do_sums) {
-                            q0[l] += v0 * v0;
-                            q1[l] += v1 * v1;
-                            qd[l] += d * d;
-                        }
-                    }
-                }
-            }
-            for (int l = 0; h < H; h++, l++) { /* tail: fewer than LANES elements */
-                float v0 = ld(x0, o + h, dt);
-                if (square) v0 *= v0;
-                p0[0][l] += r0[h] * v0;
-                p0[1][l] += r1[h] * v0;
-                p0[2][l] += r2[h] * v0;
-                p0[3][l] += r3[h] * v0;
-                if (pair) {
-                    float v1 = ld(x1, o + h, dt), d = v1 - v0;
-                    p1[0][l] += r0[h] * v1;
-                    p1[1][l] += r1[h] * v1;
-                    p1[2][l] += r2[h] * v1;
-                    p1[3][l] += r3[h] * v1;
-                    if (do_sums) {
-                        q0[l] += v0 * v0;
-                        q1[l] += v1 * v1;
-                        qd[l] += d * d;
-                    }
-                }
-            }
+            float res0[4], res1[4];
+            double s[3] = {0, 0, 0};
+            if (want_sums && jb == 0) {
+                col_block(x0, x1, dt, pair, 1, square, c * H, H, R + jb * H, res0, res1, s);
+                sums[3 * c] += s[0];
+                sums[3 * c + 1] += s[1];
+                sums[3 * c + 2] += s[2];
+            } else
+                col_block(x0, x1, dt, pair, 0, square, c * H, H, R + jb * H, res0, res1, s);
             for (int k = 0; k < 4; k++) {
-                float s0 = 0, s1 = 0;
-                for (int l = 0; l < LANES; l++) {
-                    s0 += p0[k][l];
-                    s1 += p1[k][l];
-                }
-                a0[(jb + k) * P + c] += s0;
-                if (pair) a1[(jb + k) * P + c] += s1;
-            }
-            if (do_sums) {
-                double s0 = 0, s1 = 0, sd = 0;
-                for (int l = 0; l < LANES; l++) {
-                    s0 += q0[l];
-                    s1 += q1[l];
-                    sd += qd[l];
-                }
-                sums[3 * c] += s0;
-                sums[3 * c + 1] += s1;
-                sums[3 * c + 2] += sd;
+                a0[(jb + k) * P + c] += res0[k];
+                if (pair) a1[(jb + k) * P + c] += res1[k];
             }
         }
     }
@@ -106,7 +119,7 @@ INLINE void cols(const void *x0, const void *x1, int dt, int pair, int want_sums
 
 /* NR rows h..h+NR-1 of one tile of n columns starting at element offset o (row stride Q), into the
  * tile's local accumulators (locals: the compiler knows they alias nothing and vectorizes). */
-INLINE void tile_rows(const void *x0, const void *x1, int dt, int pair, int do_sums, int square, const int NR, int64_t o, int64_t Q,
+INLINE void tile_rows(const void *x0, const void *x1, int dt, int pair, const int do_sums, int square, const int NR, int64_t o, int64_t Q,
                       int64_t n, const float w[][4], float p0[4][CB], float p1[4][CB], float q0[CB], float q1[CB], float qd[CB]) {
     for (int64_t c = 0; c < n; c++) {
         float s0[4] = {p0[0][c], p0[1][c], p0[2][c], p0[3][c]}, s1[4] = {0}, u0 = 0, u1 = 0, ud = 0;
@@ -150,6 +163,12 @@ INLINE void rows(const void *x0, const void *x1, int dt, int pair, int want_sums
             const int64_t n = Q - c0 < CB ? Q - c0 : CB;
             for (int64_t jb = 0; jb < m; jb += 4) {
                 const int do_sums = want_sums && jb == 0;
+/* do_sums as a constant at each call: a branch in the loop keeps compilers from vectorizing it without masked stores (AVX2) */
+#define TILE(NR)                                                                                                               \
+    do {                                                                                                                       \
+        if (do_sums) tile_rows(x0, x1, dt, pair, 1, square, NR, base + h * Q + c0, Q, n, (const float(*)[4])w, p0, p1, q0, q1, qd); \
+        else tile_rows(x0, x1, dt, pair, 0, square, NR, base + h * Q + c0, Q, n, (const float(*)[4])w, p0, p1, q0, q1, qd);         \
+    } while (0)
                 memset(p0, 0, sizeof p0);
                 memset(p1, 0, sizeof p1);
                 memset(q0, 0, sizeof q0);
@@ -159,11 +178,11 @@ INLINE void rows(const void *x0, const void *x1, int dt, int pair, int want_sums
                 for (; h + 4 <= H; h += 4) {
                     for (int r = 0; r < 4; r++)
                         for (int k = 0; k < 4; k++) w[r][k] = R[(jb + k) * H + h + r];
-                    tile_rows(x0, x1, dt, pair, do_sums, square, 4, base + h * Q + c0, Q, n, (const float(*)[4])w, p0, p1, q0, q1, qd);
+                    TILE(4);
                 }
                 for (; h < H; h++) {
                     for (int k = 0; k < 4; k++) w[0][k] = R[(jb + k) * H + h];
-                    tile_rows(x0, x1, dt, pair, do_sums, square, 1, base + h * Q + c0, Q, n, (const float(*)[4])w, p0, p1, q0, q1, qd);
+                    TILE(1);
                 }
                 for (int k = 0; k < 4; k++) {
                     float *A0 = a0 + (jb + k) * PQ + p * Q + c0;
@@ -173,6 +192,7 @@ INLINE void rows(const void *x0, const void *x1, int dt, int pair, int want_sums
                         for (int64_t c = 0; c < n; c++) A1[c] += p1[k][c];
                     }
                 }
+#undef TILE
                 if (do_sums)
                     for (int64_t c = 0; c < n; c++) {
                         t0 += q0[c];
