@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from checks import native
 from checks.errors import AuditError
 from checks.findings import CheckResult, jsonable
 from checks.projection import TensorProjection, check_projection
@@ -133,6 +135,9 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
 
     from tqdm import tqdm
 
+    if native.enabled() and not native.built() and sys.stderr.isatty():
+        print("compiling the weight pass's C kernels (once per machine and version, about 10 s)", file=sys.stderr, flush=True)
+    native.kernels()  # built here, not inside the first worker: the progress bar then measures reading
     with tqdm(total=md_a.nbytes + md_b.nbytes, desc="weights", unit="B", unit_scale=True, disable=None if progress is None else not progress) as bar:
         cmp = compare_models(md_a, md_b, directions_for, progress=lambda done, total: bar.update(done - bar.n))
     t_stream = time.perf_counter() - t0

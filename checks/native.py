@@ -110,15 +110,25 @@ def _load() -> Kernels | None:
         return _build_or_reuse()
 
 
+def _lib_paths() -> list[Path]:
+    """Where the library for this source and machine is, or goes: the cache, else a temporary directory."""
+    tag = hashlib.sha256(SOURCE.read_bytes() + platform.machine().encode() + platform.node().encode() + sys.platform.encode()).hexdigest()[:16]
+    tmp = Path(tempfile.gettempdir()) / f"moe-ablation-audit-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    return [d / f"pair_kernels-{tag}.so" for d in (_cache_dir(), tmp)]
+
+
+def built() -> bool:
+    """Whether the library is already compiled (so ``kernels()`` will not take the ~10 s of a first build)."""
+    return _load.cache_info().currsize > 0 or any(p.is_file() for p in _lib_paths())
+
+
 def _build_or_reuse() -> Kernels | None:
-    src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + platform.machine().encode() + platform.node().encode() + sys.platform.encode()).hexdigest()[:16]
-    for d in (_cache_dir(), Path(tempfile.gettempdir()) / f"moe-ablation-audit-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        lib = d / f"pair_kernels-{tag}.so"
+    for lib in _lib_paths():
         try:
-            if lib.is_file() or _compile(SOURCE, lib):
-                return Kernels(ctypes.CDLL(str(lib)))
-        except OSError:
+            if not lib.is_file() and not _compile(SOURCE, lib):
+                return None  # no working compiler: another directory would not change that
+            return Kernels(ctypes.CDLL(str(lib)))
+        except OSError:  # this directory is not writable, or the library in it does not load: the next one
             continue
     return None
 

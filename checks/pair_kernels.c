@@ -15,7 +15,7 @@
 #include <string.h>
 
 #define LANES 16
-#define CB 768 /* columns per tile when the residual axis is not last: 11 accumulator rows stay in L1 */
+#define CB 768 /* columns per tile when the residual axis is not last (a whole row of most expert writers); its 11 accumulator rows (34 KB) stay in L1-L2 */
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE float ld(const void *x, int64_t i, int dt) {
@@ -26,57 +26,34 @@ INLINE float ld(const void *x, int64_t i, int dt) {
     return f;
 }
 
-/* One column (contiguous, H long, from element o) against 4 direction rows: res0/res1 = R . x0 / x1, and
- * with SUMS s += |x0|^2, |x1|^2, |x1 - x0|^2. SUMS is a compile-time constant at each call: a branch in
- * the loop keeps compilers from vectorizing it without masked stores (AVX2). */
-INLINE void col_block(const void *x0, const void *x1, int dt, int pair, const int SUMS, int square, int64_t o, int64_t H,
-                      const float *r0, float res0[4], float res1[4], double s[3]) {
-    const float *r1 = r0 + H, *r2 = r1 + H, *r3 = r2 + H;
+/* One column (contiguous, H long, from element o) against JB (4 or 1) direction rows R0[k*H ..]:
+ * res0/res1 = R . x0 / x1, and with SUMS s += |x0|^2, |x1|^2, |x1 - x0|^2. JB and SUMS are compile-time
+ * constants at each call: a branch in the loop keeps compilers from vectorizing it without masked
+ * stores (AVX2), and one direction need not pay for four. */
+INLINE void col_block(const void *x0, const void *x1, int dt, int pair, const int JB, const int SUMS, int square, int64_t o,
+                      int64_t H, const float *R0, float res0[4], float res1[4], double s[3]) {
     float p0[4][LANES] = {{0}}, p1[4][LANES] = {{0}}, q0[LANES] = {0}, q1[LANES] = {0}, qd[LANES] = {0};
     int64_t h = 0;
-    for (; h + LANES <= H; h += LANES) {
-        for (int l = 0; l < LANES; l++) {
-            float v0 = ld(x0, o + h + l, dt);
-            if (square) v0 *= v0;
-            p0[0][l] += r0[h + l] * v0;
-            p0[1][l] += r1[h + l] * v0;
-            p0[2][l] += r2[h + l] * v0;
-            p0[3][l] += r3[h + l] * v0;
-            if (pair) {
-                float v1 = ld(x1, o + h + l, dt), d = v1 - v0;
-                p1[0][l] += r0[h + l] * v1;
-                p1[1][l] += r1[h + l] * v1;
-                p1[2][l] += r2[h + l] * v1;
-                p1[3][l] += r3[h + l] * v1;
-                if (SUMS) {
-                    q0[l] += v0 * v0;
-                    q1[l] += v1 * v1;
-                    qd[l] += d * d;
-                }
-            }
-        }
-    }
-    for (int l = 0; h < H; h++, l++) { /* tail: fewer than LANES elements */
-        float v0 = ld(x0, o + h, dt);
-        if (square) v0 *= v0;
-        p0[0][l] += r0[h] * v0;
-        p0[1][l] += r1[h] * v0;
-        p0[2][l] += r2[h] * v0;
-        p0[3][l] += r3[h] * v0;
-        if (pair) {
-            float v1 = ld(x1, o + h, dt), d = v1 - v0;
-            p1[0][l] += r0[h] * v1;
-            p1[1][l] += r1[h] * v1;
-            p1[2][l] += r2[h] * v1;
-            p1[3][l] += r3[h] * v1;
-            if (SUMS) {
-                q0[l] += v0 * v0;
-                q1[l] += v1 * v1;
-                qd[l] += d * d;
-            }
-        }
-    }
-    for (int k = 0; k < 4; k++) {
+#define COL_STEP(l, i)                                                           \
+    do {                                                                         \
+        float v0 = ld(x0, o + (i), dt);                                          \
+        if (square) v0 *= v0;                                                    \
+        for (int k = 0; k < JB; k++) p0[k][l] += R0[k * H + (i)] * v0;           \
+        if (pair) {                                                              \
+            float v1 = ld(x1, o + (i), dt), d = v1 - v0;                         \
+            for (int k = 0; k < JB; k++) p1[k][l] += R0[k * H + (i)] * v1;       \
+            if (SUMS) {                                                          \
+                q0[l] += v0 * v0;                                                \
+                q1[l] += v1 * v1;                                                \
+                qd[l] += d * d;                                                  \
+            }                                                                    \
+        }                                                                        \
+    } while (0)
+    for (; h + LANES <= H; h += LANES)
+        for (int l = 0; l < LANES; l++) COL_STEP(l, h + l);
+    for (int l = 0; h < H; h++, l++) COL_STEP(l, h); /* tail: fewer than LANES elements */
+#undef COL_STEP
+    for (int k = 0; k < JB; k++) {
         float t0 = 0, t1 = 0;
         for (int l = 0; l < LANES; l++) {
             t0 += p0[k][l];
@@ -95,26 +72,29 @@ INLINE void col_block(const void *x0, const void *x1, int dt, int pair, const in
 
 /* Residual axis last (Q = 1): column c is the contiguous vector x[c*H : (c+1)*H].
  * a0[j*P + c] = R_j . x0_c, a1 likewise for x1; sums[3c..3c+2] = |x0_c|^2, |x1_c|^2, |x1_c - x0_c|^2.
- * square: products of R with x0*x0 instead (rounding floors). */
+ * square: products of R with x0*x0 instead (rounding floors). m is 1 or a multiple of 4. */
 INLINE void cols(const void *x0, const void *x1, int dt, int pair, int want_sums, int square, int64_t P, int64_t H,
                  const float *R, int64_t m, float *a0, float *a1, double *sums) {
+#define BLOCK(JB, SUMS) col_block(x0, x1, dt, pair, JB, SUMS, square, c * H, H, R + jb * H, res0, res1, s)
     for (int64_t c = 0; c < P; c++) {
         for (int64_t jb = 0; jb < m; jb += 4) {
             float res0[4], res1[4];
             double s[3] = {0, 0, 0};
             if (want_sums && jb == 0) {
-                col_block(x0, x1, dt, pair, 1, square, c * H, H, R + jb * H, res0, res1, s);
+                if (m == 1) BLOCK(1, 1);
+                else BLOCK(4, 1);
                 sums[3 * c] += s[0];
                 sums[3 * c + 1] += s[1];
                 sums[3 * c + 2] += s[2];
-            } else
-                col_block(x0, x1, dt, pair, 0, square, c * H, H, R + jb * H, res0, res1, s);
-            for (int k = 0; k < 4; k++) {
+            } else if (m == 1) BLOCK(1, 0);
+            else BLOCK(4, 0);
+            for (int k = 0; k < 4 && jb + k < m; k++) {
                 a0[(jb + k) * P + c] += res0[k];
                 if (pair) a1[(jb + k) * P + c] += res1[k];
             }
         }
     }
+#undef BLOCK
 }
 
 /* NR rows h..h+NR-1 of one tile of n columns starting at element offset o (row stride Q), into the
@@ -177,14 +157,14 @@ INLINE void rows(const void *x0, const void *x1, int dt, int pair, int want_sums
                 int64_t h = 0;
                 for (; h + 4 <= H; h += 4) {
                     for (int r = 0; r < 4; r++)
-                        for (int k = 0; k < 4; k++) w[r][k] = R[(jb + k) * H + h + r];
+                        for (int k = 0; k < 4; k++) w[r][k] = jb + k < m ? R[(jb + k) * H + h + r] : 0.0f;
                     TILE(4);
                 }
                 for (; h < H; h++) {
-                    for (int k = 0; k < 4; k++) w[0][k] = R[(jb + k) * H + h];
+                    for (int k = 0; k < 4; k++) w[0][k] = jb + k < m ? R[(jb + k) * H + h] : 0.0f;
                     TILE(1);
                 }
-                for (int k = 0; k < 4; k++) {
+                for (int k = 0; k < 4 && jb + k < m; k++) {
                     float *A0 = a0 + (jb + k) * PQ + p * Q + c0;
                     for (int64_t c = 0; c < n; c++) A0[c] += p0[k][c];
                     if (pair) {
@@ -227,12 +207,12 @@ INLINE void project_any(const void *x0, const void *x1, int dt, int want_sums, i
     }
 }
 
-/* a0 (and a1 when x1 is given) += R @ x per column of the [H, P*Q] view, R [m, H] with m a multiple of 4;
+/* a0 (and a1 when x1 is given) += R @ x per column of the [H, P*Q] view, R [m, H] with m 1 or a multiple of 4;
  * sums (3 per column when Q = 1, else 3 per p; x1 needed) += |x0|^2, |x1|^2, |x1 - x0|^2 when sums is given;
  * square: R @ (x0 * x0) (x1 must be NULL). Returns 0, or -1 for arguments it cannot take. */
 int pk_project(const void *x0, const void *x1, int dt, int64_t P, int64_t H, int64_t Q, const float *R, int64_t m,
                float *a0, float *a1, double *sums, int square) {
-    if (m % 4 || (dt != 0 && dt != 1) || (square && x1) || (sums && !x1)) return -1;
+    if ((m != 1 && m % 4) || (dt != 0 && dt != 1) || (square && x1) || (sums && !x1)) return -1;
     if (dt == 0) project_any(x0, x1, 0, sums != 0, square, P, H, Q, R, m, a0, a1, sums);
     else project_any(x0, x1, 1, sums != 0, square, P, H, Q, R, m, a0, a1, sums);
     return 0;

@@ -232,8 +232,9 @@ def _sq(raw: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
 
 
 def _pad4(R: torch.Tensor) -> torch.Tensor:
-    """Zero rows up to a multiple of 4: the C kernels take directions 4 at a time."""
-    return torch.cat([R, R.new_zeros(-R.shape[0] % 4, R.shape[1])]) if R.shape[0] % 4 else R
+    """More than one direction: zero rows up to a multiple of 4, which the C kernels take 4 at a time and MKL's
+    gemm takes fastest (2-3 rows cost ~1.6x 4). One direction stays one row (a gemv; the kernels' one-row loop)."""
+    return torch.cat([R, R.new_zeros(-R.shape[0] % 4, R.shape[1])]) if R.shape[0] > 1 and R.shape[0] % 4 else R
 
 
 def _kernels(want: bool | None, *xs: torch.Tensor) -> native.Kernels | None:
@@ -287,7 +288,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     R = torch.stack([directions[n].float().flatten() for n in names]) if use_dirs else None  # [m, H]
     if R is not None and R.shape[1] != H:
         raise ValueError(f"direction size {R.shape[1]} != residual axis size {H}")
-    if R is not None and (R.shape[0] > 1 or K is not None):  # MKL takes its fast gemm path with 4 rows (2-3 rows cost ~1.6x 4)
+    if R is not None:
         R = _pad4(R)
     R2 = R * R if R is not None else None
     c_round = round_mse_coeff(w1.dtype)
@@ -519,8 +520,8 @@ def _power_step(walk: _Walk, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """t = D^T u, z = D t (one exact power step on D D^T), and u . W, u . W' per column."""
     PQ = walk.P * walk.Q
     if walk.K is not None:  # u . W and u . W' in one pass, D t in another (t = u.W' - u.W: float32 cancellation is far below what a step needs)
-        a = torch.zeros(2, 4, PQ)
-        walk.K.project(walk.xs[0], walk.xs[1], _pad4(u[None].contiguous()), a[0], a[1])
+        a = torch.zeros(2, 1, PQ)
+        walk.K.project(walk.xs[0], walk.xs[1], u[None].contiguous(), a[0], a[1])
         uw0, uw1 = a[0, 0], a[1, 0]
         t = uw1 - uw0
         return t, _apply_d(walk, t), uw0, uw1
