@@ -130,7 +130,7 @@ INLINE void tile_rows(const void *x0, const void *x1, int dt, int pair, const in
 }
 
 /* Residual axis not last (Q > 1): rows x[p, h, :] are contiguous; column (p, q) sums over h.
- * Tiles of CB columns, all H rows per tile (4 at a time), so the accumulators of a tile stay in L1.
+ * Tiles of CB columns, all H rows per tile (4 at a time), so the accumulators of a tile stay near the core.
  * a0[j*P*Q + p*Q + q]; sums[3p..3p+2] per p. */
 INLINE void rows(const void *x0, const void *x1, int dt, int pair, int want_sums, int square, int64_t P, int64_t H, int64_t Q,
                  const float *R, int64_t m, float *a0, float *a1, double *sums) {
