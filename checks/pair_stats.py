@@ -444,13 +444,11 @@ def _native_pass(K: native.Kernels, x0v, x1v, identical: bool, R, R2, a0, a1, fl
 
 
 def _col_floor(x1v: torch.Tensor, R2: torch.Tensor, block: int, kernels: native.Kernels | None = None) -> torch.Tensor:
-    """[m, P*Q]: R2 @ (W' * W') per column of the [H, P*Q] view."""
+    """[m, P*Q]: R2 @ (W' * W') per column of the [H, P*Q] view (R2: one row, or R's rows padded by _pad4)."""
+    out = torch.zeros(R2.shape[0], x1v.shape[0] * x1v.shape[2])
     if kernels is not None:
-        R2 = _pad4(R2)
-        out = torch.zeros(R2.shape[0], x1v.shape[0] * x1v.shape[2])
         kernels.project(x1v, None, R2, out, None, square=True)
         return out
-    out = torch.zeros(R2.shape[0], x1v.shape[0] * x1v.shape[2])
     for pc in _Walk([x1v], block):
         out[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _sq(pc.raw[0], pc.mat[0]))
     return out
