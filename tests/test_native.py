@@ -90,28 +90,14 @@ def test_pair_stats_native_equals_torch(shape, axis, ea, ne):
         assert abs(float(a.recovery.direction @ b.recovery.direction)) > 0.9999
 
 
-def test_disabled_or_unbuildable_falls_back_to_torch(monkeypatch, tmp_path):
-    """AUDIT_NATIVE=0, or no working compiler: no kernels, and pair_stats still answers (through torch)."""
-    w0 = torch.randn(16, 5).bfloat16()
-    w1 = (w0.float() * 1.5).bfloat16()
-    monkeypatch.setenv("AUDIT_NATIVE", "0")
-    assert native.kernels() is None
-    with pytest.raises(RuntimeError, match="unavailable"):
-        pair_stats(w0, w1, 0, {}, native=True)
-    assert pair_stats(w0, w1, 0, {}).rel_change == pytest.approx(0.5, rel=1e-2)
-
-    monkeypatch.setenv("AUDIT_NATIVE", "1")
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setenv("AUDIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """native's loader forgets its library before and after the test; temporary files go under tmp_path/tmp."""
     (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     native._load.cache_clear()
-    try:
-        assert native.kernels() is None
-        assert pair_stats(w0, w1, 0, {}).rel_change == pytest.approx(0.5, rel=1e-2)
-        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
-    finally:
-        native._load.cache_clear()
+    yield tmp_path
+    native._load.cache_clear()
 
 
 STUB = """
@@ -123,48 +109,56 @@ int pk_sums(const void *a, const void *b, int dt, int64_t n, double *out) { retu
 """
 
 
-def test_builds_into_the_cache_once_and_reuses(monkeypatch, tmp_path):
-    """The library goes to $AUDIT_CACHE/kernels and is loaded from there next time, not rebuilt (a stub
-    source with the kernels' symbols: the mechanics, without the real build's ten seconds)."""
-    if native.kernels() is None:
-        pytest.skip("no C compiler here")
+@pytest.fixture
+def stub_source(monkeypatch, tmp_path):
+    """A source with the kernels' symbols in place of the real one: the build mechanics without its ten seconds."""
     src = tmp_path / "stub.c"
     src.write_text(STUB)
     monkeypatch.setattr(native, "SOURCE", src)
-    monkeypatch.setenv("AUDIT_CACHE", str(tmp_path / "cache"))
+    return src
+
+
+def test_disabled_or_unbuildable_falls_back_to_torch(monkeypatch, fresh_loader):
+    """AUDIT_NATIVE=0, or no working compiler: no kernels, and pair_stats still answers (through torch)."""
+    w0 = torch.randn(16, 5).bfloat16()
+    w1 = (w0.float() * 1.5).bfloat16()
+    monkeypatch.setenv("AUDIT_NATIVE", "0")
+    assert native.kernels() is None
+    with pytest.raises(RuntimeError, match="unavailable"):
+        pair_stats(w0, w1, 0, {}, native=True)
+    assert pair_stats(w0, w1, 0, {}).rel_change == pytest.approx(0.5, rel=1e-2)
+
+    monkeypatch.setenv("AUDIT_NATIVE", "1")
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("AUDIT_CACHE", str(fresh_loader / "cache"))
+    assert native.kernels() is None
+    assert pair_stats(w0, w1, 0, {}).rel_change == pytest.approx(0.5, rel=1e-2)
+    assert not list((fresh_loader / "cache").rglob("*.so"))  # nothing half-written left behind
+
+
+@needs_kernels
+def test_builds_into_the_cache_once_and_reuses(monkeypatch, fresh_loader, stub_source):
+    """The library goes to $AUDIT_CACHE/kernels and is loaded from there next time, not rebuilt."""
+    monkeypatch.setenv("AUDIT_CACHE", str(fresh_loader / "cache"))
+    assert not native.built()
+    assert native.kernels() is not None and native.built()
+    libs = list((fresh_loader / "cache" / "kernels").glob("pair_kernels-*.so"))
+    assert len(libs) == 1
     native._load.cache_clear()
-    try:
-        assert not native.built()
-        assert native.kernels() is not None and native.built()
-        libs = list((tmp_path / "cache" / "kernels").glob("pair_kernels-*.so"))
-        assert len(libs) == 1
-        native._load.cache_clear()
-        mtime = libs[0].stat().st_mtime_ns
-        assert native.built() and native.kernels() is not None and libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
-        src.write_text(STUB + "\n/* another version */\n")
-        native._load.cache_clear()
-        assert not native.built()  # a new source is a new library
-    finally:
-        native._load.cache_clear()
+    mtime = libs[0].stat().st_mtime_ns
+    assert native.built() and native.kernels() is not None and libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    stub_source.write_text(STUB + "\n/* another version */\n")
+    native._load.cache_clear()
+    assert not native.built()  # a new source is a new library
 
 
-def test_unwritable_cache_builds_in_a_temporary_directory(monkeypatch, tmp_path):
-    if native.kernels() is None:
-        pytest.skip("no C compiler here")
-    src = tmp_path / "stub.c"
-    src.write_text(STUB)
-    monkeypatch.setattr(native, "SOURCE", src)
-    blocker = tmp_path / "not-a-dir"
+@needs_kernels
+def test_unwritable_cache_builds_in_a_temporary_directory(monkeypatch, fresh_loader, stub_source):
+    blocker = fresh_loader / "not-a-dir"
     blocker.write_text("")
     monkeypatch.setenv("AUDIT_CACHE", str(blocker))  # kernels/ cannot be created under a file
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    native._load.cache_clear()
-    try:
-        assert native.kernels() is not None
-        assert list((tmp_path / "tmp").rglob("pair_kernels-*.so"))
-    finally:
-        native._load.cache_clear()
+    assert native.kernels() is not None
+    assert list((fresh_loader / "tmp").rglob("pair_kernels-*.so"))
 
 
 def _numbers(x, out: dict, path: str = "") -> dict:
