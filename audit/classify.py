@@ -70,20 +70,30 @@ def classify_rows(rows: list[dict], col: str) -> list[dict]:
     return out
 
 
-def classify_file(path: str | Path, out: str | Path | None = None) -> dict:
+def is_classify_output(path: Path) -> bool:
+    """Whether ``path`` is JSONL written by `audit classify` (every row carries judge_label): --force may replace it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        return "judge_label" in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def classify_file(path: str | Path, out: str | Path | None = None, force: bool = False) -> dict:
     """Judge every row of ``path``; write JSONL to ``out`` (stdout when None). Returns counts."""
+    from audit.outputs import check_destination, write_file
+
+    if out is not None:
+        check_destination(out, [path], force, kind="file", ours=is_classify_output)
     rows = read_rows(path)
     judged = classify_rows(rows, text_column(rows, path))
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judged)
     if out is None:
         sys.stdout.write(lines)
+        sys.stdout.flush()
     else:
-        o = Path(out)
-        if o.resolve() == Path(path).resolve():
-            raise AuditError(f"{o}: the output would overwrite the input; choose another -o")
-        tmp = o.with_name(o.name + ".tmp")
-        tmp.write_text(lines, encoding="utf-8")
-        tmp.replace(o)
+        write_file(out, lambda tmp: tmp.write_text(lines, encoding="utf-8"), [path], force, ours=is_classify_output)
     counts = {"rows": len(judged), "refusal": 0, "compliance": 0, "unknown": 0}
     for r in judged:
         counts[r["judge_label"]] += 1
