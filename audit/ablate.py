@@ -23,7 +23,8 @@ import torch
 from audit import __version__
 from audit.ablation_config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
 from audit.measure import Directions
-from audit.model_dir import DTYPES, ModelDir, OutputDir, copy_side_files, write_index
+from audit.model_dir import DTYPES, ModelDir, copy_side_files, write_index
+from audit.outputs import OutputDir
 from audit.reader import pread_into
 from checks.errors import AuditError
 from checks.linalg import along, project_out_norm_preserving
@@ -191,8 +192,11 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, Planned
 
 
 def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
-           force: bool = False, progress: bool | None = None) -> dict:
-    """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written."""
+           force: bool = False, progress: bool | None = None, inputs: tuple = ()) -> dict:
+    """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written.
+
+    ``inputs``: other files the run reads (the directions file), which ``out`` must stay clear of too.
+    """
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -218,7 +222,8 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
     touched = sorted({md.tensors[k].shard for k in by_key})
     results: dict[str, tuple[float, float, float]] = {}
     total = sum((md.path / s).stat().st_size for s in md.shards)
-    with OutputDir(out, inputs=[md.path], force=force) as od:
+    cfg_file = Path(config.source) if config.source and Path(config.source).is_file() else None
+    with OutputDir(out, inputs=[md.path, cfg_file, resolve_measurements(config), *inputs], force=force, kind="ablated model") as od:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="ablate", disable=None if progress is None else not progress)
         t0 = time.perf_counter()
         for shard in md.shards:
@@ -238,7 +243,7 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
             "tool": TOOL,
             "version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "base": {"path": str(md.path.resolve()), "bytes": md.nbytes, "family": layout.family},
+            "base": {"path": str(md.path.resolve()), "bytes": md.nbytes, "family": layout.family, "identity": md.identity()},
             "config": config.to_dict(),
             "config_source": config.source,
             "directions_file": DIRECTIONS_NAME,
