@@ -165,29 +165,35 @@ def _judge(info_a, info_b, w1, w0, same, md_a: ModelDir, layout: Layout, directi
         return TensorDiff(**base, status="shape-changed"), None, None, 0
     nbytes = info_a.nbytes + info_b.nbytes
     status = "changed"
-    if info_b.dtype != info_a.dtype:
-        status = "dtype-changed"
-        w1 = w1.to(w0.dtype) if w0.dtype.is_floating_point and w1.dtype.is_floating_point else w1
+    dtype_changed = info_b.dtype != info_a.dtype
+    stored = None
+    if dtype_changed:
+        if not (w0.dtype.is_floating_point and w1.dtype.is_floating_point):  # integer / quantized data: values not comparable
+            return TensorDiff(**base, status="dtype-changed", dtype_changed=True), None, None, nbytes
+        # one tensor re-stored in another float dtype: compare values, and call it unchanged only when the wider
+        # one rounds to the narrower bit for bit (a re-save, not an edit)
+        narrow, wide = (w0, w1) if torch.finfo(w0.dtype).eps >= torch.finfo(w1.dtype).eps else (w1, w0)
+        same = bytes_equal(wide.to(narrow.dtype), narrow)
+        stored, w0, w1 = w1.dtype, w0.float(), w1.float()
     dirs = directions_for(key, role) if (directions_for and role is not None and role.resid_axis is not None) else {}
     if not (w0.dtype.is_floating_point and w1.dtype == w0.dtype):  # integer / quantized blocks: bytes only
         same = same if same is not None else bytes_equal(w0, w1)
-        if status == "changed":
-            status = "unchanged" if same else "changed"
-        return TensorDiff(**base, status=status, rel_change=0.0 if same else None, changed_targets=() if same else base.get("targets", ())), None, None, nbytes
+        return TensorDiff(**base, status="unchanged" if same else "changed", rel_change=0.0 if same else None,
+                          changed_targets=() if same else base.get("targets", ())), None, None, nbytes
     st = pair_stats(w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
                     layout.n_routed_experts if role and role.component == "experts" else 0,
                     along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent,
-                    identical=same, floor_needed=floor_can_matter)  # the exact rounding floor only where it can change a class
-    if status == "changed" and st.identical:
+                    identical=same, floor_needed=floor_can_matter, stored_dtype=stored)  # the exact rounding floor only where it can change a class
+    if st.identical:
         status = "unchanged"
-    changed = status == "changed" or (status == "dtype-changed" and not st.identical)
+    changed = status == "changed"
     ct = _changed_targets(w0, w1, role, layout.family) if (changed and role is not None) else ()
-    diff = TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change,
+    diff = TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change, dtype_changed=dtype_changed,
                       nonfinite_base=st.nonfinite_base, nonfinite_ablated=st.nonfinite_ablated, expert_rel_change=st.expert_rel_change)
     proj = rec = None
     if role is not None and role.io in ("writer", "reader") and st.dirs:
         proj = TensorProjection(key, role.layer, role.component, role.projection, role.io, targets_of(role), changed,
-                                info_b.dtype, role.expert, st.ablated_fro, st.dirs)
+                                info_a.dtype, role.expert, st.ablated_fro, st.dirs)
     if changed and st.recovery is not None and role is not None:
         rec = TensorRecovery(key, role.layer, role.component, role.projection, role.io, st.recovery, role.expert)
         u = st.recovery.direction

@@ -254,7 +254,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
                block: int = 1 << 19, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
                identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None, retain: int = RETAIN_D,
-               native: bool | None = None) -> PairStats:
+               native: bool | None = None, stored_dtype: torch.dtype | None = None) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
     ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
@@ -269,6 +269,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     kept for D D^T r (the whole tensor, else one p of row panels, else one more pass); torch path only.
     ``native``: None, the C kernels (checks/native.py) where they can read the pair, else torch (``block``
     and ``retain`` then apply); False, always torch; True, always the kernels (an error where they cannot).
+    ``stored_dtype``: the dtype W' is stored in when the pair was cast to a common dtype to compare it
+    (the rounding floor is that dtype's); default ``w1.dtype``.
     """
     identical = bytes_equal(w0, w1) if identical is None else bool(identical)
     directions = {k: v for k, v in (directions or {}).items() if v is not None}
@@ -291,7 +293,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     if R is not None:
         R = _pad4(R)
     R2 = R * R if R is not None else None
-    c_round = round_mse_coeff(w1.dtype)
+    c_round = round_mse_coeff(stored_dtype or w1.dtype)
     PQ = P * Q
     lazy_floor = floor_needed is not None
     a0 = torch.zeros(R.shape[0], PQ) if use_dirs else None
