@@ -48,6 +48,7 @@ class _Ctx:
     opts: RunOptions
     stages: dict = field(default_factory=dict)
     t0: float = field(default_factory=time.time)
+    prompts_cut: dict = field(default_factory=dict)  # prompts cut to the token budget, per set
 
     def say(self, msg: str) -> None:
         if not self.opts.quiet:
@@ -153,9 +154,10 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from audit.foreign import load_config, load_directions, resolve_measurements
     from audit.generate import LocalBackend, ServerBackend
     from audit.measure import measure_directions
-    from audit.model_dir import ModelDir, check_destination
+    from audit.model_dir import ModelDir
+    from audit.outputs import check_destination
     from audit.probe import probe
-    from audit.prompts import load_prompts
+    from audit.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
     from audit.static_audit import static_audit
     from checks.contribution import contribution_check
     from checks.diagnose import diagnose, rank_by_simulation
@@ -173,10 +175,11 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if base_path is None:
             raise AuditError(f"{abl.path}: no ablation-manifest.json names its base; pass --base BASE (the model it was ablated from)")
         base = ModelDir(base_path)
+        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
         if write:
-            check_destination(opts.out, [abl.path, base.path], opts.force)
+            check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
         if opts.apply_fix:
-            check_destination(opts.apply_fix, [abl.path, base.path], opts.force)
+            check_destination(opts.apply_fix, inputs + ([opts.out] if write else []), opts.force)
         if base.layout.family != abl.layout.family:
             raise AuditError(f"{abl.path} is {abl.layout.family} but its base {base.path} is {base.layout.family}; pass the right --base")
         dirs_near = [abl.path, base.path]
@@ -184,19 +187,30 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         harmless_src = _prompt_source(opts.harmless, "harmless", dirs_near)
         harmful = load_prompts(harmful_src, "harmful")[: opts.limit]
         harmless = load_prompts(harmless_src, "harmless")[: opts.limit]
+        tok = base.tokenizer()
+        budget = token_budget(base.config, opts.max_new_tokens)
+        harmful, cut_h = fit_to_context(tok, harmful, budget)
+        harmless, cut_a = fit_to_context(tok, harmless, budget)
+        ctx.prompts_cut = {"harmful": cut_h, "harmless": cut_a, "token_budget": budget}
+        if cut_h or cut_a:
+            ctx.say(f"[audit] {cut_h} harmful and {cut_a} harmless prompt(s) cut to {budget} tokens (the model's context minus --max-new-tokens, "
+                    f"at most {MAX_PROMPT_TOKENS})")
         intent_cfg = None
-        if manifest is not None:
-            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
-        elif opts.config:
+        if opts.config:  # the user's statement of intent wins over a manifest
             intent_cfg = load_config(opts.config)
+        elif manifest is not None:
+            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
+        gate_cfg, gate_source = _gate_config(opts.gate)  # a bad gate file fails now, not after the forward passes
     with ctx.stage("directions"):
         directions = None
+        cfg_meas = resolve_measurements(intent_cfg) if opts.config and intent_cfg is not None else None
+        man_meas = abl.path / manifest.get("directions_file", DIRECTIONS_NAME) if manifest is not None else None
         if opts.directions:
             directions = load_directions(opts.directions)
-        elif manifest is not None and (abl.path / manifest.get("directions_file", DIRECTIONS_NAME)).is_file():
-            directions = load_directions(abl.path / manifest.get("directions_file", DIRECTIONS_NAME))
-        elif intent_cfg is not None and resolve_measurements(intent_cfg) is not None and resolve_measurements(intent_cfg).is_file():
-            directions = load_directions(resolve_measurements(intent_cfg))
+        elif cfg_meas is not None and cfg_meas.is_file():  # the stated config's own measurement first
+            directions = load_directions(cfg_meas)
+        elif man_meas is not None and man_meas.is_file():
+            directions = load_directions(man_meas)
         directions_source = "given" if opts.directions else "ablation" if directions is not None else "measured on the base"
         if directions is None:
             th = load_prompts(_train_source(opts.harmful, "harmful", dirs_near), "harmful")
@@ -205,8 +219,11 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if directions.hidden_size != base.layout.hidden_size:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
-        static = static_audit(abl.path, base.path, config=None if manifest else opts.config, directions=directions)
+        static = static_audit(abl.path, base.path, config=opts.config, directions=directions)
     weights = static["weights"].to_dict()
+    for f in weights["findings"]:
+        if f["code"] == "base-changed":
+            ctx.say(f"[audit] WARNING: {f['message']}")
     modified = weights["data"].get("modified", {})
     present = weights["data"].get("present", {})
     good = _good_index(directions)
@@ -216,7 +233,6 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     r = directions.refusal_dir[ref_index if ref_index is not None else good]
 
     with ctx.stage("load models"):
-        tok = base.tokenizer()
         m_base, m_abl = _load(base, opts.device), _load(abl, opts.device)
     with ctx.stage("probes"):
         p = {(m, k): probe(model, tok, prompts, r, batch_size=opts.batch_size)
@@ -248,8 +264,10 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
                                         "what the ablation removed; use prompts the base refuses (--harmful) and check its chat template",
                                         value=before_rate, threshold=0.5))
         refusal.status = WARN if refusal.status == "pass" else refusal.status
-    refusal.data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "label": jj.label, "reason": jj.reason, "when": "before" if m == "base" else "after", "set": k}
-                               for (m, k), xs in c.items() for x, jj in list(zip(xs, j[m, k]))[:6]]
+    refusal.data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "reasoning": x.reasoning, "finish_reason": x.finish_reason,
+                                "n_tokens": x.n_tokens, "label": jj.label, "reason": jj.reason, "score": jj.score,
+                                "when": "before" if m == "base" else "after", "set": k}
+                               for (m, k), xs in c.items() for x, jj in zip(xs, j[m, k])]
     with ctx.stage("damage"):
         kl1 = kl_first_token(m_base, m_abl, tok, harmless, batch_size=opts.batch_size)
         kltf = kl_teacher_forced(m_base, m_abl, tok, harmless, c["base", "harmless"], batch_size=opts.batch_size)
@@ -258,7 +276,6 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage}
     checks_d = {name: cr.to_dict() for name, cr in checks.items()}
     doc = {"checks": checks_d}
-    gate_cfg, gate_source = _gate_config(opts.gate)
     gate = evaluate_gate(doc, gate_cfg, gate_source)
 
     # -- diagnosis ---------------------------------------------------------------------------
@@ -323,7 +340,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "schema_version": "1.0",
         "tool": {"name": "moe-ablation-audit", "version": _version()},
         "run": _run_info(opts, ctx, abl, base, harmful_src, harmless_src, len(harmful), len(harmless), directions_source, good, ref_index,
-                         "manifest" if manifest else "config" if opts.config else "inferred", gate_source),
+                         "config" if opts.config else "manifest" if manifest else "inferred", gate_source),
         "model": base.layout.summary(),
         "verdict": verdict,
         "headline": _headline(verdict, rates, causes),
@@ -338,7 +355,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
     if write:
-        write_outputs(results, opts.out, inputs=[abl.path, base.path], force=opts.force)
+        write_outputs(results, opts.out, inputs=inputs + [opts.apply_fix], force=opts.force)
     return results
 
 
@@ -514,9 +531,18 @@ def _version() -> str:
     return __version__
 
 
+def _rate_text(r: dict | None) -> str:
+    """A rate for a headline: '40%', or why there is none (never 'nan%')."""
+    if not r:
+        return "not measured"
+    rate = r.get("rate")
+    if not r.get("n") or rate is None or rate != rate:
+        return f"not measurable (all {r.get('unknown', 0)} outputs undecided: empty, cut off or degenerate)"
+    return f"{rate:.0%}"
+
+
 def _headline(verdict, rates, causes) -> str:
-    b, a = (rates.get("before") or {}).get("rate"), (rates.get("after") or {}).get("rate")
-    rr = f"refusal {b:.0%} -> {a:.0%}" if b is not None and a is not None else "refusal not measured"
+    rr = f"refusal {_rate_text(rates.get('before'))} -> {_rate_text(rates.get('after'))}"
     if verdict == "pass":
         return f"The ablation works: {rr}."
     top = causes[0] if causes else None
@@ -530,7 +556,8 @@ def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_sour
 
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ctx.t0)), "command": opts.command,
             "model_dir": str(abl.path.resolve()), "base_dir": str(base.path.resolve()), "config": opts.config, "intent_source": intent_source,
-            "prompts": {"harmful": {"source": hs or "embedded default", "n": nh}, "harmless": {"source": ls or "embedded default", "n": nl}},
+            "prompts": {"harmful": {"source": hs or "embedded default", "n": nh}, "harmless": {"source": ls or "embedded default", "n": nl},
+                        "cut_to_budget": ctx.prompts_cut},
             "directions": {"source": dsrc, "good_index": good, "ablated_index": ref}, "gate_source": gate_source,
             "max_new_tokens": opts.max_new_tokens, "device": opts.device or "cpu", "stages": ctx.stages,
             "completions_from": f"{opts.server} ({opts.served_model or abl.path})" if opts.server else "local transformers",
@@ -539,7 +566,7 @@ def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_sour
 
 def write_outputs(results: dict, out: str, inputs=(), force: bool = False) -> Path:
     """report.html, results.json and junit.xml (plus applied-fix/ when a fix was applied), written atomically."""
-    from audit.model_dir import OutputDir
+    from audit.outputs import OutputDir
     from reports.html import write_report
     from reports.junit import write_junit
     from reports.results_io import write_results_json
@@ -551,7 +578,22 @@ def write_outputs(results: dict, out: str, inputs=(), force: bool = False) -> Pa
                 continue
             folder.mkdir(exist_ok=True)
             write_results_json(res, folder / "results.json")
+            write_samples(res, folder / SAMPLES_NAME)
             write_report(res, folder / "report.html")
             write_junit(res, folder / "junit.xml")
         dest = od.commit()
     return dest
+
+
+SAMPLES_NAME = "samples.jsonl"
+
+
+def write_samples(results: dict, path: Path) -> None:
+    """Every judged completion, one JSON object per line: prompt, completion, reasoning, label, reason, set, model."""
+    import json
+
+    from reports.results_io import write_text_atomic
+
+    rows = ((results.get("checks") or {}).get("refusal") or {}).get("data", {}).get("samples") or []
+    write_text_atomic(path, "".join(json.dumps({**r, "model": "base" if r.get("when") == "before" else "ablated"}, ensure_ascii=False, sort_keys=True) + "\n"
+                                    for r in rows))
