@@ -50,10 +50,11 @@ GRID_CLASSES = {  # (intended, actual) -> (css class, symbol, meaning)
     "none": ("g-none", "", "not intended, unchanged"),
     "absent": ("g-absent", "\u2013", "no such tensor in this layer"),
 }
-# The page's one script (copy buttons). It is allowed by its hash in the Content-Security-Policy, so no
-# other script can run, even one that slipped past escaping; the page works without it.
+# The page's one script (copy buttons, the sample filter). It is allowed by its hash in the
+# Content-Security-Policy, so no other script can run, even one that slipped past escaping; the page
+# works without it (every sample is shown).
 COPY_SCRIPT = """
-/* Copy buttons only; the page works without this script. */
+/* Copy buttons and the sample filter only; the page works without this script. */
 document.querySelectorAll("button.copy").forEach(function (b) {
   b.addEventListener("click", function () {
     var el = document.getElementById(b.getAttribute("data-copy"));
@@ -66,9 +67,22 @@ document.querySelectorAll("button.copy").forEach(function (b) {
     } catch (e) { /* selection stays, user can copy by hand */ }
   });
 });
+document.querySelectorAll("div.sample-filter").forEach(function (bar) {
+  var box = bar.querySelector("input"), pick = bar.querySelector("select"), count = bar.querySelector(".shown");
+  var items = bar.parentNode.querySelectorAll("details.sample");
+  var apply = function () {
+    var q = box.value.toLowerCase(), want = pick.value, n = 0;
+    items.forEach(function (d) {
+      var ok = (!want || d.getAttribute("data-label") === want || d.getAttribute("data-group") === want) &&
+               (!q || d.textContent.toLowerCase().indexOf(q) >= 0);
+      d.style.display = ok ? "" : "none"; if (ok) n += 1;
+    });
+    count.textContent = n + " of " + items.length + " shown";
+  };
+  box.addEventListener("input", apply); pick.addEventListener("change", apply);
+});
 """
 SCRIPT_HASH = "sha256-" + base64.b64encode(hashlib.sha256(COPY_SCRIPT.encode("utf-8")).digest()).decode("ascii")
-MAX_SAMPLES = 200
 MAX_TABLE_ROWS = 500
 
 
@@ -293,14 +307,16 @@ def _check_view(key: str, chk: dict, notes: _Notes) -> dict:
     samples = None
     if isinstance(data.get("samples"), list):
         groups: dict[str, list] = {}
-        for s in data["samples"][:MAX_SAMPLES]:
+        for s in data["samples"]:  # every sample: the report is the record (filterable on the page)
             if isinstance(s, dict):
                 group = str(s.get("when") or "other") + (f", {s['set']}" if s.get("set") else "")
                 groups.setdefault(group, []).append(
                     {"prompt": str(s.get("prompt") or ""), "completion": str(s.get("completion") or ""),
-                     "label": str(s.get("label") or ""), "reason": s.get("reason")})
+                     "reasoning": str(s.get("reasoning") or ""), "label": str(s.get("label") or ""), "reason": s.get("reason"),
+                     "group": group})
         order = sorted(groups, key=lambda w: ({"before": 0, "after": 1}.get(w.split(",")[0], 2), w))
-        samples = {"groups": [(w, groups[w]) for w in order], "more": max(0, len(data["samples"]) - MAX_SAMPLES)}
+        labels = sorted({x["label"] for g in groups.values() for x in g if x["label"]})
+        samples = {"groups": [(w, groups[w]) for w in order], "labels": labels, "total": sum(len(g) for g in groups.values())}
 
     return {"key": key, "name": name, "anchor": _anchor(name), "title": CHECK_TITLES.get(name, name.replace("_", " ").capitalize()),
             "status": str(chk.get("status") or "skip"), "summary": chk.get("summary"),
