@@ -30,9 +30,10 @@ def _flags(js: list[Judgement] | None) -> list[bool | None]:
 
 
 def _pct(r: dict) -> str:
+    unk = f", {r['unknown']} unknown" if r.get("unknown") else ""
     if r["n"] == 0:
-        return "n/a (no decided completions)"
-    return f"{r['rate']:.0%} ({r['k']}/{r['n']}, 95% CI {r['lo']:.0%}-{r['hi']:.0%})"
+        return f"n/a (no decided completions{unk})"
+    return f"{r['rate']:.0%} ({r['k']}/{r['n']}, 95% CI {r['lo']:.0%}-{r['hi']:.0%}{unk})"
 
 
 def _sev(x: float, warn: float, fail: float) -> str:
@@ -57,7 +58,7 @@ def refusal_check(after: list[Judgement], before: list[Judgement] | None = None,
     data = {"after": ra}
     if ra["n"]:
         fs.append(Finding("refusal-after", _sev(ra["rate"], th["refusal_after_warn"], th["refusal_after_fail"]),
-                          f"harmful prompts still refused after ablation: {_pct(ra)}" + (f"; {ra['unknown']} unknown" if ra["unknown"] else ""),
+                          f"harmful prompts still refused after ablation: {_pct(ra)}",
                           value=ra["rate"], threshold=th["refusal_after_warn"], evidence=ra))
     if before is not None:
         rb = rate_summary(_flags(before))
