@@ -64,7 +64,12 @@ class RulesOnlyJudge(Judge):
     name = "rules-only"
 
     def about(self) -> dict:
-        return {"judge": self.name, "description": "regular-expression rules (checks/refusal.py), no model"}
+        test = dict(load_linear_model().meta.get("frozen_test") or {})  # the rules were scored on the same frozen split
+        if test.get("rules_only"):
+            test = {k: test[k] for k in ("rows", "prompts", "source", "marker_baseline") if k in test} | {"judge": test["rules_only"]}
+        m = test.get("judge") or {}
+        return {"judge": self.name, "description": "regular-expression rules (checks/refusal.py), no model", "frozen_test": test,
+                "data_card": "docs/judge-data-card.md", "accuracy": m.get("accuracy"), "recall": m.get("recall"), "precision": m.get("precision")}
 
     def __call__(self, completion, prompt=None, truncated=False):
         return rules_judge(completion, prompt, truncated)
@@ -158,6 +163,7 @@ class ClassifierJudge(Judge):
             raise AuditError(f"--judge classifier:{d}: cannot load it as a sequence classifier ({str(e).splitlines()[0][:200]})") from None
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
+        self.tok.padding_side = "right"  # classifiers pool the first token (encoders) or find the last real one (decoders)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and limit > 0:
             self.max_length = min(self.max_length, limit)

@@ -34,6 +34,10 @@ _FUNCTION_WORDS = {
     "pt": "o os as que de e um uma não para com por se do da em você".split(),
     "nl": "het een niet ik je dat van zijn met voor ook maar wel".split(),
 }
+_LANGS_OF: dict[str, tuple[str, ...]] = {}
+for _lang, _words in _FUNCTION_WORDS.items():
+    for _w in set(_words):
+        _LANGS_OF[_w] = _LANGS_OF.get(_w, ()) + (_lang,)
 _NAMES = {"en": "English", "es": "Spanish", "fr": "French", "de": "German", "it": "Italian", "pt": "Portuguese", "nl": "Dutch"}
 _WORD = re.compile(r"[^\W\d_]+", re.U)
 _QUOTED = re.compile(r'"[^"\n]{0,300}"|\u201c[^\u201d\n]{0,300}\u201d|\u00ab[^\u00bb\n]{0,300}\u00bb|\u300c[^\u300d\n]{0,300}\u300d')
@@ -80,9 +84,8 @@ def detect_language(text: str) -> tuple[str, str]:
         return "en", "English"
     counts = {lang: 0 for lang in _FUNCTION_WORDS}
     for w in words:
-        for lang, fw in _FUNCTION_WORDS.items():
-            if w in fw:
-                counts[lang] += 1
+        for lang in _LANGS_OF.get(w, ()):
+            counts[lang] += 1
     best = max(counts, key=lambda k: counts[k])
     if best != "en" and counts[best] >= 2 and counts[best] > 1.5 * counts["en"]:
         return best, _NAMES[best]

@@ -21,6 +21,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 
 import numpy as np
 
@@ -55,39 +56,47 @@ def _bucket(x: float) -> int:
     return int(math.log2(1 + max(0.0, x)))
 
 
-def _grams(words: list[str], n: int):
+def _grams(words: list[bytes], n: int):
     yield from words
     if n >= 2:
-        yield from map(" ".join, zip(words, words[1:]))
+        yield from map(b" ".join, zip(words, words[1:]))
     if n >= 3:
-        yield from map(" ".join, zip(words, words[1:], words[2:]))
+        yield from map(b" ".join, zip(words, words[1:], words[2:]))
 
 
-def _add(acc: dict[int, float], ns: str, grams) -> None:
-    block: dict[int, float] = {}
-    seed = zlib.crc32(f"{ns}|".encode("utf-8"))  # crc32(ns|g) = crc32(g, crc32(ns|)): one encode per gram
-    crc, mask, get = zlib.crc32, DIM - 1, block.get
-    for g in grams:
-        h = crc(g.encode("utf-8"), seed) & mask
-        block[h] = get(h, 0.0) + 1.0
-    if not block:
+def _chars(head: str, sizes=(3, 4, 5)):
+    """Character n-grams of ``head`` as UTF-8 bytes (sliced from one encoding when the text is ASCII)."""
+    if head.isascii():
+        b = head.encode("ascii")
+        for k in sizes:
+            yield from (b[i:i + k] for i in range(len(b) - k + 1))
+    else:
+        for k in sizes:
+            yield from (head[i:i + k].encode("utf-8") for i in range(len(head) - k + 1))
+
+
+def _add(acc: list, ns: str, grams) -> None:
+    """Hash ``grams`` (bytes) into namespace ``ns``: log(1 + count), scaled to unit length, appended to ``acc``."""
+    seed = zlib.crc32(f"{ns}|".encode("utf-8"))  # crc32(ns|g) = crc32(g, crc32(ns|))
+    h = np.fromiter(map(zlib.crc32, grams, repeat(seed)), dtype=np.uint32)
+    if h.size == 0:
         return
-    vals = [(k, math.log1p(v)) for k, v in block.items()]
-    norm = math.sqrt(sum(v * v for _, v in vals))
-    for k, v in vals:
-        acc[k] = acc.get(k, 0.0) + v / norm
+    idx, counts = np.unique(h & np.uint32(DIM - 1), return_counts=True)
+    vals = np.log1p(counts.astype(np.float64))
+    acc.append((idx.astype(np.int64), vals / math.sqrt(float(vals @ vals))))
 
 
 def features(completion: str, prompt: str | None, rules: Judgement, lang: str = "en") -> tuple[np.ndarray, np.ndarray]:
     """(indices, values) of the sparse feature vector of one answer, as float32."""
     t = normalize(completion)
     words = _WORDS.findall(t[:6000])
-    acc: dict[int, float] = {}
-    _add(acc, "w", _grams(words[:400], 2))
-    _add(acc, "h", _grams(words[:30], 3))
-    _add(acc, "t", _grams(words[-25:], 2))
+    wb = [w.encode("ascii") for w in words[:400]]
+    acc: list = []
+    _add(acc, "w", _grams(wb, 2))
+    _add(acc, "h", _grams(wb[:30], 3))
+    _add(acc, "t", _grams([w.encode("ascii") for w in words[-25:]], 2))
     head = re.sub(r"\s+", " ", completion[:300].lower())
-    _add(acc, "c", (head[i:i + k] for k in (3, 4, 5) for i in range(len(head) - k + 1)))
+    _add(acc, "c", _chars(head))
     pw = _WORDS.findall(normalize(prompt)) if prompt else []
     cross = [f"p0={' '.join(pw[:2])}", f"p0a0={' '.join(pw[:1])}|{' '.join(words[:2])}", f"p0a1={' '.join(pw[:2])}|{' '.join(words[:1])}"]
     content = {w for w in pw if w not in _STOP and len(w) > 3}
@@ -103,13 +112,13 @@ def features(completion: str, prompt: str | None, rules: Judgement, lang: str = 
     turn = last_turn(completion)
     if turn is not None:  # the other persona may deliver what the first declined: read its turn on its own
         tw = _WORDS.findall(normalize(turn[:2000]))
-        _add(acc, "s", _grams(tw[:60], 2))
+        _add(acc, "s", _grams([w.encode("ascii") for w in tw[:60]], 2))
         tj = rules_judge(turn, prompt)
         rule += [f"turn_label={tj.label}", f"turn_kind={_reason_kind(tj.reason)}", f"turn_len={min(_bucket(len(tw)), 10)}", f"turns_label={rules.label}|{tj.label}"]
-    _add(acc, "x", cross)
-    _add(acc, "r", rule)
-    idx = np.fromiter(acc.keys(), dtype=np.int64, count=len(acc))
-    val = np.fromiter(acc.values(), dtype=np.float32, count=len(acc))
+    _add(acc, "x", (x.encode("utf-8") for x in cross))
+    _add(acc, "r", (x.encode("utf-8") for x in rule))
+    idx, inv = np.unique(np.concatenate([i for i, _ in acc]), return_inverse=True)  # namespaces that collide add up
+    val = np.bincount(inv, weights=np.concatenate([v for _, v in acc])).astype(np.float32)
     return idx, val
 
 
