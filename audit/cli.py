@@ -135,9 +135,15 @@ def _cmd_static(args) -> int:
 
 
 def _cmd_classify(args) -> int:
-    from audit.classify import classify_file
+    from audit.classify import about, classify_file
+    from audit.judges import make_judge
 
-    c = classify_file(args.file, args.output, force=args.force)
+    if args.about:
+        sys.stdout.write(about(make_judge(args.judge)))
+        return 0
+    if args.file is None:
+        raise AuditError("audit classify: give a FILE to judge (or --about)")
+    c = classify_file(args.file, args.output, args.judge, force=args.force)
     print(f"{c['rows']} rows: {c['refusal']} refusal, {c['compliance']} compliance, {c['unknown']} unknown"
           + (f"; written to {args.output}" if args.output else ""), file=sys.stderr)
     return 0
@@ -150,7 +156,7 @@ def _cmd_run(args) -> int:
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
-                      command="audit " + " ".join(sys.argv[1:]))
+                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge)
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
@@ -194,6 +200,10 @@ def _cmd_organism_build(args) -> int:
     return 0
 
 
+JUDGE_HELP = ("refusal judge: rules (default: offline rules + linear model), rules-only, classifier:DIR (a Hugging Face "
+              "sequence classifier), server:URL[#MODEL] (an LLM judge on an OpenAI-compatible server)")
+
+
 def _positive(text: str) -> int:
     """argparse type: an integer >= 1 (0 or a negative count is always a mistake, never silently used)."""
     try:
@@ -210,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("classify", help="judge completions (JSONL/CSV with a 'completion' or 'response' column): refusal / compliance / unknown")
-    s.add_argument("file", help="JSONL or CSV; optional 'prompt' and 'finish_reason' columns are used")
+    s.add_argument("file", nargs="?", help="JSONL or CSV; optional 'prompt' and 'finish_reason' columns are used")
     s.add_argument("-o", "--output", default=None, help="JSONL to write (default: stdout)")
     s.add_argument("--force", action="store_true", help="replace an earlier output of `audit classify`")
+    s.add_argument("--judge", default="rules", help=JUDGE_HELP)
+    s.add_argument("--about", action="store_true", help="print the judge, its data card and its measured accuracy, and exit")
     s.set_defaults(func=_cmd_classify)
 
     s = sub.add_parser("run", help="every check, the diagnosis with simulated fixes, report.html, results.json, junit.xml; exit 1 if the gate fails")
@@ -233,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="torch device (default cpu), e.g. cuda or auto (accelerate device_map)")
     s.add_argument("--server", metavar="URL", help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve) serving the ablated model: its completions come from there")
     s.add_argument("--served-model", metavar="NAME", help="the name the server serves the ablated model under (default: MODEL_DIR)")
+    s.add_argument("--judge", default="rules", help=JUDGE_HELP)
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")

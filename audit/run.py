@@ -41,6 +41,7 @@ class RunOptions:
     served_model: str | None = None  # the name it serves it under (default: the model directory's path)
     quiet: bool = False
     command: str = "audit run"
+    judge: str = "rules"  # --judge: rules (default, offline), rules-only, classifier:DIR, server:URL[#MODEL] (audit/judges.py)
 
 
 @dataclass
@@ -163,12 +164,13 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from checks.diagnose import diagnose, rank_by_simulation
     from checks.findings import jsonable
     from checks.gate import evaluate_gate
-    from checks.refusal import judge
+    from audit.judges import make_judge
     from checks.refusal_eval import damage_check, refusal_check
     from checks.routing import routing_check
 
     ctx = _Ctx(opts)
     with ctx.stage("inputs"):
+        jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
         abl = ModelDir(opts.model_dir)
         manifest = load_manifest(abl.path)
         base_path = opts.base or (manifest or {}).get("base", {}).get("path")
@@ -253,7 +255,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
              ("abl", "harmful"): gen_a.complete(harmful, opts.max_new_tokens, opts.batch_size),
              ("base", "harmless"): gen_b.complete(harmless, opts.max_new_tokens, opts.batch_size),
              ("abl", "harmless"): gen_a.complete(harmless, opts.max_new_tokens, opts.batch_size)}
-        j = {k: [judge(x.answer, x.prompt) for x in v] for k, v in c.items()}
+        j = {k: jd.many([x.answer for x in v], [x.prompt for x in v], [x.finish_reason == "length" for x in v]) for k, v in c.items()}
     refusal = refusal_check(j["abl", "harmful"], j["base", "harmful"], j["abl", "harmless"], j["base", "harmless"])
     before_rate = (refusal.data.get("before") or {}).get("rate")
     if before_rate is not None and before_rate < 0.5:
@@ -290,6 +292,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if opts.simulate and not gate["passed"]:
         with ctx.stage("simulation: calibration and bypass test"):
             sim = _Simulator(m_base, m_abl, tok, harmful, harmless, j, opts, directions, base.layout)
+            sim.judge = jd
             sim.opts_target = target if target is not None else 0.1
             if sim.calibration is not None:
                 bypass = sim.bypass_scan(ref_index)
@@ -352,6 +355,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     }
     if opts.apply_fix and causes and verdict == "fail" and fix_base is not None:
         results["applied_fix"] = _apply_fix(causes[0], fix_base, directions, base, opts, results)
+    results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
     if write:
@@ -396,7 +400,8 @@ class _Simulator:
 
         t0 = time.perf_counter()
         out = estimate_many(self.m_base, self.tok, self.harmful, candidates, self.calibration, self.token_ids, self.opts.batch_size,
-                            confirm_top=confirm_top, max_new_tokens=min(self.opts.max_new_tokens, 48)) if candidates else {"candidates": []}
+                            confirm_top=confirm_top, judge=getattr(self, "judge", None),
+                            max_new_tokens=min(self.opts.max_new_tokens, 48)) if candidates else {"candidates": []}
         self.seconds += time.perf_counter() - t0
         return {row["name"]: row for row in out["candidates"]}
 

@@ -325,6 +325,21 @@ def _check_view(key: str, chk: dict, notes: _Notes) -> dict:
             "other": other}
 
 
+def _judge_line(j: Any) -> str | None:
+    """"rules (offline judge ...): held-out accuracy 0.945, recall 0.948 ..." from results["run"]["judge"]."""
+    if not isinstance(j, dict) or not j.get("judge"):
+        return None
+    head = f"{j['judge']}" + (f" ({j['description']})" if j.get("description") else "")
+    test = j.get("frozen_test") if isinstance(j.get("frozen_test"), dict) else {}
+    if isinstance(j.get("accuracy"), (int, float)):
+        m = test.get("judge") if isinstance(test.get("judge"), dict) else {}
+        n = f" on {test['rows']} held-out human-labelled completions" if test.get("rows") else ""
+        rec = f", recall {m['recall']:.3f}, precision {m['precision']:.3f}" if "recall" in m and "precision" in m else ""
+        card = f" (data card: {j['data_card']})" if j.get("data_card") else ""
+        return f"{head}: accuracy {j['accuracy']:.3f}{rec}{n}{card}"
+    return f"{head}: accuracy not measured by this project"
+
+
 def build_view(results: dict) -> dict:
     """The whole page as plain data (charts already drawn)."""
     notes = _Notes()
@@ -356,7 +371,10 @@ def build_view(results: dict) -> dict:
     prompts = run.get("prompts") if isinstance(run.get("prompts"), dict) else {}
     run_rows = [(k, _val(run[k])) for k in ("started", "seconds", "model_dir", "base_dir", "config", "intent_source",
                                            "device", "python", "torch", "transformers") if k in run]
-    run_rows += [(k, _val(v)) for k, v in run.items() if k not in dict(run_rows) and k not in ("command", "prompts")]
+    judge_line = notes.guard("judge", lambda: _judge_line(run.get("judge")), None)
+    run_rows += [(k, _val(v)) for k, v in run.items() if k not in dict(run_rows) and k not in ("command", "prompts", "judge")]
+    if judge_line:
+        run_rows.append(("judge", judge_line))
     prompt_rows = [(k, _val(v.get("source")) if isinstance(v, dict) else _val(v), _val(v.get("n")) if isinstance(v, dict) else "")
                    for k, v in prompts.items()]
     model_rows = [(k, _ranges(v) if k in ("moe_layers", "dense_layers") else _val(v)) for k, v in model.items()]
@@ -383,7 +401,7 @@ def build_view(results: dict) -> dict:
     return {
         "verdict": verdict if verdict in ("pass", "fail") else "unknown", "headline": results.get("headline"),
         "tool": tool, "model": model, "model_rows": model_rows, "run": run, "run_rows": run_rows, "prompt_rows": prompt_rows,
-        "command": run.get("command"), "causes": causes,
+        "command": run.get("command"), "causes": causes, "judge_line": judge_line,
         "not_blamed": [nb for nb in _list(results.get("not_blamed")) if isinstance(nb, dict)],
         "grid": grid, "grid_anchor": grid_check["anchor"] if grid_check else None, "checks": checks, "gate": gate,
         "gate_rows": [t for t in _list(gate.get("thresholds")) if isinstance(t, dict)] if gate else [],

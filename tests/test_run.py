@@ -141,6 +141,10 @@ def test_cli_exit_codes(organism, tmp_path):
     assert "verdict: FAIL" in r.stdout
     doc = json.loads((tmp_path / "r" / "results.json").read_text())
     assert doc["verdict"] == "fail" and doc["causes"]
+    assert doc["run"]["judge"]["judge"] == "rules" and doc["run"]["judge"]["accuracy"] >= 0.93  # the judge and its measured accuracy
+    assert "refusals judged by rules" in (tmp_path / "r" / "report.html").read_text()
+    bad = subprocess.run(cmd + ["--judge", "magic", "--force"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--judge 'magic'" in bad.stderr
     bad = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     gate = tmp_path / "gate.yaml"
