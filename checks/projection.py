@@ -24,6 +24,11 @@ from checks.weights import GROUP_NAMES, ranges
 
 REMOVED_TOL = 0.05  # share of r left that counts as removed
 FLOOR_K = 3.0  # a residue within FLOOR_K x the expected rounding residue is rounding
+# A re-quantized weight (FP8, MXFP4): a residue within what re-quantizing the exact edit leaves (computed, not estimated)
+# plus REQUANT_MARGIN x the expected rounding residue is rounding; the margin covers another quantizer's roundings. Its
+# floor is a large share of r on real widths (FP8: 19 % at 1024 wide, 36 % at 4096), so FLOOR_K x it would call a
+# half-strength edit rounding.
+REQUANT_MARGIN = 1.0
 NOT_ABLATED = 0.95  # share left above this: not ablated
 CLASSES = ("removed", "rounding", "weak-scale", "reflected", "not-ablated", "no-signal")
 WRITERS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
@@ -58,6 +63,8 @@ def classify(ds: DirStats, changed: bool, tol: float = REMOVED_TOL) -> str:
     if left <= tol:
         return "removed"
     if ds.floor > 0 and ds.after <= FLOOR_K * ds.floor:
+        return "rounding"
+    if ds.floor_requant is not None and ds.after <= ds.floor_requant + REQUANT_MARGIN * ds.floor:
         return "rounding"
     if left < NOT_ABLATED:
         return "weak-scale"
@@ -188,10 +195,14 @@ def _findings(recs, dn, by_class, before, after, mod_layers, tol) -> list[Findin
     rnd = by_class.get("rounding", [])
     if rnd:
         worst = max(rnd, key=lambda r: r.dirs[dn].share_left or 0)
+        quantized = worst.dtype.startswith(("FP8", "MXFP4"))  # a block-scaled format (audit/logical.py labels): re-rounding undoes edits
+        fix = ("an edit re-quantized into it is largely rounded back onto the original grid: store the ablation dequantized "
+               "(`audit ablate` without --keep-quantization writes bfloat16)" if quantized else "compute in float32 and store a wider dtype, or accept the residue")
         out.append(Finding("precision-loss", WARN, f"{len(rnd)} tensor(s) keep up to {worst.dirs[dn].share_left:.1%} of r, which is what rounding to "
-                           f"{worst.dtype} leaves (e.g. {worst.key}); compute in float32 and store a wider dtype, or accept the residue",
+                           f"{worst.dtype} leaves (e.g. {worst.key}); {fix}",
                            value=worst.dirs[dn].share_left, threshold=tol, layers=sorted({r.layer for r in rnd if r.layer is not None}),
-                           evidence={"keys": [r.key for r in rnd[:50]], "dtype": worst.dtype, "floor_share": worst.dirs[dn].floor / worst.dirs[dn].before}))
+                           evidence={"keys": [r.key for r in rnd[:50]], "dtype": worst.dtype,
+                                     "floor_share": max(worst.dirs[dn].floor, worst.dirs[dn].floor_requant or 0.0) / worst.dirs[dn].before}))
     weak = by_class.get("weak-scale", [])
     if weak:
         s_eff = sorted(1 - (r.dirs[dn].signed_left or 0) for r in weak)
