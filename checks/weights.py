@@ -4,8 +4,9 @@ Input: one ``TensorDiff`` per key (built by audit/compare.py from a streamed pai
 (from our manifest, a YAML config's plan, or inferred from what changed). Output: the "weights"
 CheckResult with findings ``no-change``, ``intended-untouched``, ``unintended-modified`` (with a
 ``prefix_collision`` flag when an entry for layer N seems to have rewritten layers N0-N9),
-``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, and a
-layer x target-group grid (intended vs actual) for the report.
+``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, ``dequantized``
+(quantized base tensors stored plain in the ablated model, judged by value), and a layer x target-group
+grid (intended vs actual) for the report.
 """
 
 from __future__ import annotations
@@ -131,6 +132,12 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                       f"{d.key} {d.base_dtype}->{d.ablated_dtype}" if status == "dtype-changed" else d.key for d in ds[:20]]
             findings.append(Finding(code, sev, f"{len(ds)} tensor(s) {what}: {', '.join(detail[:5])}{' ...' if len(ds) > 5 else ''}",
                                     value=float(len(ds)), layers=sorted({d.layer for d in ds if d.layer is not None}), evidence={"keys": detail}))
+    deq = [d for d in diffs if d.status in ("changed", "unchanged") and d.base_dtype and d.ablated_dtype and d.base_dtype != d.ablated_dtype]
+    if deq:  # audit/compare.py: a plain copy holding exactly the quantized base's values cast to its dtype is unchanged
+        kinds = sorted({f"{d.base_dtype} -> {d.ablated_dtype}" for d in deq})
+        findings.append(Finding("dequantized", INFO, f"{len(deq)} quantized tensor(s) of the base are stored plain ({'; '.join(kinds)}); compared by value: "
+                                "one holding exactly the base's values cast to its dtype counts as unchanged", value=float(len(deq)),
+                                layers=sorted({d.layer for d in deq if d.layer is not None}), evidence={"kinds": kinds, "keys": [d.key for d in deq[:20]]}))
     bad = [d for d in diffs if d.nonfinite_ablated > d.nonfinite_base]
     if bad:
         findings.append(Finding("nan-inf", FAIL, f"NaN/Inf introduced in {len(bad)} tensor(s): {', '.join(d.key for d in bad[:5])}",
