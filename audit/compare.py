@@ -85,7 +85,8 @@ def _halves_equal(w0, w1, role: Role, family: str) -> tuple[bool, bool]:
     dt = next((w.dtype for w in (w1, w0) if not is_lazy(w)), torch.float32)
     same = [True, True]
     inner = math.prod(shape[ax + 1:-1]) if ax < len(shape) - 1 else 1  # rows of the [N, last] view per index of ``ax``
-    for (r0, r1, a), (_, _, b) in zip(row_pieces(w0), row_pieces(w1)):
+    al = max(getattr(w, "row_align", 1) for w in (w0, w1))  # the same pieces on both sides
+    for (r0, r1, a), (_, _, b) in zip(row_pieces(w0, align=al), row_pieces(w1, align=al)):
         a, b = a.to(dt), b.to(dt)
         if ax == len(shape) - 1:
             idx = torch.arange(n)

@@ -221,19 +221,20 @@ def summary(md) -> dict | None:
             "stored_tensors": sum(len(lt.parts) for lt in q), "plain_tensors": sum(not lt.quantized for lt in md.logical.values())}
 
 
-def row_pieces(t, elems: int = 1 << 18):
-    """(r0, r1, float32 [rows, last]) over the [N, last] view of a plain or lazy tensor, a few hundred thousand elements at a time."""
+def row_pieces(t, elems: int = 1 << 18, align: int = 1):
+    """(r0, r1, float32 [rows, last]) over the [N, last] view of a plain or lazy tensor, a few hundred thousand elements at a
+    time, in steps of a multiple of ``align`` rows (and of a lazy tensor's ``row_align``): two tensors given the same
+    ``align`` (the larger of theirs) come in the same pieces. A lazy tensor's piece is valid until the next one (one buffer)."""
     shape = tuple(t.shape)
     last = shape[-1] if shape else 1
     n = math.prod(shape) // max(last, 1)
-    step = max(1, elems // max(last, 1))
+    al = max(1, align, getattr(t, "row_align", 1))
+    step = max(al, max(1, elems // max(last, 1)) // al * al)
     if isinstance(t, torch.Tensor):
         flat = t.reshape(n, last)
         for r0 in range(0, n, step):
             yield r0, min(n, r0 + step), flat[r0:r0 + step].float()
         return
-    al = max(1, getattr(t, "row_align", 1))
-    step = max(al, step // al * al)
     buf = torch.empty(step * last)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)

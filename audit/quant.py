@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from checks import native
+
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_TAGS = ("F32", "BF16", "F16", "F8_E8M0", "U8")  # U8 / F8_E8M0: E8M0 exponents, 2^(b - 127)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # transformers' FP4_VALUES
@@ -70,8 +72,14 @@ def e8m0_to_float(b: torch.Tensor) -> torch.Tensor:
 
 
 def _lut(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[i] = table[codes[i]] for uint8 codes (int32 indices: index_select's fastest path)."""
-    return torch.index_select(table, 0, codes.reshape(-1).to(torch.int32), out=out.reshape(-1))
+    """out[i] = table[codes[i]] for uint8 codes: the C kernel of checks/native.py where it is built (0.3 ns an element),
+    else index_select with int32 indices (its fastest path, 3 ns)."""
+    flat = out.reshape(-1)
+    K = native.kernels() if table.numel() == 256 else None
+    if K is not None and codes.is_contiguous() and flat.is_contiguous() and flat.data_ptr() == out.data_ptr():
+        K.lut_u8(codes, table, flat)
+        return flat
+    return torch.index_select(table, 0, codes.reshape(-1).to(torch.int32), out=flat)
 
 
 class BlockFP8:

@@ -29,7 +29,8 @@ Either tensor may also be a quantized one read lazily (audit/quant.py: block-sca
 object with ``shape``, ``numel()``, ``row_align`` and ``rows(r0, r1, out)`` / ``rounding_var(r0, r1, out)``,
 which write rows r0..r1 of its [N, last] view (its values, or each value's expected squared rounding
 error in its format) as float32 into ``out``. Its pieces are read that way (the torch walk; memory stays
-at a few pieces whatever the tensor's size), and the floor of a quantized W' is its format's own, always
+at a few pieces whatever the tensor's size; one of up to DENSE elements is decoded once into a reused
+float32 buffer, which every pass then reads, the C kernels included), and the floor of a quantized W' is its format's own, always
 computed exactly: the larger of the expected one, sqrt(sum_h r_h^2 Var(e_hc)) from ``rounding_var``, and
 the re-quantization floor (``floor_requant``), ||r . Q(W - r (x) r.W)|| with Q the source's
 ``requantized_rows`` (fresh block scales): what storing the exact edit in this format leaves. The second
@@ -58,6 +59,7 @@ from checks import native
 ROUND_MSE_PER_EPS2 = 0.5410 / 12
 CANDIDATE_EXPLAINS = 0.99  # a given direction holding this share of the change's energy is taken as its direction
 RETAIN_D = 1 << 23  # row panels: keep one p's change (up to 32 MB of float32) for D D^T r in the same pass; larger, one more pass
+DENSE = 1 << 22  # a lazy (quantized) tensor up to this many elements is decoded once, into a reused float32 buffer (16 MB)
 
 
 @dataclass
@@ -321,6 +323,18 @@ class _Requant:
         return out
 
 
+def _decoded(x, slot: int, limit: int | None = None):
+    """A lazy tensor of up to ``limit`` (DENSE) elements decoded once into the reused float32 buffer ``slot``, as [P, H, Q];
+    anything else as it is. Every later pass then reads the buffer (the C kernels can) instead of decoding again."""
+    limit = DENSE if limit is None else limit
+    if not isinstance(x, _Lazy) or math.prod(x.shape) > limit or not math.prod(x.shape):
+        return x
+    n = math.prod(x.shape)
+    buf = _Work.get(slot, n)
+    x.src.rows(0, n // x.last, buf)
+    return buf.view(x.shape)
+
+
 def _var_piece(x1v: _Lazy, pc: _Piece) -> torch.Tensor:
     """The rounding variances of a lazy W' over a piece, laid out like the piece's matrix (the lazy counterpart of _sq)."""
     raw = pc.raw[-1]
@@ -330,7 +344,8 @@ def _var_piece(x1v: _Lazy, pc: _Piece) -> torch.Tensor:
 
 def _kernels(want: bool | None, *xs: torch.Tensor) -> native.Kernels | None:
     """The C kernels when ``want`` is not False and they can read ``xs`` in place; ``want`` True insists."""
-    K = native.kernels() if want is not False and not any(is_lazy(x) for x in xs) and native.usable(*xs) else None
+    K = (native.kernels() if want is not False and not any(is_lazy(x) for x in xs) and len({x.dtype for x in xs}) == 1 and native.usable(*xs)
+         else None)  # the kernels read every tensor of a call in one dtype
     if want and K is None:
         raise RuntimeError("the C kernels of pair_stats are unavailable here (no C compiler, AUDIT_NATIVE=0, or a dtype they do not read)")
     return K
@@ -345,7 +360,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
                block: int = 1 << 19, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
                identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None, retain: int = RETAIN_D,
-               native: bool | None = None) -> PairStats:
+               native: bool | None = None, dense: int = DENSE) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
     ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
@@ -360,6 +375,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     kept for D D^T r (the whole tensor, else one p of row panels, else one more pass); torch path only.
     ``native``: None, the C kernels (checks/native.py) where they can read the pair, else torch (``block``
     and ``retain`` then apply); False, always torch; True, always the kernels (an error where they cannot).
+    ``dense``: a lazy tensor of up to this many elements is decoded once into a float32 buffer (0: always piece by piece).
     """
     identical = same_bits(w0, w1) if identical is None else bool(identical)
     lazy1 = is_lazy(w1)
@@ -376,6 +392,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         return st
     rows_view = is_lazy(w0) or lazy1
     x0v, x1v = _phq(w0, resid_axis, rows_view), _phq(w1, resid_axis, rows_view)
+    lz1 = x1v if lazy1 else None  # the quantized W' itself: its floors come from its format
+    x0v, x1v = _decoded(x0v, 5, dense), _decoded(x1v, 6, dense)  # values: a float32 buffer where the tensor is small enough
     P, H, Q = x0v.shape
     K = _kernels(native, x0v, x1v)
     per_expert = expert_axis is not None and n_experts > 0 and resid_axis is not None and expert_axis < resid_axis and P % n_experts == 0
@@ -405,7 +423,9 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     slab = _Work.get(4, P * H * Q).view(P, H, Q) if whole else (_Work.get(4, H * Q).view(1, H, Q) if Z is not None and Q > 1 else None)
 
     if K is not None:
-        s_w0, s_w1, s_d, e_w2, e_d2 = _native_pass(K, x0v, x1v, identical, R, R2, a0, a1, fl, n_experts if per_expert else 0)
+        s_w0, s_w1, s_d, e_w2, e_d2 = _native_pass(K, x0v, x1v, identical, R, R2, a0, a1, None if lazy1 else fl, n_experts if per_expert else 0)
+        if lazy1 and fl is not None:  # the kernels square W'; a quantized W''s floor is its rounding variances
+            fl = _col_floor(lz1, R2, block)
         if not math.isfinite(s_w0):
             nf0 = int((~torch.isfinite(x0v)).sum())
         if not math.isfinite(s_w1):
@@ -438,7 +458,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                 a0[:, pc.c0:pc.c1].addmm_(rh, m0)
                 a1[:, pc.c0:pc.c1].addmm_(rh, m1)
                 if fl is not None:
-                    fl[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _var_piece(x1v, pc) if lazy1 else _sq(raw1, m1))
+                    fl[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _var_piece(lz1, pc) if lazy1 else _sq(raw1, m1))
                 if Z is not None and (Q == 1 or pc.hs.stop == H):  # D^T R^T of these columns is complete
                     t = a1[:, pc.c0:pc.c1] - a0[:, pc.c0:pc.c1]
                     Z.addmm_(dm if Q == 1 else slab[0], t.T)
@@ -455,8 +475,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         ew = e_w2.reshape(n_experts, -1).sum(1).sqrt()  # p is expert-major
         st.expert_rel_change = torch.where(ew > 0, ed / ew.clamp_min(1e-30), torch.where(ed > 0, torch.full_like(ed, math.inf), torch.zeros_like(ed))).tolist()
 
-    floors = _ColFloors(x1v, R2, block, fl, K) if use_dirs and not identical and c_round > 0 else None
-    requant = _Requant(x0v, x1v, block) if use_dirs and not identical and lazy1 and hasattr(w1, "requantized_rows") else None
+    floors = (_ColFloors(lz1 if lazy1 else x1v, R2, block, fl, None if lazy1 else K) if use_dirs and not identical and c_round > 0 else None)
+    requant = _Requant(x0v, lz1, block) if use_dirs and not identical and lazy1 and hasattr(w1, "requantized_rows") else None
     if use_dirs:
         a1_ = a0 if identical else a1
         for j, n in enumerate(names[:n_report]):
@@ -499,7 +519,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                 rec.floor_requant = float(requant.cols(R[best[0]], a0[best[0]], key=best[0])[a1[best[0]] != a0[best[0]]].norm())
         else:
             st.recovery = _refine(walk, z if z is not None and float(z.norm()) > 0 else _start(H), st.diff_fro, c_round, s_w1, floor_needed,
-                                  requant=requant)
+                                  requant=requant, floor_src=lz1)
     return st
 
 
@@ -569,15 +589,17 @@ def _best_candidate(a0: torch.Tensor, a1: torch.Tensor, m: int, s_d: float) -> t
 
 
 def _along(walk: _Walk, u: torch.Tensor, uw0: torch.Tensor, uw1: torch.Tensor, mask: torch.Tensor, s_w1: float, c_round: float,
-           floor_needed, requant: _Requant | None = None) -> DirStats:
-    """u . W and u . W' over the edited columns (``mask``), with the rounding floor along u over them."""
+           floor_needed, requant: _Requant | None = None, floor_src: _Lazy | None = None) -> DirStats:
+    """u . W and u . W' over the edited columns (``mask``), with the rounding floor along u over them (of ``floor_src``, a
+    quantized W', when given: its rounding variances; else of the walk's W')."""
     c0v, c1v = torch.where(mask, uw0, 0.0), torch.where(mask, uw1, 0.0)
     along = DirStats(before=float(c0v.norm()), after=float(c1v.norm()), dot=float(c0v @ c1v), floor=0.0)
     if c_round > 0:
         u2 = (u * u)[None]
         along.floor = _floor_bound(u2, s_w1, c_round)  # masked columns only: the all-column bound still holds
         if floor_needed is None or not math.isfinite(along.floor) or floor_needed(along):
-            along.floor = math.sqrt(float(_col_floor(walk.xs[1], u2, walk.block, walk.K)[0][mask].sum()) * c_round)
+            src, K = (floor_src, None) if floor_src is not None else (walk.xs[1], walk.K)
+            along.floor = math.sqrt(float(_col_floor(src, u2, walk.block, K)[0][mask].sum()) * c_round)
             along.floor_exact = True
         else:
             along.floor_exact = False
@@ -646,7 +668,7 @@ def _power_step(walk: _Walk, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def _refine(walk: _Walk, u: torch.Tensor, diff_fro: float, c_round: float, s_w1: float = math.nan,
             floor_needed: Callable[[DirStats], bool] | None = None, steps: int = 3, converged: float = 0.9999,
-            requant: _Requant | None = None) -> EditRecovery:
+            requant: _Requant | None = None, floor_src: _Lazy | None = None) -> EditRecovery:
     """Power steps on D D^T from ``u`` until the direction settles (|cos| >= ``converged``, at most ``steps``).
 
     The last step gives sigma_1 = ||D D^T u|| / ||D^T u||, the direction, and the scale along u over
@@ -666,6 +688,6 @@ def _refine(walk: _Walk, u: torch.Tensor, diff_fro: float, c_round: float, s_w1:
     sigma1 = zn / tn if tn > 0 else 0.0
     direction = _sign_fix(z / zn) if zn > 0 else u
     share = min(1.0, sigma1 ** 2 / diff_fro ** 2) if diff_fro > 0 else 0.0
-    along = _along(walk, u, uw0, uw1, t != 0, s_w1, c_round, floor_needed, requant)
+    along = _along(walk, u, uw0, uw1, t != 0, s_w1, c_round, floor_needed, requant, floor_src)
     return EditRecovery(direction=direction.float(), rank1_share=share, scale=1.0 - along.dot / along.before ** 2 if along.before > 0 else None,
                         sigma1=sigma1, along=along)

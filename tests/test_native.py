@@ -106,6 +106,7 @@ int pk_project(const void *a, const void *b, int dt, int64_t P, int64_t H, int64
                float *a0, float *a1, double *s, int sq) { return 0; }
 int pk_apply_d(const void *a, const void *b, int dt, int64_t P, int64_t H, int64_t Q, const float *t, float *z) { return 0; }
 int pk_sums(const void *a, const void *b, int dt, int64_t n, double *out) { return 0; }
+int pk_lut_u8(const uint8_t *c, const float *lut, int64_t n, float *out) { return 0; }
 """
 
 

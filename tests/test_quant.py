@@ -378,7 +378,8 @@ def test_lazy_pair_equals_the_dense_one_in_bounded_memory(shape, axis, fmt):
     dirs = {"ablated": r} if axis is not None else {}
     nE = 4 if len(shape) == 3 else 0
     c0, c1 = _Counting(t0), _Counting(t1)
-    lazy = pair_stats(c0, c1, axis, dirs, 0 if nE else None, nE, block=1024)
+    lazy = pair_stats(c0, c1, axis, dirs, 0 if nE else None, nE, block=1024, dense=0)
+    decoded = pair_stats(t0, t1, axis, dirs, 0 if nE else None, nE)  # decoded once into a buffer, the C kernels where they can
     dense = pair_stats(t0.dequantize(), t1.dequantize(), axis, dirs, 0 if nE else None, nE, native=False)
     assert max(c0.largest, c1.largest) <= 2048 < math.prod(shape)  # pieces, never the whole tensor
     for f in ("base_fro", "ablated_fro", "diff_fro"):
@@ -386,9 +387,11 @@ def test_lazy_pair_equals_the_dense_one_in_bounded_memory(shape, axis, fmt):
     if nE:
         assert torch.allclose(torch.tensor(lazy.expert_rel_change), torch.tensor(dense.expert_rel_change), rtol=1e-5)
     for n in dirs:
-        a, b = lazy.dirs[n], dense.dirs[n]
+        a, b, c = lazy.dirs[n], dense.dirs[n], decoded.dirs[n]
         assert math.isclose(a.before, b.before, rel_tol=1e-5) and math.isclose(a.after, b.after, rel_tol=1e-4)
         assert a.floor > 100 * b.floor  # the format's floor, not float32's
+        assert math.isclose(a.floor, c.floor, rel_tol=1e-4) and math.isclose(a.floor_requant, c.floor_requant, rel_tol=1e-4)
+        assert math.isclose(a.after, c.after, rel_tol=1e-4)
     if axis is not None:
         assert abs(float(lazy.recovery.direction @ dense.recovery.direction)) > 0.9999
 
@@ -426,3 +429,39 @@ def test_floor_is_what_requantizing_the_edit_leaves(fmt, H):
     assert shares["half"][2] == "weak-scale"
     st = pair_stats(base, base, axis, {"ablated": r}, None, 0)
     assert classify(st.dirs["ablated"], False) == "not-ablated"
+
+
+def test_fused_gate_up_halves_of_a_mixed_pair(quantized, tmp_path):
+    """An MXFP4 base ablated into bf16 with only the experts' gate half edited: only experts_gate counts as modified."""
+    _, q = quantized("gpt_oss", "mxfp4")
+    md = ModelDir(q)
+    ablate(q, _cfg(md, ["experts_gate"]), tmp_path / "out", _directions(md), progress=False)
+    assert static_audit(tmp_path / "out")["weights"].data["modified"] == {"experts_gate": [1, 2]}
+
+
+def test_row_pieces_of_a_plain_and_a_lazy_tensor_line_up():
+    from audit.logical import row_pieces
+
+    x = torch.randn(4, 96, 24)
+    lazy = MXFP4(*quantize_mxfp4(x.transpose(1, 2)))  # row_align 32
+    plain = lazy.dequantize().to(torch.bfloat16)
+    for elems in (100, 24 * 40, 1 << 18):
+        a = [(r0, r1) for r0, r1, _ in row_pieces(lazy, elems, align=32)]
+        b = [(r0, r1) for r0, r1, _ in row_pieces(plain, elems, align=32)]
+        assert a == b and all(r0 % 32 == 0 for r0, _ in a) and a[-1][1] == 4 * 96
+    got = torch.cat([rows.clone() for _, _, rows in row_pieces(lazy, 100)])  # a piece lives until the next
+    assert torch.equal(got, lazy.dequantize().reshape(-1, 24))
+
+
+def test_table_decoding_in_c_equals_torch(monkeypatch):
+    from audit import quant
+    from checks import native
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(50)
+    table = quant._FP8[torch.float8_e4m3fn][0]
+    want = codes.view(torch.float8_e4m3fn).float()
+    got = quant._lut(table, codes, torch.empty(codes.numel()))
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    monkeypatch.setenv("AUDIT_NATIVE", "0")  # the torch fallback gives the same
+    assert native.kernels() is None
+    assert torch.equal(quant._lut(table, codes, torch.empty(codes.numel())).nan_to_num(7.0), want.nan_to_num(7.0))
