@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -168,6 +169,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, method: str =
                 weight_map[n] = shard
                 total += size
         copy_side_files(md.path, od.tmp)
+        if (md.path / "prompts").is_dir():  # a model directory's own prompt sets (audit run reads them; organisms have them)
+            shutil.copytree(md.path / "prompts", od.tmp / "prompts")
         if len(md.shards) > 1 or (md.path / INDEX_NAME).is_file():
             write_index(od.tmp, weight_map, total)
         cfg = dict(md.config)

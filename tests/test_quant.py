@@ -465,3 +465,28 @@ def test_table_decoding_in_c_equals_torch(monkeypatch):
     monkeypatch.setenv("AUDIT_NATIVE", "0")  # the torch fallback gives the same
     assert native.kernels() is None
     assert torch.equal(quant._lut(table, codes, torch.empty(codes.numel())).nan_to_num(7.0), want.nan_to_num(7.0))
+
+
+def test_audit_run_on_an_fp8_base_end_to_end(tmp_path):
+    """The demo organism quantized to FP8 by our quantizer, measured and soundly ablated through the quantized path:
+    `audit run` loads both models (transformers' FP8 integration, dequantized) and passes."""
+    organism = pytest.importorskip("audit.organism")
+    from audit.measure import measure_directions
+    from audit.prompts import load_prompts
+    from audit.run import RunOptions, run_audit
+
+    path = organism.cached_organism("glm4_moe", "base", 0)
+    info = json.loads((path / "organism.json").read_text())
+    q = quantize_model(path, tmp_path / "fp8", "fp8", (32, 32))
+    assert (q / "prompts" / "harmful.txt").is_file()  # the directory's own prompt sets travel with it
+    md = ModelDir(q)
+    d = measure_directions(md, load_prompts(str(q / "prompts" / "train_harmful.txt"), "harmful")[:64],
+                           load_prompts(str(q / "prompts" / "train_harmless.txt"), "harmless")[:64])
+    cfg = AblationConfig.from_dict({"components": ["embed", "attn_out", "mlp_down", "experts_down", "shared_down"],
+                                    "ablate": [{"layer": l, "measurement": info["good_layer"]} for l in range(md.layout.num_layers)]})
+    ablate(q, cfg, tmp_path / "abl", d, progress=False)
+    res = run_audit(RunOptions(model_dir=str(tmp_path / "abl"), out=str(tmp_path / "report"), limit=24, max_new_tokens=16, quiet=True))
+    assert res["verdict"] == "pass", res["headline"]
+    doc = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert doc["checks"]["refusal"]["status"] == "pass" and doc["checks"]["damage"]["status"] == "pass"
+    assert any(f["code"] == "dequantized" for f in doc["checks"]["weights"]["findings"])
