@@ -89,6 +89,11 @@ def _cmd_ablate(args) -> int:
           f"{m['timings']['total_s']:.1f} s; largest remaining share along r {worst:.2e}")
     if m["unmatched_components"]:
         print(f"note: no tensor matched component(s) {', '.join(m['unmatched_components'])}")
+    q = m.get("quantization")
+    if q:
+        print(f"base {q['base']['label']}: " + ("edited weights re-quantized with fresh scales; rounding them back onto the format's grid "
+                                                "keeps part of r (audit static measures how much)" if q["output"] == "kept" else
+                                                f"written dequantized as {q['output']}, quantization_config dropped"))
     print(f"wrote {out}")
     return 0
 
