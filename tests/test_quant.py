@@ -508,3 +508,38 @@ def test_cli_ablate_and_static_on_a_quantized_base(quantized, tmp_path, capsys):
     doc = json.loads((tmp_path / "r2" / "results.json").read_text())
     assert any(f["code"] == "dequantized" for f in doc["checks"]["weights"]["findings"])
     assert main(args + ["-o", str(tmp_path / "x"), "--keep-quantization", "--output-dtype", "float32"]) == 2
+
+
+def test_scales_in_another_shard_read_and_ablate(quantized, tmp_path):
+    """A weight in one shard, its scale in the next (a shard boundary between them): read, audited and ablated both ways."""
+    from audit.model_dir import write_index
+
+    _, q = quantized("deepseek_v3")
+    md = ModelDir(q)
+    split = tmp_path / "split"
+    split.mkdir()
+    for f in q.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != INDEX_NAME:
+            shutil.copy2(f, split / f.name)
+    shards = {"model-00001-of-00002.safetensors": [], "model-00002-of-00002.safetensors": []}
+    for k, t in md.iter_tensors():
+        shards["model-00002-of-00002.safetensors" if k.endswith("_scale_inv") else "model-00001-of-00002.safetensors"].append((k, t))
+    wmap = {}
+    for name, ts in shards.items():
+        write_shard(split / name, ts)
+        wmap.update({k: name for k, _ in ts})
+    write_index(split, wmap, md.nbytes)
+    ms = ModelDir(split)
+    assert {lt.parts[0].shard != lt.parts[1].shard for lt in ms.logical.values() if lt.quantized} == {True}
+    ours, theirs = _ours(md), _ours(ms)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    cfg = _cfg(ms, COMPONENTS["deepseek_v3"])
+    d = _directions(ms)
+    m = ablate(split, cfg, tmp_path / "keep", d, progress=False, keep_quantization=True)
+    assert sorted(m["shards"]["rewritten"]) == sorted(shards)
+    ref = ablate(q, cfg, tmp_path / "keep-ref", d, progress=False, keep_quantization=True)
+    got, want = _ours(ModelDir(tmp_path / "keep")), _ours(ModelDir(tmp_path / "keep-ref"))
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the same edit wherever the parts lie
+    assert [x["along_after"] for x in m["modified"]] == [x["along_after"] for x in ref["modified"]]
+    ablate(split, cfg, tmp_path / "plain", d, progress=False)
+    assert static_audit(tmp_path / "plain")["weights"].status == "pass"
