@@ -210,7 +210,8 @@ class BlockFP8:
             scale = 1.0 / inv
         else:
             stored = inv
-        q = (blk * scale[:, :, None, :, None]).clamp(-fmax, fmax).to(self.dtype).view(M, nr * bm, nc * bn)[:, :r, :c]
+        y = blk * scale[:, :, None, :, None]
+        q = y.clamp_(-fmax, fmax).to(self.dtype).view(M, nr * bm, nc * bn)[:, :r, :c]
         return q, stored, inv
 
     def requantized_rows(self, r0: int, r1: int, x: torch.Tensor) -> torch.Tensor:

@@ -315,7 +315,7 @@ class _Requant:
         src, last = self.x1v.src, self.x1v.last
         for pc in _Walk([self.x0v], self.block, align=self.x1v.align):  # pieces of whole blocks of W''s format
             w = pc.raw[0]
-            ws = w - uw0[pc.c0:pc.c1, None] * u[None, :] if Q == 1 else w - u[pc.hs, None] * uw0[None, pc.c0:pc.c1]
+            ws = torch.addr(w, uw0[pc.c0:pc.c1], u, alpha=-1.0) if Q == 1 else torch.addr(w, u[pc.hs], uw0[pc.c0:pc.c1], alpha=-1.0)
             d = src.requantized_rows(pc.e0 // last, pc.e1 // last, ws.reshape(-1, last)).view(w.shape)
             out[pc.c0:pc.c1] += d @ u if Q == 1 else u[pc.hs] @ d
         if key is not None:
