@@ -259,10 +259,7 @@ class QuantEdit:
             before, after = edit_quantized(qt, self.edit)
             self.results[self.lt.name] = (before, after, time.perf_counter() - t0)
             self._parts = {p.name: _bytes(parts[p.name]) for p in self.lt.parts}
-        data = self._parts.pop(name)
-        if not self._parts:
-            self._parts = {}
-        return data
+        return self._parts.pop(name)  # each part is asked for once: its bytes go as soon as they are written
 
 
 def _copy(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:

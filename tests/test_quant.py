@@ -543,3 +543,18 @@ def test_scales_in_another_shard_read_and_ablate(quantized, tmp_path):
     assert [x["along_after"] for x in m["modified"]] == [x["along_after"] for x in ref["modified"]]
     ablate(split, cfg, tmp_path / "plain", d, progress=False)
     assert static_audit(tmp_path / "plain")["weights"].status == "pass"
+
+
+@pytest.mark.parametrize("block,scale_fmt", [(None, "float"), ((16, 16), "ue8m0")])
+def test_per_tensor_and_e8m0_scales_equal_transformers(tiny_model, tmp_path, block, scale_fmt):
+    """One scale per matrix (weight_block_size null), and power-of-two E8M0 scales (scale_fmt ue8m0): read as transformers reads them."""
+    from transformers import AutoModelForCausalLM
+
+    q = quantize_model(tiny_model("qwen3_moe"), tmp_path / "q", "fp8", block, scale_fmt=scale_fmt)
+    md = ModelDir(q)
+    lt = next(lt for lt in md.logical.values() if lt.quantized)
+    assert lt.parts[1].dtype == ("U8" if scale_fmt == "ue8m0" else "F32")
+    ours = _model_view(_ours(md))
+    theirs = AutoModelForCausalLM.from_pretrained(str(q), dtype=torch.float32).state_dict()
+    both = [k for k in ours if k in theirs]
+    assert len(both) >= 10 and all(torch.equal(ours[k], theirs[k]) for k in both)
