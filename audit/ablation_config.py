@@ -335,8 +335,9 @@ def plan(config: AblationConfig, layout: Layout, directions=None) -> list[Planne
             role = layout.roles[key]
             if role.quantized and set(_quantized_targets(role)) & comps:
                 raise AuditError(
-                    f"{config.source}: layer {e.layer}: {key} is a quantized weight (blocks/scales); ablation needs float weights -- "
-                    "dequantize the model first (e.g. load and save it in bfloat16)"
+                    f"{config.source}: layer {e.layer}: {key} is part of a quantized weight (blocks/scales) this layout does not read as float; "
+                    "a model directory with block-scaled FP8 or MXFP4 and its quantization_config is edited on its dequantized values -- "
+                    "for another format, dequantize the model first (load it with transformers, save_pretrained in bfloat16)"
                 )
             hit = tuple(t for t in targets_of(role) if t in comps)
             if not hit:

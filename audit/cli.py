@@ -20,15 +20,21 @@ def _pct(x) -> str:
 def _cmd_inspect(args) -> int:
     from audit.model_dir import ModelDir
 
+    from audit.logical import summary
+
     md = ModelDir(args.model_dir)
     lay = md.layout
+    quant = summary(md)
     info = {**lay.summary(), "path": str(md.path), "dtypes": md.dtypes(), "bytes": md.nbytes, "shards": len(md.shards),
-            "per_layer": {str(k): v for k, v in lay.counts().items()}}
+            "quantization": quant, "per_layer": {str(k): v for k, v in lay.counts().items()}}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{md.path}  family={lay.family}  layers={lay.num_layers}  hidden={lay.hidden_size}")
     print(f"  size {md.nbytes / 2**20:.1f} MiB in {len(md.shards)} shard(s); dtypes {md.dtypes()}")
+    if quant:
+        print(f"  quantized ({quant['method']}): {', '.join(quant['labels']) or quant['label']}; {quant['quantized_tensors']} weights stored as "
+              f"{quant['stored_tensors']} tensors (data + scales), read as float32; {quant['plain_tensors']} tensors plain")
     if lay.moe_layers:
         print(f"  MoE layers {ranges(lay.moe_layers)}; dense MLP layers {ranges(lay.dense_layers) or 'none'}")
         print(f"  routed experts {lay.n_routed_experts}, shared experts {lay.n_shared_experts}, top-k {lay.top_k}; routing: {lay.routing_rule}")
@@ -79,13 +85,19 @@ def _cmd_ablate(args) -> int:
     if not out:
         raise AuditError(f"{args.config}: no output directory: pass -o OUT or set 'output:' in the config")
     dirs = Directions.load(args.directions) if args.directions else None
-    m = ablate(base, cfg, out, directions=dirs, force=args.force, progress=False if args.quiet else None, inputs=(args.directions,))
+    m = ablate(base, cfg, out, directions=dirs, force=args.force, progress=False if args.quiet else None,
+               output_dtype=args.output_dtype, keep_quantization=args.keep_quantization, inputs=(args.directions,))
     mods = m["modified"]
     worst = max((x["along_after"] / x["along_before"] for x in mods if x["along_before"] > 0), default=0.0)
     print(f"{len(mods)} tensors edited in {len(m['shards']['rewritten'])} shard(s), {len(m['shards']['copied'])} copied; "
           f"{m['timings']['total_s']:.1f} s; largest remaining share along r {worst:.2e}")
     if m["unmatched_components"]:
         print(f"note: no tensor matched component(s) {', '.join(m['unmatched_components'])}")
+    q = m.get("quantization")
+    if q:
+        print(f"base {q['base']['label']}: " + ("edited weights re-quantized with fresh scales; rounding them back onto the format's grid "
+                                                "keeps part of r (audit static measures how much)" if q["output"] == "kept" else
+                                                f"written dequantized as {q['output']}, quantization_config dropped"))
     print(f"wrote {out}")
     return 0
 
@@ -279,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--directions", default=None, help="directions file (default: the config's 'measurements')")
     s.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--output-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="a quantized (FP8 / MXFP4) base: store its dequantized weights in this dtype (default bfloat16)")
+    s.add_argument("--keep-quantization", action="store_true",
+                   help="a quantized base: keep its format, the edited weights re-quantized with recomputed scales")
     s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("static", help="static weight audit of an ablated model: key diff, projections on r, directions recovered from the weights")

@@ -157,6 +157,7 @@ class ModelDir:
         self._check_index_agrees()
         self._handles: dict[str, object] = {}
         self._layout: Layout | None = None
+        self._logical: dict | None = None
 
     # -- opening -----------------------------------------------------------------------------
     def _read_config(self) -> dict:
@@ -220,10 +221,19 @@ class ModelDir:
 
     # -- reading -----------------------------------------------------------------------------
     @property
+    def logical(self) -> dict:
+        """Tensors as the model holds them: a quantized weight and its scales as one float tensor (audit/logical.py)."""
+        if self._logical is None:
+            from audit.logical import logical_tensors
+
+            self._logical = logical_tensors(self)
+        return self._logical
+
+    @property
     def layout(self) -> Layout:
-        """Every tensor placed by role (raises AuditError listing keys it cannot place)."""
+        """Every tensor placed by role, quantized weights by their logical names (raises AuditError listing keys it cannot place)."""
         if self._layout is None:
-            shapes = {k: v.shape for k, v in self.tensors.items()}
+            shapes = {k: v.shape for k, v in self.logical.items()}
             self._layout = build_layout(self.config, shapes, source=str(self.path))
         return self._layout
 
@@ -319,7 +329,14 @@ class ModelDir:
         if device not in (None, "cpu"):
             kwargs["device_map"] = device
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(self.path), **kwargs)
+            if self.config.get("quantization_config") is not None:  # FP8 / MXFP4: dequantized on load (audit/logical.py)
+                from audit.logical import load_quantized
+
+                model = load_quantized(self, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(self.path), **kwargs)
+        except AuditError:
+            raise
         except Exception as e:
             raise AuditError(f"{self.path}: transformers cannot load this model ({type(e).__name__}: {e})") from None
         return model.eval()

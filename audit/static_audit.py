@@ -179,7 +179,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
             if p.key in rec_by_key and rec_by_key[p.key].recovery.along is not None:
                 p.dirs["recovered"] = rec_by_key[p.key].recovery.along
         if not projs:
-            projs = [TensorProjection(r.key, r.layer, r.component, r.projection, r.io, (), True, md_a.tensors[r.key].dtype, r.expert, 0.0,
+            projs = [TensorProjection(r.key, r.layer, r.component, r.projection, r.io, (), True, md_a.logical[r.key].dtype, r.expert, 0.0,
                                       {"recovered": r.recovery.along}) for r in cmp.recoveries if r.recovery.along is not None]
             roles = layout.roles
             from checks.layout import targets_of

@@ -51,6 +51,9 @@ class Kernels:
         self._sums = lib.pk_sums
         self._sums.restype = ctypes.c_int
         self._sums.argtypes = [vp, vp, ctypes.c_int, i64, dp]
+        self._lut_u8 = lib.pk_lut_u8
+        self._lut_u8.restype = ctypes.c_int
+        self._lut_u8.argtypes = [vp, fp, i64, fp]
 
     @staticmethod
     def _ptr(t: torch.Tensor | None) -> int | None:
@@ -71,6 +74,11 @@ class Kernels:
         P, H, Q = x0.shape
         if self._apply_d(x0.data_ptr(), x1.data_ptr(), DTYPES[x0.dtype], P, H, Q, t.data_ptr(), z.data_ptr()):
             raise ValueError("pk_apply_d refused its arguments")
+
+    def lut_u8(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+        """out[i] = table[codes[i]] for contiguous uint8 ``codes``, a float32 [256] ``table`` and contiguous float32 ``out``."""
+        if self._lut_u8(codes.data_ptr(), table.data_ptr(), codes.numel(), out.data_ptr()):
+            raise ValueError("pk_lut_u8 refused its arguments")
 
     def sums(self, x0: torch.Tensor, x1: torch.Tensor, out: torch.Tensor) -> None:
         """out (float64 [3]) += |x0|^2, |x1|^2, |x1 - x0|^2 over contiguous ``x0``, ``x1``."""

@@ -296,3 +296,11 @@ MULTIVERSION int pk_sums(const void *x0, const void *x1, int dt, int64_t n, doub
     }
     return 0;
 }
+
+/* out[i] = lut[codes[i]] over n one-byte codes: a quantized tensor's values (or rounding variances) by table, the
+ * 256-entry table in L1 (audit/quant.py; torch's float8 cast and index_select take 10 and 3 ns an element). */
+MULTIVERSION int pk_lut_u8(const uint8_t *codes, const float *lut, int64_t n, float *out) {
+    if (n < 0) return -1;
+    for (int64_t i = 0; i < n; i++) out[i] = lut[codes[i]];
+    return 0;
+}

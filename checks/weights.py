@@ -4,8 +4,9 @@ Input: one ``TensorDiff`` per key (built by audit/compare.py from a streamed pai
 (from our manifest, a YAML config's plan, or inferred from what changed). Output: the "weights"
 CheckResult with findings ``no-change``, ``intended-untouched``, ``unintended-modified`` (with a
 ``prefix_collision`` flag when an entry for layer N seems to have rewritten layers N0-N9),
-``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, and a
-layer x target-group grid (intended vs actual) for the report.
+``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, ``dequantized``
+(quantized base tensors stored plain in the ablated model, judged by value), and a layer x target-group
+grid (intended vs actual) for the report.
 """
 
 from __future__ import annotations
@@ -162,6 +163,13 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                                 value=float(len(recast)), layers=sorted({d.layer for d in recast if d.layer is not None}),
                                 evidence={"keys": [f"{d.key} {d.base_dtype}->{d.ablated_dtype}" for d in recast[:50]], "conversions": kinds,
                                           "unchanged_after_rounding": len(same)}))
+    deq = [d for d in diffs if d.status in ("changed", "unchanged") and not d.dtype_changed and d.base_dtype and d.ablated_dtype
+           and d.base_dtype != d.ablated_dtype]
+    if deq:  # audit/compare.py: a plain copy holding exactly the quantized base's values cast to its dtype is unchanged
+        kinds = sorted({f"{d.base_dtype} -> {d.ablated_dtype}" for d in deq})
+        findings.append(Finding("dequantized", INFO, f"{len(deq)} quantized tensor(s) of the base are stored plain ({'; '.join(kinds)}); compared by value: "
+                                "one holding exactly the base's values cast to its dtype counts as unchanged", value=float(len(deq)),
+                                layers=sorted({d.layer for d in deq if d.layer is not None}), evidence={"kinds": kinds, "keys": [d.key for d in deq[:20]]}))
     bad = [d for d in diffs if d.nonfinite_ablated > d.nonfinite_base]
     if bad:
         findings.append(Finding("nan-inf", FAIL, f"NaN/Inf introduced in {len(bad)} tensor(s): {', '.join(d.key for d in bad[:5])}",
