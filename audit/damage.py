@@ -13,7 +13,7 @@ import torch
 from audit.generate import Completion, LocalBackend, last_token_logprobs
 
 
-def _kl_rows(lp_base: torch.Tensor, lp_abl: torch.Tensor) -> torch.Tensor:
+def kl_rows(lp_base: torch.Tensor, lp_abl: torch.Tensor) -> torch.Tensor:
     """KL(p || q) along the last axis from float32 log-probabilities; NaN where either side is NaN."""
     p = lp_base.exp()
     kl = torch.where(p > 0, p * (lp_base - lp_abl), torch.zeros_like(p)).sum(-1)
@@ -26,7 +26,7 @@ def kl_first_token(base_model, abl_model, tokenizer, prompts: list, batch_size: 
     """Per-prompt KL(base || ablated) of the first answer token's distribution."""
     lp_b = last_token_logprobs(base_model, tokenizer, prompts, batch_size)
     lp_a = last_token_logprobs(abl_model, tokenizer, prompts, batch_size)
-    return _kl_rows(lp_b, lp_a).tolist()
+    return kl_rows(lp_b, lp_a).tolist()
 
 
 @torch.inference_mode()
@@ -54,7 +54,7 @@ def kl_teacher_forced(base_model, abl_model, tokenizer, prompts: list, base_comp
         la = torch.log_softmax(abl_model(input_ids=ids.to(abl_model.device), attention_mask=mask.to(abl_model.device)).logits.float(), dim=-1).cpu()
         for row, (x, (a, b)) in enumerate(zip(seqs, spans)):
             shift = width - len(x)  # left padding
-            kl = _kl_rows(lb[row, shift + a: shift + b], la[row, shift + a: shift + b])
+            kl = kl_rows(lb[row, shift + a: shift + b], la[row, shift + a: shift + b])
             out.append(float(kl.mean()))
     return out
 
@@ -68,3 +68,66 @@ def _ids(c, tokenizer) -> list[int]:
     if isinstance(c, str):
         return tokenizer(c, add_special_tokens=False)["input_ids"]
     return list(c)
+
+
+# -- one model at a time: the ablated model's answer distributions kept compact, the base's judged against them --
+
+TOPK = 64  # next-token probabilities kept per answer position: a greedy answer's distributions hold nearly all their mass there
+
+
+@torch.inference_mode()
+def answer_distributions(model, tokenizer, prompts: list, completions: list, k: int = TOPK, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per prompt, the model's next-token distribution at every position of ``completions`` (teacher-forced), kept as
+    (ids [T, k] int64, log-probs [T, k] float32): prompts x tokens x k numbers, never the vocabulary."""
+    out = []
+    for lb, span in _forced_logprobs(model, tokenizer, prompts, completions, batch_size):
+        lp = lb[span]
+        top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        out.append((top.indices.cpu(), top.values.cpu()))
+    return out
+
+
+@torch.inference_mode()
+def kl_against_compact(model, tokenizer, prompts: list, completions: list, reference: list, batch_size: int = 8) -> list[float]:
+    """Per prompt, mean over answer positions of KL(model || reference), the reference kept as its top-k (answer_distributions).
+
+    The vocabulary is coarse-grained into the reference's top-k tokens and one "rest" bucket; KL over that partition is
+    a lower bound of the full KL (data processing) and equals it when both distributions keep their mass in those k
+    tokens, as greedy answers do. NaN where either side is not finite.
+    """
+    if len(reference) != len(prompts):
+        raise ValueError(f"kl_against_compact: {len(prompts)} prompts but {len(reference)} reference distributions")
+    out = []
+    for (lp_full, span), (ids, lq) in zip(_forced_logprobs(model, tokenizer, prompts, completions, batch_size), reference):
+        lp_full = lp_full[span]
+        n = min(len(ids), lp_full.shape[0])
+        lp_s = lp_full[:n].gather(-1, ids[:n].to(lp_full.device)).cpu()  # the model's log-probs on the reference's top-k
+        lq = lq[:n]
+        p_s, q_s = lp_s.exp(), lq.exp()
+        p_rest = (1 - p_s.sum(-1)).clamp_min(0)
+        q_rest = (1 - q_s.sum(-1)).clamp_min(1e-12)
+        kl = (p_s * (lp_s - lq)).sum(-1) + torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
+        broken = ~(torch.isfinite(lp_s).all(-1) & torch.isfinite(lq).all(-1))
+        kl = torch.where(broken, torch.full_like(kl, float("nan")), kl.clamp_min(0.0))
+        out.append(float(kl.mean()) if n else float("nan"))
+    return out
+
+
+def _forced_logprobs(model, tokenizer, prompts: list, completions: list, batch_size: int):
+    """(log-probs [seq, V] float32, slice of the positions that predict the answer's tokens) per prompt, batch by batch."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    enc = LocalBackend(model, tokenizer).encode(prompts)
+    answers = [_ids(c, tokenizer) for c in completions]
+    dev = model.device
+    for s in range(0, len(enc), batch_size):
+        seqs = [p + a for p, a in zip(enc[s:s + batch_size], answers[s:s + batch_size])]
+        width = max(map(len, seqs))
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in seqs], device=dev)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=dev)
+        lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for row, (p, a) in enumerate(zip(enc[s:s + batch_size], answers[s:s + batch_size])):
+            shift = width - len(p) - len(a)  # left padding
+            a0 = shift + len(p) - 1
+            yield lp[row], slice(a0, a0 + max(1, len(a)))

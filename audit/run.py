@@ -147,11 +147,20 @@ def _load(md, device):
     return md.load_model(dtype=dtype, device=device)
 
 
+def _release() -> None:
+    """Give a released model's memory back before the next one loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_audit(opts: RunOptions, write: bool = True) -> dict:
     """Run every check on ``opts.model_dir`` and return the results document (and write the outputs)."""
     from audit.ablate import DIRECTIONS_NAME, load_manifest
     from audit.ablation_config import AblationConfig
-    from audit.damage import kl_first_token, kl_teacher_forced
+    from audit.damage import kl_rows
     from audit.foreign import load_config, load_directions, resolve_measurements
     from audit.generate import LocalBackend, ServerBackend
     from audit.measure import measure_directions
@@ -159,6 +168,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from audit.outputs import check_destination
     from audit.probe import probe
     from audit.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
+    from audit.simulate import Simulator
     from audit.static_audit import static_audit
     from checks.contribution import contribution_check
     from checks.diagnose import diagnose, rank_by_simulation
@@ -234,11 +244,23 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         intent_cfg = _config_from_changes(modified, ref_index if ref_index is not None else good)
     r = directions.refusal_dir[ref_index if ref_index is not None else good]
 
-    with ctx.stage("load models"):
-        m_base, m_abl = _load(base, opts.device), _load(abl, opts.device)
-    with ctx.stage("probes"):
-        p = {(m, k): probe(model, tok, prompts, r, batch_size=opts.batch_size)
-             for m, model in (("base", m_base), ("abl", m_abl)) for k, prompts in (("harmful", harmful), ("harmless", harmless))}
+    from audit.estimate import refusal_token_ids
+    from audit.passes import measure
+
+    refusal_ids = refusal_token_ids(tok)
+    prompts = {"harmful": harmful, "harmless": harmless}
+    with ctx.stage("ablated model: load"):
+        m_abl = _load(abl, opts.device)
+    gen_a = ServerBackend(opts.server, opts.served_model or str(abl.path), tokenizer=tok) if opts.server else LocalBackend(m_abl, tok)
+    pa = measure(m_abl, tok, prompts, r, gen_a, opts.max_new_tokens, opts.batch_size, refusal_ids, keep_answer_dists=True,
+                 stage=lambda n: ctx.stage(f"ablated model: {n}"))
+    del m_abl, gen_a  # one model resident at a time: what the base side needs is in pa, sized by prompts
+    _release()
+    with ctx.stage("base model: load"):
+        m_base = _load(base, opts.device)
+    pb = measure(m_base, tok, prompts, r, LocalBackend(m_base, tok), opts.max_new_tokens, opts.batch_size, refusal_ids,
+                 against=(pa.completions["harmless"], pa.answer_dists), stage=lambda n: ctx.stage(f"base model: {n}"))
+    p = {(side, k): ps.probes[k] for side, ps in (("base", pb), ("abl", pa)) for k in prompts}
     mod_experts = [[l, e] for l in modified.get("experts_down", []) for e in range(base.layout.n_routed_experts)]
     routing = routing_check(p["base", "harmful"], p["base", "harmless"], p["abl", "harmful"], modified_experts=mod_experts or None,
                             router_modified=modified.get("router") or None, position="last")
@@ -247,14 +269,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     writes_after, resid_after = _writes(p["abl", "harmful"], p["abl", "harmless"])
     peak = max(abs(x) for x in resid_before) or 1.0
     contribution.data["residual_left_max"] = max(max(0.0, a) / peak for a in resid_after)
-
-    with ctx.stage("completions"):
-        gen_b = LocalBackend(m_base, tok)
-        gen_a = ServerBackend(opts.server, opts.served_model or str(abl.path), tokenizer=tok) if opts.server else LocalBackend(m_abl, tok)
-        c = {("base", "harmful"): gen_b.complete(harmful, opts.max_new_tokens, opts.batch_size),
-             ("abl", "harmful"): gen_a.complete(harmful, opts.max_new_tokens, opts.batch_size),
-             ("base", "harmless"): gen_b.complete(harmless, opts.max_new_tokens, opts.batch_size),
-             ("abl", "harmless"): gen_a.complete(harmless, opts.max_new_tokens, opts.batch_size)}
+    c = {(side, k): ps.completions[k] for side, ps in (("base", pb), ("abl", pa)) for k in prompts}
+    with ctx.stage("judgements"):
         j = {k: jd.many([x.answer for x in v], [x.prompt for x in v], [x.finish_reason == "length" for x in v]) for k, v in c.items()}
     refusal = refusal_check(j["abl", "harmful"], j["base", "harmful"], j["abl", "harmless"], j["base", "harmless"])
     before_rate = (refusal.data.get("before") or {}).get("rate")
@@ -270,10 +286,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
                                 "n_tokens": x.n_tokens, "label": jj.label, "reason": jj.reason, "score": jj.score,
                                 "when": "before" if m == "base" else "after", "set": k}
                                for (m, k), xs in c.items() for x, jj in zip(xs, j[m, k])]
-    with ctx.stage("damage"):
-        kl1 = kl_first_token(m_base, m_abl, tok, harmless, batch_size=opts.batch_size)
-        kltf = kl_teacher_forced(m_base, m_abl, tok, harmless, c["base", "harmless"], batch_size=opts.batch_size)
-    damage = damage_check(kl1, kltf, j["abl", "harmless"] + j["abl", "harmful"])
+    kl1 = kl_rows(pb.first_logprobs_harmless, pa.first_logprobs_harmless).tolist()
+    damage = damage_check(kl1, pb.kl_tf, j["abl", "harmless"] + j["abl", "harmful"])
 
     checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage}
     checks_d = {name: cr.to_dict() for name, cr in checks.items()}
@@ -291,8 +305,10 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     bypass = None
     if opts.simulate and not gate["passed"]:
         with ctx.stage("simulation: calibration and bypass test"):
-            sim = _Simulator(m_base, m_abl, tok, harmful, harmless, j, opts, directions, base.layout)
-            sim.judge = jd
+            labels = [x.refused for side in ("base", "abl") for k in prompts for x in j[side, k]]
+            scores = torch.cat([ps.refusal_scores[k] for ps in (pb, pa) for k in prompts])
+            sim = Simulator(m_base, tok, harmful, harmless, scores, labels, jd, opts, directions, base.layout, refusal_ids,
+                            lp_harmless=pb.first_logprobs_harmless)
             sim.opts_target = target if target is not None else 0.1
             if sim.calibration is not None:
                 bypass = sim.bypass_scan(ref_index)
@@ -361,125 +377,6 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if write:
         write_outputs(results, opts.out, inputs=inputs + [opts.apply_fix], force=opts.force)
     return results
-
-
-WRITER_TARGETS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
-
-
-class _Simulator:
-    """Fixes simulated on the *base* model: a config as inference-time hooks equals re-ablating with it.
-
-    The first-token refusal score is calibrated once on judged generations of the base and the
-    ablated model (both classes are then present); each candidate is estimated with early stopping
-    and the best ones confirmed by generation (audit/estimate.py). Also runs the bypass test that
-    picks the measurement index: every residual writer ablated with the direction of each
-    candidate index, the one that removes refusal wins.
-    """
-
-    def __init__(self, m_base, m_abl, tok, harmful, harmless, judged, opts, directions, layout):
-        from audit.estimate import Calibration, first_token_scores, refusal_token_ids
-
-        t0 = time.perf_counter()
-        self.m_base, self.tok, self.harmful, self.harmless, self.opts = m_base, tok, harmful, harmless, opts
-        self.directions, self.layout = directions, layout
-        self.opts_target = 0.1
-        self.token_ids = refusal_token_ids(tok)
-        self.calibration, self.note, self._lp_base = None, None, None
-        labels, scores = [], []
-        for name, model in (("base", m_base), ("abl", m_abl)):
-            labels += [x.refused for x in judged[name, "harmful"]] + [x.refused for x in judged[name, "harmless"]]
-            scores.append(torch.as_tensor(first_token_scores(model, tok, harmful + harmless, self.token_ids, opts.batch_size)))
-        if len({x for x in labels if x is not None}) < 2:
-            self.note = "no simulation: neither model both refuses and answers these prompts, so the refusal score cannot be calibrated"
-        else:
-            self.calibration = Calibration.fit(torch.cat(scores), labels)
-        self.seconds = time.perf_counter() - t0
-
-    def estimate(self, candidates: dict, confirm_top: int = 0) -> dict:
-        from audit.estimate import estimate_many
-
-        t0 = time.perf_counter()
-        out = estimate_many(self.m_base, self.tok, self.harmful, candidates, self.calibration, self.token_ids, self.opts.batch_size,
-                            confirm_top=confirm_top, judge=getattr(self, "judge", None),
-                            max_new_tokens=min(self.opts.max_new_tokens, 48)) if candidates else {"candidates": []}
-        self.seconds += time.perf_counter() - t0
-        return {row["name"]: row for row in out["candidates"]}
-
-    def kl(self, interventions) -> float:
-        """First-token KL(base || base with the fix) on harmless prompts: the damage the fix would do."""
-        from audit.generate import last_token_logprobs
-        from audit.intervene import apply
-
-        t0 = time.perf_counter()
-        if self._lp_base is None:
-            self._lp_base = last_token_logprobs(self.m_base, self.tok, self.harmless, self.opts.batch_size)
-        with apply(self.m_base, interventions):
-            lp = last_token_logprobs(self.m_base, self.tok, self.harmless, self.opts.batch_size)
-        self.seconds += time.perf_counter() - t0
-        return float((self._lp_base.exp() * (self._lp_base - lp)).sum(-1).mean())
-
-    def bypass_scan(self, ablated_index: int | None, top: int = 3) -> dict:
-        """Refusal with every residual writer ablated at every layer, per candidate measurement index."""
-        from audit.ablation_config import AblationConfig
-        from audit.intervene import from_config
-
-        table = self.directions.quality_table()
-        inner = sorted((row for row in table if 0 < row["index"] < len(table) - 1), key=lambda row: -row["quality"])
-        cands = [row["index"] for row in inner[:top]]
-        if ablated_index is not None and ablated_index not in cands and ablated_index < len(table):
-            cands.append(ablated_index)
-        present = [t for t in WRITER_TARGETS if self.layout.keys_where(component={"embed": "embed", "attn_out": "attn", "mlp_down": "mlp",
-                                                                                   "experts_down": "experts", "shared_down": "shared_experts"}[t])]
-        ivs = {}
-        for i in cands:
-            if float(self.directions.refusal_dir[i].norm()) == 0:
-                continue
-            cfg = AblationConfig.from_dict({"components": present, "ablate": [{"layer": l, "measurement": i} for l in range(self.layout.num_layers)]},
-                                           source=f"bypass test, index {i}")
-            ivs[f"index {i}"] = from_config(cfg, self.directions)
-        rows = self.estimate(ivs)
-        quality = {row["index"]: row["quality"] for row in table}
-        res = {str(i): {"rate": rows[f"index {i}"]["rate"], "lo": rows[f"index {i}"]["lo"], "hi": rows[f"index {i}"]["hi"], "quality": quality[i],
-                        "kl": self.kl(ivs[f"index {i}"])} for i in cands if f"index {i}" in rows}
-        target = self.opts_target
-        lowest = min(v["rate"] for v in res.values())
-        ok = [k for k, v in res.items() if v["rate"] <= max(target, lowest)]  # the indices that remove refusal (or do best)
-        best = min(ok, key=lambda k: (res[k]["kl"], -res[k]["quality"]))  # of those, the least damage
-        return {"indices": res, "best_index": int(best), "components": present,
-                "note": "refusal (first-token estimate) with every residual writer ablated at every layer using the direction of each index"}
-
-    def simulate_causes(self, causes, config, baseline) -> dict:
-        from audit.fixes import apply_patch
-        from audit.intervene import from_config
-
-        candidates, skipped = {}, []
-        for cz in causes:
-            patch = cz.fix.get("patch")
-            if not patch or set(patch) <= {"dtype"} or (not cz.explains_refusal and "measurement" not in patch):
-                skipped.append(cz.id)
-                continue
-            try:
-                ivs = from_config(apply_patch(config, patch), self.directions)
-            except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
-                skipped.append(f"{cz.id} ({e})")
-                continue
-            if ivs:
-                candidates[cz.id] = ivs
-            else:  # the fix adds nothing to what reached the weights: the model stays as it is
-                cz.simulated = {"refusal_rate": baseline, "interval": None, "method": "nothing to apply", "baseline": baseline, "kl": 0.0,
-                                "n": 0, "seconds": 0.0, "interventions": []}
-        by_id = self.estimate(candidates, confirm_top=self.opts.confirm_top)
-        for cz in causes:
-            row = by_id.get(cz.id)
-            if row is None:
-                continue
-            gen = row.get("generation")
-            cz.simulated = {"kl": self.kl(candidates[cz.id]), "refusal_rate": gen["rate"] if gen else row["rate"],
-                            "interval": [gen["lo"], gen["hi"]] if gen else [row["lo"], row["hi"]],
-                            "method": "generation" if gen else "first-token score", "first_token_estimate": row["rate"],
-                            "n": gen["n"] if gen else row["n_used"], "baseline": baseline,
-                            "seconds": row["seconds"] + (gen["seconds"] if gen else 0.0), "interventions": row["interventions"]}
-        return {"skipped": skipped, "candidates": len(candidates), "model": "base with the fixed config as hooks"}
 
 
 def _apply_fix(cause, config, directions, base, opts, results) -> dict:
