@@ -90,6 +90,17 @@ def edit_inplace(t: torch.Tensor, edit: PlannedEdit) -> tuple[float, float]:
     """
     if edit.direction is None:
         raise AuditError(f"{edit.key}: planned without directions; pass a directions file")
+    if edit.experts is not None and edit.role.expert_axis is not None:  # some experts of a fused tensor: each one's slice, in place
+        from dataclasses import replace
+
+        ea, sq = edit.role.expert_axis, [0.0, 0.0]
+        role = replace(edit.role, expert_axis=None, resid_axis=edit.role.resid_axis - (edit.role.resid_axis > ea))
+        sub = replace(edit, role=role, experts=None, split_axis=None if edit.split_axis is None else edit.split_axis - (edit.split_axis > ea))
+        for e in edit.experts:
+            b, a = edit_inplace(t.select(ea, e), sub)
+            sq[0] += b * b
+            sq[1] += a * a
+        return sq[0] ** 0.5, sq[1] ** 0.5
     ax = edit.role.resid_axis
     view = _part_view(t, edit)
     r = edit.direction.to(torch.float32)

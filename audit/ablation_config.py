@@ -47,7 +47,8 @@ DEFAULT_COMPONENTS = ("attn_out", "mlp_down", "experts_down", "shared_down")
 METHODS = ("standard", "norm_preserving")
 ROUTER_MODES = ("input", "none")
 TOP_KEYS = ("model", "measurements", "output", "scale", "ablate", "components", "method", "router_mode", "biprojection")
-ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components")
+ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components", "experts")
+EXPERT_TARGETS = ("experts_down", "experts_gate", "experts_up")
 INTERLEAVED_GATE_UP = ("gpt_oss",)  # fused gate_up stored [.., 2I] as gate0, up0, gate1, up1, ...
 
 
@@ -60,6 +61,20 @@ class Entry:
     scale: float = 1.0
     sparsity: float = 0.0
     components: tuple[str, ...] | None = None  # None: the config's components
+    experts: tuple[int, ...] | None = None  # routed experts the expert targets edit at this layer (None: every expert)
+
+    def targets(self, config_components) -> set[str]:
+        return set(self.components if self.components is not None else config_components)
+
+
+def _overlap(a: Entry, b: Entry, comps) -> bool:
+    """Whether two entries of one layer would edit some tensor twice (shared targets; for expert targets, shared experts)."""
+    shared = a.targets(comps) & b.targets(comps)
+    if not shared:
+        return False
+    if shared - set(EXPERT_TARGETS):
+        return True
+    return a.experts is None or b.experts is None or bool(set(a.experts) & set(b.experts))
 
 
 @dataclass
@@ -100,9 +115,11 @@ class AblationConfig:
         for n, item in enumerate(ablate):
             where = f"{source}: ablate[{n}]"
             for e in _entries(item, where):
-                if e.layer in seen:
-                    raise AuditError(f"{where}: layer {e.layer} is already ablated by ablate[{seen[e.layer]}]; one entry per layer")
-                seen[e.layer] = n
+                for m, other in seen.get(e.layer, []):
+                    if _overlap(e, other, comps):
+                        raise AuditError(f"{where}: layer {e.layer} is already ablated by ablate[{m}] for the same components; one entry per "
+                                         "layer, or several with disjoint components (or disjoint experts)")
+                seen.setdefault(e.layer, []).append((n, e))
                 entries.append(e)
         for k in ("model", "measurements", "output"):
             if d.get(k) is not None and not isinstance(d[k], (str, os.PathLike)):
@@ -121,6 +138,8 @@ class AblationConfig:
             item = {"layer": e.layer, "measurement": e.measurement, "scale": e.scale, "sparsity": e.sparsity}
             if e.components is not None:
                 item["components"] = list(e.components)
+            if e.experts is not None:
+                item["experts"] = list(e.experts)
             out["ablate"].append(item)
         return {k: v for k, v in out.items() if v is not None}
 
@@ -197,7 +216,13 @@ def _entries(item, where: str) -> list[Entry]:
     comps = _components(item["components"], f"{where}: components") if "components" in item else None
     m = item.get("measurement")
     meas = None if m is None else _int(m, f"{where}: measurement")
-    return [Entry(layer, layer if meas is None else meas, scale, sparsity, comps) for layer in layers]
+    experts = None
+    if item.get("experts") is not None:
+        ex = item["experts"]
+        if not isinstance(ex, (list, tuple)) or not ex:
+            raise AuditError(f"{where}: experts must be a non-empty list of routed expert ids, e.g. [3, 17]; got {ex!r}")
+        experts = tuple(sorted({_int(x, f"{where}: experts") for x in ex}))
+    return [Entry(layer, layer if meas is None else meas, scale, sparsity, comps, experts) for layer in layers]
 
 
 def load_config(path: str | os.PathLike) -> AblationConfig:
@@ -244,6 +269,7 @@ class PlannedEdit:
     split: str | None = None
     split_axis: int | None = None
     biprojection: bool = False
+    experts: tuple[int, ...] | None = None  # a fused experts tensor edited for these experts only (None: all)
 
     def to_dict(self) -> dict:
         return {
@@ -251,6 +277,7 @@ class PlannedEdit:
             "expert": self.role.expert, "targets": list(self.targets), "direction_index": self.direction_index,
             "scale": self.scale, "method": self.method, "sparsity": self.sparsity, "part": self.part,
             "biprojection": self.biprojection, "resid_axis": self.role.resid_axis, "is_bias": self.role.is_bias,
+            "experts": None if self.experts is None else list(self.experts),
         }
 
 
@@ -342,12 +369,23 @@ def plan(config: AblationConfig, layout: Layout, directions=None) -> list[Planne
             hit = tuple(t for t in targets_of(role) if t in comps)
             if not hit:
                 continue
+            sub = None  # experts this entry restricts the expert targets to
+            if e.experts is not None and role.component == "experts":
+                if role.expert is not None:
+                    if role.expert not in e.experts:
+                        continue
+                elif role.expert_axis is not None:
+                    n_exp = layout.shapes[key][role.expert_axis]
+                    bad = [x for x in e.experts if x >= n_exp]
+                    if bad:
+                        raise AuditError(f"{config.source}: layer {e.layer}: experts {bad} out of range; {key} holds experts 0..{n_exp - 1}")
+                    sub = e.experts
             part = split = split_axis = None
             if role.projection == "gate_up" and len(hit) == 1:
                 part = "gate" if hit[0].endswith("_gate") else "up"
                 split, split_axis = _gate_up_split(role, layout.family, len(layout.shapes[key]))
             edits.append(PlannedEdit(key, role, hit, r, e.measurement, scale, config.method, e.sparsity, e.layer,
-                                     part, split, split_axis, config.biprojection))
+                                     part, split, split_axis, config.biprojection, sub))
     wants_embed = "embed" in config.components or any(e.components and "embed" in e.components for e in config.entries)
     if wants_embed and embed_entry is None:
         raise AuditError(f"{config.source}: 'embed' is listed but no ablate entry has layer 0; the embeddings are edited by the layer-0 entry -- add one")

@@ -121,7 +121,9 @@ def from_config(config, directions) -> list[Intervention]:
             comps.remove("embed")
         r = entry_direction(directions, e, config.biprojection)
         if comps:
-            out.append(Intervention(tuple(comps), [e.layer], {e.layer: r}, e.scale * config.scale, name=f"layer {e.layer}", strict=False))
+            experts = {e.layer: list(e.experts)} if getattr(e, "experts", None) is not None else None
+            out.append(Intervention(tuple(comps), [e.layer], {e.layer: r}, e.scale * config.scale, experts=experts,
+                                    name=f"layer {e.layer}" + (f" experts {ranges(e.experts)}" if experts else ""), strict=False))
     return out
 
 

@@ -60,8 +60,13 @@ def _intent_from_edits(edits, source: str, config, keys=None) -> tuple[Intent, d
                   f"{len(edits)} planned edits from {config.source}"), per_layer
 
 
-def static_audit(ablated, base=None, config=None, directions=None, harmful=None, harmless=None, progress=None) -> dict[str, CheckResult]:
-    """Audit the weights of ``ablated`` against its base; returns {"weights", "projection", "recovery"}."""
+def static_audit(ablated, base=None, config=None, directions=None, harmful=None, harmless=None, progress=None,
+                 record: dict | None = None) -> dict[str, CheckResult]:
+    """Audit the weights of ``ablated`` against its base; returns {"weights", "projection", "recovery"}.
+
+    ``record``: a dict that receives the per-tensor records (diffs, projections, recoveries, the planned edits by
+    key, the intent's source, the directions used): what audit/reached.py writes the reached ablation down from.
+    """
     from audit.ablate import load_manifest
     from audit.ablation_config import AblationConfig, plan
     from audit.compare import compare_models, open_pair
@@ -200,6 +205,11 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
 
     quality = measured.quality_table() if measured is not None else None
     results["recovery"] = check_recovery(cmp.recoveries, local, quality, per_layer)
+    if record is not None:
+        record.update(diffs=cmp.diffs, projections=cmp.projections, recoveries=cmp.recoveries, layout=layout,
+                      planned={e.key: e for e in edits} if intent is not None and intent.source != "inferred" else {},
+                      intent_source=intent.source, config=cfg if intent is not None and intent.source != "inferred" else None,
+                      directions=intent_dirs if intent_dirs is not None else measured)
     t_checks = time.perf_counter() - t1
     for name, r in results.items():
         r.seconds = round(t_stream + t_checks if name == "weights" else t_checks, 3)

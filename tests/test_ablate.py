@@ -367,3 +367,31 @@ def test_quantized_expert_weights_refused_not_skipped():
     with pytest.raises(AuditError, match="dequantize"):
         plan(_cfg(ablate=[{"layer": 0}]), layout)
     assert [e.key for e in plan(_cfg(ablate=[{"layer": 0}], components=["attn_out"]), layout)] == ["model.layers.0.self_attn.o_proj.weight"]
+
+
+def test_entries_can_name_experts_per_expert_and_fused_alike(tiny_model, tmp_path):
+    """`experts: [1, 5]` edits only those routed experts (per-expert keys and fused [E, ...] tensors alike), and two
+    entries of one layer may split its components; overlapping entries are still refused."""
+    per = tiny_model("glm4_moe")
+    fused = _fuse_experts(per, tmp_path / "fused")
+    d = _directions(ModelDir(per), seed=4)
+    cfg = _cfg(ablate=[{"layer": 2, "measurement": 1, "components": ["experts_down", "experts_gate"], "experts": [1, 5]},
+                       {"layer": 2, "measurement": 3, "components": ["attn_out"]}])
+    ablate(per, cfg, tmp_path / "a", d, progress=False)
+    ablate(fused, cfg, tmp_path / "b", d, progress=False)
+    a, b, base = ModelDir(tmp_path / "a"), ModelDir(tmp_path / "b"), ModelDir(per)
+    r1 = _unit(d, 1)
+    dn = b.tensor("model.layers.2.mlp.experts.down_proj")
+    for e in range(8):
+        key = f"model.layers.2.mlp.experts.{e}.down_proj.weight"
+        torch.testing.assert_close(dn[e], a.tensor(key), rtol=0, atol=1e-6)
+        if e in (1, 5):
+            assert float(along(a.tensor(key), r1, 0).norm()) < 1e-5 * float(along(base.tensor(key), r1, 0).norm()) + 1e-6
+        else:
+            assert _bits(a.tensor(key)) == _bits(base.tensor(key))
+    assert not torch.equal(a.tensor("model.layers.2.self_attn.o_proj.weight"), base.tensor("model.layers.2.self_attn.o_proj.weight"))
+    with pytest.raises(AuditError, match="same components"):
+        _cfg(ablate=[{"layer": 2, "experts": [1, 2]}, {"layer": 2, "experts": [2, 3]}])
+    _cfg(ablate=[{"layer": 2, "experts": [1, 2], "components": ["experts_down"]}, {"layer": 2, "experts": [3], "components": ["experts_down"]}])
+    with pytest.raises(AuditError, match="out of range"):
+        ablate(fused, _cfg(ablate=[{"layer": 2, "experts": [9], "components": ["experts_down"]}]), tmp_path / "c", d, progress=False)

@@ -297,3 +297,29 @@ def test_from_config_equals_the_suites_own_ablation(tiny_model, tmp_path):
     with apply(m_base, from_config(cfg, dirs)):
         got = _logits(m_base, batch)
     assert (got - want).abs().max().item() < ATOL
+
+
+def test_from_config_with_expert_subsets_equals_the_ablation(tiny_model, tmp_path):
+    """Entries that name experts (the reached edits of a partial ablation) give the same model as hooks and on disk."""
+    from audit.ablate import ablate
+    from audit.ablation_config import AblationConfig
+    from audit.intervene import from_config
+    from audit.measure import Directions
+
+    base = tiny_model("qwen3_moe", initializer_range=0.2)
+    g = torch.Generator().manual_seed(6)
+    dirs = Directions(torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g))
+    cfg = AblationConfig.from_dict({"components": ["experts_down"], "ablate": [
+        {"layer": 1, "measurement": 1, "experts": [0, 3, 6]}, {"layer": 1, "measurement": 2, "experts": [1], "scale": 0.5},
+        {"layer": 2, "measurement": 2, "components": ["attn_out", "experts_down"], "experts": [7]}]})
+    ablate(base, cfg, tmp_path / "abl", directions=dirs, progress=False)
+    md_base, md_abl = ModelDir(base), ModelDir(tmp_path / "abl")
+    tok = md_base.tokenizer()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    m_base, m_abl = md_base.load_model(dtype=torch.float32), md_abl.load_model(dtype=torch.float32)
+    want, ref = _logits(m_abl, batch), _logits(m_base, batch)
+    assert (want - ref).abs().max() > 50 * ATOL
+    with apply(m_base, from_config(cfg, dirs)):
+        got = _logits(m_base, batch)
+    assert (got - want).abs().max().item() < ATOL
