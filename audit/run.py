@@ -169,6 +169,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from audit.probe import probe
     from audit.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
     from audit.simulate import Simulator
+    from checks.refusal_eval import MAX_DEGENERATE
     from audit.static_audit import static_audit
     from checks.contribution import contribution_check
     from checks.diagnose import diagnose, rank_by_simulation
@@ -231,7 +232,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if directions.hidden_size != base.layout.hidden_size:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
-        static = static_audit(abl.path, base.path, config=opts.config, directions=directions)
+        weights_record: dict = {}
+        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record)
     weights = static["weights"].to_dict()
     for f in weights["findings"]:
         if f["code"] == "base-changed":
@@ -295,12 +297,23 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     gate = evaluate_gate(doc, gate_cfg, gate_source)
 
     # -- diagnosis ---------------------------------------------------------------------------
-    from audit.fixes import actual_config, apply_patch, config_yaml
+    from audit.fixes import apply_patch, config_yaml
+    from audit.reached import reached as reached_ablation
 
-    fix_base = actual_config(intent_cfg, modified) if intent_cfg is not None else None  # what really reached the weights
+    done = reached_ablation(weights_record, directions)  # what really reached the weights, as a config
+    fix_base, fix_dirs = done.config, done.directions
     rates = refusal.data
     refusal_after = (rates.get("after") or {}).get("rate")
-    target = gate_cfg.max_refusal_after
+    target = gate_cfg.max_refusal_after if gate_cfg.max_refusal_after is not None else 0.1
+    dmg = damage.data
+    degenerate = (dmg.get("degenerate") or {}).get("rate") or 0.0
+    nonfinite = any(f.code == "nan-inf" for f in damage.findings) or any(f["code"] == "nan-inf" for f in weights["findings"])
+    damage_first = degenerate >= MAX_DEGENERATE or nonfinite
+    damage_rows = [t for t in gate["thresholds"] if t["passed"] is False and t["name"] in ("max_kl", "max_degenerate", "max_over_refusal", "check:damage")]
+    damaged = next((f.message for f in damage.findings if f.severity == "fail"), None) or (
+        "; ".join(t["message"] for t in damage_rows) if damage_rows else None)
+    if nonfinite and not damaged:
+        damaged = "NaN/Inf in the ablated weights or its outputs"
     sim = None
     bypass = None
     if opts.simulate and not gate["passed"]:
@@ -309,15 +322,20 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             scores = torch.cat([ps.refusal_scores[k] for ps in (pb, pa) for k in prompts])
             sim = Simulator(m_base, tok, harmful, harmless, scores, labels, jd, opts, directions, base.layout, refusal_ids,
                             lp_harmless=pb.first_logprobs_harmless)
-            sim.opts_target = target if target is not None else 0.1
+            sim.opts_target = target
             if sim.calibration is not None:
                 bypass = sim.bypass_scan(ref_index)
                 good = bypass["best_index"]
     with ctx.stage("diagnosis"):
         findings = [f for cr in checks_d.values() for f in cr["findings"]]
         mism = next((f for f in findings if f["code"] == "direction-mismatch"), None)
+        partial, scales = {}, {}
+        for e in (fix_base.entries if fix_base is not None else []):
+            scales.setdefault(e.layer, []).append(e.scale * fix_base.scale)
+            if e.experts is not None and set(e.components or fix_base.components) & {"experts_down", "experts_gate", "experts_up"}:
+                partial.setdefault(e.layer, set()).update(e.experts)
         ev = {
-            "modified": modified, "present": present, "moe_layers": base.layout.moe_layers,
+            "modified": modified, "present": present, "moe_layers": base.layout.moe_layers, "n_experts": base.layout.n_routed_experts,
             "writes_before": writes_before, "writes_after": writes_after,
             "residual_before": resid_before, "residual_after": resid_after,
             "refusal_experts": next((f["experts"] for f in findings if f["code"] == "refusal-experts"), []),
@@ -325,34 +343,46 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             "router_modified": bool(modified.get("router")),
             "router_ineffective": any(f["code"] == "router-ineffective" for f in findings),
             "intended": weights["data"].get("intended", {}),
+            "intent_source": weights_record.get("intent_source", "inferred"),
+            "partial_experts": {l: sorted(es) for l, es in partial.items()},
+            "reached_scales": scales,
             "good_index": good, "ablated_index": ref_index,
             "quality": {row["index"]: row["quality"] for row in directions.quality_table()},
             "bypass": {int(k): v["rate"] for k, v in bypass["indices"].items()} if bypass else None,
             "bypass_kl": {int(k): v["kl"] for k, v in bypass["indices"].items()} if bypass else None,
-            "refusal_target": target if target is not None else 0.1,
+            "refusal_target": target,
             "direction_cos_good": _cos(directions, ref_index, good) if ref_index is not None else (mism["evidence"].get("cosine") if mism else None),
             "findings": [f for f in findings if f["code"] in ("weak-scale", "precision-loss", "intended-untouched", "no-change", "unintended-modified")],
-            "damaged": next((f["message"] for f in checks_d["damage"]["findings"] if f["severity"] == "fail"), None),
+            "damaged": damaged, "damage_first": damage_first, "degenerate_share": degenerate, "nonfinite": nonfinite,
         }
         diag = diagnose(ev)
         causes = diag["causes"]
-        if refusal_after is not None and target is not None and refusal_after <= target:  # refusal is gone: only soundness problems remain
+        if refusal_after is not None and refusal_after <= target:  # refusal is gone: only soundness problems remain
             for c in causes:
                 if c.explains_refusal:
                     diag["not_blamed"].append({"component": c.numbers.get("component", c.title), "reason": f"{c.summary} But refusal is already {refusal_after:.0%}: "
                                                                                "this does not limit the ablation."})
             causes = [c for c in causes if not c.explains_refusal]
     sim_info = None
-    if sim is not None and sim.calibration is not None and causes and fix_base is not None:
+    if sim is not None and sim.calibration is not None and causes:
         with ctx.stage("simulation: candidate fixes"):
-            sim_info = sim.simulate_causes(causes, fix_base, refusal_after)
-            causes = rank_by_simulation(causes, refusal_target=target or 0.1)
+            sim_info = sim.search(causes, fix_base, fix_dirs, refusal_after, bypass=bypass["indices"] if bypass else None, ablated_index=ref_index)
+            causes = rank_by_simulation(causes, refusal_target=target, damage_first=damage_first)
     if sim is not None:
         sim_info = {**(sim_info or {}), "calibration": sim.calibration.to_dict() if sim.calibration else None, "bypass": bypass,
-                    "note": sim.note, "seconds": round(sim.seconds, 3)}
+                    "note": sim.note, "seconds": round(sim.seconds, 3), "reached": done.to_dict()}
+    if not gate["passed"] and not causes:  # never a failure without a cause
+        causes = [_unexplained(gate, rates, bypass, ref_index, good, target)]
     for cz in causes:
-        if fix_base is not None and cz.fix.get("patch") is not None:
-            cz.fix["config_yaml"] = config_yaml(apply_patch(fix_base, cz.fix["patch"]))
+        if cz.fix.get("patch") is not None and set(cz.fix["patch"]) - {"dtype"}:
+            try:
+                cz.fix["config_yaml"] = config_yaml(apply_patch(fix_base if fix_base is not None else _empty_config(), cz.fix["patch"]))
+                if done.extra_rows:
+                    cz.fix["note"] = (f"indices {sorted(done.extra_rows)} are the ablation's own directions (no measured index matches them); "
+                                      "--apply-fix writes them into the fixed model's directions.safetensors")
+            except AuditError as e:
+                cz.fix["config_yaml"] = None
+                cz.fix["note"] = f"this fix cannot be written as a config: {e}"
 
     verdict = "pass" if gate["passed"] else "fail"
     results = {
@@ -369,14 +399,41 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "checks": checks_d,
         "gate": gate,
     }
-    if opts.apply_fix and causes and verdict == "fail" and fix_base is not None:
-        results["applied_fix"] = _apply_fix(causes[0], fix_base, directions, base, opts, results)
+    if opts.apply_fix and causes and verdict == "fail" and causes[0].fix.get("config_yaml"):
+        results["applied_fix"] = _apply_fix(causes[0], fix_base if fix_base is not None else _empty_config(), fix_dirs, base, opts, results)
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
     if write:
         write_outputs(results, opts.out, inputs=inputs + [opts.apply_fix], force=opts.force)
     return results
+
+
+def _empty_config():
+    from audit.ablation_config import AblationConfig
+
+    return AblationConfig([], (), source="nothing reached the weights")
+
+
+def _unexplained(gate, rates, bypass, ablated_index, good, target):
+    """The cause a failed verdict names when no evidence-backed cause is left: what failed, and what the bypass test says."""
+    from checks.diagnose import Cause
+
+    failed = [t for t in gate["thresholds"] if t["passed"] is False]
+    names = ", ".join(t["name"] for t in failed)
+    after = (rates.get("after") or {}).get("rate")
+    if bypass and any(v["rate"] <= target for v in bypass["indices"].values()):
+        return Cause("direction-mismatch", 0.3, f"The gate failed ({names}) and no single cause was proven; ablating every residual writer at every "
+                     f"layer with the direction at index {good} removes refusal in the simulation.",
+                     evidence=[t["message"] for t in failed][:5], fix={"summary": f"ablate every residual writer at every layer, measurement {good}",
+                                                                       "patch": {"measurement": good}, "candidates": []})
+    return Cause("direction-mismatch" if after is not None and after > target else "model-damaged", 0.2,
+                 f"The gate failed ({names}); no evidence here names a cause"
+                 + (" and no measured direction removes refusal even when every writer of every layer is ablated: refusal may not ride "
+                    "on one direction at these indices, or these prompts do not elicit it" if bypass else " (the fixes were not simulated)") + ".",
+                 evidence=[t["message"] for t in failed][:5], explains_refusal=after is not None and after > target,
+                 fix={"summary": "measure directions on prompts the base refuses (--harmful), at other indices; check the judge's labels in the report",
+                      "patch": {}, "candidates": []})
 
 
 def _apply_fix(cause, config, directions, base, opts, results) -> dict:

@@ -1,33 +1,40 @@
-"""The simulator: candidate fixes tried on the base model as inference-time hooks, no weight written.
+"""The simulator: fixes searched, not guessed, on the base model as inference-time hooks (no weight written).
 
-A config as hooks on the base equals re-ablating with it (audit/intervene.py; tests check hooks
-against weight edits per component type). The first-token refusal score is calibrated once on
-judged generations of the base and the ablated model (both classes are then present); each
-candidate is estimated with early stopping and the best confirmed by generation (audit/estimate.py).
-The bypass test picks the measurement index: every residual writer ablated with the direction of
-each candidate index; the one that removes refusal with the least damage wins.
+What reached the weights (audit/reached.py) as a config is the starting point; a candidate fix is a patch
+on it (audit/fixes.py), and that config as hooks on the base equals re-ablating with it (audit/intervene.py;
+tests check hooks against weight edits per component type). For each cause the simulator walks its ordered
+family of candidates (checks/diagnose.py): a first-token estimate first (calibrated once on judged
+generations of the base and the ablated model, early stopping), then judged generation to confirm --
+the first candidate whose estimate comes near the target, and always the largest, since the estimate alone
+can be wrong in both directions. The cause keeps the smallest candidate that reaches the target, with
+its refusal and KL; the whole walk is kept for the report.
+
+The bypass test runs first: every residual writer ablated at every layer with the direction of each
+candidate index (generation-confirmed). It picks the index a good ablation should use, and it bounds the
+search: when it removes refusal with the ablated direction, some writer-side fix exists, so a writer
+cause whose own family fails gets that complete fix as its last candidate before being given up.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import replace
 
 import torch
 
 from checks.errors import AuditError
+from checks.stats import wilson
 
 WRITER_TARGETS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
+_COMPONENT = {"embed": "embed", "attn_out": "attn", "mlp_down": "mlp", "experts_down": "experts", "shared_down": "shared_experts"}
+GEN_MARGIN = 0.15  # a candidate whose estimate is within this of the target is confirmed by generation
+WRITER_CAUSES = ("layer-coverage", "attention-not-ablated", "shared-experts-not-ablated", "routed-experts-not-ablated",
+                 "redundant-refusal-experts", "expert-inputs-not-ablated")
 
 
 class Simulator:
-    """Fixes simulated on the *base* model: a config as inference-time hooks equals re-ablating with it.
-
-    The first-token refusal score is calibrated once on judged generations of the base and the
-    ablated model (both classes are then present); each candidate is estimated with early stopping
-    and the best ones confirmed by generation (audit/estimate.py). Also runs the bypass test that
-    picks the measurement index: every residual writer ablated with the direction of each
-    candidate index, the one that removes refusal wins.
-    """
+    """Fixes simulated on the *base* model; see the module docstring."""
 
     def __init__(self, m_base, tok, harmful, harmless, scores, labels, judge, opts, directions, layout, token_ids, lp_harmless=None):
         """``scores``/``labels``: first-token refusal scores and judged labels of both models on every prompt (calibration);
@@ -40,21 +47,57 @@ class Simulator:
         self.opts_target = 0.1
         self.token_ids = token_ids
         self.calibration, self.note, self._lp_base = None, None, lp_harmless
+        g = torch.Generator().manual_seed(0)  # a fixed order: early stopping never sees one kind of prompt first
+        self._order = torch.randperm(len(harmful), generator=g).tolist()
         if len({x for x in labels if x is not None}) < 2:
             self.note = "no simulation: neither model both refuses and answers these prompts, so the refusal score cannot be calibrated"
         else:
             self.calibration = Calibration.fit(torch.as_tensor(scores), labels)
         self.seconds = time.perf_counter() - t0
+        self.n_estimates = self.n_generations = 0
 
-    def estimate(self, candidates: dict, confirm_top: int = 0) -> dict:
+    # -- measurements under a fix -------------------------------------------------------------
+
+    def estimate(self, candidates: dict) -> dict:
+        """First-token estimate per candidate (name -> interventions), early stopping: {name: row}."""
         from audit.estimate import estimate_many
 
         t0 = time.perf_counter()
-        out = estimate_many(self.m_base, self.tok, self.harmful, candidates, self.calibration, self.token_ids, self.opts.batch_size,
-                            confirm_top=confirm_top, judge=self.judge,
-                            max_new_tokens=min(self.opts.max_new_tokens, 48)) if candidates else {"candidates": []}
+        out = estimate_many(self.m_base, self.tok, [self.harmful[i] for i in self._order], candidates, self.calibration, self.token_ids,
+                            self.opts.batch_size, low=self.opts_target, high=0.5) if candidates else {"candidates": []}
         self.seconds += time.perf_counter() - t0
+        self.n_estimates += len(candidates)
         return {row["name"]: row for row in out["candidates"]}
+
+    def generate(self, interventions, decide: bool = True) -> dict:
+        """Judged greedy generation on the harmful prompts under ``interventions``; with ``decide``, stops as soon as
+        the Wilson interval lies wholly below or above the target."""
+        from audit.generate import LocalBackend
+        from audit.intervene import apply
+
+        t0 = time.perf_counter()
+        backend = LocalBackend(self.m_base, self.tok)
+        k = n = unknown = 0
+        step = max(8, self.opts.batch_size)
+        prompts = [self.harmful[i] for i in self._order]
+        with apply(self.m_base, list(interventions)):
+            for s in range(0, len(prompts), step):
+                comps = backend.complete(prompts[s:s + step], min(self.opts.max_new_tokens, 48), self.opts.batch_size)
+                js = self.judge.many([c.answer for c in comps], [c.prompt for c in comps], [c.finish_reason == "length" for c in comps])
+                for j in js:
+                    if j.refused is None:
+                        unknown += 1
+                    else:
+                        n += 1
+                        k += bool(j.refused)
+                if decide and n >= 8 and s + step < len(prompts):
+                    _, lo, hi = wilson(k, n)
+                    if hi < self.opts_target or lo > self.opts_target:
+                        break
+        p, lo, hi = wilson(k, n) if n else (math.nan, math.nan, math.nan)
+        self.seconds += time.perf_counter() - t0
+        self.n_generations += 1
+        return {"rate": p, "lo": lo, "hi": hi, "n": n, "n_unknown": unknown, "seconds": round(time.perf_counter() - t0, 3)}
 
     def kl(self, interventions) -> float:
         """First-token KL(base || base with the fix) on harmless prompts: the damage the fix would do."""
@@ -69,9 +112,20 @@ class Simulator:
         self.seconds += time.perf_counter() - t0
         return float((self._lp_base.exp() * (self._lp_base - lp)).sum(-1).mean())
 
-    def bypass_scan(self, ablated_index: int | None, top: int = 3) -> dict:
-        """Refusal with every residual writer ablated at every layer, per candidate measurement index."""
+    # -- the bypass test ----------------------------------------------------------------------
+
+    def writer_targets(self) -> list[str]:
+        return [t for t in WRITER_TARGETS if self.layout.keys_where(component=_COMPONENT[t])]
+
+    def bypass_config(self, index: int):
         from audit.ablation_config import AblationConfig
+
+        return AblationConfig.from_dict({"components": self.writer_targets(),
+                                         "ablate": [{"layer": l, "measurement": index} for l in range(self.layout.num_layers)]},
+                                        source=f"bypass test, index {index}")
+
+    def bypass_scan(self, ablated_index: int | None, top: int = 3) -> dict:
+        """Refusal with every residual writer ablated at every layer, per candidate measurement index (estimate, then generation)."""
         from audit.intervene import from_config
 
         table = self.directions.quality_table()
@@ -79,57 +133,90 @@ class Simulator:
         cands = [row["index"] for row in inner[:top]]
         if ablated_index is not None and ablated_index not in cands and ablated_index < len(table):
             cands.append(ablated_index)
-        present = [t for t in WRITER_TARGETS if self.layout.keys_where(component={"embed": "embed", "attn_out": "attn", "mlp_down": "mlp",
-                                                                                   "experts_down": "experts", "shared_down": "shared_experts"}[t])]
-        ivs = {}
-        for i in cands:
-            if float(self.directions.refusal_dir[i].norm()) == 0:
-                continue
-            cfg = AblationConfig.from_dict({"components": present, "ablate": [{"layer": l, "measurement": i} for l in range(self.layout.num_layers)]},
-                                           source=f"bypass test, index {i}")
-            ivs[f"index {i}"] = from_config(cfg, self.directions)
+        ivs = {f"index {i}": from_config(self.bypass_config(i), self.directions) for i in cands if float(self.directions.refusal_dir[i].norm()) > 0}
         rows = self.estimate(ivs)
         quality = {row["index"]: row["quality"] for row in table}
-        res = {str(i): {"rate": rows[f"index {i}"]["rate"], "lo": rows[f"index {i}"]["lo"], "hi": rows[f"index {i}"]["hi"], "quality": quality[i],
-                        "kl": self.kl(ivs[f"index {i}"])} for i in cands if f"index {i}" in rows}
+        res = {}
+        for i in cands:
+            row = rows.get(f"index {i}")
+            if row is None:
+                continue
+            gen = self.generate(ivs[f"index {i}"])
+            rate = gen["rate"] if gen["n"] else row["rate"]
+            res[str(i)] = {"rate": rate, "lo": gen["lo"] if gen["n"] else row["lo"], "hi": gen["hi"] if gen["n"] else row["hi"],
+                           "first_token_estimate": row["rate"], "method": "generation" if gen["n"] else "first-token score",
+                           "quality": quality[i], "kl": self.kl(ivs[f"index {i}"])}
         target = self.opts_target
         lowest = min(v["rate"] for v in res.values())
         ok = [k for k, v in res.items() if v["rate"] <= max(target, lowest)]  # the indices that remove refusal (or do best)
         best = min(ok, key=lambda k: (res[k]["kl"], -res[k]["quality"]))  # of those, the least damage
-        return {"indices": res, "best_index": int(best), "components": present,
-                "note": "refusal (first-token estimate) with every residual writer ablated at every layer using the direction of each index"}
+        return {"indices": res, "best_index": int(best), "components": self.writer_targets(),
+                "note": "refusal (judged generation, first-token estimate beside) with every residual writer ablated at every layer "
+                        "using the direction of each index"}
 
-    def simulate_causes(self, causes, config, baseline) -> dict:
+    # -- the search ---------------------------------------------------------------------------
+
+    def search(self, causes, reached_cfg, reached_dirs, baseline, bypass: dict | None = None, ablated_index: int | None = None) -> dict:
+        """Walk each cause's candidates on top of what reached the weights; set ``cause.simulated``, ``.search``, the chosen patch."""
+        from audit.ablation_config import AblationConfig
         from audit.fixes import apply_patch
         from audit.intervene import from_config
 
-        candidates, skipped = {}, []
+        start = reached_cfg if reached_cfg is not None else AblationConfig([], (), source="nothing reached the weights")
+        works_bypass = bypass is not None and ablated_index is not None and (bypass.get(str(ablated_index)) or {}).get("rate", 1.0) <= self.opts_target
+        skipped, tried = [], 0
+        writer_found = False
         for cz in causes:
-            patch = cz.fix.get("patch")
-            if not patch or set(patch) <= {"dtype"} or (not cz.explains_refusal and "measurement" not in patch):
+            cands = list(cz.fix.get("candidates") or [])
+            if cz.id in WRITER_CAUSES and works_bypass and reached_cfg is not None:
+                cands.append({"label": "every residual writer at every layer (the bypass test's complete fix)",
+                              "patch": {"add": [{"targets": self.writer_targets(), "layers": list(range(self.layout.num_layers))}]}})
+            if not cands or not (cz.explains_refusal or cz.id in ("model-damaged", "unintended-modification")):
                 skipped.append(cz.id)
                 continue
-            try:
-                ivs = from_config(apply_patch(config, patch), self.directions)
-            except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
-                skipped.append(f"{cz.id} ({e})")
+            trace, chosen = [], None
+            for k, cand in enumerate(cands):
+                last = k == len(cands) - 1
+                try:
+                    cfg = apply_patch(start, cand["patch"])
+                    ivs = from_config(cfg, reached_dirs)
+                except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
+                    trace.append({"label": cand["label"], "patch": cand["patch"], "error": str(e)})
+                    continue
+                tried += 1
+                est = self.estimate({"c": ivs})["c"] if ivs else {"rate": baseline, "lo": None, "hi": None, "n_used": 0}
+                row = {"label": cand["label"], "patch": cand["patch"], "estimate": est["rate"], "estimate_interval": [est["lo"], est["hi"]],
+                       "n_estimate": est["n_used"], "interventions": [iv.describe() for iv in ivs]}
+                if ivs and (est["rate"] <= self.opts_target + GEN_MARGIN or last):
+                    gen = self.generate(ivs)
+                    row["generation"] = gen
+                    row["refusal_rate"] = gen["rate"] if gen["n"] else est["rate"]
+                    row["kl"] = self.kl(ivs)
+                    row["reaches_target"] = bool(row["refusal_rate"] <= self.opts_target)
+                else:
+                    row["refusal_rate"] = est["rate"]
+                    row["reaches_target"] = False
+                trace.append(row)
+                if row["reaches_target"] and (cz.id != "model-damaged" or row.get("kl", 0.0) <= getattr(self.opts, "max_kl_target", 1.0)):
+                    chosen = row
+                    break
+            cz.search = trace
+            done = [r for r in trace if "refusal_rate" in r]
+            if not done:
+                skipped.append(f"{cz.id} ({trace[-1].get('error', 'nothing to simulate')})" if trace else cz.id)
                 continue
-            if ivs:
-                candidates[cz.id] = ivs
-            else:  # the fix adds nothing to what reached the weights: the model stays as it is
-                cz.simulated = {"refusal_rate": baseline, "interval": None, "method": "nothing to apply", "baseline": baseline, "kl": 0.0,
-                                "n": 0, "seconds": 0.0, "interventions": []}
-        by_id = self.estimate(candidates, confirm_top=self.opts.confirm_top)
-        for cz in causes:
-            row = by_id.get(cz.id)
-            if row is None:
-                continue
-            gen = row.get("generation")
-            cz.simulated = {"kl": self.kl(candidates[cz.id]), "refusal_rate": gen["rate"] if gen else row["rate"],
-                            "interval": [gen["lo"], gen["hi"]] if gen else [row["lo"], row["hi"]],
-                            "method": "generation" if gen else "first-token score", "first_token_estimate": row["rate"],
-                            "n": gen["n"] if gen else row["n_used"], "baseline": baseline,
-                            "seconds": row["seconds"] + (gen["seconds"] if gen else 0.0), "interventions": row["interventions"]}
-        return {"skipped": skipped, "candidates": len(candidates), "model": "base with the fixed config as hooks"}
-
-
+            pick = chosen or min(done, key=lambda r: (r["refusal_rate"], r.get("kl") or 0.0))
+            cz.fix["patch"] = pick["patch"]
+            cz.fix["chosen"] = pick["label"]
+            gen = pick.get("generation")
+            cz.simulated = {"refusal_rate": pick["refusal_rate"], "kl": pick.get("kl"), "baseline": baseline,
+                            "interval": [gen["lo"], gen["hi"]] if gen and gen["n"] else pick["estimate_interval"],
+                            "method": "generation" if gen and gen["n"] else "first-token score", "first_token_estimate": pick["estimate"],
+                            "n": gen["n"] if gen else pick["n_estimate"], "candidate": pick["label"], "candidates_tried": len(done),
+                            "reaches_target": bool(chosen), "interventions": pick["interventions"]}
+            if not chosen and cz.explains_refusal:
+                cz.search.append({"label": "search ended", "note": f"no candidate of {len(cands)} reaches refusal <= {self.opts_target:.0%}"})
+            writer_found |= bool(chosen) and cz.id in WRITER_CAUSES
+        return {"skipped": skipped, "candidates": tried, "model": "base with what reached the weights + each fix, as hooks",
+                "bypass_bound": bool(works_bypass), "writer_fix_found": writer_found,
+                "estimates": self.n_estimates, "generations": self.n_generations}

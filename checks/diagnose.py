@@ -1,11 +1,22 @@
-"""From evidence to a verdict and ranked causes, each with its numbers and the config change that fixes it.
+"""From evidence to ranked causes, each with the ordered family of fixes that could remove it.
 
-Pure: ``diagnose(evidence)`` takes one plain dict that audit/run.py assembles from the checks
-(what changed per target group, how much of r each component group still writes, the residual
-projection per layer, routing facts, recovered direction, refusal and damage numbers) and names
-a cause only on evidence. Components left untouched that write (or read) no r are listed under
-``not_blamed`` instead. Ranking starts from the evidence's confidence; when the fixes have been
-simulated (audit/simulate.py) ``rank_by_simulation`` reorders by what each fix would achieve.
+Pure: ``diagnose(evidence)`` takes one plain dict that audit/run.py assembles from the checks and from
+what reached the weights (audit/reached.py), and names a cause only on evidence of its own. Each
+cause carries ``fix["candidates"]``: patches (audit/fixes.py) from the smallest its evidence supports
+to the largest its kind allows -- for layer coverage the layers whose measured write of r passes the
+tolerance, then more layers in order of their write of r before the ablation, then every layer where
+the groups exist. audit/simulate.py walks each family (first-token estimate, then generation) and
+keeps the smallest fix that reaches the target; ``rank_by_simulation`` orders causes by that, and a
+cause is demoted only when its largest candidate fails. ``fix["patch"]`` is the first candidate until
+a search picks another.
+
+Rules that keep a diagnosis honest on models it was not built on:
+- intent is stated or it is not claimed: with no manifest or config (``intent_source: inferred``) the
+  intent is exactly what changed, so ``keys-not-matched`` needs no tensor changed at all, and
+  ``unintended-modification`` needs a name-pattern signature (a prefix collision);
+- damage first: degenerate outputs, NaN or a KL above the gate put ``model-damaged`` on top;
+- the scale that reached the weights decides between weak (below 1) and overshoot (above 1);
+- some routed experts of a layer edited and others not is partial coverage, never a weak scale.
 
 Cause ids are stable (results.json, the report and the gate use them); see DESIGN.md.
 """
@@ -37,8 +48,10 @@ TITLES = {
     "precision-loss": "Rounding to the stored dtype left part of r",
     "weak-scale": "Projection reduced but not removed (scale or sparsity)",
     "model-damaged": "The ablation damaged the model",
+    "scale-overshoot": "The edit overshoots: r is flipped, not removed (scale above 1)",
 }
 WRITE_TOL = 0.05  # share of the pre-ablation r-writing that counts as "still writes"
+WEAK, OVER = 0.95, 1.05  # a reached scale below / above these is weak / an overshoot
 
 
 @dataclass
@@ -54,6 +67,7 @@ class Cause:
     fix: dict = field(default_factory=dict)  # {"summary", "patch": {...}} ; audit renders config_yaml
     explains_refusal: bool = True  # False for soundness problems (unintended edits, damage)
     simulated: dict | None = None
+    search: list[dict] = field(default_factory=list)  # the candidates tried, in order, with what each gave
     applied: dict | None = None
     demoted: bool = False
     demoted_reason: str | None = None
@@ -78,8 +92,46 @@ def _pos(x) -> float:
     return max(0.0, float(x)) if x is not None else 0.0
 
 
+def _layers_by_write(wb: dict, groups, layers) -> list[int]:
+    """``layers`` in order of how much r ``groups`` wrote there before the ablation (largest first)."""
+    return sorted(layers, key=lambda l: -sum(_pos((wb.get(g) or [0] * (l + 1))[l]) if l < len(wb.get(g) or []) else 0.0 for g in groups))
+
+
+def _growing(first: list[int], ordered: list[int], every: list[int]) -> list[list[int]]:
+    """Layer sets from ``first`` through ``ordered`` (1, 2, 4, ... of them) to ``every``: a family of candidates, no repeats."""
+    out: list[list[int]] = []
+    for s in [sorted(first)] + [sorted(set(first) | set(ordered[:k])) for k in (1, 2, 4, 8, 16, 32)] + [sorted(every)]:
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def _cands(*items) -> list[dict]:
+    out, seen = [], []
+    for label, patch in items:
+        if patch is not None and patch not in seen:
+            seen.append(patch)
+            out.append({"label": label, "patch": patch})
+    return out
+
+
+def prefix_collisions(changed_layers: list[int], n_layers: int) -> dict[int, list[int]]:
+    """Layers whose change only a string-prefix match explains: entry n also hit n0..n9 (`key.startswith('layers.1')`).
+
+    n and every existing layer whose number starts with n changed, and the layers between n and the first of
+    them did not (so they are not one band): {n: [the collided layers]}.
+    """
+    ch = set(changed_layers)
+    out = {}
+    for n in sorted(ch):
+        kids = [l for l in range(n_layers) if l != n and str(l).startswith(str(n))]
+        if kids and set(kids) <= ch and any(l not in ch for l in range(n + 1, min(kids))):
+            out[n] = kids
+    return out
+
+
 def diagnose(ev: dict) -> dict:
-    """Evidence dict -> {"causes": [Cause...] ranked, "not_blamed": [...]}. See module docstring for the keys."""
+    """Evidence dict -> {"causes": [Cause...] ranked by evidence, "not_blamed": [...]}. See the module docstring."""
     causes: list[Cause] = []
     not_blamed: list[dict] = []
     modified: dict[str, list[int]] = {k: list(v) for k, v in (ev.get("modified") or {}).items() if v}
@@ -90,8 +142,13 @@ def diagnose(ev: dict) -> dict:
     total_after = sum(_pos(v) for g in wa.values() for v in g if v is not None)
     mod_layers = sorted({l for ls in modified.values() for l in ls})
     good = ev.get("good_index")
+    stated = ev.get("intent_source", "manifest") != "inferred"
+    n_layers = max([len(v) for v in wb.values()] + [len(v) for v in present.values()] + [max(mod_layers) + 1 if mod_layers else 0] + [0])
+    every_layer = list(range(n_layers))
+    moe_layers = ev.get("moe_layers") or []
 
-    # -- writers: who still writes r after the ablation ----------------------------------------
+    # -- writers: groups never ablated, and groups ablated in too few layers -------------------
+    coverage = []  # (group, name, share of the pre-ablation writes in its un-ablated layers, thresholded layers, missing layers)
     for group, (cid_unmodified, name) in WRITER_GROUPS.items():
         if group not in present or group not in wa or total_before is None:
             continue
@@ -99,77 +156,104 @@ def diagnose(ev: dict) -> dict:
         share_by_layer = {l: _pos(v) / total_before for l, v in enumerate(after) if v is not None}
         share = sum(share_by_layer.values())
         layers_left = [l for l, s in share_by_layer.items() if s >= WRITE_TOL / 2]
+        where = sorted(present.get(group, []))
         if group not in modified:
             if share < WRITE_TOL:
                 not_blamed.append({"component": name, "reason": f"left untouched, but writes only {share:.1%} of the r written before ablation"})
                 continue
-            cid = cid_unmodified
-            fix = {"summary": f"add {group} to the ablated components" + (f" and ablate layers {ranges(layers_left)}" if cid == "layer-coverage" else ""),
-                   "patch": {"add_components": [group], "add_layers": layers_left}}
-            summary = f"{name}: not modified, and still write {share:.0%} of the r written before ablation (layers {ranges(layers_left)})."
-        else:
-            outside = [l for l in layers_left if l not in modified[group]]
-            if share < WRITE_TOL:
+            by_write = _layers_by_write(wb, [group], where)
+            if cid_unmodified == "layer-coverage":  # dense MLPs, embeddings: their layers are the fix
+                coverage.append((group, name, share, layers_left, where))
                 continue
-            if outside:
-                cid = "layer-coverage"
-                out_share = sum(share_by_layer[l] for l in outside)
-                summary = f"{name}: ablated in layers {ranges(modified[group])}, but layers {ranges(outside)} still write {out_share:.0%} of r."
-                fix = {"summary": f"extend the ablated layers to {ranges(sorted(set(mod_layers) | set(outside)))}", "patch": {"add_layers": outside}}
-                share = out_share
-            else:
-                continue  # still writing inside ablated layers: weak-scale / direction-mismatch / precision-loss below
-        # confidence: how much of what is still written comes from this group
-        of_remaining = share * total_before / total_after if total_after else 0.0
-        causes.append(Cause(cid, min(0.95, 0.25 + 0.7 * of_remaining), summary,
-                            evidence=[f"{name}: share of pre-ablation r-writing left = {share:.3f} (tolerance {WRITE_TOL}); "
-                                      f"{of_remaining:.0%} of all r still written"],
-                            numbers={"share_left": share, "share_of_remaining": of_remaining, "group": group, "component": name}, layers=layers_left,
-                            links=["#check-contribution", "#check-weights"], fix=fix))
-    # merge duplicate ids (e.g. layer-coverage from several groups)
-    merged: dict[str, Cause] = {}
-    for c in causes:
-        if c.id in merged:
-            m = merged[c.id]
-            m.confidence = min(0.97, max(m.confidence, c.confidence) + 0.05)
-            m.summary += " " + c.summary
-            m.evidence += c.evidence
-            m.layers = sorted(set(m.layers) | set(c.layers))
-            p, q = m.fix["patch"], c.fix["patch"]
-            p["add_components"] = sorted(set(p.get("add_components", [])) | set(q.get("add_components", [])))
-            p["add_layers"] = sorted(set(p.get("add_layers", [])) | set(q.get("add_layers", [])))
-            m.fix["summary"] = "; ".join(x for x in (m.fix["summary"], c.fix["summary"]) if x)
-            m.numbers["share_left"] = m.numbers.get("share_left", 0) + c.numbers.get("share_left", 0)
+            cands = _cands((f"add {group} in the ablated layers", {"add_components": [group]}),
+                           (f"add {group} where it writes r ({ranges(layers_left)})", {"add": [{"targets": [group], "layers": sorted(set(layers_left) | set(mod_layers))}]} if layers_left else None),
+                           (f"add {group} in every layer", {"add": [{"targets": [group], "layers": where}]}))
+            of_remaining = share * total_before / total_after if total_after else 0.0
+            causes.append(Cause(cid_unmodified, min(0.95, 0.25 + 0.7 * of_remaining),
+                                f"{name}: not modified, and still write {share:.0%} of the r written before ablation (layers {ranges(layers_left) or ranges(by_write[:3])}).",
+                                evidence=[f"{name}: share of pre-ablation r-writing left = {share:.3f} (tolerance {WRITE_TOL}); {of_remaining:.0%} of all r still written"],
+                                numbers={"share_left": share, "share_of_remaining": of_remaining, "group": group, "component": name},
+                                layers=layers_left, links=["#check-contribution", "#check-weights"],
+                                fix={"summary": f"add {group} to the ablated components", "patch": cands[0]["patch"], "candidates": cands}))
         else:
-            merged[c.id] = c
-    causes = list(merged.values())
+            missing = [l for l in where if l not in modified[group]]
+            if not missing:
+                continue
+            miss_after = sum(share_by_layer.get(l, 0.0) for l in missing)
+            miss_before = sum(_pos(wb[group][l]) for l in missing if l < len(wb.get(group, []))) / total_before
+            if max(miss_after, miss_before) < WRITE_TOL:
+                continue
+            coverage.append((group, name, max(miss_after, miss_before), [l for l in layers_left if l in missing], missing))
+    if coverage:
+        groups = [c[0] for c in coverage]
+        first = sorted({l for c in coverage for l in c[3]})
+        missing = sorted({l for c in coverage for l in c[4]})
+        share = sum(c[2] for c in coverage)
+        ordered = _layers_by_write(wb, groups, missing)
+        sets = _growing(first, ordered, missing)
+        new_groups = [c[0] for c in coverage if c[0] not in modified]
+        cands = _cands(*[(f"also ablate layers {ranges(s)}" + (" (every layer where the groups exist)" if s == missing else ""),
+                          {"add_layers": s, **({"add_components": new_groups} if new_groups else {})}) for s in sets])
+        of_remaining = share * total_before / total_after if total_after else 0.0
+        names = ", ".join(c[1] for c in coverage)
+        causes.append(Cause("layer-coverage", min(0.95, 0.3 + 0.7 * min(1.0, of_remaining)),
+                            f"{names}: the layers left out ({ranges(missing)}) carried {share:.0%} of the r written before ablation"
+                            + (f"; above tolerance after it in layers {ranges(first)}" if first else " (spread thinly: no single layer stands out)") + ".",
+                            evidence=[f"{c[1]}: {c[2]:.3f} of the pre-ablation r-writing in un-ablated layers {ranges(c[4])}" for c in coverage],
+                            numbers={"share_left": share, "share_of_remaining": of_remaining, "groups": groups, "component": names},
+                            layers=missing, links=["#check-contribution", "#check-weights"],
+                            fix={"summary": f"extend the ablated layers (to {ranges(sorted(set(mod_layers) | set(sets[0])))} at least)", "patch": cands[0]["patch"],
+                                 "candidates": cands}))
 
     # -- readers: experts' gate/up still see r -------------------------------------------------
     rb, ra = ev.get("residual_before") or [], ev.get("residual_after") or []
-    moe_layers = ev.get("moe_layers") or []
     reads = [l for l in moe_layers if l < len(ra) and l < len(rb) and _pos(rb[l]) > 0 and _pos(ra[l]) / _pos(rb[l]) >= 0.25]
     if "experts_gate" in present and "experts_gate" not in modified and "experts_up" not in modified:
         if reads:
             left = max(_pos(ra[l]) / _pos(rb[l]) for l in reads)
+            exp_layers = sorted(set(modified.get("experts_down", [])) & set(moe_layers)) or reads
+            cands = _cands(("add experts_gate and experts_up in the ablated layers", {"add_components": ["experts_gate", "experts_up"]}),
+                           ("add experts_gate and experts_up in every MoE layer", {"add": [{"targets": ["experts_gate", "experts_up"], "layers": moe_layers}]}))
             causes.append(Cause("expert-inputs-not-ablated", 0.25 + 0.3 * min(1.0, left),
                                 f"Routed experts' gate/up projections are unmodified and the residual stream still carries r at their input "
                                 f"in layers {ranges(reads)} (up to {left:.0%} of its pre-ablation projection).",
                                 evidence=[f"residual projection on r after/before at MoE layers {ranges(reads)}: max {left:.2f}"],
-                                numbers={"residual_left_max": left}, layers=reads, links=["#check-contribution", "#check-projection"],
-                                fix={"summary": "add experts_gate and experts_up to the ablated components", "patch": {"add_components": ["experts_gate", "experts_up"]}}))
+                                numbers={"residual_left_max": left, "layers_edited": exp_layers}, layers=reads,
+                                links=["#check-contribution", "#check-projection"],
+                                fix={"summary": "add experts_gate and experts_up to the ablated components", "patch": cands[0]["patch"], "candidates": cands}))
         else:
             not_blamed.append({"component": "routed experts' gate/up (inputs)", "reason": "left untouched, but r no longer reaches their input (residual projection below 25% of before)"})
 
-    # -- routing ------------------------------------------------------------------------------
+    # -- routed experts: some edited, others not --------------------------------------------------
+    partial = {int(l): es for l, es in (ev.get("partial_experts") or {}).items()}  # layer -> experts the ablation edited (a subset)
     rexp = ev.get("refusal_experts") or []
-    if ev.get("router_modified") and ev.get("router_ineffective"):
-        causes.append(Cause("router-ablation-ineffective", 0.45, "The router was modified but harmful prompts are routed as before.",
-                            evidence=["routing on harmful prompts before vs after: no significant change"], experts=rexp, links=["#check-routing"],
-                            fix={"summary": "ablate the refusal experts' writers (down_proj) instead of relying on the router", "patch": {"add_components": ["experts_down"]}}))
-    if len(rexp) >= 2 and ev.get("compensation"):
+    if partial:
+        pl = sorted(partial)
+        n_exp = ev.get("n_experts") or 0
+        still = [l for l in pl if l < len(wa.get("experts_down", [])) and total_before and _pos(wa["experts_down"][l]) / total_before >= WRITE_TOL / 4]
+        moved = [e for e in rexp if e[0] in partial and e[1] not in partial[e[0]]]
+        counts = ", ".join(f"{len(partial[l])}/{n_exp or '?'} at L{l}" for l in pl[:6])
+        cands = _cands((f"ablate every routed expert of layers {ranges(pl)}", {"all_experts": pl}),
+                       ("ablate every routed expert of every MoE layer", {"all_experts": pl, "add": [{"targets": ["experts_down"], "layers": moe_layers}]}))
+        causes.append(Cause("redundant-refusal-experts", 0.6 + 0.2 * bool(still) + 0.1 * bool(moved),
+                            f"Only some routed experts were ablated in layers {ranges(pl)} ({counts}); "
+                            "the others still write r and the router can pick them.",
+                            evidence=[f"experts edited per layer: {dict((l, partial[l][:8]) for l in pl[:8])}"]
+                            + ([f"routed experts still write r in layers {ranges(still)}"] if still else [])
+                            + ([f"refusal-associated experts left unedited (layer, expert): {moved[:12]}"] if moved else []),
+                            experts=[[l, e] for l in pl for e in partial[l]][:200], layers=pl, links=["#check-weights", "#check-routing"],
+                            fix={"summary": f"ablate every routed expert of layers {ranges(pl)}, not a subset", "patch": cands[0]["patch"], "candidates": cands}))
+    elif len(rexp) >= 2 and ev.get("compensation"):
+        cands = _cands(("ablate every routed expert's down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": moe_layers}]}))
         causes.append(Cause("redundant-refusal-experts", 0.55, f"{len(rexp)} experts are significantly more often chosen for harmful prompts, and after ablation routing moves to other such experts.",
                             evidence=[f"refusal-associated experts (layer, expert): {rexp[:12]}"], experts=rexp, links=["#check-routing"],
-                            fix={"summary": "ablate every routed expert's down_proj in the MoE layers, not a subset", "patch": {"add_components": ["experts_down"], "add_layers": moe_layers}}))
+                            fix={"summary": "ablate every routed expert's down_proj in the MoE layers, not a subset", "patch": cands[0]["patch"], "candidates": cands}))
+    if ev.get("router_modified") and ev.get("router_ineffective"):
+        cands = _cands(("ablate the routed experts' down_proj in the ablated layers", {"add_components": ["experts_down"]}),
+                       ("ablate the routed experts' down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": moe_layers}]}))
+        causes.append(Cause("router-ablation-ineffective", 0.45, "The router was modified but harmful prompts are routed as before.",
+                            evidence=["routing on harmful prompts before vs after: no significant change"], experts=rexp, links=["#check-routing"],
+                            fix={"summary": "ablate the refusal experts' writers (down_proj) instead of relying on the router", "patch": cands[0]["patch"], "candidates": cands}))
 
     # -- how the edit itself was made ----------------------------------------------------------
     cos, ablated_index = ev.get("direction_cos_good"), ev.get("ablated_index")
@@ -178,16 +262,15 @@ def diagnose(ev: dict) -> dict:
     inner = ablated_index is not None and q and 0 < ablated_index < max(q)  # the embeddings and the final normed output are never good indices
     separable = inner and q_abl is not None and q_good and q_abl >= 0.8 * q_good
     q_ratio = q_abl / q_good if q_abl is not None and q_good else None
-    # a mismatch: the directions differ clearly (|cos| < 0.9), or they differ somewhat (< 0.99) and the
-    # index used separates harmful from harmless clearly worse than the best one (< 0.8x its quality)
     mismatch = cos is not None and good is not None and ablated_index != good and (
         abs(cos) < 0.9 or (abs(cos) < 0.99 and (not inner or (q_ratio is not None and q_ratio < 0.8))))
-    bypass = ev.get("bypass") or {}  # index -> refusal with every writer ablated using that index's direction
+    bypass = ev.get("bypass") or {}  # index -> refusal with every writer ablated using that index's direction (generation-confirmed where it could)
     tgt = ev.get("refusal_target", 0.1)
+    working = sorted([i for i, v in bypass.items() if v is not None and v <= tgt], key=lambda i: ((ev.get("bypass_kl") or {}).get(i, 0.0), i))
     if ablated_index in bypass and good in bypass:  # the counterfactual test decides, not the heuristics
-        works_abl = bypass[ablated_index] <= tgt
+        works_abl = bypass[ablated_index] is not None and bypass[ablated_index] <= tgt
         separable = works_abl
-        mismatch = ablated_index != good and not works_abl and bypass[good] < bypass[ablated_index] - 0.2
+        mismatch = ablated_index != good and not works_abl and bypass[good] is not None and bypass[good] < bypass[ablated_index] - 0.2
         if works_abl and ablated_index != good:
             not_blamed.append({"component": f"the direction (measured at index {ablated_index})",
                                "reason": f"ablating every residual writer with it removes refusal ({bypass[ablated_index]:.0%} left)"})
@@ -198,83 +281,139 @@ def diagnose(ev: dict) -> dict:
     elif mismatch and not separable:
         proven = ablated_index in bypass and good in bypass
         conf = 0.85 if proven else min(0.95, 0.4 + (1.0 - abs(cos)) + 0.3 * (1.0 - (q_ratio or 0.0)))
+        others = [i for i in working if i != good]
+        cands = _cands(*[(f"measure at index {i}", {"measurement": i}) for i in [good] + others])
         causes.append(Cause("direction-mismatch", conf, f"The direction removed has cosine {abs(cos):.2f} to the refusal direction measured at index {good}"
                             + (f" (it matches index {ablated_index})." if ablated_index is not None else "."),
                             evidence=[f"|cos(ablated direction, direction at index {good})| = {abs(cos):.3f}"]
                             + ([f"signal quality at index {ablated_index}: {q_abl:.3g}, at index {good}: {q_good:.3g}"] if q_abl is not None and q_good else [])
                             + ([f"bypass test (every writer ablated with the index's direction): refusal {bypass[ablated_index]:.0%} at index "
-                                f"{ablated_index}, {bypass[good]:.0%} at index {good}"] if ablated_index in bypass and good in bypass else []),
+                                f"{ablated_index}, {bypass[good]:.0%} at index {good}"] if proven else []),
                             numbers={"cosine": cos, "good_index": good, "ablated_index": ablated_index, "quality_ratio": q_ratio},
-                            links=["#check-recovery", "#check-signal"], fix={"summary": f"measure at index {good}: set measurement: {good} in every entry", "patch": {"measurement": good}}))
+                            links=["#check-recovery", "#check-signal"],
+                            fix={"summary": f"measure at index {good}: set measurement: {good} in every entry", "patch": cands[0]["patch"], "candidates": cands}))
+
+    scales = ev.get("reached_scales") or {}  # layer -> [scales that reached the weights there]
+    weak_layers = sorted(l for l, ss in scales.items() if any(s < WEAK for s in ss))
+    over_layers = sorted(l for l, ss in scales.items() if any(s > OVER for s in ss))
+    if over_layers:
+        top = max(s for l in over_layers for s in scales[l])
+        cands = _cands(("lower the scale to 1.0", {"scale": 1.0}))
+        causes.append(Cause("scale-overshoot", 0.75, f"The edits in layers {ranges(over_layers)} overshoot: scale up to {top:.2f} flips r instead of removing it.",
+                            evidence=[f"effective scale along the ablated direction (1 removes r, 2 reflects it): up to {top:.2f} in layers {ranges(over_layers)}"],
+                            numbers={"max_scale": top}, layers=over_layers, links=["#check-projection", "#check-recovery"],
+                            fix={"summary": "lower the scale to 1.0 (a scale above 1 overshoots: it does not remove more refusal, it flips r)",
+                                 "patch": cands[0]["patch"], "candidates": cands}))
     for f in ev.get("findings") or []:
         code = f.get("code")
-        if code == "weak-scale":
-            causes.append(Cause("weak-scale", 0.6, f.get("message", "projection reduced but not removed"), evidence=[f.get("message", "")], numbers={"value": f.get("value")},
-                                layers=f.get("layers", []), links=["#check-projection"], fix={"summary": "use scale: 1.0 and sparsity: 0.0", "patch": {"scale": 1.0, "sparsity": 0.0}}))
-        elif code == "precision-loss":
+        if code == "precision-loss":
             causes.append(Cause("precision-loss", 0.35, f.get("message", "residue left by rounding"), evidence=[f.get("message", "")], layers=f.get("layers", []),
-                                links=["#check-projection"], fix={"summary": "store the ablated weights in float32 (or apply the edit in float32 and keep the residue below tolerance)", "patch": {"dtype": "float32"}}))
-        elif code in ("intended-untouched", "no-change"):
-            intended = ev.get("intended") or {}
+                                links=["#check-projection"], fix={"summary": "store the ablated weights in float32 (or apply the edit in float32 and keep the residue below tolerance)",
+                                                                  "patch": {"dtype": "float32"}, "candidates": []}))
+        elif code == "weak-scale" and weak_layers and not partial:
+            low = min(s for l in weak_layers for s in scales[l])
+            cands = _cands(("use scale 1.0", {"scale": 1.0}), ("use scale 1.0 and sparsity 0", {"scale": 1.0, "sparsity": 0.0}))
+            causes.append(Cause("weak-scale", 0.6, f"The edits in layers {ranges(weak_layers)} reduce r but do not remove it (scale as low as {low:.2f}).",
+                                evidence=[f.get("message", ""), f"effective scale that reached the weights: as low as {low:.2f} in layers {ranges(weak_layers)}"],
+                                numbers={"value": f.get("value"), "min_scale": low}, layers=weak_layers, links=["#check-projection"],
+                                fix={"summary": "use scale: 1.0 and sparsity: 0.0", "patch": cands[0]["patch"], "candidates": cands}))
+        elif code in ("intended-untouched", "no-change") and (stated or code == "no-change"):
+            intended = ev.get("intended") or {} if stated else {}
             missing = {t: sorted(set(ls) - set(modified.get(t, []))) for t, ls in intended.items()}
             missing = {t: ls for t, ls in missing.items() if ls and t in present}
+            if code == "no-change" and not missing:  # nothing changed and nothing stated: a complete ablation is the fix
+                writers = [t for t in WRITER_GROUPS if t in present]
+                missing = {t: sorted(present[t]) for t in writers}
+            if not missing:
+                continue
+            add = [{"targets": [t], "layers": ls} for t, ls in sorted(missing.items())]
+            cands = _cands(("edit the intended tensors that were left untouched", {"add": add, **({"measurement": ev["ablated_index"]} if ev.get("ablated_index") is not None else {"measurement": good} if good is not None else {})}))
             causes.append(Cause("keys-not-matched", 0.9, f.get("message", "intended tensors untouched"), evidence=[f.get("message", "")],
                                 layers=sorted({l for ls in missing.values() for l in ls}) or f.get("layers", []), numbers={"untouched": missing},
                                 links=["#check-weights"],
                                 fix={"summary": "re-run the ablation with `audit ablate`, which matches keys by parsed layer index for every layout "
                                                 f"(fused experts included); untouched: {', '.join(sorted(missing)) or 'see the weights check'}",
-                                     "patch": {"add_components": sorted(missing), "add_layers": sorted({l for ls in missing.values() for l in ls}),
-                                               **({"measurement": ev["ablated_index"]} if ev.get("ablated_index") is not None else {})}}))
-        elif code == "unintended-modified":
+                                     "patch": cands[0]["patch"], "candidates": cands}))
+        elif code == "unintended-modified" and stated:
+            ev_ = f.get("evidence") or {}
+            cands = _cands(("leave the unintended tensors as they were", {"drop": [{"targets": ev_.get("targets") or [], "layers": f.get("layers", [])}]}))
             causes.append(Cause("unintended-modification", 0.8, f.get("message", "tensors changed outside the intent"), evidence=[f.get("message", "")], layers=f.get("layers", []),
                                 links=["#check-weights"], explains_refusal=False,
-                                fix={"summary": "match layers by parsed index (an entry for layer 1 must not match layers 10-19); re-ablate with `audit ablate`", "patch": {}}))
+                                fix={"summary": "match layers by parsed index (an entry for layer 1 must not match layers 10-19); re-ablate with `audit ablate`",
+                                     "patch": cands[0]["patch"], "candidates": cands}))
+    if not stated:  # no intent was given: only a name-pattern signature can call a change unintended
+        coll = prefix_collisions(mod_layers, n_layers)
+        if coll:
+            hit = sorted({l for ls in coll.values() for l in ls})
+            targets = sorted({t for t, ls in modified.items() if set(ls) & set(hit)})
+            cands = _cands(("leave the collided layers as they were", {"drop": [{"targets": targets, "layers": hit}]}))
+            causes.append(Cause("unintended-modification", 0.6,
+                                f"Layers {ranges(hit)} changed exactly as a string-prefix match would have changed them: "
+                                + "; ".join(f"'layers.{n}' is a prefix of 'layers.{ls[0]}'..'layers.{ls[-1]}'" for n, ls in coll.items())
+                                + ", while the layers between were left alone (a key.startswith match, not a band).",
+                                evidence=[f"changed layers {ranges(mod_layers)}; the entry for layer {n} also matches {ranges(ls)}" for n, ls in coll.items()],
+                                layers=hit, links=["#check-weights"], explains_refusal=False,
+                                fix={"summary": "match layers by parsed index (`audit ablate` does); the collided layers were not meant",
+                                     "patch": cands[0]["patch"], "candidates": cands}))
+
     bkl = ev.get("bypass_kl") or {}
     if ev.get("damaged"):
+        cands = []
+        if over_layers:
+            cands += _cands(("lower the scale to 1.0", {"scale": 1.0}))
         if ablated_index in bkl and good in bkl and ablated_index != good and bkl[good] < 0.5 * bkl[ablated_index]:
-            fix = {"summary": f"the direction at index {ablated_index} removes refusal but damages the model (simulated KL {bkl[ablated_index]:.2g} nats "
-                              f"vs {bkl[good]:.2g} at index {good}): measure at index {good}", "patch": {"measurement": good}}
+            cands += _cands((f"measure at index {good} (less damage)", {"measurement": good}))
         elif mismatch and not separable:
-            fix = {"summary": f"the direction removed is not the refusal direction (|cos| {abs(cos):.2f} to index {good}): measure at index {good}",
-                   "patch": {"measurement": good}}
+            cands += _cands((f"measure at index {good}", {"measurement": good}))
+        if over_layers:
+            fix = {"summary": "lower the scale to 1.0: above 1 the edit flips r and breaks the model"}
+        elif cands:
+            fix = {"summary": f"the direction at index {ablated_index} removes refusal but damages the model: measure at index {good}"}
         else:
-            fix = {"summary": "ablate fewer components or use norm-preserving orthogonalization (method: norm_preserving); check biprojection",
-                   "patch": {"method": "norm_preserving"}}
-        causes.append(Cause("model-damaged", 0.9, ev["damaged"], evidence=[ev["damaged"]], links=["#check-damage"], explains_refusal=False, fix=fix))
+            fix = {"summary": "ablate fewer components or use norm-preserving orthogonalization (method: norm_preserving); check biprojection"}
+            cands = [{"label": "norm-preserving orthogonalization (not simulable: no hook reproduces it)", "patch": {"method": "norm_preserving"}}]
+        fix.update(patch=cands[0]["patch"], candidates=cands)
+        causes.append(Cause("model-damaged", 0.95 if ev.get("degenerate_share", 0) >= 0.2 or ev.get("nonfinite") else 0.9, ev["damaged"],
+                            evidence=[ev["damaged"]], links=["#check-damage"], explains_refusal=False, fix=fix))
 
     dedup: dict[str, Cause] = {}
     for c in causes:  # one card per id; keep the most confident
         if c.id not in dedup or c.confidence > dedup[c.id].confidence:
             dedup[c.id] = c
-    ranked = sorted(dedup.values(), key=lambda c: -c.confidence)
+    ranked = sorted(dedup.values(), key=lambda c: (not (c.id == "model-damaged" and ev.get("damage_first")), -c.confidence))
     return {"causes": ranked, "not_blamed": not_blamed}
 
 
-def rank_by_simulation(causes: list[Cause], refusal_target: float = 0.10) -> list[Cause]:
-    """Reorder by what each simulated fix would achieve: lowest simulated refusal first, damage as tie-break.
+def rank_by_simulation(causes: list[Cause], refusal_target: float = 0.10, damage_first: bool = False) -> list[Cause]:
+    """Reorder by what each simulated fix achieves: fixes that reach the target first (confident evidence, then least damage).
 
-    A cause whose simulated fix leaves refusal where it is (within 0.05 of the current rate) is
-    demoted below the others and says so. Causes without a simulation keep their evidence order after.
+    A cause whose search ended without reaching the target is demoted below the others and says so ("its largest
+    candidate ..."); a single simulated fix that leaves refusal where it was is demoted the same way. With
+    ``damage_first`` (degenerate outputs, NaN), ``model-damaged`` stays on top whatever the rest does.
     """
     for c in causes:
         sim = c.simulated
         if not c.explains_refusal or not sim or sim.get("refusal_rate") is None or sim.get("baseline") is None:
             continue
-        if sim["baseline"] - sim["refusal_rate"] < 0.05:
-            c.demoted = True
-            c.demoted_reason = f"simulating its fix leaves refusal at {sim['refusal_rate']:.0%} (now {sim['baseline']:.0%}): it does not remove refusal"
-            c.confidence = min(c.confidence, 0.2)
-        elif sim["refusal_rate"] <= refusal_target:
+        if sim["refusal_rate"] <= refusal_target:
             c.confidence = max(c.confidence, 0.9)
+        elif c.search or sim["baseline"] - sim["refusal_rate"] < 0.05:
+            c.demoted = True
+            tried = f"its largest candidate ({c.search[-1]['label']})" if c.search else "its fix"
+            c.demoted_reason = (f"simulating {tried} leaves refusal at {sim['refusal_rate']:.0%} (now {sim['baseline']:.0%}): "
+                                "it does not remove refusal")
+            c.confidence = min(c.confidence, 0.2)
 
     def key(c: Cause):
-        # tiers: fixes proven to reach the target (most confident evidence first, then least damage),
-        # fixes that help but do not reach it (lowest refusal first), causes not simulated, demoted ones
+        # tiers: damage first when outputs broke; fixes proven to reach the target (most confident evidence first, then
+        # least damage); soundness causes and causes not simulated; demoted ones (lowest simulated refusal first)
         sim = c.simulated or {}
         r = sim.get("refusal_rate")
+        if damage_first and c.id == "model-damaged":
+            return (-1, 0.0, -c.confidence, 0.0)
         if c.demoted:
-            return (3, 0.0, -c.confidence, 0.0)
-        if r is None:
+            return (3, r if r is not None else 1.0, -c.confidence, 0.0)
+        if r is None or not c.explains_refusal:
             return (2, 0.0, -c.confidence, 0.0)
         if r <= refusal_target:
             return (0, 0.0, -c.confidence, sim.get("kl") or 0.0)
