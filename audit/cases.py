@@ -403,3 +403,25 @@ def _write_llm_abliteration(out: Path, base: Path, dirs, layers, measurement: in
 
 def case_names(organism: str | None = None) -> list[str]:
     return [n for n, s in SPECS.items() if organism is None or s.organism == organism]
+
+
+# -- auditing a case ---------------------------------------------------------------------------------------------------
+
+AUDIT_LIMIT = 24  # prompts per set: the matrix test's budget (about 4-8 s per case on one CPU thread)
+AUDIT_MAX_NEW_TOKENS = 20  # the organisms' refusal and answers are 10-15 tokens
+
+
+def audit_case(name: str, **overrides) -> tuple[dict, float]:
+    """`audit run` on case ``name`` as a user would call it (base, and the foreign tool's YAML and measurement file
+    where it left them), with the matrix's small budgets; returns (results, seconds). Nothing is written."""
+    import time
+
+    from audit.run import RunOptions, run_audit
+
+    case = build_case(name)
+    opts = dict(model_dir=str(case.ablated_dir), base=str(case.base_dir), config=str(case.config_path) if case.config_path else None,
+                directions=str(case.directions_path) if case.directions_path else None, limit=AUDIT_LIMIT,
+                max_new_tokens=AUDIT_MAX_NEW_TOKENS, quiet=True)
+    t0 = time.perf_counter()
+    res = run_audit(RunOptions(**{**opts, **overrides}), write=False)
+    return res, time.perf_counter() - t0

@@ -11,7 +11,8 @@ case is the set of causes whose fix passes; a cause is ruled out when its fix wa
 failed, or when its precondition is false. Nothing here is assumed from how a case was made.
 
 Writes tests/data/diagnosis_truth.json (per case: truth, ruled out, every number; provenance).
-Run: ``AUDIT_THREADS=1 python benchmarks/diagnosis_matrix.py [--cases a,b] [--out PATH]``; builds are cached
+Run: ``AUDIT_THREADS=1 python benchmarks/diagnosis_matrix.py [--cases a,b] [--out PATH]``; ``--audit`` instead runs
+`audit run` on each case and prints the table of its top causes against the truth. Builds are cached
 in $AUDIT_CACHE/cases (the fixed models under cases/fixes, keyed by what they are).
 """
 
@@ -283,14 +284,39 @@ def run_case(name: str, ev: Evaluator, info: dict, best: int) -> dict:
             "build_seconds": round(build_s, 1)}
 
 
+def audit_table(names: list[str], truth_path: Path) -> str:
+    """`audit run` on each case (the matrix test's budgets) against the recorded truth, as a Markdown table."""
+    truth = json.loads(truth_path.read_text())["cases"]
+    lines = ["| case | truth | measured refusal / correct | verdict | top cause (simulated refusal) | top ok | live but ruled out | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        t = truth[n]
+        res, sec = C.audit_case(n)
+        causes = res["causes"]
+        top = causes[0] if causes else None
+        sim = (top or {}).get("simulated") or {}
+        top_s = f"{top['id']} ({sim['refusal_rate']:.0%})" if top and sim.get("refusal_rate") is not None else (top["id"] if top else "-")
+        ok = (res["verdict"] == "pass") if t["expected_verdict"] == "pass" else bool(top and top["id"] in t["truth"] and res["verdict"] == "fail")
+        wrong = [c["id"] for c in causes if not c.get("demoted") and c["id"] in t["ruled_out"]]
+        m = t["measured"]
+        lines.append(f"| {n} | {', '.join(t['truth']) or '(passes)'} | {m['refusal']:.0%} / {m['correct']:.0%} | {res['verdict']} | {top_s} | "
+                     f"{'yes' if ok else 'NO'} | {', '.join(wrong) or '-'} | {sec:.1f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "diagnosis_truth.json"))
+    ap.add_argument("--audit", action="store_true", help="do not measure: run `audit run` on each case and print a table against the truth")
     args = ap.parse_args(argv)
     O._torch_threads()
     names = args.cases.split(",") if args.cases else list(C.SPECS)
     out_path = Path(args.out)
+    if args.audit:
+        print(audit_table(names, out_path))
+        return 0
     doc = json.loads(out_path.read_text()) if out_path.exists() else {"cases": {}, "organisms": {}}
     for org in dict.fromkeys(C.SPECS[n].organism for n in names):
         t0 = time.time()
@@ -310,8 +336,9 @@ def main(argv=None) -> int:
             print(f"[{n}] case {c['measured']} truth {c['truth']} ruled out {sorted(c['ruled_out'])}", file=sys.stderr, flush=True)
         print(f"[{org}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    doc["provenance"] = {"script": "benchmarks/diagnosis_matrix.py", "commit": commit, "dirty": bool(subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True).stdout.strip()),
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    changed = [ln[3:] for ln in changed.splitlines() if ln.strip() and not out_path.resolve().as_posix().endswith(ln[3:].strip())]
+    doc["provenance"] = {"script": "benchmarks/diagnosis_matrix.py", "commit": commit, "uncommitted_changes": changed,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cases_version": C.CASES_VERSION,
         "organism_recipe_version": O.RECIPE_VERSION, "torch": torch.__version__,
         "criteria": {"max_refusal": MAX_REFUSAL, "max_correct_drop": MAX_CORRECT_DROP, "damaged_kl": MAX_KL}}
