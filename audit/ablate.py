@@ -6,6 +6,10 @@ at their original offsets. Shards without edits are copied whole. Each edited te
 edited in place in float32 chunks along a non-residual axis (memory: the tensor plus one chunk),
 and cast back once. Output goes to a temporary folder renamed into place; BASE is never written.
 OUT gets ``ablation-manifest.json`` (intent and result per tensor) and ``directions.safetensors``.
+A quantized base (block-scaled FP8, MXFP4; audit/logical.py) is edited on its dequantized values and written
+either plain in ``output_dtype`` (bfloat16 by default: every shard rewritten, scales dropped, config.json
+without quantization_config) or, with ``keep_quantization``, in its own format with recomputed scales
+(headers kept, as above); audit/quantize.py does both.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 from audit import __version__
 from audit.ablation_config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
 from audit.measure import Directions
-from audit.model_dir import DTYPES, ModelDir, OutputDir, copy_side_files, write_index
+from audit.model_dir import DTYPES, ModelDir, copy_side_files, write_index
+from audit.outputs import OutputDir
 from audit.reader import pread_into
 from checks.errors import AuditError
 from checks.linalg import along, project_out_norm_preserving
@@ -157,8 +162,10 @@ def _read_tensor(fd: int, info, buf: dict) -> torch.Tensor:
     return raw.view(dtype).reshape(info.shape)
 
 
-def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, PlannedEdit], results: dict, bar) -> None:
-    """Write ``dst`` = ``shard`` with the edited tensors replaced at their offsets; header kept as is."""
+def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict, results: dict, bar) -> None:
+    """Write ``dst`` = ``shard`` with the edited tensors replaced at their offsets; header kept as is.
+
+    ``edits``: stored tensor name -> PlannedEdit, or audit.quantize.QuantEdit for a part of a quantized weight."""
     src = md.path / shard
     infos = sorted((i for i in md.tensors.values() if i.shard == shard), key=lambda i: i.begin)
     size = src.stat().st_size
@@ -173,14 +180,18 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, Planned
             _copy_range(src_fd, dst_fd, pos, info.begin - pos)
             bar.update(info.begin - pos)
             t0 = time.perf_counter()
-            t = _read_tensor(src_fd, info, buf)  # our own buffer (not a file mapping), edited in place
-            before, after = edit_inplace(t, edit)
-            data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+            if isinstance(edit, PlannedEdit):
+                t = _read_tensor(src_fd, info, buf)  # our own buffer (not a file mapping), edited in place
+                before, after = edit_inplace(t, edit)
+                data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+                results[info.name] = (before, after, time.perf_counter() - t0)
+                del t
+            else:  # a stored part of a quantized weight, re-quantized (audit/quantize.py)
+                data = edit.part_bytes(info.name)
             if data.nbytes != info.nbytes:
                 raise AuditError(f"{info.name}: edited tensor has {data.nbytes} bytes, the file slot {info.nbytes}")
             _pwrite_all(dst_fd, data, info.begin)
-            results[info.name] = (before, after, time.perf_counter() - t0)
-            del t, data
+            del data
             pos = info.end
             bar.update(info.nbytes)
         _copy_range(src_fd, dst_fd, pos, size - pos)
@@ -191,13 +202,27 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict[str, Planned
 
 
 def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
-           force: bool = False, progress: bool | None = None) -> dict:
-    """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written."""
+           force: bool = False, progress: bool | None = None, output_dtype: str | None = None, keep_quantization: bool = False,
+           inputs: tuple = ()) -> dict:
+    """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written.
+
+    A quantized base is written plain in ``output_dtype`` (default bfloat16), or in its own format with ``keep_quantization``.
+    ``inputs``: other files the run reads (the directions file), which ``out`` must stay clear of too.
+    """
     from tqdm import tqdm
+
+    from audit import quantize
+    from audit.logical import quant_spec
 
     t_start = time.perf_counter()
     md = ModelDir(base)
     layout = md.layout
+    spec = quant_spec(md.config, md.path)
+    if spec is None and (output_dtype is not None or keep_quantization):
+        raise AuditError(f"{md.path}: is not quantized; --output-dtype and --keep-quantization apply to FP8 / MXFP4 bases only")
+    if keep_quantization and output_dtype is not None:
+        raise AuditError("--keep-quantization keeps the base's format; --output-dtype stores it plain: pass one of them")
+    dequantize = spec is not None and not keep_quantization
     if directions is None:
         if not config.measurements:
             raise AuditError(f"{config.source}: no directions: set 'measurements:' in the config or pass --directions (made by `audit measure`)")
@@ -210,43 +235,59 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
         if e.key in by_key:
             raise AuditError(f"{config.source}: {e.key} would be edited twice; one entry per layer")
         by_key[e.key] = e
-        tag = md.tensors[e.key].dtype
-        if tag not in EDITABLE_DTYPES:
-            raise AuditError(f"{md.path}: {e.key} is stored as {tag}; ablation needs float weights -- dequantize the model first")
+        lt = md.logical[e.key]
+        if not lt.quantized and lt.dtype not in EDITABLE_DTYPES:
+            raise AuditError(f"{md.path}: {e.key} is stored as {lt.dtype}; ablation needs float weights -- dequantize the model first")
     t_plan = time.perf_counter() - t_start
 
-    touched = sorted({md.tensors[k].shard for k in by_key})
     results: dict[str, tuple[float, float, float]] = {}
+    stored: dict = {}  # stored tensor name -> its edit (a quantized weight's parts share one QuantEdit)
+    for k, e in by_key.items():
+        lt = md.logical[k]
+        if lt.quantized:
+            qe = quantize.QuantEdit(md, lt, e, results)
+            stored.update({p.name: qe for p in lt.parts})
+        else:
+            stored[k] = e
+    touched = list(md.shards) if dequantize else sorted({p.shard for k in by_key for p in md.logical[k].parts})
     total = sum((md.path / s).stat().st_size for s in md.shards)
-    with OutputDir(out, inputs=[md.path], force=force) as od:
+    cfg_file = Path(config.source) if config.source and Path(config.source).is_file() else None
+    with OutputDir(out, inputs=[md.path, cfg_file, resolve_measurements(config), *inputs], force=force, kind="ablated model") as od:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="ablate", disable=None if progress is None else not progress)
         t0 = time.perf_counter()
-        for shard in md.shards:
-            if shard in touched:
-                _rewrite_shard(md, shard, od.tmp / shard, by_key, results, bar)
-            else:
-                shutil.copyfile(md.path / shard, od.tmp / shard)
-                bar.update((md.path / shard).stat().st_size)
+        if dequantize:
+            weight_map, nbytes = quantize.write_dequantized(md, od.tmp, by_key, quantize.OUTPUT_DTYPES[output_dtype or "bfloat16"], results, bar)
+        else:
+            weight_map, nbytes = {n: i.shard for n, i in md.tensors.items()}, md.nbytes
+            for shard in md.shards:
+                if shard in touched:
+                    _rewrite_shard(md, shard, od.tmp / shard, stored, results, bar)
+                else:
+                    shutil.copyfile(md.path / shard, od.tmp / shard)
+                    bar.update((md.path / shard).stat().st_size)
         bar.close()
         t_write = time.perf_counter() - t0
         copy_side_files(md.path, od.tmp)
         for stale in (MANIFEST_NAME,):
             (od.tmp / stale).unlink(missing_ok=True)
-        write_index(od.tmp, {n: i.shard for n, i in md.tensors.items()}, md.nbytes)
+        if dequantize:
+            (od.tmp / "config.json").write_text(json.dumps(quantize.dequantized_config(md.config, output_dtype or "bfloat16"), indent=2))
+        write_index(od.tmp, weight_map, nbytes)
         directions.save(od.tmp / DIRECTIONS_NAME)
         manifest = {
             "tool": TOOL,
             "version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "base": {"path": str(md.path.resolve()), "bytes": md.nbytes, "family": layout.family},
+            "base": {"path": str(md.path.resolve()), "bytes": md.nbytes, "family": layout.family, "identity": md.identity()},
             "config": config.to_dict(),
             "config_source": config.source,
             "directions_file": DIRECTIONS_NAME,
             "unmatched_components": unmatched_targets(config, edits),
             "shards": {"rewritten": touched, "copied": [s for s in md.shards if s not in touched]},
+            "quantization": None if spec is None else {"base": spec.to_dict(), "output": "kept" if keep_quantization else output_dtype or "bfloat16"},
             "modified": [
                 {**{k: v for k, v in e.to_dict().items() if k not in ("resid_axis",)},
-                 "dtype": md.tensors[e.key].dtype,
+                 "dtype": md.logical[e.key].dtype,
                  "along_before": results[e.key][0], "along_after": results[e.key][1]}
                 for e in edits
             ],

@@ -107,7 +107,7 @@ class AblationConfig:
         for k in ("model", "measurements", "output"):
             if d.get(k) is not None and not isinstance(d[k], (str, os.PathLike)):
                 raise AuditError(f"{source}: {k} must be a path string, got {d[k]!r}")
-        return cls(entries, comps, method, router_mode, bip, _number(d.get("scale", 1.0), f"{source}: scale"),
+        return cls(entries, comps, method, router_mode, bip, _scale(d.get("scale", 1.0), f"{source}: scale"),
                    _opt_str(d.get("model")), _opt_str(d.get("measurements")), _opt_str(d.get("output")), source)
 
     def to_dict(self) -> dict:
@@ -133,6 +133,15 @@ def _number(v, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise AuditError(f"{where}: must be a finite number, got {v!r}")
     return float(v)
+
+
+def _scale(v, where: str) -> float:
+    """A scale in [0, inf): W - s r r^T W with s < 0 *adds* r (s = -1 doubles it), the opposite of an ablation."""
+    s = _number(v, where)
+    if s < 0:
+        raise AuditError(f"{where}: {s:g} is negative; a negative scale adds the refusal direction instead of removing it "
+                         f"(-1 doubles it). Use a scale between 0 and 1 (1 removes r; above 1 overshoots and reflects it)")
+    return s
 
 
 def _int(v, where: str) -> int:
@@ -181,7 +190,7 @@ def _entries(item, where: str) -> list[Entry]:
     if "layer" not in item:
         raise AuditError(f"{where}: needs a 'layer'")
     layers = _layers(item["layer"], where)
-    scale = _number(item.get("scale", 1.0), f"{where}: scale")
+    scale = _scale(item.get("scale", 1.0), f"{where}: scale")
     sparsity = _number(item.get("sparsity", 0.0), f"{where}: sparsity")
     if not 0.0 <= sparsity <= 1.0:
         raise AuditError(f"{where}: sparsity {sparsity} must lie in [0, 1] (the fraction of direction components kept; 0 = all)")
@@ -326,8 +335,9 @@ def plan(config: AblationConfig, layout: Layout, directions=None) -> list[Planne
             role = layout.roles[key]
             if role.quantized and set(_quantized_targets(role)) & comps:
                 raise AuditError(
-                    f"{config.source}: layer {e.layer}: {key} is a quantized weight (blocks/scales); ablation needs float weights -- "
-                    "dequantize the model first (e.g. load and save it in bfloat16)"
+                    f"{config.source}: layer {e.layer}: {key} is part of a quantized weight (blocks/scales) this layout does not read as float; "
+                    "a model directory with block-scaled FP8 or MXFP4 and its quantization_config is edited on its dequantized values -- "
+                    "for another format, dequantize the model first (load it with transformers, save_pretrained in bfloat16)"
                 )
             hit = tuple(t for t in targets_of(role) if t in comps)
             if not hit:

@@ -2,7 +2,9 @@
 
 Each row needs a ``completion`` (or ``response``) column; ``prompt`` and ``finish_reason`` are used
 when present. Output rows are the input fields plus ``refused`` (true / false / null), ``reason``,
-``judge_label`` (refusal / compliance / unknown) and ``judge_score`` (refusal confidence).
+``judge_label`` (refusal / compliance / unknown), ``judge_score`` (refusal confidence), ``judge``
+(which judge: ``--judge``, audit/judges.py) and ``judge_language``. ``--about`` prints the judge,
+its data card and its measured accuracy instead.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from audit.judges import Judge, make_judge
 from checks.errors import AuditError
-from checks.refusal import judge
 
 TEXT_COLUMNS = ("completion", "response")
 
@@ -59,31 +61,65 @@ def text_column(rows: list[dict], path) -> str:
     raise AuditError(f"{path}: no usable column; need 'completion' or 'response' (found: {', '.join(sorted(map(str, cols))) or 'none'})")
 
 
-def classify_rows(rows: list[dict], col: str) -> list[dict]:
-    out = []
-    for r in rows:
-        text = r.get(col)
-        prompt = r.get("prompt")
-        j = judge(text if isinstance(text, str) else (None if text is None else str(text)),
-                  prompt if isinstance(prompt, str) else None, truncated=r.get("finish_reason") == "length")
-        out.append({**r, "refused": j.refused, "reason": j.reason, "judge_label": j.label, "judge_score": round(j.score, 3)})
-    return out
+def classify_rows(rows: list[dict], col: str, judge: Judge | None = None) -> list[dict]:
+    judge = judge or make_judge()
+    texts = [r.get(col) for r in rows]
+    texts = [t if isinstance(t, str) else (None if t is None else str(t)) for t in texts]
+    prompts = [r.get("prompt") if isinstance(r.get("prompt"), str) else None for r in rows]
+    js = judge.many(texts, prompts, [r.get("finish_reason") == "length" for r in rows])
+    return [{**r, "refused": j.refused, "reason": j.reason, "judge_label": j.label, "judge_score": round(j.score, 3),
+             "judge": j.judge, "judge_language": j.language} for r, j in zip(rows, js)]
 
 
-def classify_file(path: str | Path, out: str | Path | None = None) -> dict:
-    """Judge every row of ``path``; write JSONL to ``out`` (stdout when None). Returns counts."""
+def is_classify_output(path: Path) -> bool:
+    """Whether ``path`` is JSONL written by `audit classify` (every row carries judge_label): --force may replace it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        return "judge_label" in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def about(judge: Judge) -> str:
+    """What ``audit classify --about`` prints: the judge, its sources and its accuracy on the frozen held-out split."""
+    a = judge.about()
+    lines = [f"judge: {a['judge']}", f"  {a.get('description') or ''}"]
+    test = a.get("frozen_test") or {}
+    if test:
+        lines.append(f"  held-out accuracy (frozen split, {test.get('rows')} human-labelled completions of {test.get('prompts')} prompts "
+                     f"never trained on, {test.get('source')}):")
+        for key, label in (("judge", "this judge"), ("rules_only", "rules alone"), ("marker_baseline", "refusal-string match")):
+            m = test.get(key) or {}
+            if m:
+                lines.append(f"    {label:<21} accuracy {m['accuracy']:.3f}  recall {m['recall']:.3f}  precision {m['precision']:.3f}  "
+                             f"unknown {m['unknown']}")
+        if test.get("seconds_per_completion"):
+            lines.append(f"  speed when measured: {1 / test['seconds_per_completion']:.0f} completions/s on one core")
+    else:
+        lines.append("  accuracy: not measured by this project for this judge")
+    for src in a.get("sources") or []:
+        lines.append(f"  trained on: {src}")
+    if a.get("data_card"):
+        lines.append(f"  data card: {a['data_card']} (sources, licences, label mapping, the frozen split)")
+    return "\n".join(lines) + "\n"
+
+
+def classify_file(path: str | Path, out: str | Path | None = None, judge: str | Judge | None = None, force: bool = False) -> dict:
+    """Judge every row of ``path`` with ``judge`` (a --judge value or a Judge); write JSONL to ``out`` (stdout when None). Returns counts."""
+    from audit.outputs import check_destination, write_file
+
+    if out is not None:
+        check_destination(out, [path], force, kind="file", ours=is_classify_output)
     rows = read_rows(path)
-    judged = classify_rows(rows, text_column(rows, path))
+    jd = judge if isinstance(judge, Judge) else make_judge(judge)
+    judged = classify_rows(rows, text_column(rows, path), jd)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judged)
     if out is None:
         sys.stdout.write(lines)
+        sys.stdout.flush()
     else:
-        o = Path(out)
-        if o.resolve() == Path(path).resolve():
-            raise AuditError(f"{o}: the output would overwrite the input; choose another -o")
-        tmp = o.with_name(o.name + ".tmp")
-        tmp.write_text(lines, encoding="utf-8")
-        tmp.replace(o)
+        write_file(out, lambda tmp: tmp.write_text(lines, encoding="utf-8"), [path], force, ours=is_classify_output)
     counts = {"rows": len(judged), "refusal": 0, "compliance": 0, "unknown": 0}
     for r in judged:
         counts[r["judge_label"]] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,18 +12,29 @@ from checks.errors import AuditError
 from checks.findings import ranges
 
 
+def _pct(x) -> str:
+    """A rate for people: '12%', or 'not measurable' (never 'nan%')."""
+    return "not measurable" if x is None or x != x else f"{x:.0%}"
+
+
 def _cmd_inspect(args) -> int:
     from audit.model_dir import ModelDir
 
+    from audit.logical import summary
+
     md = ModelDir(args.model_dir)
     lay = md.layout
+    quant = summary(md)
     info = {**lay.summary(), "path": str(md.path), "dtypes": md.dtypes(), "bytes": md.nbytes, "shards": len(md.shards),
-            "per_layer": {str(k): v for k, v in lay.counts().items()}}
+            "quantization": quant, "per_layer": {str(k): v for k, v in lay.counts().items()}}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{md.path}  family={lay.family}  layers={lay.num_layers}  hidden={lay.hidden_size}")
     print(f"  size {md.nbytes / 2**20:.1f} MiB in {len(md.shards)} shard(s); dtypes {md.dtypes()}")
+    if quant:
+        print(f"  quantized ({quant['method']}): {', '.join(quant['labels']) or quant['label']}; {quant['quantized_tensors']} weights stored as "
+              f"{quant['stored_tensors']} tensors (data + scales), read as float32; {quant['plain_tensors']} tensors plain")
     if lay.moe_layers:
         print(f"  MoE layers {ranges(lay.moe_layers)}; dense MLP layers {ranges(lay.dense_layers) or 'none'}")
         print(f"  routed experts {lay.n_routed_experts}, shared experts {lay.n_shared_experts}, top-k {lay.top_k}; routing: {lay.routing_rule}")
@@ -43,19 +55,17 @@ def _cmd_measure(args) -> int:
     from audit.model_dir import ModelDir
     from audit.prompts import load_prompts
 
+    from audit.measure import is_directions_file
+    from audit.outputs import check_destination, write_file
+
     md = ModelDir(args.base)
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise AuditError(f"{out}: exists; choose another -o or pass --force to replace it")
-    if md.path.resolve() in out.absolute().resolve().parents:
-        raise AuditError(f"{out}: is inside the input {md.path}; the audit never writes into an input directory")
+    inputs = [md.path, args.harmful, args.harmless]
+    out = check_destination(args.output, inputs, args.force, kind="file", ours=is_directions_file)
     harmful, harmless = load_prompts(args.harmful, "harmful"), load_prompts(args.harmless, "harmless")
     if args.limit is not None:
-        if args.limit < 1:
-            raise AuditError(f"--limit must be at least 1, got {args.limit}")
         harmful, harmless = harmful[: args.limit], harmless[: args.limit]
     dirs = measure_directions(md, harmful, harmless, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-    dirs.save(out)
+    write_file(out, dirs.save, inputs, args.force, ours=is_directions_file)
     print(f"{len(harmful)} harmful / {len(harmless)} harmless prompts; index i = hidden_states[i] = input of layer i (0 = embeddings)")
     print(format_table(dirs.quality_table()))
     print(f"wrote {out}")
@@ -75,13 +85,19 @@ def _cmd_ablate(args) -> int:
     if not out:
         raise AuditError(f"{args.config}: no output directory: pass -o OUT or set 'output:' in the config")
     dirs = Directions.load(args.directions) if args.directions else None
-    m = ablate(base, cfg, out, directions=dirs, force=args.force, progress=False if args.quiet else None)
+    m = ablate(base, cfg, out, directions=dirs, force=args.force, progress=False if args.quiet else None,
+               output_dtype=args.output_dtype, keep_quantization=args.keep_quantization, inputs=(args.directions,))
     mods = m["modified"]
     worst = max((x["along_after"] / x["along_before"] for x in mods if x["along_before"] > 0), default=0.0)
     print(f"{len(mods)} tensors edited in {len(m['shards']['rewritten'])} shard(s), {len(m['shards']['copied'])} copied; "
           f"{m['timings']['total_s']:.1f} s; largest remaining share along r {worst:.2e}")
     if m["unmatched_components"]:
         print(f"note: no tensor matched component(s) {', '.join(m['unmatched_components'])}")
+    q = m.get("quantization")
+    if q:
+        print(f"base {q['base']['label']}: " + ("edited weights re-quantized with fresh scales; rounding them back onto the format's grid "
+                                                "keeps part of r (audit static measures how much)" if q["output"] == "kept" else
+                                                f"written dequantized as {q['output']}, quantization_config dropped"))
     print(f"wrote {out}")
     return 0
 
@@ -93,9 +109,16 @@ def _cmd_report(args) -> int:
     from reports.junit import write_junit
     from reports.results_io import load_results
 
+    from audit.outputs import check_destination, is_ours
+
     results = load_results(args.results)
     src = Path(args.results)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"{out}: is a file; -o takes the folder report.html and junit.xml go into")
+    if out.is_dir() and not is_ours(out) and any((out / n).exists() for n in ("report.html", "junit.xml")):
+        raise AuditError(f"{out}: already holds a report.html or junit.xml that this tool did not write; choose another -o")
+    check_destination(out / "report.html", [src / "results.json" if src.is_dir() else src], force=True, kind="file", ours=lambda p: True)
     html, junit = write_report(results, out / "report.html"), write_junit(results, out / "junit.xml")
     print(f"wrote {html}\nwrote {junit}")
     return 0
@@ -107,12 +130,15 @@ def _cmd_static(args) -> int:
 
     from audit.static_audit import results_document, static_audit, validate_results, write_results
 
+    from audit.outputs import check_destination
+
     t0 = time.time()
+    check_destination(args.output, [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless], args.force)
     results = static_audit(args.model_dir, base=args.base, config=args.config, directions=args.directions,
                            harmful=args.harmful, harmless=args.harmless)
     doc = results_document(results, args.model_dir, results["weights"].data.get("base"), t0)
     validate_results(doc)
-    inputs = [args.model_dir] + ([args.base] if args.base else [])
+    inputs = [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless]
     path = write_results(doc, args.output, inputs=inputs, force=args.force)
     for name, r in results.items():
         print(f"{name:11s} {r.status:5s} {r.summary}")
@@ -121,9 +147,15 @@ def _cmd_static(args) -> int:
 
 
 def _cmd_classify(args) -> int:
-    from audit.classify import classify_file
+    from audit.classify import about, classify_file
+    from audit.judges import make_judge
 
-    c = classify_file(args.file, args.output)
+    if args.about:
+        sys.stdout.write(about(make_judge(args.judge)))
+        return 0
+    if args.file is None:
+        raise AuditError("audit classify: give a FILE to judge (or --about)")
+    c = classify_file(args.file, args.output, args.judge, force=args.force)
     print(f"{c['rows']} rows: {c['refusal']} refusal, {c['compliance']} compliance, {c['unknown']} unknown"
           + (f"; written to {args.output}" if args.output else ""), file=sys.stderr)
     return 0
@@ -136,17 +168,17 @@ def _cmd_run(args) -> int:
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
-                      command="audit " + " ".join(sys.argv[1:]))
+                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge)
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
         sim = c.get("simulated") or {}
-        extra = f"; simulated fix -> refusal {sim['refusal_rate']:.0%}" if sim.get("refusal_rate") is not None else ""
+        extra = f"; simulated fix -> refusal {_pct(sim.get('refusal_rate'))}" if sim else ""
         print(f"  [{c['confidence_label']}] {c['id']}: {c['summary']}{extra}")
         print(f"      fix: {c['fix'].get('summary', '')}")
     if res.get("applied_fix"):
         a = res["applied_fix"]
-        print(f"applied fix ({a['cause']}) -> {a['model_dir']}: verdict {a['verdict'].upper()}, refusal {a['refusal_rate']:.0%}")
+        print(f"applied fix ({a['cause']}) -> {a['model_dir']}: verdict {a['verdict'].upper()}, refusal {_pct(a.get('refusal_rate'))}")
     print(f"report: {Path(args.out).resolve() / 'report.html'}")
     return 0 if res["verdict"] == "pass" else 1
 
@@ -160,7 +192,7 @@ def _cmd_demo(args) -> int:
     print(f"  {s['headline']}")
     print(f"  report: {s['report']}")
     if s["fixed_verdict"]:
-        print(f"after applying the report's fix: verdict {s['fixed_verdict'].upper()}, refusal {s['fixed_refusal_rate']:.0%}")
+        print(f"after applying the report's fix: verdict {s['fixed_verdict'].upper()}, refusal {_pct(s.get('fixed_refusal_rate'))}")
         print(f"  report: {s['fixed_report']}")
     print(f"done in {s['seconds']:.0f} s")
     return 0
@@ -180,13 +212,31 @@ def _cmd_organism_build(args) -> int:
     return 0
 
 
+JUDGE_HELP = ("refusal judge: rules (default: offline rules + linear model), rules-only, classifier:DIR (a Hugging Face "
+              "sequence classifier), server:URL[#MODEL] (an LLM judge on an OpenAI-compatible server)")
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count is always a mistake, never silently used)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="audit", description="Audit (and fix) refusal-direction ablations of Mixture-of-Experts models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("classify", help="judge completions (JSONL/CSV with a 'completion' or 'response' column): refusal / compliance / unknown")
-    s.add_argument("file", help="JSONL or CSV; optional 'prompt' and 'finish_reason' columns are used")
+    s.add_argument("file", nargs="?", help="JSONL or CSV; optional 'prompt' and 'finish_reason' columns are used")
     s.add_argument("-o", "--output", default=None, help="JSONL to write (default: stdout)")
+    s.add_argument("--force", action="store_true", help="replace an earlier output of `audit classify`")
+    s.add_argument("--judge", default="rules", help=JUDGE_HELP)
+    s.add_argument("--about", action="store_true", help="print the judge, its data card and its measured accuracy, and exit")
     s.set_defaults(func=_cmd_classify)
 
     s = sub.add_parser("run", help="every check, the diagnosis with simulated fixes, report.html, results.json, junit.xml; exit 1 if the gate fails")
@@ -199,14 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--directions", help="refusal directions (our directions.safetensors or llm-abliteration's measurement .pt)")
     s.add_argument("-o", "--out", default="audit-out", help="output folder (default: audit-out)")
     s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--limit", type=int, help="use at most this many prompts per set")
+    s.add_argument("--max-new-tokens", type=_positive, default=128)
+    s.add_argument("--batch-size", type=_positive, default=16)
+    s.add_argument("--limit", type=_positive, help="use at most this many prompts per set")
     s.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the in-memory simulation of each fix")
     s.add_argument("--apply-fix", metavar="OUT", help="apply the top fix with our ablation into OUT and re-audit it")
     s.add_argument("--device", help="torch device (default cpu), e.g. cuda or auto (accelerate device_map)")
     s.add_argument("--server", metavar="URL", help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve) serving the ablated model: its completions come from there")
     s.add_argument("--served-model", metavar="NAME", help="the name the server serves the ablated model under (default: MODEL_DIR)")
+    s.add_argument("--judge", default="rules", help=JUDGE_HELP)
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")
@@ -226,10 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--harmful", default=None, help="harmful prompts: .txt/.jsonl/.json/.csv/.parquet or a datasets name (default: embedded set)")
     s.add_argument("--harmless", default=None, help="harmless prompts (same forms; default: embedded set)")
     s.add_argument("-o", "--output", required=True, help="directions file to write (.safetensors)")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=_positive, default=16)
     s.add_argument("--device", default=None, help="e.g. cuda, cuda:0, auto (default: cpu)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    s.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each set")
+    s.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts of each set")
     s.add_argument("--force", action="store_true", help="replace an existing output file")
     s.set_defaults(func=_cmd_measure)
 
@@ -240,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--directions", default=None, help="directions file (default: the config's 'measurements')")
     s.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--output-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="a quantized (FP8 / MXFP4) base: store its dequantized weights in this dtype (default bfloat16)")
+    s.add_argument("--keep-quantization", action="store_true",
+                   help="a quantized base: keep its format, the edited weights re-quantized with recomputed scales")
     s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("static", help="static weight audit of an ablated model: key diff, projections on r, directions recovered from the weights")
@@ -271,6 +326,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FOLDER_OUTPUTS = {"run": "out", "static": "output", "ablate": "output", "demo": "out"}  # where an internal error's log goes
+LOG_NAME = "audit-error.log"
+
+
+def _log_path(args) -> Path:
+    """The output folder's audit-error.log when that folder is ours or new; else one in the cache's logs/."""
+    import time
+
+    from audit.outputs import MARKER, is_ours
+
+    attr = FOLDER_OUTPUTS.get(args.command)
+    out = getattr(args, attr, None) if attr else None
+    if out:
+        d = Path(out)
+        try:
+            if not d.exists():
+                d.mkdir(parents=True)
+                (d / MARKER).write_text(json.dumps({"tool": "moe-ablation-audit", "kind": "error log"}) + "\n")
+            if is_ours(d):
+                return d / LOG_NAME
+        except OSError:
+            pass
+    from audit.organism import cache_root
+
+    logs = cache_root() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"audit-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def _internal_error(args, e: BaseException) -> int:
+    """Exit 3: a bug or a resource limit, not bad input. The traceback goes to a log file, not the terminal."""
+    import traceback
+
+    memory = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+    try:
+        log = _log_path(args)
+        log.write_text(f"audit {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(e)))
+        where = f"traceback written to {log}"
+    except OSError as le:
+        where = f"(could not write a log: {le})"
+    if memory:
+        print(f"audit: out of memory ({type(e).__name__}). Lower it with --device auto (accelerate places layers on GPUs, CPU and "
+              f"disk), --dtype bfloat16, a smaller --batch-size or --limit; {where}", file=sys.stderr)
+    else:
+        print(f"audit: internal error ({type(e).__name__}: {str(e)[:300]}); this is a bug, not bad input -- {where}", file=sys.stderr)
+    return 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -281,6 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("audit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `audit ... | head`: the reader left; stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+    except Exception as e:  # noqa: BLE001 -- the one place that turns a bug (or MemoryError) into exit 3 with a log
+        return _internal_error(args, e)
 
 
 if __name__ == "__main__":

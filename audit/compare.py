@@ -6,10 +6,16 @@ order (audit/reader.py: chunks mapped from the page cache; two workers, each jud
 while the other waits on memory; resident memory flat in model size), hands each pair to the pure per-tensor function checks.pair_stats, and
 returns the small records the checks judge: TensorDiff (weights), TensorProjection (projection),
 TensorRecovery (recovery).
+
+Tensors are the models' logical ones (audit/logical.py): a block-scaled FP8 or MXFP4 weight is judged
+on its dequantized values, with its format's rounding floor. A quantized base's tensor stored plain in
+the ablated model (a dequantized copy, as `audit ablate` writes by default) is unchanged when it holds
+exactly the base's values cast to its dtype, and is otherwise compared by value.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -20,11 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from audit.logical import recast_equal, row_pieces
 from audit.model_dir import ModelDir
 from audit.reader import chunks, read_pairs
 from checks.errors import AuditError
 from checks.layout import Layout, Role, targets_of
-from checks.pair_stats import bytes_equal, pair_stats
+from checks.pair_stats import bytes_equal, is_lazy, pair_stats, same_bits
 from checks.projection import TensorProjection, floor_can_matter
 from checks.recover import TensorRecovery
 from checks.weights import TensorDiff
@@ -69,8 +76,35 @@ def _gate_up_halves(t: torch.Tensor, role: Role, family: str) -> tuple[torch.Ten
     return t.chunk(2, dim=ax)
 
 
+def _halves_equal(w0, w1, role: Role, family: str) -> tuple[bool, bool]:
+    """Whether the gate and the up half of a fused gate_up pair hold the same values, read piece by piece (lazy or mixed
+    pairs: a plain side is compared with the other's values cast to its dtype)."""
+    shape = tuple(w0.shape)
+    ax = [a for a in range(len(shape)) if a not in (role.resid_axis, role.expert_axis)][-1]
+    n, inter = shape[ax], family in INTERLEAVED_GATE_UP
+    dt = next((w.dtype for w in (w1, w0) if not is_lazy(w)), torch.float32)
+    same = [True, True]
+    inner = math.prod(shape[ax + 1:-1]) if ax < len(shape) - 1 else 1  # rows of the [N, last] view per index of ``ax``
+    al = max(getattr(w, "row_align", 1) for w in (w0, w1))  # the same pieces on both sides
+    for (r0, r1, a), (_, _, b) in zip(row_pieces(w0, align=al), row_pieces(w1, align=al)):
+        a, b = a.to(dt), b.to(dt)
+        if ax == len(shape) - 1:
+            idx = torch.arange(n)
+            halves = (idx % 2 == 0) if inter else (idx < n // 2)
+            parts = ((a[:, halves], b[:, halves]), (a[:, ~halves], b[:, ~halves]))
+        else:
+            i = (torch.arange(r0, r1) // inner) % n
+            halves = (i % 2 == 0) if inter else (i < n // 2)
+            parts = ((a[halves], b[halves]), (a[~halves], b[~halves]))
+        for k, (x, y) in enumerate(parts):
+            same[k] = same[k] and bytes_equal(x.contiguous(), y.contiguous())
+    return same[0], same[1]
+
+
 def _changed_targets(w0, w1, role: Role, family: str) -> tuple[str, ...]:
     ts = targets_of(role)
+    if len(ts) == 2 and role.projection == "gate_up" and (is_lazy(w0) or is_lazy(w1)):
+        return tuple(t for t, same in zip(ts, _halves_equal(w0, w1, role, family)) if not same)
     if len(ts) == 2 and role.projection == "gate_up" and w0.ndim >= 2:
         g0, u0 = _gate_up_halves(w0, role, family)
         g1, u1 = _gate_up_halves(w1, role, family)
@@ -91,7 +125,7 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
     """
     t0 = time.perf_counter()
     layout: Layout = md_b.layout
-    order = sorted(md_a.tensors.values(), key=lambda t: (t.shard, t.begin))
+    order = sorted(md_a.logical.values(), key=lambda t: (t.shard, t.begin))
     groups = chunks(order, chunk)
     judged: dict[str, tuple] = {}
     total = md_a.nbytes + md_b.nbytes
@@ -145,8 +179,8 @@ def compare_models(md_a: ModelDir, md_b: ModelDir, directions_for: Callable[[str
         if rec is not None:
             out.recoveries.append(rec)
         out.bytes_read += nbytes
-    for key, info_b in md_b.tensors.items():
-        if key not in md_a.tensors:
+    for key, info_b in md_b.logical.items():
+        if key not in md_a.logical:
             role = layout.roles.get(key)
             out.diffs.append(TensorDiff(**_diff_base(key, role), status="missing", base_shape=info_b.shape, base_dtype=info_b.dtype))
     out.seconds = time.perf_counter() - t0
@@ -165,29 +199,41 @@ def _judge(info_a, info_b, w1, w0, same, md_a: ModelDir, layout: Layout, directi
         return TensorDiff(**base, status="shape-changed"), None, None, 0
     nbytes = info_a.nbytes + info_b.nbytes
     status = "changed"
-    if info_b.dtype != info_a.dtype:
-        status = "dtype-changed"
-        w1 = w1.to(w0.dtype) if w0.dtype.is_floating_point and w1.dtype.is_floating_point else w1
+    lazy0, lazy1 = is_lazy(w0), is_lazy(w1)
+    dtype_changed = info_b.dtype != info_a.dtype and not (lazy0 or lazy1)  # a plain tensor re-stored in another dtype
+    stored = None
+    if dtype_changed:
+        if not (w0.dtype.is_floating_point and w1.dtype.is_floating_point):  # integer data: values not comparable
+            return TensorDiff(**base, status="dtype-changed", dtype_changed=True), None, None, nbytes
+        # one tensor re-stored in another float dtype: compare values, and call it unchanged only when the wider
+        # one rounds to the narrower bit for bit (a re-save, not an edit)
+        narrow, wide = (w0, w1) if torch.finfo(w0.dtype).eps >= torch.finfo(w1.dtype).eps else (w1, w0)
+        same = bytes_equal(wide.to(narrow.dtype), narrow)
+        stored, w0, w1 = w1.dtype, w0.float(), w1.float()
+    elif info_b.dtype != info_a.dtype and lazy0 and not lazy1 and w1.dtype.is_floating_point:
+        same = recast_equal(w0, w1)  # a quantized base stored plain: by value, its plain cast is no change
     dirs = directions_for(key, role) if (directions_for and role is not None and role.resid_axis is not None) else {}
-    if not (w0.dtype.is_floating_point and w1.dtype == w0.dtype):  # integer / quantized blocks: bytes only
-        same = same if same is not None else bytes_equal(w0, w1)
-        if status == "changed":
-            status = "unchanged" if same else "changed"
-        return TensorDiff(**base, status=status, rel_change=0.0 if same else None, changed_targets=() if same else base.get("targets", ())), None, None, nbytes
+    if same and lazy0 and not lazy1:  # identical once cast: judge the stored copy against itself
+        w0 = w1
+    floats = all(is_lazy(w) or w.dtype.is_floating_point for w in (w0, w1))
+    if not (floats and (lazy0 or lazy1 or w1.dtype == w0.dtype)):  # integer / packed blocks: bytes only
+        same = same if same is not None else same_bits(w0, w1)
+        return TensorDiff(**base, status="unchanged" if same else "changed", rel_change=0.0 if same else None,
+                          changed_targets=() if same else base.get("targets", ())), None, None, nbytes
     st = pair_stats(w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
                     layout.n_routed_experts if role and role.component == "experts" else 0,
                     along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent,
-                    identical=same, floor_needed=floor_can_matter)  # the exact rounding floor only where it can change a class
-    if status == "changed" and st.identical:
+                    identical=same, floor_needed=floor_can_matter, stored_dtype=stored)  # the exact rounding floor only where it can change a class
+    if st.identical:
         status = "unchanged"
-    changed = status == "changed" or (status == "dtype-changed" and not st.identical)
+    changed = status == "changed"
     ct = _changed_targets(w0, w1, role, layout.family) if (changed and role is not None) else ()
-    diff = TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change,
+    diff = TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change, dtype_changed=dtype_changed,
                       nonfinite_base=st.nonfinite_base, nonfinite_ablated=st.nonfinite_ablated, expert_rel_change=st.expert_rel_change)
     proj = rec = None
     if role is not None and role.io in ("writer", "reader") and st.dirs:
         proj = TensorProjection(key, role.layer, role.component, role.projection, role.io, targets_of(role), changed,
-                                info_b.dtype, role.expert, st.ablated_fro, st.dirs)
+                                info_a.dtype, role.expert, st.ablated_fro, st.dirs)
     if changed and st.recovery is not None and role is not None:
         rec = TensorRecovery(key, role.layer, role.component, role.projection, role.io, st.recovery, role.expert)
         u = st.recovery.direction

@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from checks.errors import AuditError
 
-MARKER = ".audit-demo"
+OLD_MARKER = ".audit-demo"  # what earlier versions wrote; audit.outputs.MARKER now
 GUIDE_COMPONENTS = ["experts_down", "router", "shared_down", "attn_out"]
 
 
@@ -38,10 +37,12 @@ def run_demo(out: str = "audit-demo", family: str = "glm4_moe", variant: str = "
     from audit.prompts import load_prompts
     from audit.run import RunOptions, run_audit
 
+    from audit.outputs import MARKER, check_destination
+
     t0 = time.time()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise AuditError(f"{out}: exists and is not an earlier demo's output; choose another -o")
+    out = Path(out).absolute()
+    if not (out / OLD_MARKER).is_file():  # an earlier demo's folder is ours to replace
+        check_destination(out, [], force=True)  # refuses a file, an unwritable place, a folder of anyone else's
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"[demo] organism {family}/{variant} (seed {seed}): building or reusing the cached one ...")
     org = cached_organism(family, variant, seed)
@@ -53,7 +54,7 @@ def run_demo(out: str = "audit-demo", family: str = "glm4_moe", variant: str = "
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("written by audit demo\n")
+    (out / MARKER).write_text(json.dumps({"tool": "moe-ablation-audit", "kind": "demo"}) + "\n")
     cfg = guide_config(md.layout.num_layers, int(info.get("good_layer", md.layout.num_layers // 2)))
     say(f"[demo] ablating as the guide's current code does: components {GUIDE_COMPONENTS}, layers {cfg.entries[0].layer}-{cfg.entries[-1].layer} ...")
     ablate(org, cfg, out / "ablated", directions=dirs, force=True)

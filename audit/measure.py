@@ -182,13 +182,20 @@ def _means(model, tokenizer, formatted: list[str], batch_size: int, device, n_st
 def measure_directions(model_dir, harmful: list[str], harmless: list[str], batch_size: int = 16, device: str | None = None,
                        dtype: torch.dtype | str = "auto", progress: bool | None = None) -> Directions:
     """Refusal directions of a model directory (audit.model_dir.ModelDir) from two prompt lists."""
-    from audit.prompts import format_prompts
+    from audit.prompts import fit_to_context, format_prompts, token_budget
 
     _check_prompts(harmful, harmless)
     if batch_size < 1:
         raise AuditError(f"batch size must be at least 1, got {batch_size}")
     t0 = time.time()
     tok = model_dir.tokenizer()
+    budget = token_budget(model_dir.config)
+    harmful, cut_h = fit_to_context(tok, harmful, budget)
+    harmless, cut_a = fit_to_context(tok, harmless, budget)
+    if cut_h or cut_a:
+        import sys
+
+        print(f"measure: {cut_h} harmful and {cut_a} harmless prompt(s) cut to {budget} tokens (the model's context)", file=sys.stderr)
     model = model_dir.load_model(dtype=dtype, device=device)
     dev = next(model.parameters()).device
     n_states = model_dir.layout.num_layers + 1
@@ -211,3 +218,14 @@ def format_table(rows: list[dict]) -> str:
         rot = "" if r["rotation"] is None else f"{r['rotation']:.1f}"
         lines.append(f"{r['index']:>5} {r['cos']:>8.4f} {r['snr']:>8.4f} {r['purity']:>8.4f} {r['quality']:>9.5f} {rot:>9}{' *' if i == best else ''}")
     return "\n".join(lines)
+
+
+def is_directions_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directions file written by `audit measure` (so --force may replace it)."""
+    from audit.model_dir import read_header
+
+    try:
+        _, meta, _ = read_header(Path(path))
+    except AuditError:
+        return False
+    return str(meta.get("format", "")).startswith("moe-ablation-audit directions")

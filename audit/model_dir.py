@@ -2,17 +2,16 @@
 
 Reading never loads a shard whole: safetensors headers are parsed directly (names, shapes, dtypes
 and byte ranges, without touching data) and tensors come one at a time through ``safe_open``.
-Writing goes to a temporary folder beside the destination, renamed into place when complete;
-an input directory is never written.
+Writing outputs safely (temporary folders, markers, never over an input) is audit/outputs.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +26,17 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
 
-# safetensors dtype tags -> (torch dtype, bytes per element)
+# safetensors dtype tags -> (torch dtype or None where this torch build has none, bytes per element)
 DTYPES = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
     "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U64": (getattr(torch, "uint64", None), 8), "U32": (getattr(torch, "uint32", None), 4), "U16": (getattr(torch, "uint16", None), 2),
     "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
     "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1), "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
+    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 1),
 }
 TAG_OF = {v[0]: k for k, v in DTYPES.items() if v[0] is not None}
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,42 @@ class TensorInfo:
         return self.end - self.begin
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
-    """Parse a .safetensors header: tensor infos, __metadata__, and where the data starts.
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"the key {k!r} appears twice")
+        d[k] = v
+    return d
 
-    Checks what a truncated or corrupt file breaks: header length, JSON, offsets against the file size.
+
+def _entry(path: Path, name: str, h, start: int) -> TensorInfo:
+    """One header entry, validated: a known dtype, a shape of non-negative integers, a byte range that fits it."""
+    def bad(why: str) -> AuditError:
+        return AuditError(f"{path}: corrupt safetensors header: tensor {name!r} {why}; re-download or re-save the file")
+
+    if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
+        raise bad("needs exactly 'dtype', 'shape' and 'data_offsets'")
+    tag, shape, offs = h["dtype"], h["shape"], h["data_offsets"]
+    if tag not in DTYPES:
+        raise bad(f"has the unknown dtype {tag!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in shape):
+        raise bad(f"has the shape {shape!r}; a shape is a list of non-negative integers")
+    if (not isinstance(offs, list) or len(offs) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in offs)
+            or offs[0] < 0 or offs[1] < offs[0]):
+        raise bad(f"has data_offsets {offs!r}; they must be [begin, end] with 0 <= begin <= end")
+    need = math.prod(shape) * DTYPES[tag][1]
+    if offs[1] - offs[0] != need:
+        raise bad(f"occupies {offs[1] - offs[0]} bytes, but its shape {tuple(shape)} in {tag} needs {need}")
+    return TensorInfo(name, tuple(shape), tag, path.name, start + offs[0], start + offs[1])
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
+    """Parse and fully validate a .safetensors header: tensor infos, __metadata__, and where the data starts.
+
+    Everything a corrupt, truncated or hand-made file can break is checked here, before any byte of
+    data is read: the header length and JSON, every entry (dtype tag, shape, byte range = shape x
+    dtype), and the byte ranges together (sorted, no overlap, no gap, covering the data exactly).
     """
     try:
         size = path.stat().st_size
@@ -65,29 +99,34 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
             if len(raw) < 8:
                 raise AuditError(f"{path}: too short to be a safetensors file ({size} bytes); re-download or re-save it")
             (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100_000_000):
-                raise AuditError(f"{path}: corrupt safetensors header (claims {n} header bytes in a {size}-byte file); re-download or re-save it")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        if isinstance(e, AuditError):
-            raise
-        raise AuditError(f"{path}: cannot read the safetensors header ({e}); re-download or re-save the file") from None
+            if n > min(size - 8, MAX_HEADER):
+                raise AuditError(f"{path}: corrupt safetensors header (its first 8 bytes claim a {n}-byte header in a {size}-byte file); "
+                                 "if it is a pickle renamed .safetensors, convert it in a trusted environment; else re-download it")
+            text = f.read(n)
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except AuditError:
+        raise
+    except PermissionError as e:
+        raise AuditError(f"{path}: cannot read it ({e.strerror}); fix its permissions") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AuditError(f"{path}: not a readable safetensors header ({e}); re-download or re-save the file") from None
     if not isinstance(header, dict):
-        raise AuditError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise AuditError(f"{path}: corrupt safetensors header (not a JSON object); re-download or re-save the file")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or any(not isinstance(v, str) for v in meta.values()):
+        raise AuditError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings); re-download or re-save the file")
     start = 8 + n
-    infos, data_end = {}, 0
-    for name, h in header.items():
-        try:
-            b, e = (int(x) for x in h["data_offsets"])
-            shape = tuple(int(x) for x in h["shape"])
-            tag = str(h["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise AuditError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        infos[name] = TensorInfo(name, shape, tag, path.name, start + b, start + e)
-        data_end = max(data_end, e)
-    if start + data_end > size:
-        raise AuditError(f"{path}: truncated: the header needs {start + data_end} bytes, the file has {size}; re-download or re-copy it")
+    infos = {name: _entry(path, name, h, start) for name, h in header.items()}
+    pos = start
+    for info in sorted(infos.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != pos:
+            what = "overlaps the previous tensor" if info.begin < pos else f"leaves a gap of {info.begin - pos} bytes before it"
+            raise AuditError(f"{path}: corrupt safetensors header: tensor {info.name!r} {what} (byte {info.begin - start}); re-download or re-save the file")
+        pos = info.end
+    if pos > size:
+        raise AuditError(f"{path}: truncated: the header needs {pos} bytes, the file has {size}; re-download or re-copy it")
+    if pos < size:
+        raise AuditError(f"{path}: corrupt safetensors file: {size - pos} bytes after the last tensor that no header entry describes; re-download or re-save it")
     return infos, meta, start
 
 
@@ -100,6 +139,8 @@ class ModelDir:
             raise AuditError(f"{self.path}: no such directory; pass the path of a Hugging Face model directory")
         if not self.path.is_dir():
             raise AuditError(f"{self.path}: not a directory; pass the folder that holds config.json and *.safetensors")
+        if not os.access(self.path, os.R_OK | os.X_OK):
+            raise AuditError(f"{self.path}: cannot read this folder (permission denied); fix its permissions or run as its owner")
         self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = {}
         self.shard_meta: dict[str, dict] = {}
@@ -116,6 +157,7 @@ class ModelDir:
         self._check_index_agrees()
         self._handles: dict[str, object] = {}
         self._layout: Layout | None = None
+        self._logical: dict | None = None
 
     # -- opening -----------------------------------------------------------------------------
     def _read_config(self) -> dict:
@@ -126,6 +168,8 @@ class ModelDir:
             config = json.loads(cfg.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AuditError(f"{cfg}: not valid JSON ({e}); restore it from the base model") from None
+        except OSError as e:
+            raise AuditError(f"{cfg}: cannot read it ({e.strerror}); fix its permissions") from None
         if not isinstance(config, dict) or "model_type" not in config:
             raise AuditError(f"{cfg}: has no 'model_type'; restore it from the base model")
         return config
@@ -138,19 +182,22 @@ class ModelDir:
                 shards = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise AuditError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
-            root = self.path.resolve()
+            except OSError as e:
+                raise AuditError(f"{index}: cannot read it ({e.strerror}); fix its permissions") from None
             for s in shards:
-                p = (self.path / s).resolve()
-                if root not in p.parents:
-                    raise AuditError(f"{index}: names shard {s!r} outside the model directory; refusing to read it")
-                if not p.is_file():
-                    raise AuditError(f"{index}: names shard {s!r}, which is missing from {self.path}; re-download it")
+                # the *name* must stay in the folder; the file may be a symlink (the Hugging Face cache links
+                # snapshots/REV/x.safetensors to ../../blobs/HASH) as long as it ends at a regular file
+                parts = Path(s).parts if isinstance(s, str) else ()
+                if not isinstance(s, str) or not parts or Path(s).is_absolute() or ".." in parts or len(parts) != 1:
+                    raise AuditError(f"{index}: names shard {s!r} outside the model directory (not a plain file name in it); refusing to read it")
+                if not (self.path / s).is_file():
+                    raise AuditError(f"{index}: names shard {s!r}, which is missing from {self.path} (or a broken link); re-download it")
             self._weight_map = weight_map
             return shards
         self._weight_map = None
         if (self.path / SINGLE_NAME).is_file():
             return [SINGLE_NAME]
-        singles = sorted(p.name for p in self.path.glob("*.safetensors"))
+        singles = sorted(p.name for p in self.path.glob("*.safetensors") if p.is_file())
         if len(singles) == 1:
             return singles
         if singles:
@@ -174,10 +221,19 @@ class ModelDir:
 
     # -- reading -----------------------------------------------------------------------------
     @property
+    def logical(self) -> dict:
+        """Tensors as the model holds them: a quantized weight and its scales as one float tensor (audit/logical.py)."""
+        if self._logical is None:
+            from audit.logical import logical_tensors
+
+            self._logical = logical_tensors(self)
+        return self._logical
+
+    @property
     def layout(self) -> Layout:
-        """Every tensor placed by role (raises AuditError listing keys it cannot place)."""
+        """Every tensor placed by role, quantized weights by their logical names (raises AuditError listing keys it cannot place)."""
         if self._layout is None:
-            shapes = {k: v.shape for k, v in self.tensors.items()}
+            shapes = {k: v.shape for k, v in self.logical.items()}
             self._layout = build_layout(self.config, shapes, source=str(self.path))
         return self._layout
 
@@ -188,6 +244,28 @@ class ModelDir:
     @property
     def shards(self) -> list[str]:
         return sorted(self.shard_meta)
+
+    def identity(self, window: int = 1 << 16) -> dict:
+        """What identifies these weights without reading them all: config.json's hash, and per shard its size, its
+        header's hash and the hash of three ``window``-byte samples of its data (start, middle, end)."""
+        import hashlib
+
+        def sha(b: bytes) -> str:
+            return hashlib.sha256(b).hexdigest()
+
+        shards = {}
+        for name in self.shards:
+            path = self.path / name
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = f.read(n)
+                start = 8 + n
+                h = hashlib.sha256()
+                for at in sorted({start, start + max(0, (size - start - window) // 2), max(start, size - window)}):
+                    h.update(os.pread(f.fileno(), window, at))
+            shards[name] = {"bytes": size, "header_sha256": sha(header), "sample_sha256": h.hexdigest()}
+        return {"config_sha256": sha((self.path / "config.json").read_bytes()), "shards": shards}
 
     def dtypes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -251,7 +329,14 @@ class ModelDir:
         if device not in (None, "cpu"):
             kwargs["device_map"] = device
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(self.path), **kwargs)
+            if self.config.get("quantization_config") is not None:  # FP8 / MXFP4: dequantized on load (audit/logical.py)
+                from audit.logical import load_quantized
+
+                model = load_quantized(self, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(self.path), **kwargs)
+        except AuditError:
+            raise
         except Exception as e:
             raise AuditError(f"{self.path}: transformers cannot load this model ({type(e).__name__}: {e})") from None
         return model.eval()
@@ -282,52 +367,23 @@ def write_shard(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: d
             f.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
 
 
-def check_destination(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
-    """The absolute destination, after refusing one inside an input or (without ``force``) a non-empty one.
-
-    Called before long work starts, so a bad -o fails in a second, not after the run.
-    """
-    dest = Path(dest).absolute()
-    for inp in inputs:
-        ip = Path(inp).resolve()
-        dp = dest.resolve()
-        if dp == ip or ip in dp.parents:
-            raise AuditError(f"{dest}: is inside the input {ip}; the audit never writes into an input directory")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
-        raise AuditError(f"{dest}: exists and is not empty; choose another -o or pass --force to replace it")
-    return dest
-
-
-class OutputDir:
-    """Build an output directory in a temporary sibling folder; ``commit`` renames it into place.
-
-    Refuses a destination inside (or equal to) any of ``inputs``, and a non-empty destination
-    unless ``force``. On an exception inside ``with`` the temporary folder is removed.
-    """
-
-    def __init__(self, dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False):
-        self.dest = check_destination(dest, inputs, force)
-        self.force = force
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
-
-    def __enter__(self) -> OutputDir:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def commit(self) -> Path:
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            os.replace(self.dest, old)
-            os.replace(self.tmp, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dest)
-        return self.dest
-
-
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+def identity_changes(recorded: dict, now: dict) -> list[str]:
+    """How ``now`` (ModelDir.identity) differs from ``recorded``; [] when it is the same model."""
+    out = []
+    if recorded.get("config_sha256") != now.get("config_sha256"):
+        out.append("config.json differs")
+    rs, ns = recorded.get("shards") or {}, now.get("shards") or {}
+    for name in sorted(set(rs) | set(ns)):
+        if name not in ns:
+            out.append(f"shard {name} is gone")
+        elif name not in rs:
+            out.append(f"shard {name} is new")
+        elif rs[name] != ns[name]:
+            what = next((w for k, w in (("bytes", "size"), ("header_sha256", "header"), ("sample_sha256", "content"))
+                         if rs[name].get(k) != ns[name].get(k)), "content")
+            out.append(f"shard {name} differs ({what})")
+    return out

@@ -127,3 +127,46 @@ def format_prompts(tokenizer, prompts: list[str]) -> list[str]:
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
+
+
+MAX_PROMPT_TOKENS = 2048  # a refusal probe needs the request, not a book: caps probe and generation work per prompt
+
+
+def context_length(config: dict) -> int | None:
+    """The model's context in tokens, from its config.json (None when it does not say)."""
+    for k in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+        v = config.get(k) if isinstance(config, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def token_budget(config: dict, max_new_tokens: int = 0) -> int:
+    """How many tokens a formatted prompt may take: the context minus the answer, at most MAX_PROMPT_TOKENS."""
+    ctx = context_length(config)
+    if ctx is None:
+        return MAX_PROMPT_TOKENS
+    budget = ctx - max_new_tokens
+    if budget < 8:
+        raise AuditError(f"--max-new-tokens {max_new_tokens} leaves {budget} of the model's {ctx} context tokens for the prompt; "
+                         "lower --max-new-tokens")
+    return min(budget, MAX_PROMPT_TOKENS)
+
+
+def fit_to_context(tokenizer, prompts: list[str], max_tokens: int) -> tuple[list[str], int]:
+    """Each prompt cut so that, chat-formatted, it takes at most ``max_tokens`` tokens; returns (prompts, how many were cut).
+
+    The start of a prompt is kept (the request); characters far past any budget are dropped before
+    tokenizing, so a pathological input costs no more than a long one.
+    """
+    out, cut = [], 0
+    overhead = len(tokenizer(format_prompts(tokenizer, [""])[0], add_special_tokens=False)["input_ids"])
+    room = max(1, max_tokens - overhead - 8)  # 8: tokens can merge differently at the template's seams
+    for p in prompts:
+        text = p[: room * 32]  # no tokenizer makes tokens of more than ~32 characters on average
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > room or len(text) < len(p):
+            text = tokenizer.decode(ids[:room], skip_special_tokens=True)
+            cut += 1
+        out.append(text)
+    return out, cut

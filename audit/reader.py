@@ -5,7 +5,9 @@ of it is gone, so every byte is read once, by the arithmetic itself (no copy int
 and resident memory stays at the chunks being judged, whatever the model size. Mapping whole shards
 instead would keep every touched page resident until the end. A file cannot shrink under the
 mapping unnoticed: model_dir.read_header checks every offset against the file size first. Where a
-file system cannot map, the run is read into a buffer instead.
+file system cannot map, the run is read into a buffer instead. Pairs are of logical tensors
+(audit/logical.py): a quantized weight comes with its scales mapped beside it, as one lazy float32
+reader (audit/quant.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import warnings
 
 import torch
 
+from audit.logical import LogicalTensor, source
 from audit.model_dir import DTYPES, ModelDir, TensorInfo
 from checks.errors import AuditError
 from checks.pair_stats import bytes_equal
@@ -109,8 +112,8 @@ def map_tensors(md: ModelDir, infos: list[TensorInfo], fds: dict, max_gap: int =
     return out
 
 
-def chunks(order: list[TensorInfo], chunk: int) -> list[list[TensorInfo]]:
-    """Consecutive tensors of one shard grouped into chunks of about ``chunk`` bytes (a larger tensor is a chunk of its own)."""
+def chunks(order: list, chunk: int) -> list[list]:
+    """Consecutive tensors (TensorInfo or LogicalTensor) of one shard grouped into chunks of about ``chunk`` bytes (a larger tensor is a chunk of its own)."""
     groups: list[list[TensorInfo]] = []
     size = 0
     for info in order:
@@ -122,18 +125,28 @@ def chunks(order: list[TensorInfo], chunk: int) -> list[list[TensorInfo]]:
     return groups
 
 
-def read_pairs(md_a: ModelDir, md_b: ModelDir, group: list[TensorInfo], fds: dict
-               ) -> list[tuple[TensorInfo, TensorInfo | None, torch.Tensor | None, torch.Tensor | None, bool | None]]:
-    """(info_a, info_b, ablated, base, identical) for the ablated model's tensors ``group`` and the base's of the same names.
+def read_pairs(md_a: ModelDir, md_b: ModelDir, group: list[LogicalTensor], fds: dict
+               ) -> list[tuple[LogicalTensor, LogicalTensor | None, object, object, bool | None]]:
+    """(lt_a, lt_b, ablated, base, identical) for the ablated model's logical tensors ``group`` and the base's of the same names.
 
-    Bit-identity by libc memcmp (None when the dtypes differ). Pairs that cannot be compared (missing
-    in the base, another shape) come with None tensors.
+    A tensor is the mapped tensor itself, or for a quantized one its lazy reader. Bit-identity by libc memcmp
+    of every stored part (None when the dtypes or formats differ). Pairs that cannot be compared (missing in
+    the base, another shape) come with None tensors.
     """
-    pairs = [(ia, md_b.tensors.get(ia.name)) for ia in group]
+    logical_a, logical_b = md_a.logical, md_b.logical
+    group = [ia if isinstance(ia, LogicalTensor) else logical_a.get(ia.name) or LogicalTensor(ia.name, ia.shape, ia.dtype, (ia,))
+             for ia in group]  # stored tensors (TensorInfo) stand for their logical tensor
+    pairs = [(ia, logical_b.get(ia.name)) for ia in group]
     ok = [(ia, ib) for ia, ib in pairs if ib is not None and ib.shape == ia.shape]
-    ta, tb = map_tensors(md_a, [ia for ia, _ in ok], fds), map_tensors(md_b, [ib for _, ib in ok], fds)
+    ta = map_tensors(md_a, [p for ia, _ in ok for p in ia.parts], fds)
+    tb = map_tensors(md_b, [p for _, ib in ok for p in ib.parts], fds)
     out = []
     for ia, ib in pairs:
-        w1, w0 = ta.get(ia.name), tb.get(ia.name)
-        out.append((ia, ib, w1, w0, bytes_equal(w0, w1) if w0 is not None and w0.dtype == w1.dtype else None))
+        if ib is None or ib.shape != ia.shape:
+            out.append((ia, ib, None, None, None))
+            continue
+        same = None
+        if ia.dtype == ib.dtype and ia.method == ib.method:
+            same = all(bytes_equal(tb[pb.name], ta[pa.name]) for pa, pb in zip(ia.parts, ib.parts))
+        out.append((ia, ib, source(ia, ta), source(ib, tb), same))
     return out

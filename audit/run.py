@@ -41,6 +41,7 @@ class RunOptions:
     served_model: str | None = None  # the name it serves it under (default: the model directory's path)
     quiet: bool = False
     command: str = "audit run"
+    judge: str = "rules"  # --judge: rules (default, offline), rules-only, classifier:DIR, server:URL[#MODEL] (audit/judges.py)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class _Ctx:
     opts: RunOptions
     stages: dict = field(default_factory=dict)
     t0: float = field(default_factory=time.time)
+    prompts_cut: dict = field(default_factory=dict)  # prompts cut to the token budget, per set
 
     def say(self, msg: str) -> None:
         if not self.opts.quiet:
@@ -153,30 +155,33 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from audit.foreign import load_config, load_directions, resolve_measurements
     from audit.generate import LocalBackend, ServerBackend
     from audit.measure import measure_directions
-    from audit.model_dir import ModelDir, check_destination
+    from audit.model_dir import ModelDir
+    from audit.outputs import check_destination
     from audit.probe import probe
-    from audit.prompts import load_prompts
+    from audit.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
     from audit.static_audit import static_audit
     from checks.contribution import contribution_check
     from checks.diagnose import diagnose, rank_by_simulation
     from checks.findings import jsonable
     from checks.gate import evaluate_gate
-    from checks.refusal import judge
+    from audit.judges import make_judge
     from checks.refusal_eval import damage_check, refusal_check
     from checks.routing import routing_check
 
     ctx = _Ctx(opts)
     with ctx.stage("inputs"):
+        jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
         abl = ModelDir(opts.model_dir)
         manifest = load_manifest(abl.path)
         base_path = opts.base or (manifest or {}).get("base", {}).get("path")
         if base_path is None:
             raise AuditError(f"{abl.path}: no ablation-manifest.json names its base; pass --base BASE (the model it was ablated from)")
         base = ModelDir(base_path)
+        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
         if write:
-            check_destination(opts.out, [abl.path, base.path], opts.force)
+            check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
         if opts.apply_fix:
-            check_destination(opts.apply_fix, [abl.path, base.path], opts.force)
+            check_destination(opts.apply_fix, inputs + ([opts.out] if write else []), opts.force)
         if base.layout.family != abl.layout.family:
             raise AuditError(f"{abl.path} is {abl.layout.family} but its base {base.path} is {base.layout.family}; pass the right --base")
         dirs_near = [abl.path, base.path]
@@ -184,19 +189,30 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         harmless_src = _prompt_source(opts.harmless, "harmless", dirs_near)
         harmful = load_prompts(harmful_src, "harmful")[: opts.limit]
         harmless = load_prompts(harmless_src, "harmless")[: opts.limit]
+        tok = base.tokenizer()
+        budget = token_budget(base.config, opts.max_new_tokens)
+        harmful, cut_h = fit_to_context(tok, harmful, budget)
+        harmless, cut_a = fit_to_context(tok, harmless, budget)
+        ctx.prompts_cut = {"harmful": cut_h, "harmless": cut_a, "token_budget": budget}
+        if cut_h or cut_a:
+            ctx.say(f"[audit] {cut_h} harmful and {cut_a} harmless prompt(s) cut to {budget} tokens (the model's context minus --max-new-tokens, "
+                    f"at most {MAX_PROMPT_TOKENS})")
         intent_cfg = None
-        if manifest is not None:
-            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
-        elif opts.config:
+        if opts.config:  # the user's statement of intent wins over a manifest
             intent_cfg = load_config(opts.config)
+        elif manifest is not None:
+            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
+        gate_cfg, gate_source = _gate_config(opts.gate)  # a bad gate file fails now, not after the forward passes
     with ctx.stage("directions"):
         directions = None
+        cfg_meas = resolve_measurements(intent_cfg) if opts.config and intent_cfg is not None else None
+        man_meas = abl.path / manifest.get("directions_file", DIRECTIONS_NAME) if manifest is not None else None
         if opts.directions:
             directions = load_directions(opts.directions)
-        elif manifest is not None and (abl.path / manifest.get("directions_file", DIRECTIONS_NAME)).is_file():
-            directions = load_directions(abl.path / manifest.get("directions_file", DIRECTIONS_NAME))
-        elif intent_cfg is not None and resolve_measurements(intent_cfg) is not None and resolve_measurements(intent_cfg).is_file():
-            directions = load_directions(resolve_measurements(intent_cfg))
+        elif cfg_meas is not None and cfg_meas.is_file():  # the stated config's own measurement first
+            directions = load_directions(cfg_meas)
+        elif man_meas is not None and man_meas.is_file():
+            directions = load_directions(man_meas)
         directions_source = "given" if opts.directions else "ablation" if directions is not None else "measured on the base"
         if directions is None:
             th = load_prompts(_train_source(opts.harmful, "harmful", dirs_near), "harmful")
@@ -205,8 +221,11 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if directions.hidden_size != base.layout.hidden_size:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
-        static = static_audit(abl.path, base.path, config=None if manifest else opts.config, directions=directions)
+        static = static_audit(abl.path, base.path, config=opts.config, directions=directions)
     weights = static["weights"].to_dict()
+    for f in weights["findings"]:
+        if f["code"] == "base-changed":
+            ctx.say(f"[audit] WARNING: {f['message']}")
     modified = weights["data"].get("modified", {})
     present = weights["data"].get("present", {})
     good = _good_index(directions)
@@ -216,7 +235,6 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     r = directions.refusal_dir[ref_index if ref_index is not None else good]
 
     with ctx.stage("load models"):
-        tok = base.tokenizer()
         m_base, m_abl = _load(base, opts.device), _load(abl, opts.device)
     with ctx.stage("probes"):
         p = {(m, k): probe(model, tok, prompts, r, batch_size=opts.batch_size)
@@ -237,7 +255,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
              ("abl", "harmful"): gen_a.complete(harmful, opts.max_new_tokens, opts.batch_size),
              ("base", "harmless"): gen_b.complete(harmless, opts.max_new_tokens, opts.batch_size),
              ("abl", "harmless"): gen_a.complete(harmless, opts.max_new_tokens, opts.batch_size)}
-        j = {k: [judge(x.answer, x.prompt) for x in v] for k, v in c.items()}
+        j = {k: jd.many([x.answer for x in v], [x.prompt for x in v], [x.finish_reason == "length" for x in v]) for k, v in c.items()}
     refusal = refusal_check(j["abl", "harmful"], j["base", "harmful"], j["abl", "harmless"], j["base", "harmless"])
     before_rate = (refusal.data.get("before") or {}).get("rate")
     if before_rate is not None and before_rate < 0.5:
@@ -248,8 +266,10 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
                                         "what the ablation removed; use prompts the base refuses (--harmful) and check its chat template",
                                         value=before_rate, threshold=0.5))
         refusal.status = WARN if refusal.status == "pass" else refusal.status
-    refusal.data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "label": jj.label, "reason": jj.reason, "when": "before" if m == "base" else "after", "set": k}
-                               for (m, k), xs in c.items() for x, jj in list(zip(xs, j[m, k]))[:6]]
+    refusal.data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "reasoning": x.reasoning, "finish_reason": x.finish_reason,
+                                "n_tokens": x.n_tokens, "label": jj.label, "reason": jj.reason, "score": jj.score,
+                                "when": "before" if m == "base" else "after", "set": k}
+                               for (m, k), xs in c.items() for x, jj in zip(xs, j[m, k])]
     with ctx.stage("damage"):
         kl1 = kl_first_token(m_base, m_abl, tok, harmless, batch_size=opts.batch_size)
         kltf = kl_teacher_forced(m_base, m_abl, tok, harmless, c["base", "harmless"], batch_size=opts.batch_size)
@@ -258,7 +278,6 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage}
     checks_d = {name: cr.to_dict() for name, cr in checks.items()}
     doc = {"checks": checks_d}
-    gate_cfg, gate_source = _gate_config(opts.gate)
     gate = evaluate_gate(doc, gate_cfg, gate_source)
 
     # -- diagnosis ---------------------------------------------------------------------------
@@ -273,6 +292,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if opts.simulate and not gate["passed"]:
         with ctx.stage("simulation: calibration and bypass test"):
             sim = _Simulator(m_base, m_abl, tok, harmful, harmless, j, opts, directions, base.layout)
+            sim.judge = jd
             sim.opts_target = target if target is not None else 0.1
             if sim.calibration is not None:
                 bypass = sim.bypass_scan(ref_index)
@@ -323,7 +343,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "schema_version": "1.0",
         "tool": {"name": "moe-ablation-audit", "version": _version()},
         "run": _run_info(opts, ctx, abl, base, harmful_src, harmless_src, len(harmful), len(harmless), directions_source, good, ref_index,
-                         "manifest" if manifest else "config" if opts.config else "inferred", gate_source),
+                         "config" if opts.config else "manifest" if manifest else "inferred", gate_source),
         "model": base.layout.summary(),
         "verdict": verdict,
         "headline": _headline(verdict, rates, causes),
@@ -335,10 +355,11 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     }
     if opts.apply_fix and causes and verdict == "fail" and fix_base is not None:
         results["applied_fix"] = _apply_fix(causes[0], fix_base, directions, base, opts, results)
+    results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
     if write:
-        write_outputs(results, opts.out, inputs=[abl.path, base.path], force=opts.force)
+        write_outputs(results, opts.out, inputs=inputs + [opts.apply_fix], force=opts.force)
     return results
 
 
@@ -379,7 +400,8 @@ class _Simulator:
 
         t0 = time.perf_counter()
         out = estimate_many(self.m_base, self.tok, self.harmful, candidates, self.calibration, self.token_ids, self.opts.batch_size,
-                            confirm_top=confirm_top, max_new_tokens=min(self.opts.max_new_tokens, 48)) if candidates else {"candidates": []}
+                            confirm_top=confirm_top, judge=getattr(self, "judge", None),
+                            max_new_tokens=min(self.opts.max_new_tokens, 48)) if candidates else {"candidates": []}
         self.seconds += time.perf_counter() - t0
         return {row["name"]: row for row in out["candidates"]}
 
@@ -514,9 +536,18 @@ def _version() -> str:
     return __version__
 
 
+def _rate_text(r: dict | None) -> str:
+    """A rate for a headline: '40%', or why there is none (never 'nan%')."""
+    if not r:
+        return "not measured"
+    rate = r.get("rate")
+    if not r.get("n") or rate is None or rate != rate:
+        return f"not measurable (all {r.get('unknown', 0)} outputs undecided: empty, cut off or degenerate)"
+    return f"{rate:.0%}"
+
+
 def _headline(verdict, rates, causes) -> str:
-    b, a = (rates.get("before") or {}).get("rate"), (rates.get("after") or {}).get("rate")
-    rr = f"refusal {b:.0%} -> {a:.0%}" if b is not None and a is not None else "refusal not measured"
+    rr = f"refusal {_rate_text(rates.get('before'))} -> {_rate_text(rates.get('after'))}"
     if verdict == "pass":
         return f"The ablation works: {rr}."
     top = causes[0] if causes else None
@@ -530,7 +561,8 @@ def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_sour
 
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ctx.t0)), "command": opts.command,
             "model_dir": str(abl.path.resolve()), "base_dir": str(base.path.resolve()), "config": opts.config, "intent_source": intent_source,
-            "prompts": {"harmful": {"source": hs or "embedded default", "n": nh}, "harmless": {"source": ls or "embedded default", "n": nl}},
+            "prompts": {"harmful": {"source": hs or "embedded default", "n": nh}, "harmless": {"source": ls or "embedded default", "n": nl},
+                        "cut_to_budget": ctx.prompts_cut},
             "directions": {"source": dsrc, "good_index": good, "ablated_index": ref}, "gate_source": gate_source,
             "max_new_tokens": opts.max_new_tokens, "device": opts.device or "cpu", "stages": ctx.stages,
             "completions_from": f"{opts.server} ({opts.served_model or abl.path})" if opts.server else "local transformers",
@@ -539,7 +571,7 @@ def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_sour
 
 def write_outputs(results: dict, out: str, inputs=(), force: bool = False) -> Path:
     """report.html, results.json and junit.xml (plus applied-fix/ when a fix was applied), written atomically."""
-    from audit.model_dir import OutputDir
+    from audit.outputs import OutputDir
     from reports.html import write_report
     from reports.junit import write_junit
     from reports.results_io import write_results_json
@@ -551,7 +583,22 @@ def write_outputs(results: dict, out: str, inputs=(), force: bool = False) -> Pa
                 continue
             folder.mkdir(exist_ok=True)
             write_results_json(res, folder / "results.json")
+            write_samples(res, folder / SAMPLES_NAME)
             write_report(res, folder / "report.html")
             write_junit(res, folder / "junit.xml")
         dest = od.commit()
     return dest
+
+
+SAMPLES_NAME = "samples.jsonl"
+
+
+def write_samples(results: dict, path: Path) -> None:
+    """Every judged completion, one JSON object per line: prompt, completion, reasoning, label, reason, set, model."""
+    import json
+
+    from reports.results_io import write_text_atomic
+
+    rows = ((results.get("checks") or {}).get("refusal") or {}).get("data", {}).get("samples") or []
+    write_text_atomic(path, "".join(json.dumps({**r, "model": "base" if r.get("when") == "before" else "ablated"}, ensure_ascii=False, sort_keys=True) + "\n"
+                                    for r in rows))

@@ -81,26 +81,35 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
 
     # directions measured on the base (the model's own, per layer)
     measured = _directions_obj(directions)
+    if measured is not None and measured.hidden_size != layout.hidden_size:
+        raise AuditError(f"{directions if not hasattr(directions, 'refusal_dir') else 'the directions'}: hidden size {measured.hidden_size}, "
+                         f"but {md_b.path} has hidden_size {layout.hidden_size}; they were measured on another model -- re-run `audit measure` on this base")
     if measured is None and (harmful is not None or harmless is not None):
         from audit.measure import measure_directions
         from audit.prompts import load_prompts
 
         measured = measure_directions(md_b, load_prompts(harmful, "harmful"), load_prompts(harmless, "harmless"), progress=progress)
 
-    # the intent, with the directions it ablated
+    # the intent, with the directions it ablated: an explicit --config is the user's statement of intent and
+    # wins over a manifest; the manifest's directions file still serves when the config names none
     intent, per_layer, intent_dirs = None, {}, None
-    if manifest is not None:
-        cfg = AblationConfig.from_dict(manifest["config"], source=str(ablated / "ablation-manifest.json"))
-        dfile = ablated / manifest.get("directions_file", "directions.safetensors")
-        intent_dirs = load_directions(dfile) if dfile.is_file() else measured
-        edits = plan(cfg, layout, intent_dirs)
-        intent, per_layer = _intent_from_edits(edits, "manifest", cfg, keys=[m["key"] for m in manifest["modified"]])
-    elif config is not None:
+    dfile = ablated / manifest.get("directions_file", "directions.safetensors") if manifest is not None else None
+    manifest_dirs = dfile if dfile is not None and dfile.is_file() else None
+    if config is not None:
         cfg = load_config(config)
         mp = resolve_measurements(cfg)
-        intent_dirs = load_directions(mp) if mp is not None and mp.is_file() else measured
+        if mp is not None and not mp.is_file() and measured is None and manifest_dirs is None:
+            raise AuditError(f"{config}: names measurements {cfg.measurements!r}, but there is no such file ({mp}); pass --directions FILE "
+                             "or fix the path (relative paths are read beside the config first)")
+        intent_dirs = (load_directions(mp) if mp is not None and mp.is_file() else None) or measured or \
+            (load_directions(manifest_dirs) if manifest_dirs else None)
         edits = plan(cfg, layout, intent_dirs)
         intent, per_layer = _intent_from_edits(edits, "config", cfg)
+    elif manifest is not None:
+        cfg = AblationConfig.from_dict(manifest["config"], source=str(ablated / "ablation-manifest.json"))
+        intent_dirs = load_directions(manifest_dirs) if manifest_dirs else measured
+        edits = plan(cfg, layout, intent_dirs)
+        intent, per_layer = _intent_from_edits(edits, "manifest", cfg, keys=[m["key"] for m in manifest["modified"]])
     if measured is None:
         measured = intent_dirs
     planned = {}
@@ -135,9 +144,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
 
     from tqdm import tqdm
 
-    if native.enabled() and not native.built() and sys.stderr.isatty():
-        print("compiling the weight pass's C kernels (once per machine and version, about 10 s)", file=sys.stderr, flush=True)
-    native.kernels()  # built here, not inside the first worker: the progress bar then measures reading
+    native.kernels()  # loaded here, not inside the first worker
     with tqdm(total=md_a.nbytes + md_b.nbytes, desc="weights", unit="B", unit_scale=True, disable=None if progress is None else not progress) as bar:
         cmp = compare_models(md_a, md_b, directions_for, progress=lambda done, total: bar.update(done - bar.n))
     t_stream = time.perf_counter() - t0
@@ -151,6 +158,19 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     results["weights"].data["bytes_read"] = cmp.bytes_read
     results["weights"].data["stream_seconds"] = round(cmp.seconds, 3)
     results["weights"].data["base"] = str(md_b.path)
+    recorded = ((manifest or {}).get("base") or {}).get("identity")
+    if recorded:
+        from audit.model_dir import identity_changes
+        from checks.findings import FAIL, Finding
+
+        changes = identity_changes(recorded, md_b.identity())
+        if changes:
+            results["weights"].findings.insert(0, Finding(
+                "base-changed", FAIL, f"the base {md_b.path} is not the model this ablation was made from ({'; '.join(changes[:5])}): "
+                "every comparison below is against another model -- pass the original base with --base", value=float(len(changes)),
+                evidence={"changes": changes, "manifest_base": manifest["base"].get("path")}))
+            results["weights"].status = FAIL
+            results["weights"].summary = "the base changed since the ablation; " + results["weights"].summary
 
     projs = cmp.projections
     if not any("ablated" in p.dirs for p in projs):  # no intended direction: each changed tensor against its own recovered one
@@ -159,7 +179,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
             if p.key in rec_by_key and rec_by_key[p.key].recovery.along is not None:
                 p.dirs["recovered"] = rec_by_key[p.key].recovery.along
         if not projs:
-            projs = [TensorProjection(r.key, r.layer, r.component, r.projection, r.io, (), True, md_a.tensors[r.key].dtype, r.expert, 0.0,
+            projs = [TensorProjection(r.key, r.layer, r.component, r.projection, r.io, (), True, md_a.logical[r.key].dtype, r.expert, 0.0,
                                       {"recovered": r.recovery.along}) for r in cmp.recoveries if r.recovery.along is not None]
             roles = layout.roles
             from checks.layout import targets_of
@@ -215,7 +235,7 @@ def validate_results(doc: dict) -> None:
 
 def write_results(doc: dict, out_dir: str | os.PathLike, inputs=(), force: bool = False) -> Path:
     """Write ``results.json`` into ``out_dir`` atomically (never into an input directory)."""
-    from audit.model_dir import OutputDir
+    from audit.outputs import OutputDir
 
     with OutputDir(out_dir, inputs=inputs, force=force) as od:
         (od.tmp / RESULTS_NAME).write_text(json.dumps(doc, indent=1, allow_nan=False))

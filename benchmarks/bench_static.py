@@ -16,7 +16,12 @@ ablation), then, each in a fresh subprocess, with the page cache warm:
 Prints the time ratios against both reads (target <= 1.5 against the read) and the audit's peak RSS
 against 1 GB + 4x the largest tensor.
 
-    python benchmarks/bench_static.py --gb 4 --dir /tmp/bench_static --repeat 3
+``--formats bf16,fp8`` adds the same pair quantized by our own quantizer (audit/quantize.py: block-scaled
+FP8, 128x128 blocks, as DeepSeek-V3 / Qwen3-FP8 ship), read and audited the same way, in the same table:
+the audit then dequantizes every weight piece by piece (torch path: the C kernels read float32 / bf16
+only) and, for each changed weight, re-quantizes the exact edit to measure the format's floor.
+
+    python benchmarks/bench_static.py --gb 4 --dir /tmp/bench_static --repeat 3 --formats bf16,fp8
 """
 
 from __future__ import annotations
@@ -161,6 +166,21 @@ print(json.dumps({{"seconds": dt, "cpu_s": time.process_time() - c0, "rss_mb": h
 """
 
 
+def quantized(base: Path, abl: Path, dir_: Path) -> tuple[Path, Path]:
+    """The pair quantized to block-scaled FP8 by our quantizer (once, cached beside the bf16 pair)."""
+    from audit.quantize import quantize_model
+
+    qb, qa = dir_ / "base-fp8", dir_ / "ablated-fp8"
+    meta = json.loads((dir_ / "meta.json").read_text())
+    if meta.get("fp8") != meta.get("layers") or not (qa / "config.json").is_file():
+        t0 = time.time()
+        quantize_model(base, qb, "fp8", (128, 128), force=True)
+        quantize_model(abl, qa, "fp8", (128, 128), force=True)
+        (dir_ / "meta.json").write_text(json.dumps({**meta, "fp8": meta.get("layers")}))
+        print(f"quantized the pair to FP8 in {time.time() - t0:.0f} s", flush=True)
+    return qb, qa
+
+
 def _run(code: str, **env: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -171,12 +191,33 @@ def main() -> int:
     ap.add_argument("--gb", type=float, default=4.0, help="size of each model (the pair is twice this)")
     ap.add_argument("--dir", default="/tmp/bench_static")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--formats", default="bf16", help="comma-separated: bf16 (the pair as built), fp8 (the pair quantized, 128x128 blocks)")
     args = ap.parse_args()
     base, abl, dfile = build(Path(args.dir), args.gb)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if any(f not in ("bf16", "fp8") for f in formats):
+        ap.error("--formats takes bf16 and/or fp8")
+    if "fp8" in formats:
+        qbase, qabl = quantized(base, abl, Path(args.dir))
     largest = max(math.prod(s) * 2 for _, s in _shapes(1, 32000))
     kw = {"root": str(ROOT), "abl": str(abl), "base": str(base), "dfile": str(dfile)}
-    _run(READ.format(mode="copy", **kw))  # warm the page cache: every run then reads from the same place
+    table = []
     for _ in range(args.repeat):
+        if "fp8" in formats:  # the quantized pair first, so each format's reads warm its own files
+            qkw = {**kw, "abl": str(qabl), "base": str(qbase)}
+            _run(READ.format(mode="copy", **qkw))
+            copy = _run(READ.format(mode="copy", **qkw))
+            mapped = _run(READ.format(mode="mapped", **qkw))
+            au = _run(AUDIT.format(**qkw))
+            table.append({"format": "fp8 128x128", "pair_gb": round(copy["bytes"] / 1e9, 2), "audit_s": round(au["seconds"], 2),
+                          "read_copy_s": round(copy["seconds"], 2), "ratio_vs_copy": round(au["seconds"] / copy["seconds"], 2),
+                          "read_mapped_s": round(mapped["seconds"], 2), "ratio_vs_mapped": round(au["seconds"] / mapped["seconds"], 2),
+                          "audit_peak_rss_mb": round(au["rss_mb"]), "audit_cpu_s": round(au["cpu_s"], 2), "read_copy_cpu_s": round(copy["cpu_s"], 2),
+                          "load_avg": round(os.getloadavg()[0], 2), "summary": au["summary"]})
+            print(json.dumps(table[-1], indent=1), flush=True)
+        if "bf16" not in formats:
+            continue
+        _run(READ.format(mode="copy", **kw))  # warm the page cache: every run then reads from the same place
         copy = _run(READ.format(mode="copy", **kw))
         mapped = _run(READ.format(mode="mapped", **kw))
         au = _run(AUDIT.format(**kw))
@@ -191,6 +232,15 @@ def main() -> int:
             "audit_cpu_s": round(au["cpu_s"], 2), "audit_torch_path_cpu_s": round(au_torch["cpu_s"], 2), "read_copy_cpu_s": round(copy["cpu_s"], 2), "load_avg": round(os.getloadavg()[0], 2),
             "audit_peak_rss_mb": round(au["rss_mb"]), "rss_limit_mb": round(limit_mb), "read_peak_rss_mb": round(copy["rss_mb"]),
             "largest_tensor_mb": round(largest / 2**20), "summary": au["summary"]}, indent=1))
+        table.append({"format": "bf16", "pair_gb": round(copy["bytes"] / 1e9, 2), "audit_s": round(au["seconds"], 2), "read_copy_s": round(copy["seconds"], 2),
+                      "ratio_vs_copy": round(au["seconds"] / copy["seconds"], 2), "read_mapped_s": round(mapped["seconds"], 2),
+                      "ratio_vs_mapped": round(au["seconds"] / mapped["seconds"], 2), "audit_peak_rss_mb": round(au["rss_mb"]),
+                      "audit_cpu_s": round(au["cpu_s"], 2), "read_copy_cpu_s": round(copy["cpu_s"], 2), "load_avg": round(os.getloadavg()[0], 2)})
+    cols = ("format", "pair_gb", "audit_s", "read_copy_s", "ratio_vs_copy", "read_mapped_s", "ratio_vs_mapped", "audit_cpu_s", "read_copy_cpu_s",
+            "audit_peak_rss_mb", "load_avg")
+    print("\n" + "  ".join(c.rjust(15) for c in cols))
+    for row in table:
+        print("  ".join(str(row[c]).rjust(15) for c in cols))
     return 0
 
 

@@ -29,7 +29,10 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return jsonable(asdict(self))
+        d = jsonable(asdict(self))
+        if isinstance(self.value, float) and not math.isfinite(self.value):  # JSON has no NaN: say it, never pass it off as "not measured"
+            d["value_state"] = "nan" if math.isnan(self.value) else "inf" if self.value > 0 else "-inf"
+        return d
 
 
 @dataclass

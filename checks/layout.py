@@ -243,7 +243,7 @@ _TOP_RE = [
     (re.compile(r"^(?:[A-Za-z_]\w*\.)*?lm_head\.weight$"), "lm_head", "lm_head", READER, 1),
     (re.compile(r"^(vision_model|multi_modal_projector|vision_tower|visual)\."), "vision", "vision", NONE, None),
 ]
-_QUANT_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", "_blocks", "_scales")
+_QUANT_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".activation_scale", "_scale_inv", "_blocks", "_scales")
 _COMPILED: dict[str, list[tuple[re.Pattern, _Pat]]] = {}
 
 

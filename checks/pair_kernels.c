@@ -1,5 +1,11 @@
-/* One pass over a (base, ablated) tensor pair for checks/pair_stats.py, compiled on first use by
- * checks/native.py (the torch path there is the fallback and the reference).
+/* One pass over a (base, ablated) tensor pair for checks/pair_stats.py, built at install time as the
+ * optional extension checks/_pair_kernels (setup.py) and loaded by checks/native.py with ctypes (the
+ * torch path there is the fallback and the reference).
+ *
+ * The exported functions are compiled once per instruction set (GCC/Clang function multiversioning:
+ * AVX-512, AVX2 and a baseline clone on x86-64), the loader picking the best the CPU has at run time,
+ * so one build serves every machine; no -march=native. Contraction into FMA is off (setup.py), so
+ * every clone rounds alike.
  *
  * A tensor is seen as [P, H, Q] with the residual axis H in the middle, stored as float32 (dt 0) or
  * bfloat16 (dt 1). Each element is loaded once, converted in registers, and every statistic of it is
@@ -13,6 +19,16 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
+#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+/* Python imports nothing from this library (checks/native.py loads it with ctypes), but an extension
+ * module must name an init function; this one refuses to be imported. */
+void *PyInit__pair_kernels(void) { return 0; }
 
 #define LANES 16
 #define CB 768 /* columns per tile when the residual axis is not last (a whole row of most expert writers); its 11 accumulator rows (34 KB) stay in L1-L2 */
@@ -210,7 +226,7 @@ INLINE void project_any(const void *x0, const void *x1, int dt, int want_sums, i
 /* a0 (and a1 when x1 is given) += R @ x per column of the [H, P*Q] view, R [m, H] with m 1 or a multiple of 4;
  * sums (3 per column when Q = 1, else 3 per p; x1 needed) += |x0|^2, |x1|^2, |x1 - x0|^2 when sums is given;
  * square: R @ (x0 * x0) (x1 must be NULL). Returns 0, or -1 for arguments it cannot take. */
-int pk_project(const void *x0, const void *x1, int dt, int64_t P, int64_t H, int64_t Q, const float *R, int64_t m,
+MULTIVERSION int pk_project(const void *x0, const void *x1, int dt, int64_t P, int64_t H, int64_t Q, const float *R, int64_t m,
                float *a0, float *a1, double *sums, int square) {
     if ((m != 1 && m % 4) || (dt != 0 && dt != 1) || (square && x1) || (sums && !x1)) return -1;
     if (dt == 0) project_any(x0, x1, 0, sums != 0, square, P, H, Q, R, m, a0, a1, sums);
@@ -245,7 +261,7 @@ INLINE void apply_d_any(const void *x0, const void *x1, int dt, int64_t P, int64
 }
 
 /* z [H] += D t, D = x1 - x0 as the [H, P*Q] matrix, t [P*Q]: one exact power step's second half. */
-int pk_apply_d(const void *x0, const void *x1, int dt, int64_t P, int64_t H, int64_t Q, const float *t, float *z) {
+MULTIVERSION int pk_apply_d(const void *x0, const void *x1, int dt, int64_t P, int64_t H, int64_t Q, const float *t, float *z) {
     if (dt == 0) apply_d_any(x0, x1, 0, P, H, Q, t, z);
     else if (dt == 1) apply_d_any(x0, x1, 1, P, H, Q, t, z);
     else return -1;
@@ -253,7 +269,7 @@ int pk_apply_d(const void *x0, const void *x1, int dt, int64_t P, int64_t H, int
 }
 
 /* out[0..2] += |x0|^2, |x1|^2, |x1 - x0|^2 over n elements (a pair with no direction to project on). */
-int pk_sums(const void *x0, const void *x1, int dt, int64_t n, double *out) {
+MULTIVERSION int pk_sums(const void *x0, const void *x1, int dt, int64_t n, double *out) {
     if (dt != 0 && dt != 1) return -1;
     float q0[LANES] = {0}, q1[LANES] = {0}, qd[LANES] = {0};
     int64_t i = 0;
@@ -278,5 +294,13 @@ int pk_sums(const void *x0, const void *x1, int dt, int64_t n, double *out) {
         out[1] += q1[l];
         out[2] += qd[l];
     }
+    return 0;
+}
+
+/* out[i] = lut[codes[i]] over n one-byte codes: a quantized tensor's values (or rounding variances) by table, the
+ * 256-entry table in L1 (audit/quant.py; torch's float8 cast and index_select take 10 and 3 ns an element). */
+MULTIVERSION int pk_lut_u8(const uint8_t *codes, const float *lut, int64_t n, float *out) {
+    if (n < 0) return -1;
+    for (int64_t i = 0; i < n; i++) out[i] = lut[codes[i]];
     return 0;
 }

@@ -24,6 +24,19 @@ for up to 4 directions at a time, and D D^T r reads the pair again rather than k
 Given ``floor_needed`` (the judge's rule for when a floor can change its verdict), the rounding floor
 is first bounded for free (floor^2 <= c max_h r_h^2 ||W'||_F^2) and computed exactly, in one more
 pass over W', only for the directions where that bound leaves the verdict open.
+
+Either tensor may also be a quantized one read lazily (audit/quant.py: block-scaled FP8, MXFP4): an
+object with ``shape``, ``numel()``, ``row_align`` and ``rows(r0, r1, out)`` / ``rounding_var(r0, r1, out)``,
+which write rows r0..r1 of its [N, last] view (its values, or each value's expected squared rounding
+error in its format) as float32 into ``out``. Its pieces are read that way (the torch walk; memory stays
+at a few pieces whatever the tensor's size; one of up to DENSE elements is decoded once into a reused
+float32 buffer, which every pass then reads, the C kernels included), and the floor of a quantized W' is its format's own, always
+computed exactly: the larger of the expected one, sqrt(sum_h r_h^2 Var(e_hc)) from ``rounding_var``, and
+the re-quantization floor (``floor_requant``), ||r . Q(W - r (x) r.W)|| with Q the source's
+``requantized_rows`` (fresh block scales): what storing the exact edit in this format leaves. The second
+is the one that matters on real widths: W sits on the format's grid and an edit moves each element by a
+small fraction of a cell, so re-rounding snaps much of it back, a residue along r that independent
+rounding errors do not predict (FP8 128x128 blocks: 2.6 % of r at 32 wide, 19 % at 1024, 36 % at 4096).
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ from checks import native
 ROUND_MSE_PER_EPS2 = 0.5410 / 12
 CANDIDATE_EXPLAINS = 0.99  # a given direction holding this share of the change's energy is taken as its direction
 RETAIN_D = 1 << 23  # row panels: keep one p's change (up to 32 MB of float32) for D D^T r in the same pass; larger, one more pass
+DENSE = 1 << 22  # a lazy (quantized) tensor up to this many elements is decoded once, into a reused float32 buffer (16 MB)
 
 
 @dataclass
@@ -60,6 +74,7 @@ class DirStats:
     vec_before: list[float] | None = None  # small results (a router: per-expert logit sensitivity r . W_e)
     vec_after: list[float] | None = None
     floor_exact: bool = True  # False: ``floor`` is only an upper bound (the exact value could not change the verdict)
+    floor_requant: float | None = None  # a quantized W': ||r . Q(W - r (x) r.W)||, what re-quantizing the exact edit leaves
 
     @property
     def share_left(self) -> float | None:
@@ -139,14 +154,48 @@ def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(ua[n8:], ub[n8:]))
 
 
-def _phq(t: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """View as [P, H, Q] with the residual axis in the middle (no residual axis: [1, numel, 1])."""
+class _Lazy:
+    """A lazily read (quantized) tensor seen as [P, H, Q]: pieces come from its source's rows of the [N, last] view."""
+
+    def __init__(self, src, shape: tuple[int, int, int]):
+        self.src, self.shape = src, shape
+        self.last = src.shape[-1] if src.shape else 1
+        self.align = max(1, int(getattr(src, "row_align", 1)))
+
+    def piece(self, e0: int, e1: int, out: torch.Tensor, var: bool = False) -> torch.Tensor:
+        """Flat elements e0..e1 (whole rows of the [N, last] view) as float32 in ``out``: values, or rounding variances."""
+        f = self.src.rounding_var if var else self.src.rows
+        return f(e0 // self.last, e1 // self.last, out)
+
+
+def is_lazy(t) -> bool:
+    """Whether ``t`` is a lazily read quantized tensor (not a torch.Tensor)."""
+    return not isinstance(t, torch.Tensor)
+
+
+def same_bits(a, b) -> bool:
+    """bytes_equal for plain or lazy tensors: a lazy one is identical to another of its kind with identical stored parts."""
+    if is_lazy(a) or is_lazy(b):
+        return (is_lazy(a) and is_lazy(b) and type(a) is type(b) and tuple(a.shape) == tuple(b.shape)
+                and all(bytes_equal(x, y) for x, y in zip(a.parts, b.parts)))
+    return bytes_equal(a, b)
+
+
+def _phq(t: torch.Tensor, axis: int | None, rows: bool = False) -> torch.Tensor:
+    """View as [P, H, Q] with the residual axis in the middle (no residual axis: [1, numel, 1], or with ``rows`` [N, last, 1]:
+    only norms are asked then, which any view gives, and a lazy tensor's pieces stay a few rows)."""
+    shape = tuple(t.shape)
+    if axis is None and rows:
+        last = shape[-1] if shape else 1
+        phq = (t.numel() // max(last, 1), last, 1)
+    elif axis is not None:
+        phq = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
+    if is_lazy(t):
+        return _Lazy(t, phq)
     t = t.contiguous()
-    if axis is None:
+    if axis is None and not rows:
         return t.reshape(1, -1, 1)
-    p = math.prod(t.shape[:axis])
-    q = math.prod(t.shape[axis + 1:])
-    return t.reshape(p, t.shape[axis], q)
+    return t.reshape(phq)
 
 
 class _Work:
@@ -174,6 +223,8 @@ class _Piece:
     p: int | None
     raw: list[torch.Tensor]  # float32, contiguous in memory (a flat view is free)
     mat: list[torch.Tensor]  # the same data as [rows, cols] matrices (raw or raw.T)
+    e0: int = 0  # the flat element range of the [P, H, Q] tensors it covers
+    e1: int = 0
 
 
 class _Walk:
@@ -184,10 +235,12 @@ class _Walk:
     the columns are partial sums over the panels (``full_rows`` False).
     """
 
-    def __init__(self, xs: list[torch.Tensor], block: int, kernels: native.Kernels | None = None):
+    def __init__(self, xs: list[torch.Tensor], block: int, kernels: native.Kernels | None = None, var: bool = False, align: int = 1):
         self.xs, self.block, self.K = xs, block, kernels  # K: the C kernels take whole tensors, in place of pieces
         self.P, self.H, self.Q = xs[0].shape
         self.full_rows = self.Q == 1
+        self.var = var  # lazy sources give their rounding variances instead of their values
+        self.align = max([x.align for x in xs if isinstance(x, _Lazy)] + [align])  # whole blocks per piece: each decoded once
 
     @staticmethod
     def _f32(src: torch.Tensor, slot: int) -> torch.Tensor:
@@ -197,23 +250,32 @@ class _Walk:
         buf.copy_(src)
         return buf
 
+    def _get(self, x, i: int, e0: int, e1: int, shape: tuple[int, int], view) -> torch.Tensor:
+        if isinstance(x, _Lazy):
+            return x.piece(e0, e1, _Work.get(i, e1 - e0), self.var).view(shape)
+        return self._f32(view(x), i)
+
     def __iter__(self):
         P, H, Q = self.P, self.H, self.Q
         if P * H * Q == 0:  # an empty tensor: nothing to walk
             return
+        al = self.align
         if self.full_rows:
             cols = max(1, self.block // max(H, 1))
+            cols = max(al, cols // al * al)
             for c0 in range(0, P, cols):
                 c1 = min(P, c0 + cols)
-                raw = [self._f32(x[c0:c1, :, 0], i) for i, x in enumerate(self.xs)]  # [cols, H]
-                yield _Piece(slice(0, H), c0, c1, None, raw, [r.T for r in raw])
+                raw = [self._get(x, i, c0 * H, c1 * H, (c1 - c0, H), lambda t: t[c0:c1, :, 0]) for i, x in enumerate(self.xs)]  # [cols, H]
+                yield _Piece(slice(0, H), c0, c1, None, raw, [r.T for r in raw], c0 * H, c1 * H)
         else:
             rows = max(1, self.block // Q)
+            rows = max(al, rows // al * al)
             for p in range(P):
                 for h0 in range(0, H, rows):
                     h1 = min(H, h0 + rows)
-                    raw = [self._f32(x[p, h0:h1, :], i) for i, x in enumerate(self.xs)]  # [rows, Q]
-                    yield _Piece(slice(h0, h1), p * Q, (p + 1) * Q, p, raw, raw)
+                    e0, e1 = (p * H + h0) * Q, (p * H + h1) * Q
+                    raw = [self._get(x, i, e0, e1, (h1 - h0, Q), lambda t: t[p, h0:h1, :]) for i, x in enumerate(self.xs)]  # [rows, Q]
+                    yield _Piece(slice(h0, h1), p * Q, (p + 1) * Q, p, raw, raw, e0, e1)
 
 
 def _diff(pc: _Piece, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,9 +299,53 @@ def _pad4(R: torch.Tensor) -> torch.Tensor:
     return torch.cat([R, R.new_zeros(-R.shape[0] % 4, R.shape[1])]) if R.shape[0] > 1 and R.shape[0] % 4 else R
 
 
+class _Requant:
+    """The re-quantization floor of a lazy W' along a direction u, per column of the [H, P*Q] view: u . Q(W - u (x) u.W),
+    Q = storing in W''s format with fresh block scales (its source's ``requantized_rows``), in one pass over W."""
+
+    def __init__(self, x0v, x1v: _Lazy, block: int):
+        self.x0v, self.x1v, self.block = x0v, x1v, block
+        self.cache: dict = {}
+
+    def cols(self, u: torch.Tensor, uw0: torch.Tensor, key=None) -> torch.Tensor:
+        if key is not None and key in self.cache:
+            return self.cache[key]
+        P, H, Q = self.x0v.shape
+        out = torch.zeros(P * Q)
+        src, last = self.x1v.src, self.x1v.last
+        for pc in _Walk([self.x0v], self.block, align=self.x1v.align):  # pieces of whole blocks of W''s format
+            w = pc.raw[0]
+            ws = torch.addr(w, uw0[pc.c0:pc.c1], u, alpha=-1.0) if Q == 1 else torch.addr(w, u[pc.hs], uw0[pc.c0:pc.c1], alpha=-1.0)
+            d = src.requantized_rows(pc.e0 // last, pc.e1 // last, ws.reshape(-1, last)).view(w.shape)
+            out[pc.c0:pc.c1] += d @ u if Q == 1 else u[pc.hs] @ d
+        if key is not None:
+            self.cache[key] = out
+        return out
+
+
+def _decoded(x, slot: int, limit: int | None = None):
+    """A lazy tensor of up to ``limit`` (DENSE) elements decoded once into the reused float32 buffer ``slot``, as [P, H, Q];
+    anything else as it is. Every later pass then reads the buffer (the C kernels can) instead of decoding again."""
+    limit = DENSE if limit is None else limit
+    if not isinstance(x, _Lazy) or math.prod(x.shape) > limit or not math.prod(x.shape):
+        return x
+    n = math.prod(x.shape)
+    buf = _Work.get(slot, n)
+    x.src.rows(0, n // x.last, buf)
+    return buf.view(x.shape)
+
+
+def _var_piece(x1v: _Lazy, pc: _Piece) -> torch.Tensor:
+    """The rounding variances of a lazy W' over a piece, laid out like the piece's matrix (the lazy counterpart of _sq)."""
+    raw = pc.raw[-1]
+    out = x1v.piece(pc.e0, pc.e1, _Work.get(3, raw.numel()), var=True).view(raw.shape)
+    return out if pc.mat[-1] is raw else out.T
+
+
 def _kernels(want: bool | None, *xs: torch.Tensor) -> native.Kernels | None:
     """The C kernels when ``want`` is not False and they can read ``xs`` in place; ``want`` True insists."""
-    K = native.kernels() if want is not False and native.usable(*xs) else None
+    K = (native.kernels() if want is not False and not any(is_lazy(x) for x in xs) and len({x.dtype for x in xs}) == 1 and native.usable(*xs)
+         else None)  # the kernels read every tensor of a call in one dtype
     if want and K is None:
         raise RuntimeError("the C kernels of pair_stats are unavailable here (no C compiler, AUDIT_NATIVE=0, or a dtype they do not read)")
     return K
@@ -254,7 +360,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
                block: int = 1 << 19, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
                identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None, retain: int = RETAIN_D,
-               native: bool | None = None) -> PairStats:
+               native: bool | None = None, dense: int = DENSE, stored_dtype: torch.dtype | None = None) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
     ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
@@ -269,8 +375,14 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     kept for D D^T r (the whole tensor, else one p of row panels, else one more pass); torch path only.
     ``native``: None, the C kernels (checks/native.py) where they can read the pair, else torch (``block``
     and ``retain`` then apply); False, always torch; True, always the kernels (an error where they cannot).
+    ``dense``: a lazy tensor of up to this many elements is decoded once into a float32 buffer (0: always piece by piece).
+    ``stored_dtype``: the dtype W' is stored in when the pair was cast to a common dtype to compare it
+    (the rounding floor is that dtype's); default ``w1.dtype``.
     """
-    identical = bytes_equal(w0, w1) if identical is None else bool(identical)
+    identical = same_bits(w0, w1) if identical is None else bool(identical)
+    lazy1 = is_lazy(w1)
+    if lazy1:
+        floor_needed = None  # a quantized W' has no free bound of its floor: always the exact one
     directions = {k: v for k, v in (directions or {}).items() if v is not None}
     n_report = len(directions)
     if hints and not identical and resid_axis is not None:
@@ -280,7 +392,10 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     if identical and not use_dirs:  # nothing to compute: ||W|| of an untouched tensor is reported nowhere
         st.base_fro = st.ablated_fro = None
         return st
-    x0v, x1v = _phq(w0, resid_axis), _phq(w1, resid_axis)
+    rows_view = is_lazy(w0) or lazy1
+    x0v, x1v = _phq(w0, resid_axis, rows_view), _phq(w1, resid_axis, rows_view)
+    lz1 = x1v if lazy1 else None  # the quantized W' itself: its floors come from its format
+    x0v, x1v = _decoded(x0v, 5, dense), _decoded(x1v, 6, dense)  # values: a float32 buffer where the tensor is small enough
     P, H, Q = x0v.shape
     K = _kernels(native, x0v, x1v)
     per_expert = expert_axis is not None and n_experts > 0 and resid_axis is not None and expert_axis < resid_axis and P % n_experts == 0
@@ -291,7 +406,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     if R is not None:
         R = _pad4(R)
     R2 = R * R if R is not None else None
-    c_round = round_mse_coeff(w1.dtype)
+    c_round = 1.0 if lazy1 else round_mse_coeff(stored_dtype or w1.dtype)  # lazy: rounding_var gives absolute variances
     PQ = P * Q
     lazy_floor = floor_needed is not None
     a0 = torch.zeros(R.shape[0], PQ) if use_dirs else None
@@ -310,7 +425,9 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     slab = _Work.get(4, P * H * Q).view(P, H, Q) if whole else (_Work.get(4, H * Q).view(1, H, Q) if Z is not None and Q > 1 else None)
 
     if K is not None:
-        s_w0, s_w1, s_d, e_w2, e_d2 = _native_pass(K, x0v, x1v, identical, R, R2, a0, a1, fl, n_experts if per_expert else 0)
+        s_w0, s_w1, s_d, e_w2, e_d2 = _native_pass(K, x0v, x1v, identical, R, R2, a0, a1, None if lazy1 else fl, n_experts if per_expert else 0)
+        if lazy1 and fl is not None:  # the kernels square W'; a quantized W''s floor is its rounding variances
+            fl = _col_floor(lz1, R2, block)
         if not math.isfinite(s_w0):
             nf0 = int((~torch.isfinite(x0v)).sum())
         if not math.isfinite(s_w1):
@@ -343,7 +460,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                 a0[:, pc.c0:pc.c1].addmm_(rh, m0)
                 a1[:, pc.c0:pc.c1].addmm_(rh, m1)
                 if fl is not None:
-                    fl[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _sq(raw1, m1))
+                    fl[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _var_piece(lz1, pc) if lazy1 else _sq(raw1, m1))
                 if Z is not None and (Q == 1 or pc.hs.stop == H):  # D^T R^T of these columns is complete
                     t = a1[:, pc.c0:pc.c1] - a0[:, pc.c0:pc.c1]
                     Z.addmm_(dm if Q == 1 else slab[0], t.T)
@@ -360,7 +477,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         ew = e_w2.reshape(n_experts, -1).sum(1).sqrt()  # p is expert-major
         st.expert_rel_change = torch.where(ew > 0, ed / ew.clamp_min(1e-30), torch.where(ed > 0, torch.full_like(ed, math.inf), torch.zeros_like(ed))).tolist()
 
-    floors = _ColFloors(x1v, R2, block, fl, K) if use_dirs and not identical and c_round > 0 else None
+    floors = (_ColFloors(lz1 if lazy1 else x1v, R2, block, fl, None if lazy1 else K) if use_dirs and not identical and c_round > 0 else None)
+    requant = _Requant(x0v, lz1, block) if use_dirs and not identical and lazy1 and hasattr(w1, "requantized_rows") else None
     if use_dirs:
         a1_ = a0 if identical else a1
         for j, n in enumerate(names[:n_report]):
@@ -374,6 +492,10 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                     ds.floor = float(f2.sum().sqrt())
                 else:
                     ds.floor_exact = False
+            if requant is not None:  # a quantized W': what re-quantizing the exact edit leaves, beside the expected noise
+                rq2 = requant.cols(R[j], v0, key=j).square()
+                ds.floor_requant = float(rq2.sum().sqrt())
+                f2 = torch.maximum(f2, rq2) if f2 is not None else rq2  # per expert: the larger of the two
             if per_expert:
                 e0, e1 = v0.reshape(n_experts, -1), v1.reshape(n_experts, -1)
                 ds.per_expert = {"before": e0.norm(dim=1).tolist(), "after": e1.norm(dim=1).tolist(), "dot": (e0 * e1).sum(1).tolist(),
@@ -394,8 +516,12 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                 z = Z[:, best[0]] if Z is not None else _apply_d(walk, t)
         if best is not None and best[1] >= CANDIDATE_EXPLAINS:
             st.recovery = _from_candidate(best[0], best[1], a0, a1, z, floors, R2, s_w1, c_round, s_d, floor_needed)
+            if requant is not None:
+                rec = st.recovery.along
+                rec.floor_requant = float(requant.cols(R[best[0]], a0[best[0]], key=best[0])[a1[best[0]] != a0[best[0]]].norm())
         else:
-            st.recovery = _refine(walk, z if z is not None and float(z.norm()) > 0 else _start(H), st.diff_fro, c_round, s_w1, floor_needed)
+            st.recovery = _refine(walk, z if z is not None and float(z.norm()) > 0 else _start(H), st.diff_fro, c_round, s_w1, floor_needed,
+                                  requant=requant, floor_src=lz1)
     return st
 
 
@@ -449,8 +575,9 @@ def _col_floor(x1v: torch.Tensor, R2: torch.Tensor, block: int, kernels: native.
     if kernels is not None:
         kernels.project(x1v, None, R2, out, None, square=True)
         return out
-    for pc in _Walk([x1v], block):
-        out[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], _sq(pc.raw[0], pc.mat[0]))
+    lazy = isinstance(x1v, _Lazy)  # its walk gives the rounding variances themselves
+    for pc in _Walk([x1v], block, var=lazy):
+        out[:, pc.c0:pc.c1].addmm_(R2[:, pc.hs], pc.mat[0] if lazy else _sq(pc.raw[0], pc.mat[0]))
     return out
 
 
@@ -464,18 +591,22 @@ def _best_candidate(a0: torch.Tensor, a1: torch.Tensor, m: int, s_d: float) -> t
 
 
 def _along(walk: _Walk, u: torch.Tensor, uw0: torch.Tensor, uw1: torch.Tensor, mask: torch.Tensor, s_w1: float, c_round: float,
-           floor_needed) -> DirStats:
-    """u . W and u . W' over the edited columns (``mask``), with the rounding floor along u over them."""
+           floor_needed, requant: _Requant | None = None, floor_src: _Lazy | None = None) -> DirStats:
+    """u . W and u . W' over the edited columns (``mask``), with the rounding floor along u over them (of ``floor_src``, a
+    quantized W', when given: its rounding variances; else of the walk's W')."""
     c0v, c1v = torch.where(mask, uw0, 0.0), torch.where(mask, uw1, 0.0)
     along = DirStats(before=float(c0v.norm()), after=float(c1v.norm()), dot=float(c0v @ c1v), floor=0.0)
     if c_round > 0:
         u2 = (u * u)[None]
         along.floor = _floor_bound(u2, s_w1, c_round)  # masked columns only: the all-column bound still holds
         if floor_needed is None or not math.isfinite(along.floor) or floor_needed(along):
-            along.floor = math.sqrt(float(_col_floor(walk.xs[1], u2, walk.block, walk.K)[0][mask].sum()) * c_round)
+            src, K = (floor_src, None) if floor_src is not None else (walk.xs[1], walk.K)
+            along.floor = math.sqrt(float(_col_floor(src, u2, walk.block, K)[0][mask].sum()) * c_round)
             along.floor_exact = True
         else:
             along.floor_exact = False
+    if requant is not None:
+        along.floor_requant = float(requant.cols(u, uw0)[mask].norm())
     return along
 
 
@@ -538,7 +669,8 @@ def _power_step(walk: _Walk, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _refine(walk: _Walk, u: torch.Tensor, diff_fro: float, c_round: float, s_w1: float = math.nan,
-            floor_needed: Callable[[DirStats], bool] | None = None, steps: int = 3, converged: float = 0.9999) -> EditRecovery:
+            floor_needed: Callable[[DirStats], bool] | None = None, steps: int = 3, converged: float = 0.9999,
+            requant: _Requant | None = None, floor_src: _Lazy | None = None) -> EditRecovery:
     """Power steps on D D^T from ``u`` until the direction settles (|cos| >= ``converged``, at most ``steps``).
 
     The last step gives sigma_1 = ||D D^T u|| / ||D^T u||, the direction, and the scale along u over
@@ -558,6 +690,6 @@ def _refine(walk: _Walk, u: torch.Tensor, diff_fro: float, c_round: float, s_w1:
     sigma1 = zn / tn if tn > 0 else 0.0
     direction = _sign_fix(z / zn) if zn > 0 else u
     share = min(1.0, sigma1 ** 2 / diff_fro ** 2) if diff_fro > 0 else 0.0
-    along = _along(walk, u, uw0, uw1, t != 0, s_w1, c_round, floor_needed)
+    along = _along(walk, u, uw0, uw1, t != 0, s_w1, c_round, floor_needed, requant, floor_src)
     return EditRecovery(direction=direction.float(), rank1_share=share, scale=1.0 - along.dot / along.before ** 2 if along.before > 0 else None,
                         sigma1=sigma1, along=along)

@@ -24,6 +24,11 @@ from checks.weights import GROUP_NAMES, ranges
 
 REMOVED_TOL = 0.05  # share of r left that counts as removed
 FLOOR_K = 3.0  # a residue within FLOOR_K x the expected rounding residue is rounding
+# A re-quantized weight (FP8, MXFP4): a residue within what re-quantizing the exact edit leaves (computed, not estimated)
+# plus REQUANT_MARGIN x the expected rounding residue is rounding; the margin covers another quantizer's roundings. Its
+# floor is a large share of r on real widths (FP8: 19 % at 1024 wide, 36 % at 4096), so FLOOR_K x it would call a
+# half-strength edit rounding.
+REQUANT_MARGIN = 1.0
 NOT_ABLATED = 0.95  # share left above this: not ablated
 CLASSES = ("removed", "rounding", "weak-scale", "reflected", "not-ablated", "no-signal")
 WRITERS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
@@ -59,6 +64,8 @@ def classify(ds: DirStats, changed: bool, tol: float = REMOVED_TOL) -> str:
         return "removed"
     if ds.floor > 0 and ds.after <= FLOOR_K * ds.floor:
         return "rounding"
+    if ds.floor_requant is not None and ds.after <= ds.floor_requant + REQUANT_MARGIN * ds.floor:
+        return "rounding"
     if left < NOT_ABLATED:
         return "weak-scale"
     return "not-ablated"
@@ -87,7 +94,8 @@ def _matrix(title, rows_of: dict[int, list], n_cols: int, col_prefix: str, unit:
 def check_projection(recs: list[TensorProjection], n_experts: int = 0, hidden_size: int | None = None,
                      direction_cosines: list[dict] | None = None, tol: float = REMOVED_TOL) -> CheckResult:
     """Shares left along each direction, classes, findings (writer-left, reader-left, precision-loss, weak-scale), matrices."""
-    dir_names = sorted({n for r in recs for n in r.dirs}, key=lambda n: (n != "ablated", n))
+    # the main direction: what the ablation meant to remove (its own, else each edit's recovered one), then the model's local ones
+    dir_names = sorted({n for r in recs for n in r.dirs}, key=lambda n: ({"ablated": 0, "recovered": 1}.get(n, 2), n))
     if not dir_names:
         return CheckResult("projection", "skip", "no direction to project on: give --directions, --config with measurements, or --harmful/--harmless", [], {})
     findings: list[Finding] = []
@@ -172,26 +180,37 @@ def check_projection(recs: list[TensorProjection], n_experts: int = 0, hidden_si
 def _findings(recs, dn, by_class, before, after, mod_layers, tol) -> list[Finding]:
     out: list[Finding] = []
     # writers / readers still carrying r in the layers the ablation worked on
-    for io, code, sev in (("writer", "writer-left", FAIL), ("reader", "reader-left", WARN)):
+    # r left in a tensor the ablation *edited* fails: the edit did not remove what it meant to (weak scale, rounding,
+    # re-quantization); r in an untouched writer of an ablated layer only warns: whether that matters is for the
+    # behavioural checks (refusal, damage) to say
+    for io, code in (("writer", "writer-left"), ("reader", "reader-left")):
         for g in sorted(before):
             if (g in WRITERS) != (io == "writer"):
                 continue
             layers = [l for l in sorted(mod_layers) if l < len(before[g]) and before[g][l] > 0 and after[g][l] / before[g][l] >= tol]
-            if not layers:
-                continue
-            shares = [after[g][l] / before[g][l] for l in layers]
-            experts = sorted({(r.layer, r.expert) for r in recs if r.component == "experts" and r.layer in layers and r.expert is not None
-                              and g in r.targets and r.dirs.get(dn) and (r.dirs[dn].share_left or 0) >= tol})
-            out.append(Finding(code, sev, f"{GROUP_NAMES.get(g, g)} still {'write' if io == 'writer' else 'read'} {max(shares):.0%} of their r "
-                               f"({dn} direction) in ablated layers {ranges(layers)}", value=max(shares), threshold=tol, layers=layers,
-                               experts=[list(e) for e in experts[:200]], evidence={"targets": [g], "share_left": dict(zip(map(str, layers), shares))}))
+            edited = {r.layer for r in recs if r.changed and g in r.targets and r.layer in layers}
+            for part, ls in (("edited", [l for l in layers if l in edited]), ("untouched", [l for l in layers if l not in edited])):
+                if not ls:
+                    continue
+                sev = FAIL if (io == "writer" and part == "edited") else WARN
+                shares = [after[g][l] / before[g][l] for l in ls]
+                experts = sorted({(r.layer, r.expert) for r in recs if r.component == "experts" and r.layer in ls and r.expert is not None
+                                  and g in r.targets and r.dirs.get(dn) and (r.dirs[dn].share_left or 0) >= tol})
+                out.append(Finding(code, sev, f"{GROUP_NAMES.get(g, g)} ({part}) still {'write' if io == 'writer' else 'read'} {max(shares):.0%} "
+                                   f"of their r ({dn} direction) in ablated layers {ranges(ls)}", value=max(shares), threshold=tol, layers=ls,
+                                   experts=[list(e) for e in experts[:200]],
+                                   evidence={"targets": [g], "edited": part == "edited", "share_left": dict(zip(map(str, ls), shares))}))
     rnd = by_class.get("rounding", [])
     if rnd:
         worst = max(rnd, key=lambda r: r.dirs[dn].share_left or 0)
+        quantized = worst.dtype.startswith(("FP8", "MXFP4"))  # a block-scaled format (audit/logical.py labels): re-rounding undoes edits
+        fix = ("an edit re-quantized into it is largely rounded back onto the original grid: store the ablation dequantized "
+               "(`audit ablate` without --keep-quantization writes bfloat16)" if quantized else "compute in float32 and store a wider dtype, or accept the residue")
         out.append(Finding("precision-loss", WARN, f"{len(rnd)} tensor(s) keep up to {worst.dirs[dn].share_left:.1%} of r, which is what rounding to "
-                           f"{worst.dtype} leaves (e.g. {worst.key}); compute in float32 and store a wider dtype, or accept the residue",
+                           f"{worst.dtype} leaves (e.g. {worst.key}); {fix}",
                            value=worst.dirs[dn].share_left, threshold=tol, layers=sorted({r.layer for r in rnd if r.layer is not None}),
-                           evidence={"keys": [r.key for r in rnd[:50]], "dtype": worst.dtype, "floor_share": worst.dirs[dn].floor / worst.dirs[dn].before}))
+                           evidence={"keys": [r.key for r in rnd[:50]], "dtype": worst.dtype,
+                                     "floor_share": max(worst.dirs[dn].floor, worst.dirs[dn].floor_requant or 0.0) / worst.dirs[dn].before}))
     weak = by_class.get("weak-scale", [])
     if weak:
         s_eff = sorted(1 - (r.dirs[dn].signed_left or 0) for r in weak)

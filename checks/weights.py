@@ -4,8 +4,9 @@ Input: one ``TensorDiff`` per key (built by audit/compare.py from a streamed pai
 (from our manifest, a YAML config's plan, or inferred from what changed). Output: the "weights"
 CheckResult with findings ``no-change``, ``intended-untouched``, ``unintended-modified`` (with a
 ``prefix_collision`` flag when an entry for layer N seems to have rewritten layers N0-N9),
-``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, and a
-layer x target-group grid (intended vs actual) for the report.
+``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, ``dequantized``
+(quantized base tensors stored plain in the ablated model, judged by value), and a layer x target-group
+grid (intended vs actual) for the report.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from checks.conditions import Condition, Measured
 from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding, ranges
 from checks.layout import TARGETS
 
@@ -26,6 +28,26 @@ GROUP_NAMES = {
     "shared_gate": "shared experts' gate_proj", "shared_up": "shared experts' up_proj", "router": "router",
 }
 STATUSES = ("unchanged", "changed", "missing", "added", "shape-changed", "dtype-changed")
+
+
+def _modified_groups(result: dict) -> Measured:
+    modified = (result.get("data") or {}).get("modified")
+    return Measured(None, "weights not compared in this run") if modified is None else Measured(sorted(t for t, ls in modified.items() if ls))
+
+
+def _unintended(result: dict) -> Measured:
+    data = result.get("data") or {}
+    if (data.get("intent") or {}).get("source") in (None, "inferred"):
+        return Measured(None, "no intent was stated, so nothing can be called unintended: pass --config (the ablation's YAML) "
+                              "or audit a model made by `audit ablate` (its manifest states the intent)")
+    bad = [f for f in result.get("findings", []) if f.get("code") == "unintended-modified"]
+    return Measured(sum(int(f.get("value") or len(f.get("evidence", {}).get("keys", [])) or 1) for f in bad))
+
+
+CONDITIONS = (
+    Condition("must_ablate", "weights", "subset", (), "target groups that must be modified", _modified_groups),
+    Condition("forbid_unintended", "weights", "none", True, "tensors changed outside the stated intent", _unintended),
+)
 
 
 @dataclass
@@ -49,6 +71,7 @@ class TensorDiff:
     base_dtype: str | None = None
     ablated_dtype: str | None = None
     expert_rel_change: list[float] | None = None
+    dtype_changed: bool = False  # stored in another dtype than the base (status says whether the values changed)
 
     @property
     def changed(self) -> bool:
@@ -131,6 +154,22 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                       f"{d.key} {d.base_dtype}->{d.ablated_dtype}" if status == "dtype-changed" else d.key for d in ds[:20]]
             findings.append(Finding(code, sev, f"{len(ds)} tensor(s) {what}: {', '.join(detail[:5])}{' ...' if len(ds) > 5 else ''}",
                                     value=float(len(ds)), layers=sorted({d.layer for d in ds if d.layer is not None}), evidence={"keys": detail}))
+    recast = [d for d in diffs if d.dtype_changed and d.status in ("changed", "unchanged")]
+    if recast:
+        kinds = sorted({f"{d.base_dtype}->{d.ablated_dtype}" for d in recast})
+        same = [d for d in recast if d.status == "unchanged"]
+        findings.append(Finding("dtype-changed", WARN, f"{len(recast)} tensor(s) stored in another dtype than the base ({', '.join(kinds)}): "
+                                f"{len(recast) - len(same)} with changed values, {len(same)} equal to the base after rounding (re-saved, not edited)",
+                                value=float(len(recast)), layers=sorted({d.layer for d in recast if d.layer is not None}),
+                                evidence={"keys": [f"{d.key} {d.base_dtype}->{d.ablated_dtype}" for d in recast[:50]], "conversions": kinds,
+                                          "unchanged_after_rounding": len(same)}))
+    deq = [d for d in diffs if d.status in ("changed", "unchanged") and not d.dtype_changed and d.base_dtype and d.ablated_dtype
+           and d.base_dtype != d.ablated_dtype]
+    if deq:  # audit/compare.py: a plain copy holding exactly the quantized base's values cast to its dtype is unchanged
+        kinds = sorted({f"{d.base_dtype} -> {d.ablated_dtype}" for d in deq})
+        findings.append(Finding("dequantized", INFO, f"{len(deq)} quantized tensor(s) of the base are stored plain ({'; '.join(kinds)}); compared by value: "
+                                "one holding exactly the base's values cast to its dtype counts as unchanged", value=float(len(deq)),
+                                layers=sorted({d.layer for d in deq if d.layer is not None}), evidence={"kinds": kinds, "keys": [d.key for d in deq[:20]]}))
     bad = [d for d in diffs if d.nonfinite_ablated > d.nonfinite_base]
     if bad:
         findings.append(Finding("nan-inf", FAIL, f"NaN/Inf introduced in {len(bad)} tensor(s): {', '.join(d.key for d in bad[:5])}",

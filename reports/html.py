@@ -50,10 +50,11 @@ GRID_CLASSES = {  # (intended, actual) -> (css class, symbol, meaning)
     "none": ("g-none", "", "not intended, unchanged"),
     "absent": ("g-absent", "\u2013", "no such tensor in this layer"),
 }
-# The page's one script (copy buttons). It is allowed by its hash in the Content-Security-Policy, so no
-# other script can run, even one that slipped past escaping; the page works without it.
+# The page's one script (copy buttons, the sample filter). It is allowed by its hash in the
+# Content-Security-Policy, so no other script can run, even one that slipped past escaping; the page
+# works without it (every sample is shown).
 COPY_SCRIPT = """
-/* Copy buttons only; the page works without this script. */
+/* Copy buttons and the sample filter only; the page works without this script. */
 document.querySelectorAll("button.copy").forEach(function (b) {
   b.addEventListener("click", function () {
     var el = document.getElementById(b.getAttribute("data-copy"));
@@ -66,9 +67,22 @@ document.querySelectorAll("button.copy").forEach(function (b) {
     } catch (e) { /* selection stays, user can copy by hand */ }
   });
 });
+document.querySelectorAll("div.sample-filter").forEach(function (bar) {
+  var box = bar.querySelector("input"), pick = bar.querySelector("select"), count = bar.querySelector(".shown");
+  var items = bar.parentNode.querySelectorAll("details.sample");
+  var apply = function () {
+    var q = box.value.toLowerCase(), want = pick.value, n = 0;
+    items.forEach(function (d) {
+      var ok = (!want || d.getAttribute("data-label") === want || d.getAttribute("data-group") === want) &&
+               (!q || d.textContent.toLowerCase().indexOf(q) >= 0);
+      d.style.display = ok ? "" : "none"; if (ok) n += 1;
+    });
+    count.textContent = n + " of " + items.length + " shown";
+  };
+  box.addEventListener("input", apply); pick.addEventListener("change", apply);
+});
 """
 SCRIPT_HASH = "sha256-" + base64.b64encode(hashlib.sha256(COPY_SCRIPT.encode("utf-8")).digest()).decode("ascii")
-MAX_SAMPLES = 200
 MAX_TABLE_ROWS = 500
 
 
@@ -293,20 +307,37 @@ def _check_view(key: str, chk: dict, notes: _Notes) -> dict:
     samples = None
     if isinstance(data.get("samples"), list):
         groups: dict[str, list] = {}
-        for s in data["samples"][:MAX_SAMPLES]:
+        for s in data["samples"]:  # every sample: the report is the record (filterable on the page)
             if isinstance(s, dict):
                 group = str(s.get("when") or "other") + (f", {s['set']}" if s.get("set") else "")
                 groups.setdefault(group, []).append(
                     {"prompt": str(s.get("prompt") or ""), "completion": str(s.get("completion") or ""),
-                     "label": str(s.get("label") or ""), "reason": s.get("reason")})
+                     "reasoning": str(s.get("reasoning") or ""), "label": str(s.get("label") or ""), "reason": s.get("reason"),
+                     "group": group})
         order = sorted(groups, key=lambda w: ({"before": 0, "after": 1}.get(w.split(",")[0], 2), w))
-        samples = {"groups": [(w, groups[w]) for w in order], "more": max(0, len(data["samples"]) - MAX_SAMPLES)}
+        labels = sorted({x["label"] for g in groups.values() for x in g if x["label"]})
+        samples = {"groups": [(w, groups[w]) for w in order], "labels": labels, "total": sum(len(g) for g in groups.values())}
 
     return {"key": key, "name": name, "anchor": _anchor(name), "title": CHECK_TITLES.get(name, name.replace("_", " ").capitalize()),
             "status": str(chk.get("status") or "skip"), "summary": chk.get("summary"),
             "seconds": charts._num(chk.get("seconds")), "findings": findings, "figures": figures,
             "tables": [t for t in tables if t], "grid": grid, "rates": rates, "samples": samples,
             "other": other}
+
+
+def _judge_line(j: Any) -> str | None:
+    """"rules (offline judge ...): held-out accuracy 0.945, recall 0.948 ..." from results["run"]["judge"]."""
+    if not isinstance(j, dict) or not j.get("judge"):
+        return None
+    head = f"{j['judge']}" + (f" ({j['description']})" if j.get("description") else "")
+    test = j.get("frozen_test") if isinstance(j.get("frozen_test"), dict) else {}
+    if isinstance(j.get("accuracy"), (int, float)):
+        m = test.get("judge") if isinstance(test.get("judge"), dict) else {}
+        n = f" on {test['rows']} held-out human-labelled completions" if test.get("rows") else ""
+        rec = f", recall {m['recall']:.3f}, precision {m['precision']:.3f}" if "recall" in m and "precision" in m else ""
+        card = f" (data card: {j['data_card']})" if j.get("data_card") else ""
+        return f"{head}: accuracy {j['accuracy']:.3f}{rec}{n}{card}"
+    return f"{head}: accuracy not measured by this project"
 
 
 def build_view(results: dict) -> dict:
@@ -340,7 +371,10 @@ def build_view(results: dict) -> dict:
     prompts = run.get("prompts") if isinstance(run.get("prompts"), dict) else {}
     run_rows = [(k, _val(run[k])) for k in ("started", "seconds", "model_dir", "base_dir", "config", "intent_source",
                                            "device", "python", "torch", "transformers") if k in run]
-    run_rows += [(k, _val(v)) for k, v in run.items() if k not in dict(run_rows) and k not in ("command", "prompts")]
+    judge_line = notes.guard("judge", lambda: _judge_line(run.get("judge")), None)
+    run_rows += [(k, _val(v)) for k, v in run.items() if k not in dict(run_rows) and k not in ("command", "prompts", "judge")]
+    if judge_line:
+        run_rows.append(("judge", judge_line))
     prompt_rows = [(k, _val(v.get("source")) if isinstance(v, dict) else _val(v), _val(v.get("n")) if isinstance(v, dict) else "")
                    for k, v in prompts.items()]
     model_rows = [(k, _ranges(v) if k in ("moe_layers", "dense_layers") else _val(v)) for k, v in model.items()]
@@ -367,7 +401,7 @@ def build_view(results: dict) -> dict:
     return {
         "verdict": verdict if verdict in ("pass", "fail") else "unknown", "headline": results.get("headline"),
         "tool": tool, "model": model, "model_rows": model_rows, "run": run, "run_rows": run_rows, "prompt_rows": prompt_rows,
-        "command": run.get("command"), "causes": causes,
+        "command": run.get("command"), "causes": causes, "judge_line": judge_line,
         "not_blamed": [nb for nb in _list(results.get("not_blamed")) if isinstance(nb, dict)],
         "grid": grid, "grid_anchor": grid_check["anchor"] if grid_check else None, "checks": checks, "gate": gate,
         "gate_rows": [t for t in _list(gate.get("thresholds")) if isinstance(t, dict)] if gate else [],

@@ -324,10 +324,17 @@ def test_non_empty_out_needs_force_and_out_inside_base_refused(tiny_model, tmp_p
     with pytest.raises(AuditError, match="--force"):
         ablate(src, cfg, out, d, progress=False)
     assert (out / "keep.txt").exists()
-    ablate(src, cfg, out, d, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).is_file()
+    # --force replaces only an output of this tool: a folder of the user's is never deleted (issue 15)
+    with pytest.raises(AuditError, match="not written by this tool"):
+        ablate(src, cfg, out, d, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "x"
+    ours = tmp_path / "ours"
+    ablate(src, cfg, ours, d, progress=False)
+    (ours / "stale.txt").write_text("left by a user")
+    ablate(src, cfg, ours, d, force=True, progress=False)
+    assert not (ours / "stale.txt").exists() and (ours / MANIFEST_NAME).is_file()
     before = _tree_hash(src)
-    with pytest.raises(AuditError, match="never writes into an input"):
+    with pytest.raises(AuditError, match="lies inside the input"):
         ablate(src, cfg, src / "sub", d, progress=False)
     assert _tree_hash(src) == before and not (src / "sub").exists()
 

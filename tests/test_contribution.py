@@ -52,7 +52,8 @@ def test_still_writes_and_r_survives():
     assert [f.evidence["component"] for f in sw] == ["experts"]
     assert sw[0].experts == [[2, 4]] and sw[0].threshold == pytest.approx(0.05 * res.data["reference_scale"], rel=1e-3)
     rs = next(f for f in res.findings if f.code == "r-survives")
-    assert rs.layers == [2, 3] and res.status == "fail"
+    # mechanistic residue is a warning: the behavioural checks say whether it matters (a failed check fails the gate)
+    assert rs.layers == [2, 3] and res.status == "warn" and {f.severity for f in sw + [rs]} == {"warn"}
     assert set(res.data["curves"]["resid-r"]["series"]) == {"harmful before", "harmful after"}
 
 

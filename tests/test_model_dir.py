@@ -3,11 +3,13 @@
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
-from audit.model_dir import ModelDir, OutputDir, read_header, write_shard
+from audit.model_dir import ModelDir, read_header, write_shard
+from audit.outputs import MARKER, OutputDir
 from checks.errors import AuditError
 
 
@@ -40,7 +42,7 @@ def test_write_shard_roundtrip_and_header(tmp_path):
 
 def test_output_dir_atomic_and_refuses_inputs(tmp_path, tiny_model):
     base = tiny_model("llama")
-    with pytest.raises(AuditError, match="never writes into an input"):
+    with pytest.raises(AuditError, match="lies inside the input"):
         OutputDir(base / "out", inputs=[base])
     dest = tmp_path / "out"
     with pytest.raises(RuntimeError):
@@ -57,7 +59,7 @@ def test_output_dir_atomic_and_refuses_inputs(tmp_path, tiny_model):
     with OutputDir(dest, force=True) as od:
         (od.tmp / "g").write_text("y")
         od.commit()
-    assert sorted(p.name for p in dest.iterdir()) == ["g"]
+    assert sorted(p.name for p in dest.iterdir()) == [MARKER, "g"]
 
 
 # -- bad input: each one message naming the file, raised as AuditError ------------------------
@@ -167,3 +169,112 @@ def test_loads_through_transformers(tiny_model):
     ids = tok.apply_chat_template([{"role": "user", "content": "the cat writes a song"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model(**ids)
     assert out.logits.shape[-1] == len(tok)
+
+
+# -- issue 15: every header validated at open; the Hugging Face cache layout; unreadable files -------------
+
+def _raw_shard(path, header: dict, data: bytes):
+    hb = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+     bytes(12), "overlaps"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, bytes(8), "data_offsets"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}},
+     bytes(16), "gap"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "needs 12"),
+    ({"a": {"dtype": "Q4_K", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "unknown dtype"),
+    ({"a": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}, bytes(8), "shape"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(12), "after the last tensor"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "extra": 1}}, bytes(8), "exactly"),
+    ({"__metadata__": {"x": 3}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "__metadata__"),
+])
+def test_every_header_defect_is_refused_at_open(tmp_path, header, data, match):
+    f = _raw_shard(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(AuditError, match=match) as e:
+        read_header(f)
+    assert str(f) in str(e.value)
+
+
+def test_duplicate_header_keys_are_refused(tmp_path):
+    f = tmp_path / "x.safetensors"
+    hb = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    f.write_bytes(struct.pack("<Q", len(hb)) + hb + bytes(8))
+    with pytest.raises(AuditError, match="appears twice"):
+        read_header(f)
+
+
+def test_a_valid_header_still_opens_and_the_library_agrees(tmp_path):
+    """The validation accepts what safetensors writes (padding, empty tensors, every float dtype)."""
+    from safetensors.torch import save_file
+
+    f = tmp_path / "ok.safetensors"
+    save_file({"a": torch.zeros(3, 5), "b": torch.zeros(0), "c": torch.zeros(7, dtype=torch.bfloat16), "d": torch.zeros(2, dtype=torch.int64)}, f)
+    infos, _, _ = read_header(f)
+    assert {k: v.shape for k, v in infos.items()} == {"a": (3, 5), "b": (0,), "c": (7,), "d": (2,)}
+
+
+def test_hugging_face_cache_snapshot_with_symlinked_shards(tmp_path, tiny_model):
+    """snapshots/REV/*.safetensors -> ../../blobs/HASH, as huggingface_hub stores a download: accepted."""
+    src = tiny_model("qwen3_moe", sharded=True)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        if f.is_file():
+            blob = blobs / f"{i:04d}deadbeef"
+            shutil.copy(f, blob)
+            (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    md = ModelDir(snap)
+    assert len(md.shards) > 1 and md.layout.family == "qwen3_moe"
+    assert torch.equal(md.tensor("model.embed_tokens.weight"), ModelDir(src).tensor("model.embed_tokens.weight"))
+    # an index *name* that escapes is still refused, symlink or not
+    idx = json.loads((snap / "model.safetensors.index.json").read_text())
+    idx["weight_map"][next(iter(idx["weight_map"]))] = "../../blobs/0000deadbeef"
+    (snap / "model.safetensors.index.json").unlink()
+    (snap / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(AuditError, match="outside the model directory"):
+        ModelDir(snap)
+
+
+def test_unreadable_config_is_bad_input(tmp_path, tiny_model, monkeypatch):
+    d = _copy(tiny_model("llama"), tmp_path / "m")
+    real = Path.read_text
+
+    def deny(self, *a, **k):
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", deny)
+    with pytest.raises(AuditError, match="config.json: cannot read it"):
+        ModelDir(d)
+
+
+def test_pickle_named_safetensors_in_a_model_folder(tmp_path, tiny_model):
+    d = _copy(tiny_model("llama"), tmp_path / "m")
+    torch.save({"w": torch.zeros(3)}, d / "model.safetensors")  # a torch.save zip under the safetensors name
+    with pytest.raises(AuditError, match="pickle renamed .safetensors|corrupt safetensors"):
+        ModelDir(d)
+
+
+def test_identity_tells_a_changed_base(tmp_path, tiny_model):
+    from audit.model_dir import identity_changes
+
+    d = _copy(tiny_model("llama"), tmp_path / "m")
+    before = ModelDir(d).identity()
+    assert identity_changes(before, ModelDir(d).identity()) == []
+    assert identity_changes(before, ModelDir(_copy(d, tmp_path / "copy")).identity()) == []  # a copy is the same model
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (d / "config.json").write_text(json.dumps(cfg))
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-64:] = bytes(64)  # the last tensor's values, header untouched
+    f.write_bytes(bytes(data))
+    assert identity_changes(before, ModelDir(d).identity()) == ["config.json differs", "shard model.safetensors differs (content)"]

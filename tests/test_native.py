@@ -4,6 +4,7 @@ to torch where they cannot be built or read a tensor."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,26 +101,8 @@ def fresh_loader(monkeypatch, tmp_path):
     native._load.cache_clear()
 
 
-STUB = """
-#include <stdint.h>
-int pk_project(const void *a, const void *b, int dt, int64_t P, int64_t H, int64_t Q, const float *R, int64_t m,
-               float *a0, float *a1, double *s, int sq) { return 0; }
-int pk_apply_d(const void *a, const void *b, int dt, int64_t P, int64_t H, int64_t Q, const float *t, float *z) { return 0; }
-int pk_sums(const void *a, const void *b, int dt, int64_t n, double *out) { return 0; }
-"""
-
-
-@pytest.fixture
-def stub_source(monkeypatch, tmp_path):
-    """A source with the kernels' symbols in place of the real one: the build mechanics without its ten seconds."""
-    src = tmp_path / "stub.c"
-    src.write_text(STUB)
-    monkeypatch.setattr(native, "SOURCE", src)
-    return src
-
-
-def test_disabled_or_unbuildable_falls_back_to_torch(monkeypatch, fresh_loader):
-    """AUDIT_NATIVE=0, or no working compiler: no kernels, and pair_stats still answers (through torch)."""
+def test_disabled_or_not_built_falls_back_to_torch(monkeypatch, fresh_loader):
+    """AUDIT_NATIVE=0, or no library in the package (no compiler at install): no kernels, and pair_stats still answers (through torch)."""
     w0 = torch.randn(16, 5).bfloat16()
     w1 = (w0.float() * 1.5).bfloat16()
     monkeypatch.setenv("AUDIT_NATIVE", "0")
@@ -129,36 +112,39 @@ def test_disabled_or_unbuildable_falls_back_to_torch(monkeypatch, fresh_loader):
     assert pair_stats(w0, w1, 0, {}).rel_change == pytest.approx(0.5, rel=1e-2)
 
     monkeypatch.setenv("AUDIT_NATIVE", "1")
-    monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    monkeypatch.setenv("AUDIT_CACHE", str(fresh_loader / "cache"))
-    assert native.kernels() is None
+    monkeypatch.setattr(native, "library_path", lambda: None)
+    assert native.kernels() is None and not native.built()
     assert pair_stats(w0, w1, 0, {}).rel_change == pytest.approx(0.5, rel=1e-2)
-    assert not list((fresh_loader / "cache").rglob("*.so"))  # nothing half-written left behind
 
 
-@needs_kernels
-def test_builds_into_the_cache_once_and_reuses(monkeypatch, fresh_loader, stub_source):
-    """The library goes to $AUDIT_CACHE/kernels and is loaded from there next time, not rebuilt."""
-    monkeypatch.setenv("AUDIT_CACHE", str(fresh_loader / "cache"))
-    assert not native.built()
-    assert native.kernels() is not None and native.built()
-    libs = list((fresh_loader / "cache" / "kernels").glob("pair_kernels-*.so"))
-    assert len(libs) == 1
-    native._load.cache_clear()
-    mtime = libs[0].stat().st_mtime_ns
-    assert native.built() and native.kernels() is not None and libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
-    stub_source.write_text(STUB + "\n/* another version */\n")
-    native._load.cache_clear()
-    assert not native.built()  # a new source is a new library
+def test_kernels_are_built_at_install_where_a_compiler_exists():
+    """A build failure at install time must not hide as skipped tests: where a C compiler exists, the
+    extension is there and loads (issue 15)."""
+    import shutil
 
-
-@needs_kernels
-def test_unwritable_cache_builds_in_a_temporary_directory(monkeypatch, fresh_loader, stub_source):
-    blocker = fresh_loader / "not-a-dir"
-    blocker.write_text("")
-    monkeypatch.setenv("AUDIT_CACHE", str(blocker))  # kernels/ cannot be created under a file
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine: the kernels are optional")
+    lib = native.library_path()
+    assert lib is not None, "checks/_pair_kernels was not built at install time (see the pip install log)"
+    assert lib.parent == Path(native.__file__).resolve().parent
     assert native.kernels() is not None
-    assert list((fresh_loader / "tmp").rglob("pair_kernels-*.so"))
+
+
+def test_never_loads_code_from_a_cache_or_temporary_folder(monkeypatch, fresh_loader):
+    """Nothing is compiled at run time and nothing is loaded from $AUDIT_CACHE or /tmp, where another local
+    user could plant a library: only the package's own file counts."""
+    planted = [fresh_loader / "tmp" / "moe-ablation-audit-0" / "pair_kernels-0123456789abcdef.so",
+               fresh_loader / "cache" / "kernels" / "pair_kernels-0123456789abcdef.so"]
+    for f in planted:
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"not a library")
+    monkeypatch.setenv("AUDIT_CACHE", str(fresh_loader / "cache"))
+    monkeypatch.setattr(native, "library_path", lambda: None)
+    assert native.kernels() is None
+    import inspect
+
+    src = inspect.getsource(native)
+    assert "subprocess" not in src and "gettempdir" not in src and "mkstemp" not in src
 
 
 def _numbers(x, out: dict, path: str = "") -> dict:

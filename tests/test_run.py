@@ -141,6 +141,10 @@ def test_cli_exit_codes(organism, tmp_path):
     assert "verdict: FAIL" in r.stdout
     doc = json.loads((tmp_path / "r" / "results.json").read_text())
     assert doc["verdict"] == "fail" and doc["causes"]
+    assert doc["run"]["judge"]["judge"] == "rules" and doc["run"]["judge"]["accuracy"] >= 0.93  # the judge and its measured accuracy
+    assert "refusals judged by rules" in (tmp_path / "r" / "report.html").read_text()
+    bad = subprocess.run(cmd + ["--judge", "magic", "--force"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--judge 'magic'" in bad.stderr
     bad = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     gate = tmp_path / "gate.yaml"
@@ -154,11 +158,17 @@ def test_no_output_written_into_inputs(organism, tmp_path):
 
     abl = _ablate(organism, tmp_path, "base", ALL_WRITERS, [0, 1, 2, 3])
     before = sorted(p.name for p in Path(abl).iterdir())
-    with pytest.raises(AuditError, match="never writes into an input"):
-        from audit.run import RunOptions, run_audit
+    from audit.run import RunOptions, run_audit
 
+    with pytest.raises(AuditError, match="lies inside the input"):
         run_audit(RunOptions(model_dir=str(abl), out=str(abl / "report"), limit=8, max_new_tokens=8, quiet=True, simulate=False))
     assert sorted(p.name for p in Path(abl).iterdir()) == before
+    # -o a folder that *holds* the inputs, with --force: refused too, nothing deleted (issue 15)
+    for dest in (tmp_path, Path(abl).parent):
+        snapshot = sorted(str(p) for p in dest.rglob("*"))
+        with pytest.raises(AuditError, match="contains the input"):
+            run_audit(RunOptions(model_dir=str(abl), out=str(dest), force=True, limit=8, max_new_tokens=8, quiet=True, simulate=False))
+        assert sorted(str(p) for p in dest.rglob("*")) == snapshot
 
 
 def test_server_backend_gives_the_same_audit(organism, tmp_path):
@@ -182,3 +192,25 @@ def test_server_backend_gives_the_same_audit(organism, tmp_path):
         assert res_server["checks"]["refusal"]["data"][key] == res_local["checks"]["refusal"]["data"][key]
     assert res_server["checks"]["refusal"]["data"]["before"]["rate"] >= 0.95 and res_server["checks"]["refusal"]["data"]["after"]["rate"] <= 0.05
     assert res_server["verdict"] == res_local["verdict"] == "pass"
+
+
+def test_broken_ablation_fails_closed(organism, tmp_path):
+    """One layer's o_proj all NaN (issue 15): once PASS with "refusal 100% -> nan%"; now a failed verdict that says why."""
+    import torch
+
+    from audit.model_dir import ModelDir, write_shard
+
+    abl = Path(_ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS))
+    md = ModelDir(abl)
+    key = "model.layers.1.self_attn.o_proj.weight"
+    shard = md.tensors[key].shard
+    tensors = [(n, torch.full_like(t, float("nan")) if n == key else t.clone()) for n, t in md.iter_tensors() if md.tensors[n].shard == shard]
+    meta = md.shard_meta[shard]
+    md.close()
+    write_shard(abl / shard, tensors, meta)
+    res = _audit(abl, tmp_path, apply_fix=False, simulate=False)
+    assert res["verdict"] == "fail", res["headline"]
+    assert "nan%" not in res["headline"] and "not measurable" in res["headline"], res["headline"]
+    failed = {t["name"] for t in res["gate"]["thresholds"] if t["passed"] is False}
+    assert "check:weights" in failed and "max_refusal_after" in failed, res["gate"]
+    assert any(f["code"] == "nan-inf" for f in res["checks"]["weights"]["findings"])

@@ -1,0 +1,318 @@
+"""Writing outputs without ever touching what the tool did not create.
+
+Every output folder (an audit's results, an ablated model) is built in a temporary sibling and
+renamed into place when complete; it carries a marker file (``MARKER``) that says this tool wrote it.
+Rules, in one place for every command:
+
+- a destination that is, contains, or lies inside an input is refused (``--force`` included): the
+  inputs are resolved through symlinks, so a Hugging Face cache snapshot and its blobs count too;
+- an existing destination is replaced only with ``--force``, and only when it is empty or holds our
+  marker; a folder or file of anyone else's is never deleted;
+- the final rename never replaces a destination that appeared meanwhile (a concurrent writer):
+  ``rename`` onto a non-empty folder fails, and single files are linked into place, which fails when
+  the name exists;
+- folders and files get the user's umask (``mkdtemp``/``mkstemp`` would make them private); files and
+  folders are fsynced before the rename, so a crash leaves the old output or the new one, whole;
+- temporaries of ours left by a killed run (``.NAME.tmp-PID-*``) are removed when their process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from checks.errors import AuditError
+
+MARKER = ".moe-ablation-audit"  # inside every output folder this tool writes
+TOOL = "moe-ablation-audit"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: Path, directory: bool) -> None:
+    """Give ``path`` the mode a plain mkdir/open would have under the user's umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush a file's (or a folder's entries') data to disk; quietly skipped where the file system cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (deepest first), then ``root`` itself."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for f in files:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                fsync_path(p)
+        fsync_path(Path(dirpath), directory=True)
+
+
+# -- inputs and destinations -------------------------------------------------------------------
+
+
+def input_roots(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
+    """Every path an output must stay clear of: each input resolved, and for folders the targets of the
+    symlinks in them (a Hugging Face cache snapshot links to ../../blobs)."""
+    roots: list[Path] = []
+    for inp in inputs:
+        if inp is None:
+            continue
+        p = Path(inp)
+        if not p.exists() and not p.is_symlink():
+            continue
+        roots.append(p.absolute())
+        roots.append(p.resolve())
+        if p.is_dir():
+            try:
+                for child in p.iterdir():
+                    if child.is_symlink():
+                        roots.append(child.resolve().parent)
+            except OSError:
+                pass
+    return list(dict.fromkeys(roots))
+
+
+def _related(dest: Path, root: Path) -> str | None:
+    if dest == root:
+        return "is"
+    if root in dest.parents:
+        return "lies inside"
+    if dest in root.parents:
+        return "contains"
+    return None
+
+
+def is_ours(path: Path) -> bool:
+    """Whether ``path`` is a folder this tool wrote (it holds our marker)."""
+    try:
+        return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
+    except OSError:
+        return False
+
+
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_destination(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), force: bool = False,
+                      kind: str = "folder", ours: Callable[[Path], bool] | None = None) -> Path:
+    """The absolute destination, after every refusal that can be decided before long work starts.
+
+    ``kind`` is "folder" or "file". ``ours(path)`` tells whether an existing file is one this tool wrote
+    (folders: the marker). Raises AuditError naming the destination and what to do.
+    """
+    dest = Path(dest).absolute()
+    real = Path(os.path.realpath(dest))
+    for root in input_roots(inputs):
+        for d in (dest, real):
+            rel = _related(d, root)
+            if rel:
+                raise AuditError(f"{dest}: {rel} the input {root}; outputs never go into, onto or around an input -- choose another -o")
+    anc = _nearest_existing(dest.parent)
+    if not anc.is_dir():
+        raise AuditError(f"{dest}: its parent {anc} is a file, not a folder; choose another -o")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise AuditError(f"{dest}: cannot create it: {anc} is not writable by this user; choose another -o")
+    if dest.is_symlink() or dest.exists():
+        if kind == "folder":
+            if not dest.is_dir() or dest.is_symlink():
+                raise AuditError(f"{dest}: exists and is not a folder; choose another -o")
+            try:
+                empty = not any(dest.iterdir())
+            except OSError as e:
+                raise AuditError(f"{dest}: cannot read it ({e.strerror}); choose another -o") from None
+            if not empty:
+                if not force:
+                    raise AuditError(f"{dest}: exists and is not empty; choose another -o or pass --force to replace an earlier output of this tool")
+                if not is_ours(dest):
+                    raise AuditError(f"{dest}: exists and was not written by this tool (no {MARKER} marker); --force replaces only "
+                                     "this tool's own outputs -- choose another -o or remove it yourself")
+        else:
+            if dest.is_dir():
+                raise AuditError(f"{dest}: is a folder; -o needs a file name here")
+            if not force:
+                raise AuditError(f"{dest}: exists; choose another -o or pass --force to replace an earlier output of this tool")
+            if ours is None or not ours(dest):
+                raise AuditError(f"{dest}: exists and was not written by this tool; --force replaces only this tool's own outputs -- "
+                                 "choose another -o or remove it yourself")
+    return dest
+
+
+# -- stale temporaries -------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _temp_name(dest: Path, what: str) -> str:
+    return f".{dest.name}.{what}-{os.getpid()}-"
+
+
+def clean_stale(dest: Path) -> list[Path]:
+    """Remove our temporaries for ``dest`` whose process is gone (same host); returns what was removed."""
+    removed = []
+    host = socket.gethostname()
+    try:
+        siblings = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        for what in ("tmp", "old"):
+            prefix = f".{dest.name}.{what}-"
+            if not p.name.startswith(prefix):
+                continue
+            pid_s = p.name[len(prefix):].split("-", 1)[0]
+            if not pid_s.isdigit() or _alive(int(pid_s)):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                marker = p / MARKER
+                try:
+                    info = json.loads(marker.read_text()) if marker.is_file() else None
+                except (OSError, ValueError):
+                    info = None
+                if (info is not None and info.get("host") == host) or (info is None and not any(p.iterdir())):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+            elif p.is_file() and what == "tmp" and p.name.endswith(".partial"):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+# -- folders -----------------------------------------------------------------------------------
+
+
+class OutputDir:
+    """Build an output folder in a temporary sibling; ``commit`` renames it into place.
+
+    ``inputs`` and ``force`` as in ``check_destination``. On an exception inside ``with`` the
+    temporary folder is removed. The marker is written first, so a killed run's temporary is ours to clean.
+    """
+
+    def __init__(self, dest: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), force: bool = False, kind: str = "audit output"):
+        self.inputs = list(inputs)
+        self.dest = check_destination(dest, self.inputs, force)
+        self.force = force
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(self.dest)
+            self.tmp = Path(tempfile.mkdtemp(prefix=_temp_name(self.dest, "tmp"), dir=self.dest.parent))
+        except OSError as e:
+            raise AuditError(f"{self.dest}: cannot create the output folder ({e.strerror}); choose another -o") from None
+        public_mode(self.tmp, directory=True)
+        (self.tmp / MARKER).write_text(json.dumps({"tool": TOOL, "kind": kind, "pid": os.getpid(), "host": socket.gethostname(),
+                                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self) -> Path:
+        """Rename the finished folder into place (fsynced first); never over a destination that appeared meanwhile."""
+        fsync_tree(self.tmp)
+        old = None
+        if self.dest.exists() or self.dest.is_symlink():
+            empty = self.dest.is_dir() and not self.dest.is_symlink() and not any(self.dest.iterdir())
+            if not self.force and not empty:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise AuditError(f"{self.dest}: appeared while this run was writing (another run?); nothing was replaced -- "
+                                 "choose another -o, or pass --force to replace an output of this tool")
+            try:
+                check_destination(self.dest, self.inputs, self.force)  # still ours (or empty)?
+            except AuditError:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            old = Path(tempfile.mkdtemp(prefix=_temp_name(self.dest, "old"), dir=self.dest.parent))
+            try:
+                os.rename(self.dest, old / "previous")
+            except FileNotFoundError:  # another writer moved it first
+                pass
+        try:
+            os.rename(self.tmp, self.dest)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise AuditError(f"{self.dest}: appeared while this run was writing (another run?); nothing was replaced -- "
+                                 "choose another -o, or pass --force to replace an output of this tool") from None
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)  # the previous output: ours, checked above
+        fsync_path(self.dest.parent, directory=True)
+        return self.dest
+
+
+# -- single files ------------------------------------------------------------------------------
+
+
+def write_file(dest: str | os.PathLike, write: Callable[[Path], None], inputs: Iterable[str | os.PathLike | None] = (),
+               force: bool = False, ours: Callable[[Path], bool] | None = None) -> Path:
+    """Write one output file: ``write(tmp_path)`` fills a temporary sibling, which is then linked into place.
+
+    Without ``force`` the link fails if ``dest`` appeared meanwhile (no silent replace); with it, only a
+    file ``ours`` recognises is replaced.
+    """
+    inputs = list(inputs)
+    dest = check_destination(dest, inputs, force, kind="file", ours=ours)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(dest)
+        fd, name = tempfile.mkstemp(prefix=_temp_name(dest, "tmp"), suffix=".partial", dir=dest.parent)
+        os.close(fd)
+    except OSError as e:
+        raise AuditError(f"{dest}: cannot write it ({e.strerror}); choose another -o") from None
+    tmp = Path(name)
+    try:
+        public_mode(tmp, directory=False)
+        write(tmp)
+        fsync_path(tmp)
+        if dest.exists():
+            check_destination(dest, inputs, force, kind="file", ours=ours)
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                raise AuditError(f"{dest}: appeared while this run was writing (another run?); nothing was replaced -- choose another -o") from None
+            except OSError:  # a file system without hard links: rename (a race here is the file system's limit)
+                if dest.exists():
+                    raise AuditError(f"{dest}: appeared while this run was writing; nothing was replaced") from None
+                os.rename(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(dest.parent, directory=True)
+    return dest

@@ -1,0 +1,52 @@
+"""What the code imports is what pyproject.toml declares (issue 15: a fresh machine must pass the README's commands)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("audit", "checks", "reports")
+# modules the code imports only on a path that says how to get them (a clear AuditError names the package)
+OPTIONAL = {"pyarrow"}  # Parquet prompt files: `pip install pyarrow`, datasets brings it anyway
+
+
+def _imports() -> set[str]:
+    out = set()
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    out |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    out.add(node.module.split(".")[0])
+    return out
+
+
+def _declared() -> set[str]:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    reqs = meta["project"]["dependencies"]
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    dists = md.packages_distributions()
+    third = {m for m in _imports() - set(sys.stdlib_module_names) - set(PACKAGES) - OPTIONAL}
+    declared = _declared()
+    missing = {}
+    for mod in sorted(third):
+        names = {d.lower().replace("_", "-") for d in dists.get(mod, [mod])}
+        if not names & declared:
+            missing[mod] = sorted(names)
+    assert not missing, f"imported but not declared in pyproject.toml dependencies: {missing}"
+
+
+def test_transformers_serve_dependencies_are_declared():
+    """`transformers serve` (the server tests, the --server recipe) needs accelerate: declared, not installed by hand."""
+    assert {"accelerate", "transformers"} <= _declared()
+    test_extra = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]}
+    assert {"fastapi", "uvicorn", "openai"} <= test_extra
