@@ -1,4 +1,4 @@
-"""The diagnosis matrix: failed (and one sound) ablations of the spread organisms, each built once into the cache.
+"""The diagnosis matrix: failed (and two sound) ablations of the spread organisms, each built once into the cache.
 
 Every case is a model directory made from a cached ``spread`` organism (audit/organism.py: r* planted
 redundantly in every writer group of every layer) the way a user's tool would make it: most with our
