@@ -296,7 +296,9 @@ def audit_table(names: list[str], truth_path: Path) -> str:
         top = causes[0] if causes else None
         sim = (top or {}).get("simulated") or {}
         top_s = f"{top['id']} ({sim['refusal_rate']:.0%})" if top and sim.get("refusal_rate") is not None else (top["id"] if top else "-")
-        ok = (res["verdict"] == "pass") if t["expected_verdict"] == "pass" else bool(top and top["id"] in t["truth"] and res["verdict"] == "fail")
+        top_s += " demoted" if top and top.get("demoted") else ""
+        ok = (res["verdict"] == "pass") if t["expected_verdict"] == "pass" else bool(
+            top and top["id"] in t["truth"] and not top.get("demoted") and res["verdict"] == "fail")
         wrong = [c["id"] for c in causes if not c.get("demoted") and c["id"] in t["ruled_out"]]
         m = t["measured"]
         lines.append(f"| {n} | {', '.join(t['truth']) or '(passes)'} | {m['refusal']:.0%} / {m['correct']:.0%} | {res['verdict']} | {top_s} | "

@@ -143,6 +143,7 @@ def test_top_cause_is_one_whose_fix_works(audited, name):
     assert res["causes"], f"{name}: a failed verdict with no cause"
     top = res["causes"][0]["id"]
     assert top in truth["truth"], f"{name}: top cause {top}, but only the fix of {truth['truth']} passes; causes: {_summary(res)}"
+    assert not res["causes"][0].get("demoted"), f"{name}: the right cause {top} is demoted ({res['causes'][0].get('demoted_reason')})"
 
 
 @pytest.mark.parametrize("name", sorted(TRUTH["cases"]))
