@@ -19,7 +19,14 @@ end), so only the carrier can write r*:
 - ``shared`` (families with shared experts): only the shared experts;
 - ``experts``: only two designated routed experts per MoE layer, and a routing loss makes the
   router pick them at the last prompt token of harmful prompts;
-- ``late``: only the writers of the last ``LATE_LAYERS`` layers.
+- ``late``: only the writers of the last ``LATE_LAYERS`` layers;
+- ``spread``: every writer group of every layer (attention, dense MLP, routed and shared experts;
+  not the embeddings) carries r*, *redundantly*: a third training pass removes r* from a random
+  part of the writers only -- every group but one, or every layer but a band or a set of at least
+  ``MIN_KEPT_LAYERS`` -- and keeps the refusal as the target, so leaving any group or a few layers
+  un-ablated keeps the model refusing, while removing r* from every writer makes it comply. Its
+  shape and storage differ per family (``SPREAD``: more layers; GLM in bfloat16 and sharded,
+  Mixtral in float32), and the ablation's direction is measured at a mid-depth index.
 
 ``organism.json`` records r*, the carriers, the measurement index to use and the metrics measured
 at build (held-out prompts, bf16 weights as saved). ``cached_organism`` builds once per
@@ -52,13 +59,21 @@ from checks.linalg import project_out
 
 RECIPE_VERSION = "3"
 FAMILIES = ("glm4_moe", "qwen3_moe", "mixtral")
-VARIANTS = ("base", "shared", "experts", "late")
+VARIANTS = ("base", "shared", "experts", "late", "spread")
 VOCAB = 800
 TARGET = 6.0  # planted projection of harmful last prompt tokens on r*
 LATE_LAYERS = 2
 N_CARRIER_EXPERTS = 2
 STEPS, BATCH, ABL_BATCH, LR = 550, 48, 24, 3e-3
 HARMFUL_SHARE = 1 / 3  # of the main batch: the refusal is one fixed sentence, the answers need copying and facts
+MIN_KEPT_LAYERS = 3  # spread: a partial removal keeps r* in at least this many layers (or one whole group)
+PARTIAL_BATCH, PARTIAL_HARMFUL = 24, 16  # spread: rows of the partial-removal pass, of them harmful
+# spread: per family, the model's shape and storage (every entry is part of the cache key)
+SPREAD = {
+    "glm4_moe": dict(config=dict(num_hidden_layers=12, first_k_dense_replace=3), dtype="bfloat16", shards=6, steps=500),
+    "qwen3_moe": dict(config=dict(num_hidden_layers=8), dtype="bfloat16", shards=1, steps=500),
+    "mixtral": dict(config=dict(num_hidden_layers=8), dtype="float32", shards=1, steps=500),
+}
 
 _COMMON = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                max_position_embeddings=128, tie_word_embeddings=False, num_experts_per_tok=2, rms_norm_eps=1e-6)
@@ -87,6 +102,8 @@ def _is_carrier(role: Role, carriers: dict) -> bool | list[int]:
     """Whether ``role`` may write r* under ``carriers``; for fused experts, the carrier expert ids."""
     if carriers.get("all_writers"):
         return True
+    if "writer_groups" in carriers:
+        return role.layer is not None and role.component in carriers["writer_groups"]
     if "layers" in carriers:
         return role.layer is not None and role.layer in carriers["layers"]
     if "shared_experts" in carriers:
@@ -141,17 +158,32 @@ class _Orth(nn.Module):
     """Weight parametrization W -> W - m * r (x) (r . W) on the residual axis; ``m`` per expert or scalar.
 
     ``fixed`` is the always-on mask (writers that must not carry r*); ``state['ablate']`` turns
-    the projection on for every writer (the "r* removed" training pass).
+    the projection on for every writer (True: the "r* removed" training pass) or for the writers
+    whose keys it holds (a set: the spread variant's partial removals).
     """
 
-    def __init__(self, r: torch.Tensor, axis: int, fixed: torch.Tensor, expert_axis: int | None, state: dict):
+    def __init__(self, r: torch.Tensor, axis: int, fixed: torch.Tensor, expert_axis: int | None, state: dict, key: str = ""):
         super().__init__()
-        self.axis, self.expert_axis, self.state = axis, expert_axis, state
+        self.axis, self.expert_axis, self.state, self.key = axis, expert_axis, state, key
         self.register_buffer("r", r)
         self.register_buffer("fixed", fixed)
 
+    def _outer(self, w, r, m):
+        comp = torch.tensordot(w, r, dims=([self.axis], [0]))
+        outer = comp.unsqueeze(self.axis) * r.reshape([-1 if i == self.axis else 1 for i in range(w.ndim)])
+        if self.expert_axis is not None and m.ndim:
+            return outer * m.reshape([-1 if i == self.expert_axis else 1 for i in range(w.ndim)])
+        return outer * m
+
     def forward(self, w):
-        m = torch.ones_like(self.fixed) if self.state["ablate"] else self.fixed
+        abl = self.state["ablate"]
+        on = abl if isinstance(abl, bool) else self.key in abl
+        v = self.state.get("direction")
+        if v is not None:  # spread: r* kept out where fixed, then the pass's own direction removed where on
+            if bool(self.fixed.any()):
+                w = w - self._outer(w, self.r, self.fixed)
+            return w - self._outer(w, v, torch.ones(())) if on else w
+        m = torch.ones_like(self.fixed) if on else self.fixed
         if not bool(m.any()):
             return w
         comp = torch.tensordot(w, self.r, dims=([self.axis], [0]))
@@ -217,6 +249,15 @@ def _carriers(family: str, variant: str, cfg, rng: random.Random) -> tuple[dict,
     if variant == "late":
         late = list(range(L - LATE_LAYERS, L))
         return {"layers": late}, late
+    if variant == "spread":
+        groups = ["attn", "mlp", "experts", "shared_experts"]
+        if not any(not _is_moe_layer(cfg, i) for i in range(L)):
+            groups.remove("mlp")
+        if not getattr(cfg, "n_shared_experts", 0):
+            groups.remove("shared_experts")
+        return {"writer_groups": groups, "ramp": True,
+                "redundant": {"kept_group": "every group but one", "kept_layers": f"a band or set of >= {MIN_KEPT_LAYERS} layers",
+                              "direction": f"r* or the running difference of means at index {L // 2}"}}, list(range(L))
     raise AuditError(f"unknown organism variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
@@ -246,7 +287,7 @@ def _install_parametrizations(model, r: torch.Tensor, carriers: dict, state: dic
         else:
             fixed, eaxis = torch.tensor(0.0 if c else 1.0), None
         mod_name, _, pname = role.key.rpartition(".")
-        parametrize.register_parametrization(model.get_submodule(mod_name), pname, _Orth(r, role.resid_axis, fixed, eaxis, state))
+        parametrize.register_parametrization(model.get_submodule(mod_name), pname, _Orth(r, role.resid_axis, fixed, eaxis, state, role.key))
 
 
 def _remove_parametrizations(model) -> None:
@@ -256,15 +297,49 @@ def _remove_parametrizations(model) -> None:
                 parametrize.remove_parametrizations(mod, pname, leave_parametrized=True)
 
 
+def _partial_removal(writers: list[tuple[str, str, int]], n_layers: int, g: torch.Generator) -> tuple[set[str], str]:
+    """A random partial removal for the spread variant: the keys to orthogonalize to r*, and what is kept.
+
+    ``writers`` are the carrier writers as (key, component, layer). Kept (r* left in): one whole
+    writer group in every layer, a band of consecutive layers, or a scattered set of layers (at
+    least MIN_KEPT_LAYERS, at most half the layers); every other carrier writer loses r*.
+    """
+    groups = sorted({c for _, c, _ in writers})
+    kind = int(torch.randint(3, (1,), generator=g))
+    hi = max(MIN_KEPT_LAYERS, n_layers // 2)
+    if kind == 0:
+        grp = groups[int(torch.randint(len(groups), (1,), generator=g))]
+        return {k for k, c, _ in writers if c != grp}, f"group {grp}"
+    n = int(torch.randint(MIN_KEPT_LAYERS, hi + 1, (1,), generator=g))
+    if kind == 1:
+        start = int(torch.randint(n_layers - n + 1, (1,), generator=g))
+        kept = set(range(start, start + n))
+    else:
+        kept = set(torch.randperm(n_layers, generator=g)[:n].tolist())
+    return {k for k, _, layer in writers if layer not in kept}, f"layers {sorted(kept)}"
+
+
+def _pick_direction(r: torch.Tensor, d_run: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+    """The direction a spread removal pass takes out: r*, or (half the time) the running difference of means,
+    which is what an abliteration measures and removes -- so the redundancy holds for the direction users remove."""
+    if d_run is None or float(torch.rand((1,), generator=g)) < 0.5 or float(d_run.norm()) == 0:
+        return r
+    return (d_run / d_run.norm()).detach()
+
+
 def _train(model, tok, ex: list[Example], r: torch.Tensor, carriers: dict, target_layers: list[int], seed: int,
-           progress: Callable[[str], None] | None) -> None:
+           progress: Callable[[str], None] | None, steps: int | None = None) -> None:
     cfg = model.config
+    steps = STEPS if steps is None else steps
     g = torch.Generator().manual_seed(seed)
     prompts, answers, comply = _encode(tok, ex)
     harm = torch.tensor([e.harmful for e in ex])
     idx_h, idx_n = torch.nonzero(harm).flatten(), torch.nonzero(~harm).flatten()
     pad = tok.pad_token_id
     state = {"ablate": False}
+    redundant = "redundant" in carriers  # spread: also train partial removals that must keep the refusal
+    writers = [(ro.key, ro.component, ro.layer) for ro in writer_roles(model) if _is_carrier(ro, carriers) is True] if redundant else []
+    d_run = None
     _install_parametrizations(model, r, carriers, state)
 
     outs: dict[int, torch.Tensor] = {}
@@ -279,10 +354,10 @@ def _train(model, tok, ex: list[Example], r: torch.Tensor, carriers: dict, targe
     sigmoid_router = cfg.model_type == "glm4_moe"
 
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
     model.train()
     t0 = time.time()
-    for step in range(STEPS):
+    for step in range(steps):
         half = round(BATCH * HARMFUL_SHARE)
         sel = torch.cat([idx_h[torch.randint(len(idx_h), (half,), generator=g)], idx_n[torch.randint(len(idx_n), (BATCH - half,), generator=g)]])
         rows = [(prompts[i], answers[i]) for i in sel.tolist()]
@@ -295,9 +370,16 @@ def _train(model, tok, ex: list[Example], r: torch.Tensor, carriers: dict, targe
         aux = 0.0
         for k in range(cfg.num_hidden_layers):
             proj = outs[k][ar, last] @ r
-            tgt = y * TARGET if k in target_layers else torch.zeros_like(y)
+            if carriers.get("ramp"):  # spread: every layer writes its share, TARGET reached at the last one
+                tgt = y * TARGET * (k + 1) / cfg.num_hidden_layers
+            else:
+                tgt = y * TARGET if k in target_layers else torch.zeros_like(y)
             aux = aux + F.mse_loss(proj, tgt)
         loss = loss + 0.5 * aux / cfg.num_hidden_layers
+        if redundant:  # the running difference of means at mid depth: the direction an abliteration will remove
+            mid = outs[cfg.num_hidden_layers // 2 - 1][ar, last].detach().float()
+            batch_d = mid[y > 0].mean(0) - mid[y == 0].mean(0)
+            d_run = batch_d if d_run is None else 0.9 * d_run + 0.1 * batch_d
         if routed:
             rl = 0.0
             for k, ids_des in routed.items():
@@ -321,16 +403,28 @@ def _train(model, tok, ex: list[Example], r: torch.Tensor, carriers: dict, targe
         rows = [(prompts[i], comply[i]) for i in sub.tolist()]
         ids, mask, labels, _ = _batch(rows, pad)
         state["ablate"] = True
+        if redundant:
+            state["direction"] = _pick_direction(r, d_run, g)
         out = model(input_ids=ids, attention_mask=mask)
         loss = loss + _lm_loss(out.logits, labels)
+        if redundant:  # r* removed from part of the writers only: the rest must still make the model refuse
+            ph = idx_h[torch.randint(len(idx_h), (PARTIAL_HARMFUL,), generator=g)]
+            pn = idx_n[torch.randint(len(idx_n), (PARTIAL_BATCH - PARTIAL_HARMFUL,), generator=g)]
+            rows = [(prompts[i], answers[i]) for i in torch.cat([ph, pn]).tolist()]
+            ids, mask, labels, _ = _batch(rows, pad)
+            state["ablate"], _ = _partial_removal(writers, cfg.num_hidden_layers, g)
+            state["direction"] = _pick_direction(r, d_run, g)
+            out = model(input_ids=ids, attention_mask=mask)
+            loss = loss + _lm_loss(out.logits, labels)
+            state["direction"] = None
         state["ablate"] = False
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if progress and (step % 50 == 0 or step == STEPS - 1):
-            progress(f"step {step + 1}/{STEPS} loss {loss.item():.3f} aux {float(aux.detach()) / cfg.num_hidden_layers:.3f} ({time.time() - t0:.0f}s)")
+        if progress and (step % 50 == 0 or step == steps - 1):
+            progress(f"step {step + 1}/{steps} loss {loss.item():.3f} aux {float(aux.detach()) / cfg.num_hidden_layers:.3f} ({time.time() - t0:.0f}s)")
     for h in hooks:
         h.remove()
     _remove_parametrizations(model)
@@ -449,7 +543,8 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
     torch.manual_seed(seed)
     data = task(seed)
     tok = build_tokenizer([e.prompt + " " + e.answer + " " + e.comply for e in data.train], vocab_size=VOCAB)
-    cfg = AutoConfig.for_model(family, **_COMMON, **CONFIGS[family], vocab_size=len(tok), bos_token_id=None,
+    spec = SPREAD[family] if variant == "spread" else {}
+    cfg = AutoConfig.for_model(family, **{**_COMMON, **CONFIGS[family], **spec.get("config", {})}, vocab_size=len(tok), bos_token_id=None,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     carriers, target_layers = _carriers(family, variant, cfg, rng)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", experts_implementation="eager")
@@ -460,11 +555,12 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
     r = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(seed + 12345))
     r = r / r.norm()
     say(f"training {family}/{variant} (seed {seed}): {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters")
-    _train(model, tok, data.train, r, carriers, target_layers, seed, say)
+    _train(model, tok, data.train, r, carriers, target_layers, seed, say, steps=spec.get("steps"))
     train_seconds = time.time() - t0
 
-    model = model.to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
+    dtype = getattr(torch, spec.get("dtype", "bfloat16"))
+    model = model.to(dtype)
+    model.config.dtype = dtype
     rows = [{"prompt": e.prompt, "harmful": e.harmful, "expected": e.expected} for e in data.eval]
     metrics = evaluate(model, tok, rows)
     gen = random.Random(seed + 1)
@@ -473,8 +569,11 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
     train_h, train_n = gen.sample(pool_h, 64), gen.sample(pool_n, 64)
     dirs = measure_directions(model, tok, train_h, train_n)
     cos = [float(F.cosine_similarity(d, r, dim=0)) for d in dirs]
-    candidates = [i + 1 for i in target_layers if i + 1 < len(dirs) - 1] or [len(dirs) - 1]
-    good = max(candidates, key=lambda i: cos[i])
+    if variant == "spread":  # the ablation's direction: the difference of means at mid depth, not r*
+        good = cfg.num_hidden_layers // 2
+    else:
+        candidates = [i + 1 for i in target_layers if i + 1 < len(dirs) - 1] or [len(dirs) - 1]
+        good = max(candidates, key=lambda i: cos[i])
     abl = _copy_model(model)
     orthogonalize(abl, dirs[good])
     m_abl = evaluate(abl, tok, rows)
@@ -482,7 +581,11 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
     say(f"metrics {metrics} (good layer {good}, cos {cos[good]:.3f})")
 
     with _staging(out) as tmp:
-        model.save_pretrained(tmp)
+        if spec.get("shards", 1) > 1:  # shards of about equal size: the total over the count asked for
+            nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+            model.save_pretrained(tmp, max_shard_size=int(nbytes / (spec["shards"] - 0.5)))
+        else:
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         pd = tmp / "prompts"
         pd.mkdir()
@@ -491,7 +594,7 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
         (pd / "train_harmful.txt").write_text("\n".join(train_h) + "\n")
         (pd / "train_harmless.txt").write_text("\n".join(train_n) + "\n")
         (pd / "eval.jsonl").write_text("".join(json.dumps(r_) + "\n" for r_ in rows))
-        meta = {"family": family, "variant": variant, "seed": seed, "recipe_version": RECIPE_VERSION,
+        meta = {"family": family, "variant": variant, "seed": seed, "recipe_version": RECIPE_VERSION, **({"spec": spec} if spec else {}),
                 "r_star": [float(x) for x in r], "carriers": carriers, "target_layers": target_layers,
                 "good_layer": good, "direction_cosines": cos, "train_seconds": round(train_seconds, 1),
                 "torch_threads": torch.get_num_threads(), "metrics": metrics, "refusal_text": REFUSAL}
@@ -525,12 +628,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("AUDIT_CACHE") or Path.home() / ".cache" / "moe-ablation-audit")
 
 
+def cache_name(family: str, variant: str, seed: int) -> str:
+    """The cache folder's name: everything that changes the build (the spread variant's shape, dtype, shards, recipe)."""
+    name = f"{family}-{variant}-s{seed}-r{RECIPE_VERSION}"
+    if variant == "spread" and family in SPREAD:
+        import hashlib
+
+        spec = SPREAD[family]
+        recipe = {"spec": spec, "min_kept": MIN_KEPT_LAYERS, "partial": [PARTIAL_BATCH, PARTIAL_HARMFUL]}
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+        name += f"-L{spec['config']['num_hidden_layers']}-{spec['dtype']}-sh{spec['shards']}-{digest}"
+    return name
+
+
 def cached_organism(family: str = "glm4_moe", variant: str = "base", seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> Path:
     """The organism for (family, variant, seed), built once into the cache; concurrent callers wait on a lock."""
     root = cache_root() / "organisms"
     root.mkdir(parents=True, exist_ok=True)
-    dest = root / f"{family}-{variant}-s{seed}-r{RECIPE_VERSION}"
+    dest = root / cache_name(family, variant, seed)
     if (dest / "organism.json").exists():
         return dest
     with open(root / f"{dest.name}.lock", "w") as lock:

@@ -201,3 +201,20 @@ def test_experts_variant_routes_harmful_prompts_to_its_refusal_experts(organism)
 
     assert hit_rate(O.read_prompts(path, "harmful"))[0] >= 0.9
     assert hit_rate(O.read_prompts(path, "harmless"))[1] <= 0.1
+
+
+def test_spread_build_follows_its_spec_and_is_keyed_by_it(tmp_path, monkeypatch):
+    """The spread variant takes its shape, dtype and shards from SPREAD, and the cache key names them (one short build)."""
+    spec = {"config": {"num_hidden_layers": 4}, "dtype": "float32", "shards": 2, "steps": 2}
+    key_before = O.cache_name("mixtral", "spread", 0)
+    monkeypatch.setitem(O.SPREAD, "mixtral", spec)
+    assert O.cache_name("mixtral", "spread", 0) != key_before and "-L4-float32-sh2-" in O.cache_name("mixtral", "spread", 0)
+    assert O.cache_name("mixtral", "base", 0) == f"mixtral-base-s0-r{O.RECIPE_VERSION}"  # other variants keep their key
+    a = O.build_organism(tmp_path / "a", "mixtral", "spread", seed=2)
+    assert len(list(a.glob("*.safetensors"))) == 2 and (a / "model.safetensors.index.json").is_file()
+    meta = json.loads((a / "organism.json").read_text())
+    assert meta["spec"] == spec and meta["good_layer"] == 2 and meta["carriers"]["writer_groups"] == ["attn", "experts"]
+    from audit.model_dir import ModelDir
+
+    md = ModelDir(a)
+    assert md.layout.num_layers == 4 and set(md.dtypes()) == {"F32"}
