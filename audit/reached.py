@@ -17,6 +17,7 @@ scale and experts; one layer may have several (disjoint components or experts).
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -109,6 +110,10 @@ def reached(record: dict, directions) -> Reached:
                      for e, v in enumerate(d.expert_rel_change) if v and v > 0]
         else:
             parts = [(None, whole)]
+        if any(not math.isfinite(sc) for _, sc in parts):  # NaN/Inf weights: no projection reproduces them
+            unreproduced.append(d.key)
+            n -= 1
+            continue
         for experts, sc in parts:
             for t in d.changed_targets:
                 items.append((layer, t, experts if t in EXPERT_TARGETS else None, (idx, _round(sc), round(sparsity, 4)), bias))

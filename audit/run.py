@@ -323,6 +323,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             sim = Simulator(m_base, tok, harmful, harmless, scores, labels, jd, opts, directions, base.layout, refusal_ids,
                             lp_harmless=pb.first_logprobs_harmless)
             sim.opts_target = target
+            sim.max_kl = gate_cfg.max_kl if gate_cfg.max_kl is not None else float("inf")
             if sim.calibration is not None:
                 bypass = sim.bypass_scan(ref_index)
                 good = bypass["best_index"]

@@ -30,7 +30,7 @@ WRITER_TARGETS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down"
 _COMPONENT = {"embed": "embed", "attn_out": "attn", "mlp_down": "mlp", "experts_down": "experts", "shared_down": "shared_experts"}
 GEN_MARGIN = 0.15  # a candidate whose estimate is within this of the target is confirmed by generation
 WRITER_CAUSES = ("layer-coverage", "attention-not-ablated", "shared-experts-not-ablated", "routed-experts-not-ablated",
-                 "redundant-refusal-experts", "expert-inputs-not-ablated")
+                 "redundant-refusal-experts")  # causes about what writes r into the stream (the bypass test bounds these)
 
 
 class Simulator:
@@ -45,6 +45,7 @@ class Simulator:
         self.m_base, self.tok, self.harmful, self.harmless, self.opts = m_base, tok, harmful, harmless, opts
         self.directions, self.layout, self.judge = directions, layout, judge
         self.opts_target = 0.1
+        self.max_kl = 1.0  # a candidate that moves harmless answers further than the gate allows does not count as a fix
         self.token_ids = token_ids
         self.calibration, self.note, self._lp_base = None, None, lp_harmless
         g = torch.Generator().manual_seed(0)  # a fixed order: early stopping never sees one kind of prompt first
@@ -164,59 +165,77 @@ class Simulator:
 
         start = reached_cfg if reached_cfg is not None else AblationConfig([], (), source="nothing reached the weights")
         works_bypass = bypass is not None and ablated_index is not None and (bypass.get(str(ablated_index)) or {}).get("rate", 1.0) <= self.opts_target
-        skipped, tried = [], 0
-        writer_found = False
+        skipped, tried = [], [0]
         for cz in causes:
             cands = list(cz.fix.get("candidates") or [])
-            if cz.id in WRITER_CAUSES and works_bypass and reached_cfg is not None:
-                cands.append({"label": "every residual writer at every layer (the bypass test's complete fix)",
-                              "patch": {"add": [{"targets": self.writer_targets(), "layers": list(range(self.layout.num_layers))}]}})
             if not cands or not (cz.explains_refusal or cz.id in ("model-damaged", "unintended-modification")):
                 skipped.append(cz.id)
                 continue
-            trace, chosen = [], None
-            for k, cand in enumerate(cands):
-                last = k == len(cands) - 1
-                try:
-                    cfg = apply_patch(start, cand["patch"])
-                    ivs = from_config(cfg, reached_dirs)
-                except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
-                    trace.append({"label": cand["label"], "patch": cand["patch"], "error": str(e)})
-                    continue
-                tried += 1
-                est = self.estimate({"c": ivs})["c"] if ivs else {"rate": baseline, "lo": None, "hi": None, "n_used": 0}
-                row = {"label": cand["label"], "patch": cand["patch"], "estimate": est["rate"], "estimate_interval": [est["lo"], est["hi"]],
-                       "n_estimate": est["n_used"], "interventions": [iv.describe() for iv in ivs]}
-                if ivs and (est["rate"] <= self.opts_target + GEN_MARGIN or last):
-                    gen = self.generate(ivs)
-                    row["generation"] = gen
-                    row["refusal_rate"] = gen["rate"] if gen["n"] else est["rate"]
-                    row["kl"] = self.kl(ivs)
-                    row["reaches_target"] = bool(row["refusal_rate"] <= self.opts_target)
-                else:
-                    row["refusal_rate"] = est["rate"]
-                    row["reaches_target"] = False
-                trace.append(row)
-                if row["reaches_target"] and (cz.id != "model-damaged" or row.get("kl", 0.0) <= getattr(self.opts, "max_kl_target", 1.0)):
-                    chosen = row
-                    break
-            cz.search = trace
-            done = [r for r in trace if "refusal_rate" in r]
-            if not done:
-                skipped.append(f"{cz.id} ({trace[-1].get('error', 'nothing to simulate')})" if trace else cz.id)
-                continue
-            pick = chosen or min(done, key=lambda r: (r["refusal_rate"], r.get("kl") or 0.0))
-            cz.fix["patch"] = pick["patch"]
-            cz.fix["chosen"] = pick["label"]
-            gen = pick.get("generation")
-            cz.simulated = {"refusal_rate": pick["refusal_rate"], "kl": pick.get("kl"), "baseline": baseline,
-                            "interval": [gen["lo"], gen["hi"]] if gen and gen["n"] else pick["estimate_interval"],
-                            "method": "generation" if gen and gen["n"] else "first-token score", "first_token_estimate": pick["estimate"],
-                            "n": gen["n"] if gen else pick["n_estimate"], "candidate": pick["label"], "candidates_tried": len(done),
-                            "reaches_target": bool(chosen), "interventions": pick["interventions"]}
-            if not chosen and cz.explains_refusal:
-                cz.search.append({"label": "search ended", "note": f"no candidate of {len(cands)} reaches refusal <= {self.opts_target:.0%}"})
-            writer_found |= bool(chosen) and cz.id in WRITER_CAUSES
-        return {"skipped": skipped, "candidates": tried, "model": "base with what reached the weights + each fix, as hooks",
+            if not self._walk(cz, cands, start, reached_dirs, baseline, tried):
+                skipped.append(f"{cz.id} ({cz.search[-1].get('error', 'nothing to simulate') if cz.search else 'nothing to simulate'})")
+        writer_found = any(cz.id in WRITER_CAUSES and (cz.simulated or {}).get("reaches_target") for cz in causes)
+        if works_bypass and not writer_found and reached_cfg is not None:
+            # the bypass removes refusal with the ablated direction: a writer-side fix exists; the writer cause the evidence
+            # ranks highest gets the complete one before the search gives up on writer causes
+            top = next((cz for cz in causes if cz.id in WRITER_CAUSES), None)
+            if top is not None:
+                bound = {"label": "every residual writer at every layer (the bypass test's complete fix: several writer causes at once)",
+                         "patch": {"add": [{"targets": self.writer_targets(), "layers": list(range(self.layout.num_layers))}]}}
+                self._walk(top, [bound], start, reached_dirs, baseline, tried, keep=True)
+                writer_found = bool((top.simulated or {}).get("reaches_target"))
+        return {"skipped": skipped, "candidates": tried[0], "model": "base with what reached the weights + each fix, as hooks",
                 "bypass_bound": bool(works_bypass), "writer_fix_found": writer_found,
                 "estimates": self.n_estimates, "generations": self.n_generations}
+
+    def _walk(self, cz, cands, start, reached_dirs, baseline, tried, keep: bool = False) -> bool:
+        """Walk ``cands`` for cause ``cz`` (appending to its search with ``keep``); False when nothing could be simulated."""
+        from audit.fixes import apply_patch
+        from audit.intervene import from_config
+
+        trace, chosen = (list(cz.search) if keep else []), None
+        trace = [r for r in trace if r.get("label") != "search ended"]
+        for k, cand in enumerate(cands):
+            last = k == len(cands) - 1
+            try:
+                cfg = apply_patch(start, cand["patch"])
+                ivs = from_config(cfg, reached_dirs)
+            except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
+                trace.append({"label": cand["label"], "patch": cand["patch"], "error": str(e)})
+                continue
+            tried[0] += 1
+            est = self.estimate({"c": ivs})["c"] if ivs else {"rate": baseline, "lo": None, "hi": None, "n_used": 0}
+            row = {"label": cand["label"], "patch": cand["patch"], "estimate": est["rate"], "estimate_interval": [est["lo"], est["hi"]],
+                   "n_estimate": est["n_used"], "interventions": [iv.describe() for iv in ivs]}
+            if ivs and (est["rate"] <= self.opts_target + GEN_MARGIN or last):
+                gen = self.generate(ivs)
+                row["generation"] = gen
+                row["refusal_rate"] = gen["rate"] if gen["n"] else est["rate"]
+                row["kl"] = self.kl(ivs)
+                broken = gen["n_unknown"] > gen["n"] or row["kl"] > self.max_kl  # a fix that breaks the model removes nothing
+                if broken:
+                    row["note"] = (f"{gen['n_unknown']} of {gen['n'] + gen['n_unknown']} answers undecided (degenerate)"
+                                   if gen["n_unknown"] > gen["n"] else f"KL {row['kl']:.3g} above the gate's {self.max_kl:g}")
+                row["reaches_target"] = bool(gen["n"] and not broken and row["refusal_rate"] <= self.opts_target)
+            else:
+                row["refusal_rate"] = est["rate"]
+                row["reaches_target"] = False
+            trace.append(row)
+            if row["reaches_target"]:
+                chosen = row
+                break
+        cz.search = trace
+        done = [r for r in trace if "refusal_rate" in r]
+        if not done:
+            return False
+        pick = chosen or min(done, key=lambda r: ("note" in r, r["refusal_rate"], r.get("kl") or 0.0))
+        cz.fix["patch"] = pick["patch"]
+        cz.fix["chosen"] = pick["label"]
+        gen = pick.get("generation")
+        cz.simulated = {"refusal_rate": pick["refusal_rate"], "kl": pick.get("kl"), "baseline": baseline,
+                        "interval": [gen["lo"], gen["hi"]] if gen and gen["n"] else pick["estimate_interval"],
+                        "method": "generation" if gen and gen["n"] else "first-token score", "first_token_estimate": pick["estimate"],
+                        "n": gen["n"] if gen else pick["n_estimate"], "candidate": pick["label"], "candidates_tried": len(done),
+                        "reaches_target": bool(chosen), "interventions": pick["interventions"]}
+        if not chosen and cz.explains_refusal:
+            cz.search.append({"label": "search ended", "note": f"no candidate of {len(done)} reaches refusal <= {self.opts_target:.0%}"})
+        return True

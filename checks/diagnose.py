@@ -88,6 +88,11 @@ def confidence_label(c: float) -> str:
     return "high" if c >= 0.67 else "medium" if c >= 0.34 else "low"
 
 
+def _pct(x) -> str:
+    """A rate for people: '12%', or 'not measurable' (never 'nan%')."""
+    return "not measurable" if x is None or x != x else f"{x:.0%}"
+
+
 def _pos(x) -> float:
     return max(0.0, float(x)) if x is not None else 0.0
 
@@ -393,15 +398,19 @@ def rank_by_simulation(causes: list[Cause], refusal_target: float = 0.10, damage
     """
     for c in causes:
         sim = c.simulated
-        if not c.explains_refusal or not sim or sim.get("refusal_rate") is None or sim.get("baseline") is None:
+        if not c.explains_refusal or not sim or sim.get("refusal_rate") is None:
             continue
-        if sim["refusal_rate"] <= refusal_target:
+        reaches = sim.get("reaches_target", sim["refusal_rate"] <= refusal_target)  # the search's verdict when there was one
+        if reaches:
             c.confidence = max(c.confidence, 0.9)
-        elif c.search or sim["baseline"] - sim["refusal_rate"] < 0.05:
+        elif c.search or (sim.get("baseline") is not None and sim["baseline"] - sim["refusal_rate"] < 0.05):
             c.demoted = True
-            tried = f"its largest candidate ({c.search[-1]['label']})" if c.search else "its fix"
-            c.demoted_reason = (f"simulating {tried} leaves refusal at {sim['refusal_rate']:.0%} (now {sim['baseline']:.0%}): "
-                                "it does not remove refusal")
+            walked = [r for r in c.search if "refusal_rate" in r]
+            tried = f"its largest candidate ({walked[-1]['label']})" if walked else "its fix"
+            why = walked[-1].get("note") if walked else None
+            now = _pct(sim["baseline"])
+            c.demoted_reason = (f"simulating {tried} does not count as a fix: {why} (refusal now {now})" if why else
+                                f"simulating {tried} leaves refusal at {_pct(sim['refusal_rate'])} (now {now}): it does not remove refusal")
             c.confidence = min(c.confidence, 0.2)
 
     def key(c: Cause):
@@ -415,7 +424,7 @@ def rank_by_simulation(causes: list[Cause], refusal_target: float = 0.10, damage
             return (3, r if r is not None else 1.0, -c.confidence, 0.0)
         if r is None or not c.explains_refusal:
             return (2, 0.0, -c.confidence, 0.0)
-        if r <= refusal_target:
+        if sim.get("reaches_target", r <= refusal_target):
             return (0, 0.0, -c.confidence, sim.get("kl") or 0.0)
         return (1, r, -c.confidence, sim.get("kl") or 0.0)
 

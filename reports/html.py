@@ -216,7 +216,31 @@ def _cause_view(c: dict, rank: int, current: dict | None, notes: _Notes) -> dict
         "applied_report": report,
         "applied_report_href": report if report and re.fullmatch(r"[A-Za-z0-9_./-]+\.html?(#[A-Za-z0-9_-]*)?", report) and ".." not in report else None,
         "demoted": bool(c.get("demoted")), "demoted_reason": c.get("demoted_reason"),
+        "search": [_search_row(r) for r in _list(c.get("search")) if isinstance(r, dict)],
+        "why": _why(c),
     }
+
+
+def _search_row(r: dict) -> dict:
+    """One candidate fix the simulator tried, for the cause card's table."""
+    gen = r.get("generation") if isinstance(r.get("generation"), dict) else {}
+    return {"label": str(r.get("label") or ""), "estimate": charts._num(r.get("estimate")), "generated": charts._num(gen.get("rate")),
+            "n": gen.get("n"), "kl": charts._num(r.get("kl")), "reaches": r.get("reaches_target"),
+            "note": str(r.get("error") or r.get("note") or "")}
+
+
+def _why(c: dict) -> str | None:
+    """Why the cause sits where it does, in one sentence."""
+    sim = c.get("simulated") if isinstance(c.get("simulated"), dict) else {}
+    if c.get("demoted"):
+        return str(c.get("demoted_reason") or "demoted")
+    if sim.get("reaches_target"):
+        return f"its smallest fix that removes refusal is: {sim.get('candidate')}"
+    if sim:
+        return f"its best candidate ({sim.get('candidate')}) lowers refusal but does not reach the target"
+    if c.get("explains_refusal") is False:
+        return "a soundness problem: it does not explain the refusal, and is listed for what it is"
+    return "not simulated: ranked by its evidence alone"
 
 
 def _grid_view(g: dict) -> dict:
@@ -354,7 +378,7 @@ def build_view(results: dict) -> dict:
     current = rates.get("after") if isinstance(rates, dict) and isinstance(rates.get("after"), dict) else None
 
     raw_causes = [c for c in _list(results.get("causes")) if isinstance(c, dict)]
-    raw_causes.sort(key=lambda c: (bool(c.get("demoted")), -(charts._num(c.get("confidence")) or 0.0)))
+    raw_causes.sort(key=lambda c: bool(c.get("demoted")))  # the diagnosis's own order (by what the simulated fixes achieve), demoted last
     causes = [v for v in (notes.guard(f"cause {c.get('id')}", lambda c=c, i=i: _cause_view(c, i + 1, current, notes))
                           for i, c in enumerate(raw_causes)) if v]
 

@@ -71,7 +71,9 @@ SCENARIOS = {  # name: (variant, components, layers, measurement (None: the orga
     "experts-left-out": ("experts", ["embed", "attn_out", "mlp_down", "shared_down"], ALL_LAYERS, None, 1.0, "routed-experts-not-ablated"),
     "late-narrow-band": ("late", ALL_WRITERS, [0, 1], None, 1.0, "layer-coverage"),
     "wrong-index": ("late", ALL_WRITERS, ALL_LAYERS, 1, 1.0, "direction-mismatch"),
-    "final-norm-index": ("base", ALL_WRITERS, ALL_LAYERS, 4, 1.0, "model-damaged"),
+    # the final norm's index: refusal stays and harmless answers move (KL > 1, over-refusal): the wrong direction is the
+    # cause, and the damage is named beside it (issue 16: a gate failing on damage has model-damaged among its causes)
+    "final-norm-index": ("base", ALL_WRITERS, ALL_LAYERS, 4, 1.0, ("direction-mismatch", "model-damaged")),
     "half-scale": ("base", ALL_WRITERS, ALL_LAYERS, None, 0.5, "weak-scale"),
 }
 
@@ -91,7 +93,9 @@ def test_incomplete_ablation_is_diagnosed_and_the_fix_proven(organism, tmp_path,
     variant, comps, layers, measurement, scale, expected = SCENARIOS[name]
     res = _audit(_ablate(organism, tmp_path, variant, comps, layers, measurement, scale), tmp_path)
     assert res["verdict"] == "fail", res["headline"]
-    assert res["causes"][0]["id"] == expected, [(c["id"], c["confidence"]) for c in res["causes"]]
+    expected = (expected,) if isinstance(expected, str) else expected
+    assert res["causes"][0]["id"] == expected[0], [(c["id"], c["confidence"]) for c in res["causes"]]
+    assert set(expected) <= {c["id"] for c in res["causes"] if not c["demoted"]}, [(c["id"], c["demoted"]) for c in res["causes"]]
     _check_proven(res)
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "applied-fix" / "report.html").is_file()
 
