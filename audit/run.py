@@ -315,7 +315,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if nonfinite and not damaged:
         damaged = "NaN/Inf in the ablated weights or its outputs"
     sim = None
-    bypass = None
+    bypass = reproduction = None
     if opts.simulate and not gate["passed"]:
         with ctx.stage("simulation: calibration and bypass test"):
             labels = [x.refused for side in ("base", "abl") for k in prompts for x in j[side, k]]
@@ -327,6 +327,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             if sim.calibration is not None:
                 bypass = sim.bypass_scan(ref_index)
                 good = bypass["best_index"]
+                reproduction = sim.reproduce(fix_base, fix_dirs, refusal_after)
     with ctx.stage("diagnosis"):
         findings = [f for cr in checks_d.values() for f in cr["findings"]]
         mism = next((f for f in findings if f["code"] == "direction-mismatch"), None)
@@ -371,7 +372,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             causes = rank_by_simulation(causes, refusal_target=target, damage_first=damage_first)
     if sim is not None:
         sim_info = {**(sim_info or {}), "calibration": sim.calibration.to_dict() if sim.calibration else None, "bypass": bypass,
-                    "note": sim.note, "seconds": round(sim.seconds, 3), "reached": done.to_dict()}
+                    "note": sim.note, "seconds": round(sim.seconds, 3), "reached": done.to_dict(), "reproduction": reproduction}
     if not gate["passed"] and not causes:  # never a failure without a cause
         causes = [_unexplained(gate, rates, bypass, ref_index, good, target)]
     for cz in causes:
@@ -417,24 +418,42 @@ def _empty_config():
 
 
 def _unexplained(gate, rates, bypass, ablated_index, good, target):
-    """The cause a failed verdict names when no evidence-backed cause is left: what failed, and what the bypass test says."""
+    """The cause a failed verdict names when no evidence-backed cause is left, from what failed (never a failure without one)."""
     from checks.diagnose import Cause
 
     failed = [t for t in gate["thresholds"] if t["passed"] is False]
-    names = ", ".join(t["name"] for t in failed)
+    names = {t["name"] for t in failed}
+    ev = [t["message"] for t in failed][:5]
     after = (rates.get("after") or {}).get("rate")
-    if bypass and any(v["rate"] <= target for v in bypass["indices"].values()):
-        return Cause("direction-mismatch", 0.3, f"The gate failed ({names}) and no single cause was proven; ablating every residual writer at every "
-                     f"layer with the direction at index {good} removes refusal in the simulation.",
-                     evidence=[t["message"] for t in failed][:5], fix={"summary": f"ablate every residual writer at every layer, measurement {good}",
-                                                                       "patch": {"measurement": good}, "candidates": []})
-    return Cause("direction-mismatch" if after is not None and after > target else "model-damaged", 0.2,
-                 f"The gate failed ({names}); no evidence here names a cause"
-                 + (" and no measured direction removes refusal even when every writer of every layer is ablated: refusal may not ride "
-                    "on one direction at these indices, or these prompts do not elicit it" if bypass else " (the fixes were not simulated)") + ".",
-                 evidence=[t["message"] for t in failed][:5], explains_refusal=after is not None and after > target,
-                 fix={"summary": "measure directions on prompts the base refuses (--harmful), at other indices; check the judge's labels in the report",
-                      "patch": {}, "candidates": []})
+    refusal_left = after is not None and after == after and after > target
+    if refusal_left or names & {"max_refusal_after", "min_drop"}:
+        if bypass and any(v["rate"] <= target for v in bypass["indices"].values()):
+            return Cause("direction-mismatch", 0.3, f"The gate failed ({', '.join(sorted(names))}) and no single cause was proven; ablating every "
+                         f"residual writer at every layer with the direction at index {good} removes refusal in the simulation.", evidence=ev,
+                         fix={"summary": f"ablate every residual writer at every layer, measurement {good}", "patch": {"measurement": good},
+                              "candidates": []})
+        return Cause("direction-mismatch", 0.2, f"The gate failed ({', '.join(sorted(names))}); no evidence here names a cause"
+                     + (" and no measured direction removes refusal even when every writer of every layer is ablated: refusal may not "
+                        "ride on one direction at these indices, or these prompts do not elicit it" if bypass else " (the fixes were not simulated)") + ".",
+                     evidence=ev, fix={"summary": "measure directions on prompts the base refuses (--harmful), at other indices; check the "
+                                                  "judge's labels in the report", "patch": {}, "candidates": []})
+    if names & {"max_kl", "max_degenerate", "max_over_refusal", "max_unknown", "check:damage"}:
+        return Cause("model-damaged", 0.5, "The ablation moved what the model says on harmless prompts beyond the gate: " + "; ".join(ev[:3]) + ".",
+                     evidence=ev, explains_refusal=False,
+                     fix={"summary": "ablate fewer components or layers, or lower the scale; compare the completions in the report", "patch": {}, "candidates": []})
+    if "check:projection" in names:
+        return Cause("weak-scale", 0.4, "Refusal is gone, but tensors the ablation edited still carry r above tolerance (the projection check "
+                     "failed): the edit did not remove what it meant to.", evidence=ev, explains_refusal=False,
+                     fix={"summary": "use scale: 1.0 and sparsity: 0.0 (or waive the projection check in the gate if the residue is intended)",
+                          "patch": {"scale": 1.0, "sparsity": 0.0}, "candidates": []})
+    if names & {"forbid_unintended", "must_ablate", "check:weights", "check:recovery"}:
+        return Cause("unintended-modification", 0.3, "The weights do not match what the gate asks of them: " + "; ".join(ev[:3])
+                     + (". Without a stated intent nothing can be called intended or not: pass --config (the ablation's YAML), or mark "
+                        "forbid_unintended optional in the gate" if "forbid_unintended" in names else "") + ".",
+                     evidence=ev, explains_refusal=False, fix={"summary": "pass --config with the ablation's YAML, or re-ablate with `audit ablate` "
+                                                                          "(its manifest states the intent)", "patch": {}, "candidates": []})
+    return Cause("model-damaged", 0.2, f"The gate failed ({', '.join(sorted(names))}) and no cause was named: see the failed checks.", evidence=ev,
+                 explains_refusal=False, fix={"summary": "see the failed checks in the report", "patch": {}, "candidates": []})
 
 
 def _apply_fix(cause, config, directions, base, opts, results) -> dict:

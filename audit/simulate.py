@@ -155,6 +155,27 @@ class Simulator:
                 "note": "refusal (judged generation, first-token estimate beside) with every residual writer ablated at every layer "
                         "using the direction of each index"}
 
+    def reproduce(self, reached_cfg, reached_dirs, measured) -> dict:
+        """What reached the weights, alone, as hooks on the base: its simulated refusal against the ablated model's measured one.
+
+        Every fix is simulated on top of this; when the two disagree (edits no projection reproduces: noise, norm-preserving
+        tools, NaN), the simulated fixes are only as good as this agreement, and the report says so.
+        """
+        from audit.intervene import from_config
+
+        if reached_cfg is None or not reached_cfg.entries:
+            return {"simulated": None, "measured": measured, "agrees": None, "note": "nothing reached the weights as a directional edit"}
+        try:
+            ivs = from_config(reached_cfg, reached_dirs)
+        except AuditError as e:
+            return {"simulated": None, "measured": measured, "agrees": None, "note": str(e)}
+        gen = self.generate(ivs, decide=False) if ivs else {"rate": None, "n": 0}
+        rate = gen["rate"] if gen.get("n") else None
+        agrees = None if rate is None or measured is None or measured != measured else abs(rate - measured) <= 0.15
+        return {"simulated": rate, "measured": measured, "agrees": agrees, "n": gen.get("n"),
+                "note": None if agrees is not False else "the reached edits as hooks do not give the ablated model's refusal: the simulated "
+                                                       "fixes are estimates of a model close to, not equal to, the one audited"}
+
     # -- the search ---------------------------------------------------------------------------
 
     def search(self, causes, reached_cfg, reached_dirs, baseline, bypass: dict | None = None, ablated_index: int | None = None) -> dict:

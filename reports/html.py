@@ -221,6 +221,23 @@ def _cause_view(c: dict, rank: int, current: dict | None, notes: _Notes) -> dict
     }
 
 
+def _proof_view(sim: dict) -> dict | None:
+    """The simulation's own record: the bypass test per index, whether the reached edits reproduce the model, what it cost."""
+    byp = _dict(sim.get("bypass"))
+    rows = []
+    for idx, v in sorted(_dict(byp.get("indices")).items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
+        v = _dict(v)
+        rows.append({"index": str(idx), "rate": charts._num(v.get("rate")), "estimate": charts._num(v.get("first_token_estimate")),
+                     "kl": charts._num(v.get("kl")), "quality": charts._num(v.get("quality")), "best": str(idx) == str(byp.get("best_index"))})
+    rep = _dict(sim.get("reproduction"))
+    cal = _dict(sim.get("calibration"))
+    if not rows and not rep and not sim.get("note"):
+        return None
+    return {"bypass": rows, "reproduction": rep or None, "calibration_accuracy": charts._num(cal.get("accuracy")),
+            "note": sim.get("note"), "seconds": charts._num(sim.get("seconds")), "estimates": sim.get("estimates"),
+            "generations": sim.get("generations"), "reached": _dict(sim.get("reached")) or None}
+
+
 def _search_row(r: dict) -> dict:
     """One candidate fix the simulator tried, for the cause card's table."""
     gen = r.get("generation") if isinstance(r.get("generation"), dict) else {}
@@ -409,9 +426,12 @@ def build_view(results: dict) -> dict:
         status_counts[c["status"]] = status_counts.get(c["status"], 0) + 1
     key_rates = _rate_items(rates, ["before", "after"]) if isinstance(rates, dict) else []
 
+    proof = notes.guard("simulation", lambda: _proof_view(_dict(results.get("simulation")))) if isinstance(results.get("simulation"), dict) else None
     toc = []
     if causes:
         toc.append(("causes", f"Causes ({len(causes)})"))
+    if proof:
+        toc.append(("proof", "How the diagnosis was proven"))
     if results.get("not_blamed"):
         toc.append(("not-blamed", "Not blamed"))
     if grid:
@@ -426,7 +446,7 @@ def build_view(results: dict) -> dict:
         "verdict": verdict if verdict in ("pass", "fail") else "unknown", "headline": results.get("headline"),
         "tool": tool, "model": model, "model_rows": model_rows, "run": run, "run_rows": run_rows, "prompt_rows": prompt_rows,
         "command": run.get("command"), "causes": causes, "judge_line": judge_line,
-        "not_blamed": [nb for nb in _list(results.get("not_blamed")) if isinstance(nb, dict)],
+        "not_blamed": [nb for nb in _list(results.get("not_blamed")) if isinstance(nb, dict)], "proof": proof,
         "grid": grid, "grid_anchor": grid_check["anchor"] if grid_check else None, "checks": checks, "gate": gate,
         "gate_rows": [t for t in _list(gate.get("thresholds")) if isinstance(t, dict)] if gate else [],
         "status_counts": sorted(status_counts.items()), "key_rates": key_rates,
