@@ -248,7 +248,7 @@ class Simulator:
         done = [r for r in trace if "refusal_rate" in r]
         if not done:
             return False
-        pick = chosen or min(done, key=lambda r: ("note" in r, r["refusal_rate"], r.get("kl") or 0.0))
+        pick = chosen or min(done, key=lambda r: ("note" in r, r["refusal_rate"], "generation" not in r, r.get("kl") or 0.0))
         cz.fix["patch"] = pick["patch"]
         cz.fix["chosen"] = pick["label"]
         gen = pick.get("generation")
