@@ -47,18 +47,11 @@ def _moe_layers(x, freq: np.ndarray) -> list[int]:
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """BH-adjusted q-values for any shape of p-values (NaN is treated as p = 1)."""
+    """BH-adjusted q-values for any shape of p-values (scipy's false_discovery_control; NaN is treated as p = 1)."""
     p = np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
-    flat = p.ravel()
-    m = flat.size
-    if m == 0:
+    if p.size == 0:
         return p.copy()
-    order = np.argsort(flat)
-    ranked = flat[order] * m / np.arange(1, m + 1)
-    q = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(q, 1.0)
-    return out.reshape(p.shape)
+    return stats.false_discovery_control(p.ravel(), method="bh").reshape(p.shape)
 
 
 def _unpaired_p(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -81,19 +74,14 @@ def _paired_p(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    """Jensen-Shannon divergence (bits, 0..1) between two expert distributions."""
+    """Jensen-Shannon divergence (bits, 0..1) between two expert distributions (scipy's distance, squared)."""
+    from scipy.spatial.distance import jensenshannon
+
     p = np.asarray(p, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
     if p.sum() <= 0 or q.sum() <= 0:
         return 0.0
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-
-    def kl(a, b):
-        nz = a > 0
-        return float((a[nz] * np.log2(a[nz] / b[nz])).sum())
-
-    return max(0.0, (kl(p, m) + kl(q, m)) / 2)
+    return max(0.0, float(jensenshannon(p, q, base=2)) ** 2)
 
 
 def _matrix(title, layers, values, unit, note, symmetric=True):

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import math
 
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    """(p, lo, hi): the proportion k/n and its Wilson score interval (95 % for z=1.96); n=0 gives NaNs."""
+    """(p, lo, hi): the proportion k/n and its Wilson score interval (95 % for z=1.96, scipy's); n=0 gives NaNs."""
     if n < 0 or k < 0 or k > n:
         raise ValueError(f"wilson: need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return math.nan, math.nan, math.nan
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(k, n).proportion_ci(confidence_level=2 * norm.cdf(z) - 1, method="wilson")
+    return k / n, max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
 def mcnemar_exact(b: int, c: int) -> float:
