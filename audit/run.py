@@ -54,6 +54,7 @@ class RunOptions:
 class _Ctx:
     opts: RunOptions
     stages: dict = field(default_factory=dict)
+    stages_cpu: dict = field(default_factory=dict)  # the same stages in CPU seconds of this process (steady on a shared machine)
     t0: float = field(default_factory=time.time)
     prompts_cut: dict = field(default_factory=dict)  # prompts cut to the token budget, per set
     placement: dict = field(default_factory=dict)  # per model loaded: its dtype and accelerate's device map by device
@@ -77,7 +78,7 @@ class _Ctx:
                     self.bar = tqdm(total=total, desc=f"[audit] {name}", unit=unit, disable=None, leave=False, file=sys.stderr)
                 if self.bar is None or self.bar.disable:
                     ctx.say(f"[audit] {name} ...")
-                self.t = time.perf_counter()
+                self.t, self.cpu = time.perf_counter(), time.process_time()
                 return self.advance
 
             def advance(self, n: int = 1) -> None:
@@ -86,6 +87,7 @@ class _Ctx:
 
             def __exit__(self, *exc):
                 ctx.stages[name] = round(time.perf_counter() - self.t, 3)
+                ctx.stages_cpu[name] = round(time.process_time() - self.cpu, 3)
                 if self.bar is not None:
                     self.bar.close()
 
@@ -539,7 +541,7 @@ def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_sour
                         "cut_to_budget": ctx.prompts_cut},
             "directions": {"source": dsrc, "good_index": good, "ablated_index": ref}, "gate_source": gate_source,
             "max_new_tokens": opts.max_new_tokens, "device": opts.device or "cpu", "dtype": opts.dtype, "placement": ctx.placement,
-            "stages": ctx.stages,
+            "stages": ctx.stages, "stages_cpu": ctx.stages_cpu,
             "completions_from": f"{opts.server} ({opts.served_model or abl.path})" if opts.server else "local transformers",
             "base_completions_from": f"{opts.base_server} ({opts.served_base_model or base.path})" if opts.base_server else "local transformers",
             "servers": ctx.servers,
