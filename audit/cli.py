@@ -64,7 +64,10 @@ def _cmd_measure(args) -> int:
     harmful, harmless = load_prompts(args.harmful, "harmful"), load_prompts(args.harmless, "harmless")
     if args.limit is not None:
         harmful, harmless = harmful[: args.limit], harmless[: args.limit]
-    dirs = measure_directions(md, harmful, harmless, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    from audit.model_dir import parse_max_memory
+
+    dirs = measure_directions(md, harmful, harmless, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                              max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder, inputs=inputs)
     write_file(out, dirs.save, inputs, args.force, ours=is_directions_file)
     print(f"{len(harmful)} harmful / {len(harmless)} harmless prompts; index i = hidden_states[i] = input of layer i (0 = embeddings)")
     print(format_table(dirs.quality_table()))
@@ -162,13 +165,16 @@ def _cmd_classify(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from audit.model_dir import parse_max_memory
     from audit.run import RunOptions, run_audit
 
     opts = RunOptions(model_dir=args.model_dir, base=args.base, config=args.config, gate=args.gate, harmful=args.harmful,
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
-                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge)
+                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge, dtype=args.dtype,
+                      max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
+                      base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout)
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
@@ -227,6 +233,17 @@ def _positive(text: str) -> int:
     return v
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="audit", description="Audit (and fix) refusal-direction ablations of Mixture-of-Experts models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -254,9 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=_positive, help="use at most this many prompts per set")
     s.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the in-memory simulation of each fix")
     s.add_argument("--apply-fix", metavar="OUT", help="apply the top fix with our ablation into OUT and re-audit it")
-    s.add_argument("--device", help="torch device (default cpu), e.g. cuda or auto (accelerate device_map)")
+    s.add_argument("--device", help="torch device (default cpu), e.g. cuda, or auto: accelerate's device map over the GPUs, the CPU and the disk")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the models compute in (default auto: as stored, bf16 stays bf16; sums and projections are float32 anyway)")
+    s.add_argument("--max-memory", metavar="SPEC", help="with --device auto: memory per device, e.g. cpu=2GiB or 0=70GiB,1=70GiB,cpu=200GiB; "
+                   "what does not fit goes to disk")
+    s.add_argument("--offload-folder", metavar="DIR", help="with --device auto: where weights offloaded to disk are written (a temporary "
+                   "folder inside DIR, removed after each model; default: beside the output folder)")
     s.add_argument("--server", metavar="URL", help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve) serving the ablated model: its completions come from there")
     s.add_argument("--served-model", metavar="NAME", help="the name the server serves the ablated model under (default: MODEL_DIR)")
+    s.add_argument("--base-server", metavar="URL", help="an OpenAI-compatible server serving the base model: its completions come from there")
+    s.add_argument("--served-base-model", metavar="NAME", help="the name the base server serves the base under (default: the base directory)")
+    s.add_argument("--server-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
+                   help="seconds one server request may take in all (default 300)")
     s.add_argument("--judge", default="rules", help=JUDGE_HELP)
     s.set_defaults(func=_cmd_run)
 
@@ -279,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="directions file to write (.safetensors)")
     s.add_argument("--batch-size", type=_positive, default=16)
     s.add_argument("--device", default=None, help="e.g. cuda, cuda:0, auto (default: cpu)")
+    s.add_argument("--max-memory", metavar="SPEC", help="with --device auto: memory per device, e.g. cpu=2GiB or 0=70GiB,cpu=200GiB")
+    s.add_argument("--offload-folder", metavar="DIR", help="with --device auto: where disk-offloaded weights go (a temporary folder inside DIR)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--limit", type=_positive, default=None, help="use only the first N prompts of each set")
     s.add_argument("--force", action="store_true", help="replace an existing output file")

@@ -38,6 +38,8 @@ def kl_teacher_forced(base_model, abl_model, tokenizer, prompts: list, base_comp
     ids, or text that is re-tokenized). Position t's distribution predicts answer token t, so the
     first answer token is included; an empty completion falls back to the first token alone.
     """
+    from audit.model_dir import input_device
+
     if len(prompts) != len(base_completions):
         raise ValueError(f"kl_teacher_forced: {len(prompts)} prompts but {len(base_completions)} completions")
     enc = LocalBackend(base_model, tokenizer).encode(prompts)
@@ -48,10 +50,11 @@ def kl_teacher_forced(base_model, abl_model, tokenizer, prompts: list, base_comp
         spans = [(len(p) - 1, len(p) - 1 + max(1, len(a))) for p, a in zip(enc[s:s + batch_size], answers[s:s + batch_size])]
         width = max(map(len, seqs))
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(x)) + x for x in seqs], device=base_model.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=base_model.device)
+        dev_b, dev_a = input_device(base_model), input_device(abl_model)
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in seqs], device=dev_b)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=dev_b)
         lb = torch.log_softmax(base_model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1).cpu()
-        la = torch.log_softmax(abl_model(input_ids=ids.to(abl_model.device), attention_mask=mask.to(abl_model.device)).logits.float(), dim=-1).cpu()
+        la = torch.log_softmax(abl_model(input_ids=ids.to(dev_a), attention_mask=mask.to(dev_a)).logits.float(), dim=-1).cpu()
         for row, (x, (a, b)) in enumerate(zip(seqs, spans)):
             shift = width - len(x)  # left padding
             kl = kl_rows(lb[row, shift + a: shift + b], la[row, shift + a: shift + b])
@@ -76,19 +79,19 @@ TOPK = 64  # next-token probabilities kept per answer position: a greedy answer'
 
 
 @torch.inference_mode()
-def answer_distributions(model, tokenizer, prompts: list, completions: list, k: int = TOPK, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def answer_distributions(model, tokenizer, prompts: list, completions: list, k: int = TOPK, batch_size: int = 8,
+                         progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per prompt, the model's next-token distribution at every position of ``completions`` (teacher-forced), kept as
     (ids [T, k] int64, log-probs [T, k] float32): prompts x tokens x k numbers, never the vocabulary."""
     out = []
-    for lb, span in _forced_logprobs(model, tokenizer, prompts, completions, batch_size):
-        lp = lb[span]
+    for lp in _forced_logprobs(model, tokenizer, prompts, completions, batch_size, progress):
         top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
         out.append((top.indices.cpu(), top.values.cpu()))
     return out
 
 
 @torch.inference_mode()
-def kl_against_compact(model, tokenizer, prompts: list, completions: list, reference: list, batch_size: int = 8) -> list[float]:
+def kl_against_compact(model, tokenizer, prompts: list, completions: list, reference: list, batch_size: int = 8, progress=None) -> list[float]:
     """Per prompt, mean over answer positions of KL(model || reference), the reference kept as its top-k (answer_distributions).
 
     The vocabulary is coarse-grained into the reference's top-k tokens and one "rest" bucket; KL over that partition is
@@ -98,8 +101,7 @@ def kl_against_compact(model, tokenizer, prompts: list, completions: list, refer
     if len(reference) != len(prompts):
         raise ValueError(f"kl_against_compact: {len(prompts)} prompts but {len(reference)} reference distributions")
     out = []
-    for (lp_full, span), (ids, lq) in zip(_forced_logprobs(model, tokenizer, prompts, completions, batch_size), reference):
-        lp_full = lp_full[span]
+    for lp_full, (ids, lq) in zip(_forced_logprobs(model, tokenizer, prompts, completions, batch_size, progress), reference):
         n = min(len(ids), lp_full.shape[0])
         lp_s = lp_full[:n].gather(-1, ids[:n].to(lp_full.device)).cpu()  # the model's log-probs on the reference's top-k
         lq = lq[:n]
@@ -113,21 +115,34 @@ def kl_against_compact(model, tokenizer, prompts: list, completions: list, refer
     return out
 
 
-def _forced_logprobs(model, tokenizer, prompts: list, completions: list, batch_size: int):
-    """(log-probs [seq, V] float32, slice of the positions that predict the answer's tokens) per prompt, batch by batch."""
+def _forced_logprobs(model, tokenizer, prompts: list, completions: list, batch_size: int, progress=None):
+    """Per prompt, the float32 log-probabilities [n, V] of the positions that predict the answer's tokens (n = its
+    length, at least 1), batch by batch (``progress(k)`` after each). Only the batch's last ``longest answer + 1``
+    positions get logits (``logits_to_keep``), and each prompt's log-softmax covers its own answer positions: never
+    [B, T, V] in float32. Positions count real tokens only (left padding), as in generation and the probe."""
+    from audit.model_dir import input_device
+    from audit.probe import _last_logits_kwargs
+
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     enc = LocalBackend(model, tokenizer).encode(prompts)
     answers = [_ids(c, tokenizer) for c in completions]
-    dev = model.device
+    dev = input_device(model)
+    can_keep = bool(_last_logits_kwargs(model))
     for s in range(0, len(enc), batch_size):
-        seqs = [p + a for p, a in zip(enc[s:s + batch_size], answers[s:s + batch_size])]
+        P, A = enc[s:s + batch_size], answers[s:s + batch_size]
+        seqs = [p + a for p, a in zip(P, A)]
         width = max(map(len, seqs))
+        keep = min(width, max(len(a) for a in A) + 1) if can_keep else width
         pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in seqs], device=dev)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=dev)
-        lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for row, (p, a) in enumerate(zip(enc[s:s + batch_size], answers[s:s + batch_size])):
-            shift = width - len(p) - len(a)  # left padding
-            a0 = shift + len(p) - 1
-            yield lp[row], slice(a0, a0 + max(1, len(a)))
+        kw = {"logits_to_keep": keep} if can_keep else {}
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw).logits  # [B, keep, V]: the last positions
+        for row, a in enumerate(A):
+            a0 = width - len(a) - 1 - (width - keep)  # left padding: the answer ends the sequence; a0 predicts its first token
+            yield torch.log_softmax(logits[row, a0: a0 + max(1, len(a))].float(), dim=-1)
+        del logits
+        if progress is not None:
+            progress(len(A))

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from audit.intervene import Intervention, apply, model_layout
+from audit.model_dir import input_device
 from checks.errors import AuditError
 from checks.stats import wilson
 
@@ -81,7 +82,7 @@ def first_token_scores(model, tokenizer, prompts: Sequence[str], token_ids: Sequ
         raise AuditError("first-token scores need a tokenizer with padding_side='left' (ModelDir.tokenizer() sets it)")
     texts = _format(tokenizer, prompts)
     ids = torch.tensor(sorted({int(t) for t in token_ids}), dtype=torch.long)
-    device = next(model.parameters()).device
+    device = input_device(model)  # offloaded embeddings sit on the meta device: their execution device
     out = []
     with apply(model, list(interventions)) if interventions else nullcontext():
         for sl in _batches(len(texts), batch_size):
@@ -154,7 +155,7 @@ def generate_labels(model, tokenizer, prompts: Sequence[str], judge: Callable | 
     """Greedy completions and their refusal labels (judge(text, prompt) -> .refused, None = unknown)."""
     judge = judge or _default_judge()
     texts = _format(tokenizer, prompts)
-    device = next(model.parameters()).device
+    device = input_device(model)  # offloaded embeddings sit on the meta device: their execution device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     completions: list[str] = []
     with apply(model, list(interventions)) if interventions else nullcontext():

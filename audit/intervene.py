@@ -189,7 +189,15 @@ def _half_forward(module, h_gate, h_up, idx, w, interleaved: bool, in_out: bool)
     """The experts' output with the gate half reading h_gate and the up half reading h_up (eager, per expert).
 
     ``in_out``: gate_up is [E, H, 2I] (gpt-oss, Llama-4) rather than [E, 2I, H]; from the layout, never guessed from shapes.
+    Offloaded experts (accelerate) have their weights loaded for this (audit.model_dir.weights_on).
     """
+    from audit.model_dir import weights_on
+
+    with weights_on(module):
+        return _half_forward_loaded(module, h_gate, h_up, idx, w, interleaved, in_out)
+
+
+def _half_forward_loaded(module, h_gate, h_up, idx, w, interleaved: bool, in_out: bool) -> torch.Tensor:
     gu, down = module.gate_up_proj, module.down_proj
     gu_b, down_b = getattr(module, "gate_up_proj_bias", None), getattr(module, "down_proj_bias", None)
     n_exp = gu.shape[0]

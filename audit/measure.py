@@ -153,35 +153,78 @@ def _check_prompts(harmful: list[str], harmless: list[str]) -> None:
             raise AuditError(f"the {kind} prompt set is empty; pass --{kind} with a file of prompts")
 
 
+class _LastToken:
+    """hidden_states[i][:, -1] for every index i, taken by hooks as the forward goes (the input of decoder layer i; the
+    final norm's output for i = L), so a batch never holds every layer's [B, T, H] at once as output_hidden_states does."""
+
+    def __init__(self, model, n_states: int):
+        from audit.probe import _decoder_layers, _final_norm
+
+        layers = _decoder_layers(model)
+        if len(layers) + 1 != n_states:
+            raise AuditError(f"the model has {len(layers)} decoder layers, expected num_hidden_layers = {n_states - 1}")
+        self.rows: list = [None] * n_states
+        self.handles = [layer.register_forward_pre_hook(self._pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        self.handles.append(_final_norm(model).register_forward_hook(lambda mod, a, out: self._keep(n_states - 1, out)))
+
+    def _pre(self, i: int):
+        def hook(mod, args, kwargs):
+            self._keep(i, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def _keep(self, i: int, h) -> None:
+        h = h[0] if isinstance(h, tuple) else h
+        self.rows[i] = h[:, -1, :].to(torch.float64).cpu()
+
+    def take(self) -> torch.Tensor:
+        if any(r is None for r in self.rows):
+            raise AuditError("a decoder layer or the final norm was not called in the forward pass; this architecture is not supported by `audit measure`")
+        out, self.rows = torch.stack(self.rows), [None] * len(self.rows)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
 def _means(model, tokenizer, formatted: list[str], batch_size: int, device, n_states: int, desc: str, progress) -> torch.Tensor:
     """Mean over prompts of hidden_states[i][last prompt token], float64 [n_states, H]."""
     from tqdm import tqdm
 
+    from audit.probe import _last_logits_kwargs
+
     total, count = None, 0
     bar = tqdm(total=len(formatted), desc=desc, unit="prompt", disable=None if progress is None else not progress)
-    for start in range(0, len(formatted), batch_size):
-        batch = formatted[start:start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        # positions count real tokens only, as generate() does, so a left-padded prompt is encoded as when alone
-        enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
-        out = model(**enc, output_hidden_states=True, use_cache=False)
-        hs = out.hidden_states
-        if len(hs) != n_states:
-            raise AuditError(f"the model returned {len(hs)} hidden states, expected num_hidden_layers + 1 = {n_states}")
-        last = torch.stack([h[:, -1, :].to(torch.float64).cpu() for h in hs])  # [n_states, B, H]; left padding: -1 is the last prompt token
-        s = last.sum(dim=1)
-        total = s if total is None else total + s
-        count += last.shape[1]
-        bar.update(len(batch))
-    bar.close()
+    rec = _LastToken(model, n_states)
+    keep = _last_logits_kwargs(model)
+    try:
+        for start in range(0, len(formatted), batch_size):
+            batch = formatted[start:start + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            # positions count real tokens only, as generate() does, so a left-padded prompt is encoded as when alone
+            enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+            model(**enc, use_cache=False, **keep)
+            last = rec.take()  # [n_states, B, H]; left padding: -1 is the last prompt token
+            s = last.sum(dim=1)
+            total = s if total is None else total + s
+            count += last.shape[1]
+            bar.update(len(batch))
+    finally:
+        rec.remove()
+        bar.close()
     return total / count
 
 
 def measure_directions(model_dir, harmful: list[str], harmless: list[str], batch_size: int = 16, device: str | None = None,
-                       dtype: torch.dtype | str = "auto", progress: bool | None = None) -> Directions:
-    """Refusal directions of a model directory (audit.model_dir.ModelDir) from two prompt lists."""
+                       dtype: torch.dtype | str = "auto", progress: bool | None = None, max_memory: dict | None = None,
+                       offload_folder=None, inputs=()) -> Directions:
+    """Refusal directions of a model directory (audit.model_dir.ModelDir) from two prompt lists.
+
+    The model is loaded in ``dtype`` (auto: as stored) on ``device`` (auto: accelerate's device map within ``max_memory``,
+    disk offload under ``offload_folder``: ModelDir.load_model); the sums are float64 whatever the dtype."""
+    from audit.model_dir import input_device
     from audit.prompts import fit_to_context, format_prompts, token_budget
 
     _check_prompts(harmful, harmless)
@@ -196,8 +239,8 @@ def measure_directions(model_dir, harmful: list[str], harmless: list[str], batch
         import sys
 
         print(f"measure: {cut_h} harmful and {cut_a} harmless prompt(s) cut to {budget} tokens (the model's context)", file=sys.stderr)
-    model = model_dir.load_model(dtype=dtype, device=device)
-    dev = next(model.parameters()).device
+    model = model_dir.load_model(dtype=dtype, device=device, max_memory=max_memory, offload_folder=offload_folder, inputs=inputs)
+    dev = input_device(model)
     n_states = model_dir.layout.num_layers + 1
     mh = _means(model, tok, format_prompts(tok, harmful), batch_size, dev, n_states, "harmful", progress)
     ma = _means(model, tok, format_prompts(tok, harmless), batch_size, dev, n_states, "harmless", progress)

@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,30 +317,175 @@ class ModelDir:
         tok.padding_side = "left"
         return tok
 
-    def load_model(self, dtype: torch.dtype | str = "auto", device: str | None = None):
-        """The model through transformers (safetensors only, no remote code), in eval mode."""
+    def load_model(self, dtype: torch.dtype | str = "auto", device: str | None = None, max_memory: dict | None = None,
+                   offload_folder: str | os.PathLike | None = None, inputs: Iterable = ()):
+        """The model through transformers (safetensors only, no remote code), in eval mode.
+
+        ``dtype``: "auto" keeps the stored dtype (bf16 stays bf16), or a torch dtype / its name. ``device``: None or
+        "cpu", a torch device ("cuda:0"), or "auto": accelerate's device map over the GPUs, the CPU and the disk, bounded
+        by ``max_memory`` (parse_max_memory); what goes to disk is written into a temporary folder of ours under
+        ``offload_folder`` (default: the system's temporary folder; never in an input, ``inputs``), removed when the
+        model is freed (or, after a killed run, by the next one).
+        """
         import sys
+        import weakref
 
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         if not sys.stderr.isatty():  # progress bars only on a terminal; CI logs stay readable
             hf_logging.disable_progress_bar()
-        kwargs = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
+        kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": False, "use_safetensors": True}
         if device not in (None, "cpu"):
             kwargs["device_map"] = device
-        try:
-            if self.config.get("quantization_config") is not None:  # FP8 / MXFP4: dequantized on load (audit/logical.py)
-                from audit.logical import load_quantized
+        scratch = None
+        if device == "auto":
+            from audit.outputs import scratch_folder
 
-                model = load_quantized(self, **kwargs)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(str(self.path), **kwargs)
+            if max_memory:
+                kwargs["max_memory"] = dict(max_memory)
+            scratch = scratch_folder(offload_folder, "audit-offload", inputs=[self.path, *inputs])
+            kwargs["offload_folder"] = str(scratch)
+        elif max_memory or offload_folder:
+            raise AuditError("--max-memory and --offload-folder place a model through accelerate's device map: pass --device auto with them")
+        try:
+            with bounded_loading():
+                if self.config.get("quantization_config") is not None:  # FP8 / MXFP4: dequantized on load (audit/logical.py)
+                    from audit.logical import load_quantized
+
+                    model = load_quantized(self, **kwargs)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(str(self.path), **kwargs)
         except AuditError:
+            _remove_scratch(scratch)
             raise
         except Exception as e:
+            _remove_scratch(scratch)
+            if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+                raise
             raise AuditError(f"{self.path}: transformers cannot load this model ({type(e).__name__}: {e})") from None
+        if scratch is not None:
+            weakref.finalize(model, _remove_scratch, scratch)  # the offloaded weights live as long as the model
         return model.eval()
+
+
+@contextmanager
+def bounded_loading():
+    """transformers' from_pretrained in about one model's worth of memory: each tensor read (pread) into its own buffer,
+    and read when its conversion needs it.
+
+    By default transformers 5 maps the shards (mmap) and keeps the tensors it loads as they are as views of the mapping,
+    so every page it touched stays resident, the per-expert tensors it copies into fused ones included: 2x the
+    checkpoint in RSS on a MoE model. Its thread pool also reads every tensor ahead of the conversions that consume
+    them. Inside this block safetensors files are read with the pread backend (the one transformers uses on MPS and
+    Windows) and loading is sequential (transformers' own HF_DEACTIVATE_ASYNC_LOAD); both are put back on exit.
+    benchmarks/bench_run_memory.py measures the difference (peak RSS 3.0 -> 1.9 GB loading a 1.5 GB bf16 MoE).
+    """
+    try:
+        import transformers.modeling_utils as mu
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    real = getattr(mu, "safe_open", None)
+    env = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+
+    def pread_open(*args, **kwargs):
+        if kwargs.get("device", "cpu") == "cpu" and kwargs.get("backend", "mmap") == "mmap":
+            kwargs["backend"] = "pread"
+        return real(*args, **kwargs)
+
+    if real is not None:
+        mu.safe_open = pread_open
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if real is not None:
+            mu.safe_open = real
+        if env is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = env
+
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """"auto" (the stored dtype) or a torch dtype, from a dtype or its name (--dtype)."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    raise AuditError(f"--dtype {dtype!r}: use auto (the stored dtype), {', '.join(DTYPE_NAMES)}")
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """--max-memory "cpu=2GiB" or "0=70GiB,1=70GiB,cpu=200GiB" -> accelerate's max_memory ({0: "70GiB", "cpu": "200GiB"})."""
+    if text is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        key, sep, size = (x.strip() for x in part.partition("="))
+        if not sep or not key or not size:
+            raise AuditError(f"--max-memory {text!r}: each entry is DEVICE=SIZE, e.g. cpu=2GiB or 0=70GiB,cpu=200GiB")
+        dev = int(key) if key.isdigit() else key.lower()
+        if not isinstance(dev, int) and dev not in ("cpu", "mps"):
+            raise AuditError(f"--max-memory {text!r}: unknown device {key!r}; use a GPU number (0, 1, ...) or cpu")
+        try:
+            n = int(size) if size.isdigit() else convert_file_size_to_int(size)  # a plain number is bytes
+        except (ValueError, TypeError):
+            n = -1
+        if not isinstance(n, int) or n < 0:
+            raise AuditError(f"--max-memory {text!r}: {size!r} is not a size; write e.g. 500MB, 2GiB or a number of bytes")
+        if dev in out:
+            raise AuditError(f"--max-memory {text!r}: {key} is given twice")
+        out[dev] = n
+    if not out:
+        raise AuditError(f"--max-memory {text!r}: give at least one DEVICE=SIZE, e.g. cpu=2GiB")
+    return out
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its embeddings' execution device (accelerate's, when they are offloaded and sit on
+    the meta device until a forward needs them), else where the embeddings are."""
+    emb = model.get_input_embeddings()
+    dev = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if dev is None:
+        dev = emb.weight.device
+    dev = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
+def weights_on(module: torch.nn.Module):
+    """A context in which ``module``'s own weights are real tensors on its execution device: accelerate keeps offloaded
+    modules' weights on the meta device and loads them only around their forward; code that reads weights outside
+    that forward (the probe's expert maths, interventions that recompute experts) reads them inside this block."""
+    from contextlib import nullcontext
+
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # pragma: no cover -- accelerate is a dependency; without it nothing is offloaded
+        return nullcontext()
+    return align_module_device(module) if has_offloaded_params(module) else nullcontext()
+
+
+def placement(model) -> dict[str, int]:
+    """How many modules of accelerate's device map went where ({"cpu": 3, "disk": 5}); {} when the model is in one place."""
+    out: dict[str, int] = {}
+    for dev in (getattr(model, "hf_device_map", None) or {}).values():
+        key = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _remove_scratch(path) -> None:
+    if path is not None:
+        from audit.outputs import remove_scratch
+
+        remove_scratch(path)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -13,7 +13,9 @@ Rules, in one place for every command:
   the name exists;
 - folders and files get the user's umask (``mkdtemp``/``mkstemp`` would make them private); files and
   folders are fsynced before the rename, so a crash leaves the old output or the new one, whole;
-- temporaries of ours left by a killed run (``.NAME.tmp-PID-*``) are removed when their process is gone.
+- temporaries of ours left by a killed run (``.NAME.tmp-PID-*``) are removed when their process is gone;
+- scratch folders (accelerate's disk offload) are temporaries too: ``scratch_folder`` makes one, never in or around an
+  input, and ``remove_scratch`` removes it (only one with our marker).
 """
 
 from __future__ import annotations
@@ -274,6 +276,42 @@ class OutputDir:
                 shutil.rmtree(old, ignore_errors=True)  # the previous output: ours, checked above
         fsync_path(self.dest.parent, directory=True)
         return self.dest
+
+
+# -- scratch folders ---------------------------------------------------------------------------
+
+
+def scratch_folder(parent: str | os.PathLike | None, name: str, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """A new temporary folder of ours, ``PARENT/.NAME.tmp-PID-*`` (``parent`` None: the system's temporary folder),
+    marker written first; the caller removes it with ``remove_scratch``, a killed run's is removed by the next one.
+
+    Refused where ``parent`` is, or lies inside, an input (a folder beside an input is fine: nothing of it is touched).
+    """
+    base = Path(parent).absolute() if parent is not None else Path(tempfile.gettempdir())
+    for root in input_roots(inputs):
+        for d in (base, Path(os.path.realpath(base))):
+            if _related(d, root) in ("is", "lies inside"):
+                raise AuditError(f"{base}: {_related(d, root)} the input {root}; scratch files never go into an input -- "
+                                 "pass --offload-folder a folder outside the model directories")
+    if base.exists() and not base.is_dir():
+        raise AuditError(f"{base}: is a file; --offload-folder takes a folder")
+    dest = base / name
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        clean_stale(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_name(dest, "tmp"), dir=base))
+    except OSError as e:
+        raise AuditError(f"{base}: cannot create a scratch folder there ({e.strerror}); pass --offload-folder a writable folder") from None
+    (tmp / MARKER).write_text(json.dumps({"tool": TOOL, "kind": "scratch", "pid": os.getpid(), "host": socket.gethostname(),
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    return tmp
+
+
+def remove_scratch(path: str | os.PathLike) -> None:
+    """Remove a folder made by ``scratch_folder`` (nothing else: it must hold our marker)."""
+    p = Path(path)
+    if is_ours(p):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # -- single files ------------------------------------------------------------------------------

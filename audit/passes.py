@@ -1,20 +1,21 @@
 """Everything `audit run` needs from one model, measured while that model alone is loaded.
 
-The ablated model goes first: probes (routing, writes along r), greedy completions, the last prompt
-token's log-probabilities (harmless prompts: for KL; every prompt: the first-token refusal score the
-simulator calibrates on) and its answer distributions on harmless prompts kept compact (top-k per
-position). It is then released and the base model measures the same, plus the KL against what the
-ablated model left. What crosses between the two is sized by prompts and tokens, never by weights.
+The ablated model goes first: probes (routing, writes along r) and, from the same forward pass, the last prompt
+token's log-probabilities (harmless prompts: for KL; every prompt: the first-token refusal score the simulator
+calibrates on); greedy completions (local, or from a server); its answer distributions on harmless prompts kept
+compact (top-k per position). It is then released and the base model measures the same, plus the KL against what
+the ablated model left. What crosses between the two is sized by prompts and tokens, never by weights.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from audit.damage import answer_distributions, kl_against_compact
-from audit.generate import Completion, last_token_logprobs
+from audit.generate import Completion
 from audit.probe import ProbeResult, probe
 
 SETS = ("harmful", "harmless")
@@ -39,24 +40,44 @@ def _scores(lp: torch.Tensor, token_ids) -> torch.Tensor:
     return ref - torch.log(-torch.expm1(ref))
 
 
+@contextmanager
+def _quiet_step(name: str, total: int | None = None):
+    yield lambda n=1: None
+
+
 def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, max_new_tokens: int, batch_size: int, refusal_ids,
             keep_answer_dists: bool = False, against: tuple[list, list] | None = None, stage=None) -> Passes:
     """The passes of one loaded ``model``; ``generator`` produces its completions (local or a server).
 
     ``keep_answer_dists``: keep the compact answer distributions of the harmless completions (for the other side's KL).
     ``against``: (completions, compact distributions) of the other model on the harmless prompts: KL(this || that).
-    ``stage(name)`` returns a context manager that times a step (audit/run.py's).
+    ``stage(name, total)`` returns a context manager that times a step and yields ``advance(n)`` for its progress bar
+    (audit/run.py's); a server's completions are checked against this model's greedy first token (check_first_tokens).
     """
-    from contextlib import nullcontext
+    step = stage or _quiet_step
+    n = {k: len(prompts[k]) for k in SETS}
+    with step("probes", sum(n.values())) as advance:
+        # one probe over both sets: the hooks go on once, offloaded expert weights are read once for r's projections
+        both = prompts["harmful"] + prompts["harmless"]
+        seen = [0]
 
-    step = stage or (lambda name: nullcontext())
-    with step("probes"):
-        probes = {k: probe(model, tok, prompts[k], r, batch_size=batch_size) for k in SETS}
-    with step("completions"):
-        completions = {k: generator.complete(prompts[k], max_new_tokens, batch_size) for k in SETS}
-    with step("logits"):
-        lp = {k: last_token_logprobs(model, tok, prompts[k], batch_size) for k in SETS}
-        scores = {k: _scores(lp[k], refusal_ids) for k in SETS}
-        dists = answer_distributions(model, tok, prompts["harmless"], completions["harmless"]) if keep_answer_dists else None
-        kl_tf = kl_against_compact(model, tok, prompts["harmless"], against[0], against[1]) if against is not None else None
+        def progress(done, _total):
+            advance(done - seen[0])
+            seen[0] = done
+
+        pr, lp_all = probe(model, tok, both, r, batch_size=batch_size, progress=progress, return_logprobs=True)
+        cut = n["harmful"]
+        probes = {"harmful": pr.subset(slice(0, cut)), "harmless": pr.subset(slice(cut, None))}
+        lp = {"harmful": lp_all[:cut], "harmless": lp_all[cut:]}
+        del lp_all
+    scores = {k: _scores(lp[k], refusal_ids) for k in SETS}
+    with step("completions", sum(n.values())) as advance:
+        completions = {k: generator.complete(prompts[k], max_new_tokens, batch_size, progress=advance) for k in SETS}
+    if getattr(generator, "remote", False):
+        generator.check_first_tokens(completions, lp)
+    del lp["harmful"]
+    forced = n["harmless"] * (int(keep_answer_dists) + int(against is not None))
+    with step("teacher-forced pass", forced or None) as advance:
+        dists = answer_distributions(model, tok, prompts["harmless"], completions["harmless"], progress=advance) if keep_answer_dists else None
+        kl_tf = kl_against_compact(model, tok, prompts["harmless"], against[0], against[1], progress=advance) if against is not None else None
     return Passes(probes, completions, lp["harmless"], scores, dists, kl_tf)

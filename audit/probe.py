@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from audit.model_dir import input_device, weights_on
 from checks.errors import AuditError
 
 try:  # transformers' grouped expert matmul (the one its MoE forward uses); a per-expert loop stands in without it
@@ -199,11 +200,12 @@ class _ExpertMath:
         self.ub: torch.Tensor | None = None  # [E] r . down bias_e
 
     def prepare(self, r: torch.Tensor) -> None:
-        down = self.m.down_proj
-        r = r.to(device=down.device, dtype=torch.float32)
-        u = [(down[e].float() @ r) if self.transposed else (r @ down[e].float()) for e in range(self.num_experts)]  # per expert: no [E,H,I] float copy
-        self.u = torch.stack(u)
-        self.ub = self.m.down_proj_bias.float() @ r if self.has_bias else None
+        with weights_on(self.m):  # offloaded experts: their weights are loaded for this, then offloaded again
+            down = self.m.down_proj
+            r = r.to(device=down.device, dtype=torch.float32)
+            u = [(down[e].float() @ r) if self.transposed else (r @ down[e].float()) for e in range(self.num_experts)]  # per expert: no [E,H,I] float copy
+            self.u = torch.stack(u)
+            self.ub = self.m.down_proj_bias.float() @ r if self.has_bias else None
 
     def act(self, e: int, x: torch.Tensor) -> torch.Tensor:
         m = self.m
@@ -312,11 +314,12 @@ class _ExpertTap:
         if self.mode is None:
             return
         d = self.m.__dict__
-        for name in ("_apply_gate", "forward"):
+        for name in ("_apply_gate", "forward", "_old_forward"):
             if name in d:
                 self.saved[name] = d[name]
         if self.mode == "loop":
-            d["forward"] = self._loop_forward
+            # accelerate (device maps, offload) wraps forward to load the weights around ``_old_forward``: replace that one
+            d["_old_forward" if "_hf_hook" in d and "_old_forward" in d else "forward"] = self._loop_forward
         else:
             gate = self.m._apply_gate  # the bound method the kernel would call
 
@@ -333,7 +336,7 @@ class _ExpertTap:
             h.remove()
         self.handles.clear()
         d = self.m.__dict__
-        for name in ("_apply_gate", "forward"):
+        for name in ("_apply_gate", "forward", "_old_forward"):
             d.pop(name, None)
             if name in self.saved:
                 d[name] = self.saved[name]
@@ -445,10 +448,6 @@ def _pad_id(tokenizer) -> int:
     if pid is None:
         raise AuditError("the tokenizer has neither a pad nor an eos token; set pad_token in tokenizer_config.json")
     return int(pid)
-
-
-def _input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 class _Recorder:
@@ -660,6 +659,10 @@ class _Recorder:
     def _recompute(self, i: int, h: torch.Tensor, tok: torch.Tensor, e_all: torch.Tensor, w_all: torch.Tensor) -> torch.Tensor:
         """Each kept (token, expert) pair's weighted output . r, recomputing the activations from block input h."""
         _, em, _ = self.moe[i]
+        with weights_on(em.m):  # offloaded experts (accelerate): their weights are loaded again for the recomputation
+            return self._recompute_loaded(i, em, h, tok, e_all, w_all)
+
+    def _recompute_loaded(self, i: int, em: _ExpertMath, h: torch.Tensor, tok: torch.Tensor, e_all: torch.Tensor, w_all: torch.Tensor) -> torch.Tensor:
         e_sorted, order = torch.sort(e_all)
         counts = torch.bincount(e_sorted, minlength=em.num_experts)
         x = h.index_select(0, tok[order])
@@ -688,11 +691,13 @@ class _Recorder:
 
 @torch.inference_mode()
 def probe(model, tokenizer, prompts: Sequence[str], directions: torch.Tensor, batch_size: int = 16,
-          progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+          progress: Callable[[int, int], None] | None = None, return_logprobs: bool = False):
     """Run ``prompts`` (plain instructions) through ``model`` and summarize routing and writes along r per prompt.
 
     ``directions``: r [H] or per-layer [L+1, H] (normalized here). ``progress(done, total)`` is called per batch.
-    Works on dense models too (routing arrays then have E = 0).
+    Works on dense models too (routing arrays then have E = 0). ``return_logprobs``: also return the first answer
+    token's log-probabilities [n, V] (float32), from the same forward pass: (ProbeResult, log-probs).
+    Only the last position's logits are computed (the probe needs none; the first answer token needs that one).
     """
     if not prompts:
         raise AuditError("no prompts to probe; check the prompt files")
@@ -707,27 +712,49 @@ def probe(model, tokenizer, prompts: Sequence[str], directions: torch.Tensor, ba
            **{k: np.zeros((n, L + 1), np.float32) for k in ("resid_last", "resid_mean")},
            **{f"{c}_{s}": np.zeros((n, L), np.float32) for c in ("attn", "mlp", "shared") for s in ("mean", "last")},
            **{k: np.zeros((n, L, E), np.float32) for k in ("expert_mean", "expert_last", "sel_count", "sel_weight", "last_sel", "last_weight")}}
-    dev = _input_device(model)
+    lp = None
+    dev = input_device(model)
+    keep = _last_logits_kwargs(model)
     done = 0
     try:
         for idx, x, m in batches(ids, batch_size, pad):
             rec.start(m)
-            model(input_ids=x.to(dev), attention_mask=m.to(dev), position_ids=_positions(m).to(dev), use_cache=False)
+            res = model(input_ids=x.to(dev), attention_mask=m.to(dev), position_ids=_positions(m).to(dev), use_cache=False, **keep)
             rec.flush(out, idx)
+            if return_logprobs:
+                rows = torch.log_softmax(res.logits[:, -1, :].float(), dim=-1).cpu()  # left padding: -1 is the last prompt token
+                if lp is None:
+                    lp = torch.empty(n, rows.shape[-1], dtype=torch.float32)
+                lp[torch.tensor(idx)] = rows
+            del res
             done += len(idx)
             if progress is not None:
                 progress(done, n)
     finally:
         rec.remove()
     family = getattr(model.config, "model_type", type(model).__name__)
-    return ProbeResult(family=family, n_layers=L, n_experts=E, top_k=rec.top_k, moe_layers=sorted(rec.moe),
-                       has_shared=rec.shared_layers, **out)
+    result = ProbeResult(family=family, n_layers=L, n_experts=E, top_k=rec.top_k, moe_layers=sorted(rec.moe),
+                         has_shared=rec.shared_layers, **out)
+    return (result, lp) if return_logprobs else result
+
+
+def _last_logits_kwargs(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it (transformers 5 causal LMs do): no [B, T, V] logits for one row."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def plain_forward(model, tokenizer, prompts: Sequence[str], batch_size: int = 16) -> None:
-    """The same batches through the model with no hooks: the baseline the probe's overhead is measured against."""
+    """The same batches through the model with no hooks (and the same one row of logits): the baseline the probe's
+    overhead is measured against."""
     ids = encode(tokenizer, prompts)
-    dev = _input_device(model)
+    dev = input_device(model)
+    keep = _last_logits_kwargs(model)
     with torch.inference_mode():
         for _, x, m in batches(ids, batch_size, _pad_id(tokenizer)):
-            model(input_ids=x.to(dev), attention_mask=m.to(dev), position_ids=_positions(m).to(dev), use_cache=False)
+            model(input_ids=x.to(dev), attention_mask=m.to(dev), position_ids=_positions(m).to(dev), use_cache=False, **keep)

@@ -36,9 +36,15 @@ class RunOptions:
     simulate: bool = True
     confirm_top: int = 2  # simulated fixes confirmed by full generation
     apply_fix: str | None = None  # write the fixed ablation here, re-audit it
-    device: str | None = None
+    device: str | None = None  # None / "cpu", a torch device, or "auto": accelerate's device map (GPUs, CPU, disk)
+    dtype: str = "auto"  # --dtype: auto (the stored dtype: bf16 stays bf16), float32, bfloat16, float16
+    max_memory: dict | None = None  # --max-memory (audit.model_dir.parse_max_memory), with device "auto"
+    offload_folder: str | None = None  # --offload-folder: where accelerate's disk offload goes (a temporary of ours inside it)
     server: str | None = None  # OpenAI-compatible server that serves the ablated model (its completions come from there)
     served_model: str | None = None  # the name it serves it under (default: the model directory's path)
+    base_server: str | None = None  # OpenAI-compatible server that serves the base model (its completions come from there)
+    served_base_model: str | None = None  # the name it serves it under (default: the base directory's path)
+    server_timeout: float = 300.0  # seconds one server request may take in all
     quiet: bool = False
     command: str = "audit run"
     judge: str = "rules"  # --judge: rules (default, offline), rules-only, classifier:DIR, server:URL[#MODEL] (audit/judges.py)
@@ -48,23 +54,42 @@ class RunOptions:
 class _Ctx:
     opts: RunOptions
     stages: dict = field(default_factory=dict)
+    stages_cpu: dict = field(default_factory=dict)  # the same stages in CPU seconds of this process (steady on a shared machine)
     t0: float = field(default_factory=time.time)
     prompts_cut: dict = field(default_factory=dict)  # prompts cut to the token budget, per set
+    placement: dict = field(default_factory=dict)  # per model loaded: its dtype and accelerate's device map by device
+    servers: dict = field(default_factory=dict)  # per side served ("abl", "base"): what was checked about its server
 
     def say(self, msg: str) -> None:
         if not self.opts.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    def stage(self, name: str):
+    def stage(self, name: str, total: int | None = None, unit: str = "prompt"):
+        """Time a stage into results.json. ``with`` yields ``advance(n)``: with a ``total``, a progress bar on a terminal
+        (tqdm, off when stderr is not a TTY or with quiet), where a log gets the stage's name instead."""
         ctx = self
 
         class _S:
             def __enter__(self):
-                ctx.say(f"[audit] {name} ...")
-                self.t = time.perf_counter()
+                self.bar = None
+                if total and not ctx.opts.quiet:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=total, desc=f"[audit] {name}", unit=unit, disable=None, leave=False, file=sys.stderr)
+                if self.bar is None or self.bar.disable:
+                    ctx.say(f"[audit] {name} ...")
+                self.t, self.cpu = time.perf_counter(), time.process_time()
+                return self.advance
+
+            def advance(self, n: int = 1) -> None:
+                if self.bar is not None:
+                    self.bar.update(n)
 
             def __exit__(self, *exc):
                 ctx.stages[name] = round(time.perf_counter() - self.t, 3)
+                ctx.stages_cpu[name] = round(time.process_time() - self.cpu, 3)
+                if self.bar is not None:
+                    self.bar.close()
 
         return _S()
 
@@ -142,18 +167,60 @@ def _writes(pr_h, pr_a) -> tuple[dict[str, list[float]], list[float]]:
     return out, resid
 
 
-def _load(md, device):
-    dtype = torch.float32 if device in (None, "cpu") else "auto"
-    return md.load_model(dtype=dtype, device=device)
+def _load(md, opts: RunOptions, ctx: _Ctx | None = None, inputs=()):
+    """One model, in the stored dtype unless --dtype says otherwise, placed by --device (auto: accelerate's device map,
+    bounded by --max-memory, disk offload in a temporary folder of ours that goes with the model)."""
+    model = md.load_model(dtype=opts.dtype, device=opts.device, max_memory=opts.max_memory, offload_folder=_offload_parent(opts),
+                          inputs=inputs)
+    if ctx is not None:
+        from audit.model_dir import placement
+
+        ctx.placement[str(md.path)] = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "devices": placement(model)}
+    return model
+
+
+def _offload_parent(opts: RunOptions) -> str | None:
+    """Where accelerate's disk offload goes (only with --device auto): --offload-folder, else beside the output folder."""
+    if opts.device != "auto" or opts.offload_folder:
+        return opts.offload_folder
+    parent = Path(opts.out).absolute().parent
+    while not parent.is_dir() and parent != parent.parent:  # never create a folder for it (an applied fix's -o does not exist yet)
+        parent = parent.parent
+    return str(parent)
 
 
 def _release() -> None:
-    """Give a released model's memory back before the next one loads."""
+    """Give a released model's memory back before the next one loads (and its offload folder, by its finalizer)."""
     import gc
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _servers(opts: RunOptions, abl, base, tok, prompts: list) -> dict:
+    """The OpenAI-compatible servers that generate for the ablated model (--server) and the base (--base-server), each
+    checked before any model is loaded: reachable, serving that name, room for the prompts, the same chat template."""
+    from audit.generate import ServerBackend
+    from audit.probe import encode
+
+    out = {}
+    spec = (("abl", opts.server, opts.served_model, abl, "--server", "--served-model"),
+            ("base", opts.base_server, opts.served_base_model, base, "--base-server", "--served-base-model"))
+    ids = None
+    for side, url, name, md, flag, name_flag in spec:
+        if url is None:
+            if name is not None:
+                raise AuditError(f"{name_flag} {name!r} names a served model, but no {flag} URL was given")
+            continue
+        be = ServerBackend(url, name or str(md.path), tokenizer=tok, timeout=opts.server_timeout, flag=flag, name_flag=name_flag)
+        ids = encode(tok, prompts) if ids is None else ids
+        be.check_prompts(prompts, ids, opts.max_new_tokens)
+        out[side] = be
+    if "abl" in out and "base" in out and out["abl"].base == out["base"].base and out["abl"].model == out["base"].model:
+        raise AuditError(f"--server and --base-server both point at {out['abl'].model!r} on {out['abl'].base}: one server model cannot be "
+                         "the base and the ablated model; serve both (see the README's two-server recipe)")
+    return out
 
 
 def run_audit(opts: RunOptions, write: bool = True) -> dict:
@@ -162,7 +229,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     from audit.ablation_config import AblationConfig
     from audit.damage import kl_rows
     from audit.foreign import load_config, load_directions, resolve_measurements
-    from audit.generate import LocalBackend, ServerBackend
+    from audit.generate import LocalBackend
     from audit.measure import measure_directions
     from audit.model_dir import ModelDir
     from audit.outputs import check_destination
@@ -214,6 +281,13 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         elif manifest is not None:
             intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
         gate_cfg, gate_source = _gate_config(opts.gate)  # a bad gate file fails now, not after the forward passes
+        if opts.device == "auto":  # the offload folder is checked now too (never in an input), before any model loads
+            from audit.outputs import remove_scratch, scratch_folder
+
+            remove_scratch(scratch_folder(_offload_parent(opts), "audit-offload", inputs))
+        elif opts.max_memory or opts.offload_folder:
+            raise AuditError("--max-memory and --offload-folder place the models through accelerate's device map: pass --device auto with them")
+        servers = _servers(opts, abl, base, tok, harmful + harmless)
     with ctx.stage("directions"):
         directions = None
         cfg_meas = resolve_measurements(intent_cfg) if opts.config and intent_cfg is not None else None
@@ -228,7 +302,9 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if directions is None:
             th = load_prompts(_train_source(opts.harmful, "harmful", dirs_near), "harmful")
             ta = load_prompts(_train_source(opts.harmless, "harmless", dirs_near), "harmless")
-            directions = measure_directions(base, th, ta, batch_size=opts.batch_size, device=opts.device)
+            directions = measure_directions(base, th, ta, batch_size=opts.batch_size, device=opts.device, dtype=opts.dtype,
+                                            max_memory=opts.max_memory, offload_folder=_offload_parent(opts), inputs=inputs,
+                                            progress=False if opts.quiet else None)
         if directions.hidden_size != base.layout.hidden_size:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
@@ -252,16 +328,19 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     refusal_ids = refusal_token_ids(tok)
     prompts = {"harmful": harmful, "harmless": harmless}
     with ctx.stage("ablated model: load"):
-        m_abl = _load(abl, opts.device)
-    gen_a = ServerBackend(opts.server, opts.served_model or str(abl.path), tokenizer=tok) if opts.server else LocalBackend(m_abl, tok)
+        m_abl = _load(abl, opts, ctx, inputs)
+    gen_a = servers.get("abl") or LocalBackend(m_abl, tok)
     pa = measure(m_abl, tok, prompts, r, gen_a, opts.max_new_tokens, opts.batch_size, refusal_ids, keep_answer_dists=True,
-                 stage=lambda n: ctx.stage(f"ablated model: {n}"))
+                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total))
     del m_abl, gen_a  # one model resident at a time: what the base side needs is in pa, sized by prompts
     _release()
     with ctx.stage("base model: load"):
-        m_base = _load(base, opts.device)
-    pb = measure(m_base, tok, prompts, r, LocalBackend(m_base, tok), opts.max_new_tokens, opts.batch_size, refusal_ids,
-                 against=(pa.completions["harmless"], pa.answer_dists), stage=lambda n: ctx.stage(f"base model: {n}"))
+        m_base = _load(base, opts, ctx, inputs)
+    gen_b = servers.get("base") or LocalBackend(m_base, tok)
+    pb = measure(m_base, tok, prompts, r, gen_b, opts.max_new_tokens, opts.batch_size, refusal_ids,
+                 against=(pa.completions["harmless"], pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total))
+    del gen_b
+    ctx.servers = {side: be.checks for side, be in servers.items()}
     p = {(side, k): ps.probes[k] for side, ps in (("base", pb), ("abl", pa)) for k in prompts}
     mod_experts = [[l, e] for l in modified.get("experts_down", []) for e in range(base.layout.n_routed_experts)]
     routing = routing_check(p["base", "harmful"], p["base", "harmless"], p["abl", "harmful"], modified_experts=mod_experts or None,
@@ -465,7 +544,7 @@ def _apply_fix(cause, config, directions, base, opts, results) -> dict:
     ablate(base.path, new, opts.apply_fix, directions=directions, force=opts.force)
     sub = RunOptions(**{**opts.__dict__, "model_dir": opts.apply_fix, "base": str(base.path), "config": None, "apply_fix": None,
                         "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None,
-                        "server": None, "served_model": None})
+                        "server": None, "served_model": None})  # the base server, if any, still serves this base
     again = run_audit(sub, write=False)
     rates = again["checks"]["refusal"]["data"]
     after = rates.get("after") or {}
@@ -538,8 +617,11 @@ def _run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, good, ref, intent_sour
             "prompts": {"harmful": {"source": hs or "embedded default", "n": nh}, "harmless": {"source": ls or "embedded default", "n": nl},
                         "cut_to_budget": ctx.prompts_cut},
             "directions": {"source": dsrc, "good_index": good, "ablated_index": ref}, "gate_source": gate_source,
-            "max_new_tokens": opts.max_new_tokens, "device": opts.device or "cpu", "stages": ctx.stages,
+            "max_new_tokens": opts.max_new_tokens, "device": opts.device or "cpu", "dtype": opts.dtype, "placement": ctx.placement,
+            "stages": ctx.stages, "stages_cpu": ctx.stages_cpu,
             "completions_from": f"{opts.server} ({opts.served_model or abl.path})" if opts.server else "local transformers",
+            "base_completions_from": f"{opts.base_server} ({opts.served_base_model or base.path})" if opts.base_server else "local transformers",
+            "servers": ctx.servers,
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 

@@ -264,6 +264,21 @@ def cases(p: dict) -> list[Case]:
     add("measure --limit -5", 2, "measure", p["base"], "--limit", "-5", "-o", o / "m-lim.safetensors")
     add("measure --batch-size 0", 2, "measure", p["base"], "--batch-size", "0", "-o", o / "m-bs.safetensors")
     add("run --max-new-tokens beyond context", 2, "run", p["abl"], "--max-new-tokens", "100000", "-o", o / "r-ctx", "--no-simulate", says="context")
+    # devices, memory, servers (issue 18): refused before any model loads
+    for v in ("0", "-1", "soon"):
+        add(f"run --server-timeout {v}", 2, "run", p["abl"], "--server-timeout", v, "-o", o / "r-num")
+    add("run --dtype float8", 2, "run", p["abl"], "--dtype", "float8", "-o", o / "r-dt")
+    for spec, s in (("cpu=lots", "not a size"), ("gpu0=1GB", "unknown device"), ("cpu", "device=size"), ("cpu=1GB,cpu=2GB", "twice")):
+        add(f"run --max-memory {spec}", 2, "run", p["abl"], "--device", "auto", "--max-memory", spec, "-o", o / "r-mm", says=s)
+    add("run --max-memory without --device auto", 2, "run", p["abl"], "--max-memory", "cpu=1GB", "-o", o / "r-mm", "--no-simulate",
+        says="--device auto")
+    add("run --offload-folder inside an input", 2, "run", p["abl"], "--device", "auto", "--offload-folder", p["abl"] / "off", "-o", o / "r-off",
+        "--no-simulate", says="never go into an input")
+    add("run --server not a url", 2, "run", p["abl"], "--server", "localhost:8000", "-o", o / "r-srv", "--no-simulate", says="not an http")
+    add("run --base-server down", 2, "run", p["abl"], "--base-server", "http://127.0.0.1:9", "-o", o / "r-srv", "--no-simulate",
+        says="cannot reach the server at http://127.0.0.1:9/v1 (--base-server)")
+    add("run --served-base-model without --base-server", 2, "run", p["abl"], "--served-base-model", "b", "-o", o / "r-srv", "--no-simulate",
+        says="no --base-server")
     # destinations: never into, onto or around an input; --force only over our own outputs
     models = p["base"].parent
     for cmd in (("static", p["abl"], "--base", p["base"]), ("ablate", p["base"], "--config", p["cfg"]), ("run", p["abl"], "--no-simulate")):
@@ -307,4 +322,6 @@ def cases(p: dict) -> list[Case]:
         "--force", slow=True)
     add("ablate ok", 0, "ablate", p["base"], "--config", p["cfg"], "-o", o / "abl2", "--quiet", slow=True)
     add("run tiny", 1, "run", p["abl"], "-o", o / "run-tiny", "--no-simulate", "--limit", "2", "--max-new-tokens", "4", slow=True)
+    add("run tiny offloaded to disk", 1, "run", p["abl"], "-o", o / "run-tiny-off", "--no-simulate", "--limit", "2", "--max-new-tokens", "4",
+        "--device", "auto", "--max-memory", "cpu=20KB", slow=True)
     return C

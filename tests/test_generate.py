@@ -125,6 +125,103 @@ def test_kl_damage(llama, tiny_model):
     # the teacher-forced mean includes the first answer token: one-token completions give the first-token KL
     one = kl_teacher_forced(model, other, tok, prompts, [[c.token_ids[0]] for c in comps])
     assert one == pytest.approx(first, rel=1e-4, abs=1e-6)
+    # one model at a time: the other side kept as its top-k per answer position; KL over that partition is a lower bound,
+    # exact when k is the whole vocabulary
+    from audit.damage import answer_distributions, kl_against_compact
+
+    assert kl_against_compact(model, tok, prompts, comps, answer_distributions(model, tok, prompts, comps)) == pytest.approx([0.0] * 3, abs=1e-6)
+    compact = kl_against_compact(model, tok, prompts, comps, answer_distributions(other, tok, prompts, comps, batch_size=2))
+    assert all(0 < c <= f * (1 + 1e-2) + 1e-6 for c, f in zip(compact, tf)), (compact, tf)
+    whole = kl_against_compact(model, tok, prompts, comps, answer_distributions(other, tok, prompts, comps, k=len(tok)))
+    assert whole == pytest.approx(tf, rel=1e-2, abs=1e-6)  # the same up to rounding (positions given vs counted)
     with torch.no_grad():
         other.model.layers[1].self_attn.o_proj.weight.fill_(float("nan"))
     assert all(x != x for x in kl_first_token(model, other, tok, prompts))  # NaN propagates, for the nan-inf finding
+    broken = kl_against_compact(model, tok, prompts, comps, answer_distributions(other, tok, prompts, comps))
+    assert all(x != x for x in broken)
+
+
+# -- the server backend's failure modes, on a fake OpenAI-compatible server in a thread (tests/fake_openai.py) --
+
+
+def test_server_down_slow_trickling_or_flaky_is_a_clear_error_never_a_hang():
+    import time
+
+    from fake_openai import Behaviour, fake_server
+
+    port = _free_port()
+    t = time.monotonic()
+    with pytest.raises(AuditError, match=rf"cannot reach the server at http://127.0.0.1:{port}/v1 \(--base-server\): connection refused.*"
+                                         r"check that the server is up and serves 'b' there, or fix --base-server"):
+        ServerBackend(f"http://127.0.0.1:{port}", "b", flag="--base-server", name_flag="--served-base-model", retries=1)
+    assert time.monotonic() - t < 5  # one retry after a pause: refused connections were never answered
+    b = Behaviour(models=["m"])
+    with fake_server(b) as url:
+        be = ServerBackend(url, "m", timeout=1.0)
+        b.delay = 3.0  # answers after the deadline
+        t = time.monotonic()
+        with pytest.raises(AuditError, match=rf"the server at {url}/v1 \(--server\) did not answer POST /v1/chat/completions within 1 s.*--server-timeout"):
+            be.complete(["a", "b", "c"], 8, batch_size=2)
+        assert time.monotonic() - t < 2.5
+        b.delay, b.trickle = 0.0, 0.05  # sends its answer a byte at a time: every read is quick, the whole is too slow
+        t = time.monotonic()
+        with pytest.raises(AuditError, match="did not answer POST /v1/chat/completions within 1 s"):
+            be.complete(["a"], 8)
+        assert time.monotonic() - t < 2.5
+        b.trickle, b.fail_first = None, [503, 502]  # overloaded, then fine: retried (a greedy request has no side effect)
+        be = ServerBackend(url, "m", timeout=10.0)
+        assert [c.answer for c in be.complete(["a"], 8)] == ["Sure, here it is."]
+        assert sum(1 for m, p, _ in b.requests if p == "/v1/chat/completions") >= 3
+        b.fail_first = [400]  # a real refusal of the request: not retried
+        with pytest.raises(AuditError, match="answered POST /v1/chat/completions with HTTP 400"):
+            be.complete(["a"], 8)
+        with pytest.raises(AuditError, match=r"does not serve a model named 'other'; it serves: m \(pass one of these to --served-base-model"):
+            ServerBackend(url, "other", flag="--base-server", name_flag="--served-base-model")
+    with pytest.raises(AuditError, match="not an http"):
+        ServerBackend("localhost:8000/v1", "m")
+
+
+def test_server_checks_context_and_chat_template(tiny_tok):
+    from fake_openai import Behaviour, fake_server
+
+    from audit.probe import encode
+
+    prompts = PROMPTS[:3]
+    ids = encode(tiny_tok, prompts)
+    b = Behaviour(models=["m"])
+    with fake_server(b) as url:
+        be = ServerBackend(url, "m", tokenizer=tiny_tok)
+        be.check_prompts(prompts, ids, 16)  # no /tokenize (transformers serve, llama.cpp): assumed, and said so
+        assert be.checks["template"].startswith("not checked")
+        b.tokenize = lambda messages: encode(tiny_tok, [messages[-1]["content"]])[0]
+        be.check_prompts(prompts, ids, 16)
+        assert be.checks["template"].startswith("same token ids")
+        b.tokenize = lambda messages: encode(tiny_tok, ["system says hi. " + messages[-1]["content"]])[0]  # another template
+        with pytest.raises(AuditError, match=r"formats prompts differently from the local tokenizer and chat template.*first difference at token"):
+            be.check_prompts(prompts, ids, 16)
+        b.max_model_len = max(map(len, ids)) + 8
+        be = ServerBackend(url, "m", tokenizer=tiny_tok)
+        with pytest.raises(AuditError, match=rf"max_model_len {b.max_model_len}.*--max-model-len {max(map(len, ids)) + 16}"):
+            be.check_prompts(prompts, ids, 16)
+
+
+def test_a_server_serving_another_model_is_caught_by_its_first_tokens(llama):
+    """Served under the expected name but not that model (e.g. the base where the ablated one was meant): its answers do
+    not open with the local model's greedy first token."""
+    from fake_openai import Behaviour, fake_server
+
+    from audit.generate import last_token_logprobs
+
+    path, model, tok = llama
+    local = LocalBackend(model, tok).complete(PROMPTS, max_new_tokens=6)
+    lp = {"s": last_token_logprobs(model, tok, PROMPTS)}
+    by_prompt = {c.prompt: c.text for c in local}
+    b = Behaviour(models=["m"], answer=lambda messages, n: (by_prompt[messages[-1]["content"]], "stop", 6))
+    with fake_server(b) as url:
+        be = ServerBackend(url, "m", tokenizer=tok)
+        same = {"s": be.complete(PROMPTS, 6)}
+        be.check_first_tokens(same, lp, min_informative=2)
+        assert be.checks["first_token_agreement"]["s"]["agree"] == be.checks["first_token_agreement"]["s"]["of"] > 0
+        b.answer = lambda messages, n: ("zzz qqq", "stop", 3)
+        with pytest.raises(AuditError, match=r"does not seem to serve the model audited here as 'm'.*greedy first token on only 0 of"):
+            be.check_first_tokens({"s": be.complete(PROMPTS, 6)}, lp, min_informative=2)

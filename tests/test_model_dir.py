@@ -278,3 +278,67 @@ def test_identity_tells_a_changed_base(tmp_path, tiny_model):
     data[-64:] = bytes(64)  # the last tensor's values, header untouched
     f.write_bytes(bytes(data))
     assert identity_changes(before, ModelDir(d).identity()) == ["config.json differs", "shard model.safetensors differs (content)"]
+
+
+def test_stored_dtype_and_device_map_with_disk_offload_in_a_scratch_folder_of_ours(tmp_path, tiny_model, tiny_tok):
+    """load_model keeps bf16 as bf16 by default; with device auto and a small budget, layers go to disk inside a
+    temporary folder of ours (marker first) under the offload folder, removed as soon as the model is freed."""
+    import gc
+
+    from audit.model_dir import input_device, parse_max_memory, placement
+    from audit.tiny import build_tiny
+
+    path = build_tiny("qwen3_moe", tmp_path / "bf16", tiny_tok, dtype=torch.bfloat16, shard_bytes=20_000)
+    md = ModelDir(path)
+    assert next(md.load_model().parameters()).dtype == torch.bfloat16
+    assert next(md.load_model(dtype="float32").parameters()).dtype == torch.float32
+    off = tmp_path / "offload"
+    model = md.load_model(device="auto", max_memory=parse_max_memory(f"cpu={md.nbytes // 4}"), offload_folder=off)
+    where = placement(model)
+    assert where.get("disk", 0) > 0, where
+    scratch = [p for p in off.iterdir()]
+    assert len(scratch) == 1 and scratch[0].name.startswith(".audit-offload.tmp-") and (scratch[0] / MARKER).is_file()
+    assert any(p.suffix == ".safetensors" for p in scratch[0].iterdir())  # the fused experts, written once for this load
+    assert input_device(model) == torch.device("cpu")
+    del model
+    gc.collect()
+    assert not any(off.iterdir())
+    with pytest.raises(AuditError, match="scratch files never go into an input"):
+        md.load_model(device="auto", offload_folder=path / "off")
+    assert not (path / "off").exists()
+    with pytest.raises(AuditError, match="pass --device auto"):
+        md.load_model(max_memory={"cpu": 10})
+
+
+@pytest.mark.parametrize("spec,want", [("cpu=2GiB", {"cpu": 2 << 30}), ("0=70GiB, cpu=200GiB", {0: 70 << 30, "cpu": 200 << 30}),
+                                       ("cpu=500MB", {"cpu": 500 * 10**6}), ("cpu=1234", {"cpu": 1234})])
+def test_max_memory_parsed(spec, want):
+    from audit.model_dir import parse_max_memory
+
+    assert parse_max_memory(spec) == want
+
+
+@pytest.mark.parametrize("spec,match", [("cpu", "DEVICE=SIZE"), ("gpu=1GB", "unknown device"), ("cpu=big", "not a size"), ("", "at least one"),
+                                        ("cpu=1GB,cpu=2GB", "twice")])
+def test_max_memory_refused(spec, match):
+    from audit.model_dir import parse_max_memory
+
+    with pytest.raises(AuditError, match=match):
+        parse_max_memory(spec)
+
+
+def test_bounded_loading_reads_the_same_weights_and_puts_transformers_back(tmp_path, tiny_model, tiny_tok, monkeypatch):
+    """load_model reads with pread, one conversion at a time (bounded_loading): the same tensors as transformers' own
+    loading, and its safe_open and HF_DEACTIVATE_ASYNC_LOAD are as they were afterwards."""
+    import os
+
+    import transformers.modeling_utils as mu
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "0")
+    before = mu.safe_open
+    path = tiny_model("qwen3_moe", sharded=True)
+    got = ModelDir(path).load_model().state_dict()
+    want = AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert mu.safe_open is before and os.environ["HF_DEACTIVATE_ASYNC_LOAD"] == "0"

@@ -295,3 +295,47 @@ def test_tap_restored_on_exception(tiny_model, tiny_tok):
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
         res = probe(model, tiny_tok, PROMPTS[:2], r, batch_size=2)  # and it works again afterwards
         assert np.abs(res.expert_mean).max() > 0
+
+
+@pytest.mark.parametrize("impl,tap", [("grouped_mm", True), ("batched_mm", True), ("eager", True), ("grouped_mm", False)])
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe", "gpt_oss"])
+def test_probe_on_a_disk_offloaded_model(family, impl, tap, tiny_model, tiny_tok, tmp_path, monkeypatch):
+    """accelerate's device map with most layers on disk (weights on the meta device until their forward): the probe reads
+    the offloaded experts' weights through accelerate (r's projections, the recomputation) and taps their own forward;
+    every number and the first-token log-probabilities equal the in-memory model's."""
+    import audit.probe as P
+    from audit.model_dir import ModelDir
+
+    if family == "gpt_oss" and impl == "eager":
+        pytest.skip("the gpt-oss eager kernel is covered by test_tap_equals_recompute; its offloaded path is the same tap")
+    monkeypatch.setattr(P, "TAP_EXPERTS", tap)
+    md = ModelDir(tiny_model(family))
+    kw = {"experts_implementation": impl}
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(str(md.path), **kw).eval()
+    off = AutoModelForCausalLM.from_pretrained(str(md.path), device_map="auto", max_memory={"cpu": md.nbytes // 4},
+                                               offload_folder=str(tmp_path / "offload"), **kw).eval()
+    assert "disk" in set(off.hf_device_map.values()), off.hf_device_map
+    experts = [m for m in off.modules() if isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.down_proj.ndim == 3]
+    assert any(e.down_proj.device.type == "meta" for e in experts)  # really offloaded
+    r = torch.randn(off.config.num_hidden_layers + 1, off.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    want, lp_want = probe(ref_model, tiny_tok, PROMPTS, r, batch_size=4, return_logprobs=True)
+    got, lp_got = probe(off, tiny_tok, PROMPTS, r, batch_size=4, return_logprobs=True)
+    for k in P._ARRAYS:
+        np.testing.assert_allclose(getattr(got, k), getattr(want, k), rtol=1e-5, atol=1e-6, err_msg=k)
+    torch.testing.assert_close(lp_got, lp_want)
+    assert np.abs(got.expert_mean).max() > 0
+    assert all(e.down_proj.device.type == "meta" for e in experts if "_hf_hook" in e.__dict__ and e._hf_hook.offload)  # offloaded again
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in off.modules())
+
+
+def test_probe_logprobs_equal_a_plain_forward(load, tiny_tok):
+    """The log-probabilities the probe returns are the first answer token's, from its own forward pass (one pass serves both)."""
+    from audit.generate import last_token_logprobs
+
+    model = load("glm4_moe")
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    res, lp = probe(model, tiny_tok, PROMPTS, r, batch_size=4, return_logprobs=True)
+    assert isinstance(res, ProbeResult) and lp.shape == (len(PROMPTS), model.config.vocab_size) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp, last_token_logprobs(model, tiny_tok, PROMPTS, batch_size=4), rtol=1e-4, atol=1e-4)

@@ -55,10 +55,10 @@ def _ablate(organism, tmp_path, variant, components, layers, measurement=None, s
     return out
 
 
-def _audit(model_dir, tmp_path, apply_fix=True, **kw):  # noqa: D103
+def _audit(model_dir, tmp_path, apply_fix=True, limit=LIMIT, **kw):  # noqa: D103
     from audit.run import RunOptions, run_audit
 
-    opts = RunOptions(model_dir=str(model_dir), out=str(tmp_path / "report"), limit=LIMIT, max_new_tokens=24, quiet=True,
+    opts = RunOptions(model_dir=str(model_dir), out=str(tmp_path / "report"), limit=limit, max_new_tokens=24, quiet=True,
                       apply_fix=str(tmp_path / "fixed") if apply_fix else None, **kw)
     return run_audit(opts)
 
@@ -175,27 +175,99 @@ def test_no_output_written_into_inputs(organism, tmp_path):
         assert sorted(str(p) for p in dest.rglob("*")) == snapshot
 
 
-def test_server_backend_gives_the_same_audit(organism, tmp_path):
-    """Refusal before (base) and compliance after (a complete ablation), through a real OpenAI-compatible server and locally."""
-    from audit.generate import LocalBackend, ServerBackend
-    from audit.model_dir import ModelDir
-
+def test_both_generation_passes_on_servers_give_the_same_audit(organism, tmp_path):
+    """The base and the ablated model each served by `transformers serve` (two processes side by side, as with vLLM):
+    every completion comes from a server and the audit is the one local generation gives (the same answers, word for
+    word; test_generate checks a server against local generation token for token)."""
     path, info, dirs = organism("base")
     abl = _ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS)
-    tok = ModelDir(path).tokenizer()
-    harmful = (path / "prompts" / "harmful.txt").read_text().splitlines()[:16]
-    for model_dir in (path, abl):  # the base refuses, the ablated model complies: the same texts both ways
-        with serve_model(model_dir) as url:
-            local = LocalBackend(ModelDir(model_dir).load_model("float32"), tok).complete(harmful, 24)
-            remote = ServerBackend(url, str(model_dir), tokenizer=tok).complete(harmful, 24)
-            assert [c.answer for c in remote] == [c.answer for c in local]
-            if model_dir == abl:
-                res_server = _audit(abl, tmp_path / "server", apply_fix=False, server=url, served_model=str(abl))
-    res_local = _audit(abl, tmp_path / "local", apply_fix=False)
-    for key in ("before", "after", "harmless_after"):
-        assert res_server["checks"]["refusal"]["data"][key] == res_local["checks"]["refusal"]["data"][key]
+    n = 24
+    with serve_model(path, dtype="bfloat16") as base_url, serve_model(abl, dtype="bfloat16") as abl_url:
+        res_server = _audit(abl, tmp_path / "server", apply_fix=False, limit=n, server=abl_url, served_model=str(abl), base_server=base_url,
+                            served_base_model=str(path))
+        # the servers swapped by mistake: the base's answers (--server) do not open with the ablated model's greedy first token
+        from checks.errors import AuditError
+
+        with pytest.raises(AuditError, match=rf"the server at {base_url}/v1 \(--server\) does not seem to serve the model.*harmful prompts"):
+            _audit(abl, tmp_path / "swapped", apply_fix=False, limit=n, server=base_url, served_model=str(path), base_server=abl_url,
+                   served_base_model=str(abl))
+    res_local = _audit(abl, tmp_path / "local", apply_fix=False, limit=n)
+    for key in ("before", "after", "harmless_after", "harmless_before"):
+        assert res_server["checks"]["refusal"]["data"][key] == res_local["checks"]["refusal"]["data"][key], key
+    answers = lambda res: sorted((x["when"], x["set"], x["prompt"], x["completion"]) for x in res["checks"]["refusal"]["data"]["samples"])
+    assert answers(res_server) == answers(res_local)
     assert res_server["checks"]["refusal"]["data"]["before"]["rate"] >= 0.95 and res_server["checks"]["refusal"]["data"]["after"]["rate"] <= 0.05
     assert res_server["verdict"] == res_local["verdict"] == "pass"
+    assert [c["id"] for c in res_server["causes"]] == [c["id"] for c in res_local["causes"]]
+    run = res_server["run"]
+    assert run["completions_from"].startswith(abl_url) and run["base_completions_from"].startswith(base_url)
+    assert set(run["servers"]) == {"abl", "base"} and all(v["template"].startswith("not checked") for v in run["servers"].values())
+    assert all(a["agree"] == a["of"] for v in run["servers"].values() for a in v["first_token_agreement"].values())
+
+
+def test_offloaded_to_disk_gives_the_same_audit(organism, tmp_path, capsys):
+    """`--device auto` with a memory budget far below the model: accelerate puts layers on disk (the device map says so),
+    the probes, generation and the simulated fixes' hooks run on the offloaded model, and the audit is the plain CPU run's.
+    The offload folder is ours, beside the inputs, and gone afterwards."""
+    abl = _ablate(organism, tmp_path, "experts", ["embed", "attn_out", "mlp_down", "shared_down"], ALL_LAYERS)
+    off = tmp_path / "offload"
+    n = 24
+    cmd = [sys.executable, "-m", "audit.cli", "run", str(abl), "-o", str(tmp_path / "r"), "--limit", str(n), "--max-new-tokens", "24",
+           "--device", "auto", "--max-memory", "cpu=300KB", "--offload-folder", str(off)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr[-3000:]
+    res_off = json.loads((tmp_path / "r" / "results.json").read_text())
+    placement = res_off["run"]["placement"]
+    assert len(placement) == 2 and all(p["dtype"] == "bfloat16" and p["devices"].get("disk", 0) > 0 for p in placement.values()), placement
+    assert off.is_dir() and not any(off.iterdir())  # the scratch folders were removed
+    _audit(abl, tmp_path / "plain", apply_fix=False, limit=n)
+    res = json.loads((tmp_path / "plain" / "report" / "results.json").read_text())  # both as written (rounded alike)
+    assert res["run"]["placement"] and all(not p["devices"] for p in res["run"]["placement"].values())
+    assert res_off["verdict"] == res["verdict"] == "fail"
+    assert [c["id"] for c in res_off["causes"]] == [c["id"] for c in res["causes"]] and res["causes"][0]["id"] == "routed-experts-not-ablated"
+    for key in ("before", "after", "harmless_before", "harmless_after"):
+        assert res_off["checks"]["refusal"]["data"][key] == res["checks"]["refusal"]["data"][key], key
+    assert [c["simulated"]["refusal_rate"] for c in res_off["causes"]] == [c["simulated"]["refusal_rate"] for c in res["causes"]]
+    from audit.cli import main
+
+    for extra, message in ((["--max-memory", "cpu=lots"], "'lots' is not a size"),
+                           (["--offload-folder", str(abl / "off")], "scratch files never go into an input"),
+                           (["--device", "cpu"], "pass --device auto with them")):
+        assert main(cmd[3:] + extra + ["--force"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (abl / "off").exists()
+
+
+def test_servers_that_are_down_or_wrong_are_exit_2_before_any_model_loads(organism, tmp_path, capsys):
+    """`audit run` (the CLI's own entry point) with a server that is down or serves other names: exit 2, the URL and what
+    to check in the message, no traceback, nothing written, and no model loaded first."""
+    import socket
+
+    from fake_openai import Behaviour, fake_server
+
+    from audit.cli import main
+
+    abl = _ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS)
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    args = ["run", str(abl), "-o", str(tmp_path / "r"), "--limit", "8", "--max-new-tokens", "16", "--no-simulate"]
+
+    def run(*extra) -> str:
+        assert main(args + list(extra)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "directions ..." not in err  # stopped in the inputs stage
+        return err
+
+    assert f"cannot reach the server at http://127.0.0.1:{port}/v1 (--base-server): connection refused" in run("--base-server", f"http://127.0.0.1:{port}")
+    with fake_server(Behaviour(models=["someone-else"])) as url:
+        err = run("--server", url)
+        assert f"the server at {url}/v1 (--server) does not serve a model named {str(abl)!r}" in err and "--served-model" in err
+        err = run("--server", url, "--served-model", "someone-else", "--base-server", url, "--served-base-model", "someone-else")
+        assert "cannot be the base and the ablated model" in err
+    assert "--served-base-model 'x' names a served model, but no --base-server URL" in run("--served-base-model", "x")
+    assert not (tmp_path / "r").exists()
 
 
 def test_broken_ablation_fails_closed(organism, tmp_path):
@@ -218,3 +290,28 @@ def test_broken_ablation_fails_closed(organism, tmp_path):
     failed = {t["name"] for t in res["gate"]["thresholds"] if t["passed"] is False}
     assert "check:weights" in failed and "max_refusal_after" in failed, res["gate"]
     assert any(f["code"] == "nan-inf" for f in res["checks"]["weights"]["findings"])
+
+
+def test_one_model_resident_at_a_time(organism, tmp_path, monkeypatch):
+    """When the base loads, nothing keeps the ablated model alive (no backend, hook, tap or cache): it is collected."""
+    import gc
+    import weakref
+
+    import audit.run as run
+
+    loaded, alive_at_load = [], []
+    real = run._load
+
+    def spy(md, opts, ctx=None, inputs=()):
+        gc.collect()
+        alive_at_load.append([w() is not None for w in loaded])
+        m = real(md, opts, ctx, inputs)
+        loaded.append(weakref.ref(m))
+        return m
+
+    monkeypatch.setattr(run, "_load", spy)
+    abl = _ablate(organism, tmp_path, "base", ["attn_out"], [1])
+    res = _audit(abl, tmp_path, apply_fix=False)  # fails: the simulator runs on the base too
+    assert res["verdict"] == "fail" and res["simulation"] is not None
+    assert alive_at_load == [[], [False]], alive_at_load
+    assert [p["dtype"] for p in res["run"]["placement"].values()] == ["bfloat16", "bfloat16"]  # the stored dtype, not float32
