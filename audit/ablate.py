@@ -31,6 +31,7 @@ from audit.model_dir import DTYPES, ModelDir, copy_side_files, write_index
 from audit.outputs import OutputDir
 from audit.reader import pread_into
 from checks.errors import AuditError
+from checks.layout import GateUpSplit
 from checks.linalg import along, project_out_norm_preserving
 
 MANIFEST_NAME = "ablation-manifest.json"
@@ -47,16 +48,10 @@ def _part_view(t: torch.Tensor, edit: PlannedEdit) -> torch.Tensor:
     """The (writable) view of ``t`` an edit touches: the whole tensor, or the gate / up half of a fused gate_up."""
     if edit.part is None:
         return t
-    ax, n = edit.split_axis, t.shape[edit.split_axis]
-    if n % 2:
-        raise AuditError(f"{edit.key}: fused gate_up axis {ax} has odd size {n}; cannot take its {edit.part} half")
-    first = edit.part == "gate"
-    sl = [slice(None)] * t.ndim
-    if edit.split == "interleave":
-        sl[ax] = slice(0 if first else 1, None, 2)
-    else:
-        sl[ax] = slice(0, n // 2) if first else slice(n // 2, None)
-    return t[tuple(sl)]
+    try:
+        return GateUpSplit(edit.split, edit.split_axis).half(t, edit.part)
+    except AuditError as e:
+        raise AuditError(f"{edit.key}: {e}") from None
 
 
 def _chunks(t: torch.Tensor, resid_axis: int):

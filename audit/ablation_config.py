@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from checks.errors import AuditError
-from checks.layout import TARGETS, Layout, Role, targets_of
+from checks.layout import TARGETS, Layout, Role, gate_up_split, targets_of
 
 DEFAULT_COMPONENTS = ("attn_out", "mlp_down", "experts_down", "shared_down")
 METHODS = ("standard", "norm_preserving")
@@ -49,7 +49,6 @@ ROUTER_MODES = ("input", "none")
 TOP_KEYS = ("model", "measurements", "output", "scale", "ablate", "components", "method", "router_mode", "biprojection")
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components", "experts")
 EXPERT_TARGETS = ("experts_down", "experts_gate", "experts_up")
-INTERLEAVED_GATE_UP = ("gpt_oss",)  # fused gate_up stored [.., 2I] as gate0, up0, gate1, up1, ...
 
 
 @dataclass(frozen=True)
@@ -310,12 +309,6 @@ def entry_direction(directions, entry: Entry, biprojection: bool) -> torch.Tenso
     return (r / n).float()
 
 
-def _gate_up_split(role: Role, family: str, ndim: int) -> tuple[str, int]:
-    split = "interleave" if family in INTERLEAVED_GATE_UP else "chunk"
-    axes = [a for a in range(ndim) if a not in (role.resid_axis, role.expert_axis)]
-    return split, axes[-1]
-
-
 def _quantized_targets(role: Role) -> tuple[str, ...]:
     """The target groups a quantized tensor's weight would belong to, were it stored in float."""
     io = "writer" if role.projection in ("o", "down") else "reader"
@@ -383,7 +376,8 @@ def plan(config: AblationConfig, layout: Layout, directions=None) -> list[Planne
             part = split = split_axis = None
             if role.projection == "gate_up" and len(hit) == 1:
                 part = "gate" if hit[0].endswith("_gate") else "up"
-                split, split_axis = _gate_up_split(role, layout.family, len(layout.shapes[key]))
+                gu = gate_up_split(role, layout.family, len(layout.shapes[key]))
+                split, split_axis = gu.how, gu.axis
             edits.append(PlannedEdit(key, role, hit, r, e.measurement, scale, config.method, e.sparsity, e.layer,
                                      part, split, split_axis, config.biprojection, sub))
     wants_embed = "embed" in config.components or any(e.components and "embed" in e.components for e in config.entries)

@@ -30,13 +30,12 @@ from audit.logical import recast_equal, row_pieces
 from audit.model_dir import ModelDir
 from audit.reader import chunks, read_pairs
 from checks.errors import AuditError
-from checks.layout import Layout, Role, targets_of
+from checks.layout import Layout, Role, gate_up_split, targets_of
 from checks.pair_stats import bytes_equal, is_lazy, pair_stats, same_bits
 from checks.projection import TensorProjection, floor_can_matter
 from checks.recover import TensorRecovery
 from checks.weights import TensorDiff
 
-INTERLEAVED_GATE_UP = ("gpt_oss",)
 WORKERS = 2  # fixed, not the machine's core count: which worker saw which tensor must not change the results
 CHUNK = 16 << 20  # bytes per model per mapping: small enough for resident memory to stay flat
 
@@ -68,20 +67,17 @@ def open_pair(ablated: str | os.PathLike, base: str | os.PathLike) -> tuple[Mode
 
 
 def _gate_up_halves(t: torch.Tensor, role: Role, family: str) -> tuple[torch.Tensor, torch.Tensor]:
-    axes = [a for a in range(t.ndim) if a not in (role.resid_axis, role.expert_axis)]
-    ax = axes[-1]
-    if family in INTERLEAVED_GATE_UP:
-        idx = torch.arange(t.shape[ax])
-        return t.index_select(ax, idx[0::2]), t.index_select(ax, idx[1::2])
-    return t.chunk(2, dim=ax)
+    split = gate_up_split(role, family, t.ndim)
+    return split.half(t, "gate"), split.half(t, "up")
 
 
 def _halves_equal(w0, w1, role: Role, family: str) -> tuple[bool, bool]:
     """Whether the gate and the up half of a fused gate_up pair hold the same values, read piece by piece (lazy or mixed
     pairs: a plain side is compared with the other's values cast to its dtype)."""
     shape = tuple(w0.shape)
-    ax = [a for a in range(len(shape)) if a not in (role.resid_axis, role.expert_axis)][-1]
-    n, inter = shape[ax], family in INTERLEAVED_GATE_UP
+    split = gate_up_split(role, family, len(shape))
+    ax = split.axis
+    n = shape[ax]
     dt = next((w.dtype for w in (w1, w0) if not is_lazy(w)), torch.float32)
     same = [True, True]
     inner = math.prod(shape[ax + 1:-1]) if ax < len(shape) - 1 else 1  # rows of the [N, last] view per index of ``ax``
@@ -90,11 +86,11 @@ def _halves_equal(w0, w1, role: Role, family: str) -> tuple[bool, bool]:
         a, b = a.to(dt), b.to(dt)
         if ax == len(shape) - 1:
             idx = torch.arange(n)
-            halves = (idx % 2 == 0) if inter else (idx < n // 2)
+            halves = split.is_gate(idx, n)
             parts = ((a[:, halves], b[:, halves]), (a[:, ~halves], b[:, ~halves]))
         else:
             i = (torch.arange(r0, r1) // inner) % n
-            halves = (i % 2 == 0) if inter else (i < n // 2)
+            halves = split.is_gate(i, n)
             parts = ((a[halves], b[halves]), (a[~halves], b[~halves]))
         for k, (x, y) in enumerate(parts):
             same[k] = same[k] and bytes_equal(x.contiguous(), y.contiguous())

@@ -33,11 +33,10 @@ import torch.nn.functional as F
 
 from checks.errors import AuditError
 from checks.findings import ranges
-from checks.layout import READER, TARGETS, WRITER, Layout, build_layout, targets_of
+from checks.layout import INTERLEAVED_GATE_UP, READER, TARGETS, WRITER, Layout, build_layout, targets_of
 from checks.linalg import unit
 
 EXPERT_TARGETS = ("experts_down", "experts_gate", "experts_up")
-INTERLEAVED_GATE_UP = ("gpt_oss",)  # fused gate_up stored gate0, up0, gate1, ... (same list as audit/ablation_config.py)
 _AVOID_BIAS = -1e9
 # How a router without a correction bias picks experts from its logits (class name -> rule).
 _ROUTER_RULES = {

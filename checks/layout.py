@@ -45,6 +45,39 @@ class Role:
         return asdict(self)
 
 
+INTERLEAVED_GATE_UP = ("gpt_oss",)  # fused gate_up stored along its 2I axis as gate0, up0, gate1, up1, ...; the rest gate first
+
+
+@dataclass(frozen=True)
+class GateUpSplit:
+    """How a fused gate_up tensor holds its two halves: along ``axis``, in two blocks ("chunk") or alternately ("interleave")."""
+
+    how: str  # "chunk" | "interleave"
+    axis: int
+
+    def half(self, t, part: str):
+        """The (writable) view of ``t`` that is its "gate" or "up" half."""
+        n, first = t.shape[self.axis], part == "gate"
+        if n % 2:
+            raise AuditError(f"fused gate_up axis {self.axis} has odd size {n}; cannot take its {part} half")
+        sl = [slice(None)] * t.ndim
+        if self.how == "interleave":
+            sl[self.axis] = slice(0 if first else 1, None, 2)
+        else:
+            sl[self.axis] = slice(0, n // 2) if first else slice(n // 2, None)
+        return t[tuple(sl)]
+
+    def is_gate(self, index, n: int):
+        """For positions ``index`` (an int tensor) along the split axis of size ``n``: which lie in the gate half."""
+        return (index % 2 == 0) if self.how == "interleave" else (index < n // 2)
+
+
+def gate_up_split(role: Role, family: str, ndim: int) -> GateUpSplit:
+    """The split of a fused gate_up tensor of ``family``: its last axis that is neither the residual nor the expert axis."""
+    axes = [a for a in range(ndim) if a not in (role.resid_axis, role.expert_axis)]
+    return GateUpSplit("interleave" if family in INTERLEAVED_GATE_UP else "chunk", axes[-1])
+
+
 # Ablation targets: the groups a config names ("touch these"), and which roles each covers.
 TARGETS = (
     "embed", "attn_out", "attn_in", "mlp_down", "mlp_gate", "mlp_up",
