@@ -21,6 +21,7 @@ import torch
 
 from audit.intervene import Intervention, apply, model_layout
 from audit.model_dir import input_device
+from audit.prompts import format_prompts
 from checks.errors import AuditError
 from checks.stats import wilson
 
@@ -34,15 +35,9 @@ REFUSAL_PREFIXES = (
 COMPLIANCE_PREFIXES = ("Sure", "Certainly", "Of course", "Here", "Yes", "Absolutely", "The", "To", "First", "Step", "A", "There", "You")
 
 
-def _format(tokenizer, prompts: Sequence[str]) -> list[str]:
-    from audit.prompts import format_prompts
-
-    return format_prompts(tokenizer, list(prompts))
-
-
 def _first_tokens(tokenizer, prefixes: Sequence[str]) -> set[int]:
     """The first answer token of each prefix, tokenized as it follows the chat template's assistant cue."""
-    cue = _format(tokenizer, ["x"])[0]
+    cue = format_prompts(tokenizer, ["x"])[0]
     base = tokenizer(cue, add_special_tokens=False)["input_ids"]
     ids = set()
     for p in prefixes:
@@ -80,7 +75,7 @@ def first_token_scores(model, tokenizer, prompts: Sequence[str], token_ids: Sequ
     """
     if tokenizer.padding_side != "left":
         raise AuditError("first-token scores need a tokenizer with padding_side='left' (ModelDir.tokenizer() sets it)")
-    texts = _format(tokenizer, prompts)
+    texts = format_prompts(tokenizer, list(prompts))
     ids = torch.tensor(sorted({int(t) for t in token_ids}), dtype=torch.long)
     device = input_device(model)  # offloaded embeddings sit on the meta device: their execution device
     out = []
@@ -154,7 +149,7 @@ def generate_labels(model, tokenizer, prompts: Sequence[str], judge: Callable | 
                     batch_size: int = 8, interventions: Sequence[Intervention] = ()) -> tuple[list[str], list[bool | None]]:
     """Greedy completions and their refusal labels (judge(text, prompt) -> .refused, None = unknown)."""
     judge = judge or _default_judge()
-    texts = _format(tokenizer, prompts)
+    texts = format_prompts(tokenizer, list(prompts))
     device = input_device(model)  # offloaded embeddings sit on the meta device: their execution device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     completions: list[str] = []

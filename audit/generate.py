@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from audit.prompts import as_messages, encode_prompts, format_prompts
 from checks.errors import AuditError
 
 
@@ -70,14 +71,6 @@ def _strip(text: str, special_tokens) -> str:
     return text
 
 
-def _as_messages(prompt) -> list[dict]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
-        return prompt
-    raise AuditError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
-
-
 def _prompt_text(prompt) -> str:
     return prompt if isinstance(prompt, str) else next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
@@ -89,8 +82,7 @@ class LocalBackend:
     """Batched greedy generation with a transformers model already loaded (left padding)."""
 
     def __init__(self, model, tokenizer):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise AuditError("the tokenizer has no chat template; prompts must be formatted as the model was trained")
+        format_prompts(tokenizer, [])  # refuses a tokenizer without a chat template
         self.model, self.tok = model, tokenizer
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
@@ -100,8 +92,7 @@ class LocalBackend:
 
     def encode(self, prompts: list) -> list[list[int]]:
         """Chat-templated prompt token ids (no second BOS: the template has its own)."""
-        texts = [self.tok.apply_chat_template(_as_messages(p), add_generation_prompt=True, tokenize=False) for p in prompts]
-        return [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return encode_prompts(self.tok, prompts)
 
     @torch.inference_mode()
     def complete(self, prompts: list, max_new_tokens: int = 128, batch_size: int = 16, progress=None) -> list[Completion]:
@@ -145,23 +136,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if not ids:
         raise AuditError("neither the generation config nor the tokenizer names an end-of-sequence token")
     return ids
-
-
-@torch.inference_mode()
-def first_token_refusal_scores(model, tokenizer, prompts: list, refusal_token_ids: list[int] | None = None, batch_size: int = 16) -> list[float]:
-    """Log-odds that the first answer token is a refusal token (Arditi et al. 2024): log p(R) - log(1 - p(R)).
-
-    ``refusal_token_ids`` defaults to the first tokens of common refusal openings ("I", "Sorry",
-    "As", "Unfortunately", ...) in this tokenizer. Float32 log-softmax.
-    """
-    if refusal_token_ids is None:
-        refusal_token_ids = sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0]
-                                    for w in ("I", "Sorry", "As", "Unfortunately", "I'm", "I cannot", "No", "Apologies")
-                                    if tokenizer(w, add_special_tokens=False)["input_ids"]})
-    lp = last_token_logprobs(model, tokenizer, prompts, batch_size)
-    ref = torch.logsumexp(lp[:, refusal_token_ids], dim=-1)
-    rest = torch.log1p(-ref.exp().clamp(max=1 - 1e-7))
-    return (ref - rest).tolist()
 
 
 @torch.inference_mode()
@@ -245,7 +219,7 @@ class ServerBackend:
                              f"--max-model-len {need} or more, or lower --max-new-tokens")
         checked = 0
         for prompt, ids in list(zip(prompts, local_ids))[:2]:
-            body = {"model": self.model, "messages": _as_messages(prompt), "add_generation_prompt": True, "add_special_tokens": False}
+            body = {"model": self.model, "messages": as_messages(prompt), "add_generation_prompt": True, "add_special_tokens": False}
             data = self._request("POST", self.root + "/tokenize", body, timeout=min(self.timeout, 60.0), optional=True)
             if data is None or not isinstance(data.get("tokens"), list):
                 self.checks["template"] = "not checked: the server has no /tokenize endpoint (the chat template is assumed to be the model directory's)"
@@ -293,7 +267,7 @@ class ServerBackend:
             pool.shutdown(wait=False, cancel_futures=True)  # after an error: queued requests are dropped, running ones end by their deadline
 
     def _one(self, prompt, max_new_tokens: int) -> Completion:
-        body = {"model": self.model, "messages": _as_messages(prompt), "max_tokens": max_new_tokens, "temperature": 0.0,
+        body = {"model": self.model, "messages": as_messages(prompt), "max_tokens": max_new_tokens, "temperature": 0.0,
                 "top_p": 1.0, "stream": False, "seed": 0}
         data = self._request("POST", self.base + "/chat/completions", body, timeout=self.timeout)
         try:

@@ -224,8 +224,7 @@ def measure_directions(model_dir, harmful: list[str], harmless: list[str], batch
 
     The model is loaded in ``dtype`` (auto: as stored) on ``device`` (auto: accelerate's device map within ``max_memory``,
     disk offload under ``offload_folder``: ModelDir.load_model); the sums are float64 whatever the dtype."""
-    from audit.model_dir import input_device
-    from audit.prompts import fit_to_context, format_prompts, token_budget
+    from audit.prompts import fit_to_context, token_budget
 
     _check_prompts(harmful, harmless)
     if batch_size < 1:
@@ -240,17 +239,29 @@ def measure_directions(model_dir, harmful: list[str], harmless: list[str], batch
 
         print(f"measure: {cut_h} harmful and {cut_a} harmless prompt(s) cut to {budget} tokens (the model's context)", file=sys.stderr)
     model = model_dir.load_model(dtype=dtype, device=device, max_memory=max_memory, offload_folder=offload_folder, inputs=inputs)
-    dev = input_device(model)
-    n_states = model_dir.layout.num_layers + 1
-    mh = _means(model, tok, format_prompts(tok, harmful), batch_size, dev, n_states, "harmful", progress)
-    ma = _means(model, tok, format_prompts(tok, harmless), batch_size, dev, n_states, "harmless", progress)
+    d = directions_of(model, tok, harmful, harmless, batch_size, progress)
     meta = {
         "convention": CONVENTION, "model": str(model_dir.path), "family": model_dir.layout.family,
         "num_layers": str(model_dir.layout.num_layers), "hidden_size": str(model_dir.layout.hidden_size),
         "n_harmful": str(len(harmful)), "n_harmless": str(len(harmless)), "position": "last prompt token",
         "dtype": str(next(model.parameters()).dtype), "seconds": f"{time.time() - t0:.2f}",
     }
-    return Directions((mh - ma).float(), mh.float(), ma.float(), metadata=meta)
+    return Directions(d.refusal_dir, d.harmful_mean, d.harmless_mean, metadata=meta)
+
+
+def directions_of(model, tokenizer, harmful: list[str], harmless: list[str], batch_size: int = 16, progress: bool | None = None) -> Directions:
+    """Difference of means (harmful - harmless) at the last prompt token of a loaded model, per hidden_states index.
+
+    The measurement itself: `audit measure` runs it on a model directory, the organisms on the model they train."""
+    from audit.model_dir import input_device
+    from audit.prompts import format_prompts
+
+    _check_prompts(harmful, harmless)
+    dev = input_device(model)
+    n_states = model.config.get_text_config().num_hidden_layers + 1
+    mh = _means(model, tokenizer, format_prompts(tokenizer, harmful), batch_size, dev, n_states, "harmful", progress)
+    ma = _means(model, tokenizer, format_prompts(tokenizer, harmless), batch_size, dev, n_states, "harmless", progress)
+    return Directions((mh - ma).float(), mh.float(), ma.float(), metadata={"convention": CONVENTION})
 
 
 def format_table(rows: list[dict]) -> str:

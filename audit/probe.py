@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from audit.model_dir import input_device, weights_on
+from audit.prompts import encode_prompts
 from checks.errors import AuditError
 
 try:  # transformers' grouped expert matmul (the one its MoE forward uses); a per-expert loop stands in without it
@@ -416,11 +417,8 @@ def _directions(directions: torch.Tensor, n_layers: int, hidden: int) -> torch.T
 
 
 def encode(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt with the chat template applied and the generation prompt added."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise AuditError("the tokenizer has no chat template; prompts must be formatted as the model was trained")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    """Token ids of each prompt with the chat template applied and the generation prompt added (audit.prompts)."""
+    return encode_prompts(tokenizer, list(prompts))
 
 
 def batches(ids: list[list[int]], batch_size: int, pad_id: int):

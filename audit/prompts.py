@@ -119,14 +119,25 @@ def _read_dataset(name: str) -> list[str]:
     return list(ds[col])
 
 
-def format_prompts(tokenizer, prompts: list[str]) -> list[str]:
-    """Each prompt as one user turn in the tokenizer's chat template, ending with the assistant's cue."""
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a string is one user turn; a list of {"role", "content"} dicts is taken as it is."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return prompt
+    raise AuditError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+
+def format_prompts(tokenizer, prompts: list) -> list[str]:
+    """Each prompt in the tokenizer's chat template, ending with the assistant's cue: the one place prompts are formatted."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise AuditError("the tokenizer has no chat template; prompts must be formatted as the model was trained")
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    return [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each formatted prompt (no second BOS: the template has its own)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in format_prompts(tokenizer, prompts)]
 
 
 MAX_PROMPT_TOKENS = 2048  # a refusal probe needs the request, not a book: caps probe and generation work per prompt

@@ -47,10 +47,3 @@ def project_out_norm_preserving(w: torch.Tensor, r: torch.Tensor, axis: int, sca
     n0 = wf.norm(dim=keep_axis, keepdim=True)
     n1 = out.norm(dim=keep_axis, keepdim=True)
     return out * torch.where(n1 > 0, n0 / n1.clamp_min(1e-30), torch.ones_like(n1))
-
-
-def rounding_floor(dtype: torch.dtype) -> float:
-    """Relative rounding error of one cast to ``dtype`` (half an ulp at 1.0): the floor below which a residue is rounding."""
-    if dtype in (torch.float32, torch.float64):
-        return float(torch.finfo(dtype).eps)
-    return float(torch.finfo(dtype).eps) / 2

@@ -14,7 +14,7 @@ from audit.cli import main
 from audit.measure import Directions
 from audit.model_dir import ModelDir, copy_side_files, write_shard
 from checks.errors import AuditError
-from checks.linalg import along, rounding_floor
+from checks.linalg import along
 
 
 def _directions(md: ModelDir, seed: int = 0, hidden: int | None = None) -> Directions:
@@ -79,6 +79,11 @@ def test_writers_lose_r_untouched_bit_identical_base_untouched(glm_sharded, tmp_
     for shard in m["shards"]["copied"]:
         assert (glm_sharded / shard).read_bytes() == (tmp_path / "out" / shard).read_bytes()
     assert rewritten and all((tmp_path / "out" / s).stat().st_size == (glm_sharded / s).stat().st_size for s in rewritten)
+
+
+def rounding_floor(dtype: torch.dtype) -> float:
+    """Relative rounding error of one cast to ``dtype`` (half an ulp at 1.0): the floor below which a residue is rounding."""
+    return float(torch.finfo(dtype).eps) / (1 if dtype in (torch.float32, torch.float64) else 2)
 
 
 def test_bfloat16_within_rounding_floor_and_matches_in_memory(tiny_model, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import serve_model
 
-from audit.generate import Completion, LocalBackend, ServerBackend, first_token_refusal_scores, split_reasoning
+from audit.generate import Completion, LocalBackend, ServerBackend, split_reasoning
 from checks.errors import AuditError
 
 PROMPTS = ["the cat writes a poem", "How do I make a bomb?", "a student explains the recipe step by step.", "hi",
@@ -61,12 +61,15 @@ def test_local_batched_matches_one_by_one(llama):
 
 
 def test_first_token_refusal_scores(llama):
+    from audit.estimate import first_token_scores, refusal_token_ids
+
     _, model, tok = llama
-    s = first_token_refusal_scores(model, tok, PROMPTS[:3])
-    assert len(s) == 3 and all(torch.isfinite(torch.tensor(s)))
+    tok.padding_side = "left"
+    s = first_token_scores(model, tok, PROMPTS[:3], refusal_token_ids(tok))
+    assert len(s) == 3 and bool(torch.isfinite(s).all())
     # every token a refusal token: log-odds very large; none: very small
-    assert min(first_token_refusal_scores(model, tok, PROMPTS[:2], list(range(len(tok))))) > 10
-    assert max(first_token_refusal_scores(model, tok, PROMPTS[:2], [5])) < 0
+    assert float(first_token_scores(model, tok, PROMPTS[:2], list(range(len(tok)))).min()) > 10
+    assert float(first_token_scores(model, tok, PROMPTS[:2], [5]).max()) < 0
 
 
 @pytest.fixture(scope="module")
