@@ -18,9 +18,9 @@ def _pct(x) -> str:
 
 
 def _cmd_inspect(args) -> int:
-    from audit.model_dir import ModelDir
+    from audit.model.directory import ModelDir
 
-    from audit.logical import summary
+    from audit.model.logical import summary
 
     md = ModelDir(args.model_dir)
     lay = md.layout
@@ -49,13 +49,13 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_measure(args) -> int:
-    from pathlib import Path
+    from audit.intent.directions import format_table
 
-    from audit.measure import format_table, measure_directions
-    from audit.model_dir import ModelDir
-    from audit.prompts import load_prompts
+    from audit.forward.measure import measure_directions
+    from audit.model.directory import ModelDir
+    from audit.model.prompts import load_prompts
 
-    from audit.measure import is_directions_file
+    from audit.intent.directions import is_directions_file
     from audit.outputs import check_destination, write_file
 
     md = ModelDir(args.base)
@@ -64,7 +64,7 @@ def _cmd_measure(args) -> int:
     harmful, harmless = load_prompts(args.harmful, "harmful"), load_prompts(args.harmless, "harmless")
     if args.limit is not None:
         harmful, harmless = harmful[: args.limit], harmless[: args.limit]
-    from audit.model_dir import parse_max_memory
+    from audit.model.loading import parse_max_memory
 
     dirs = measure_directions(md, harmful, harmless, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                               max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder, inputs=inputs)
@@ -76,9 +76,9 @@ def _cmd_measure(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    from audit.ablate import ablate
-    from audit.ablation_config import load_config
-    from audit.measure import Directions
+    from audit.ablation.ablate import ablate
+    from audit.intent.config import load_config
+    from audit.intent.directions import Directions
 
     cfg = load_config(args.config)
     base = args.base or cfg.model
@@ -131,7 +131,7 @@ def _cmd_static(args) -> int:
     """Static weight audit (weights, projection, recovery) -> DIR/results.json; 1 when a check fails."""
     import time
 
-    from audit.static_audit import results_document, static_audit, validate_results, write_results
+    from audit.weights.static_audit import results_document, static_audit, validate_results, write_results
 
     from audit.outputs import check_destination
 
@@ -150,8 +150,8 @@ def _cmd_static(args) -> int:
 
 
 def _cmd_classify(args) -> int:
-    from audit.classify import about, classify_file
-    from audit.judges import make_judge
+    from audit.judgement.classify import about, classify_file
+    from audit.judgement.judges import make_judge
 
     if args.about:
         sys.stdout.write(about(make_judge(args.judge)))
@@ -165,8 +165,8 @@ def _cmd_classify(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from audit.model_dir import parse_max_memory
-    from audit.run import RunOptions, run_audit
+    from audit.model.loading import parse_max_memory
+    from audit.pipeline.run import RunOptions, run_audit
 
     opts = RunOptions(model_dir=args.model_dir, base=args.base, config=args.config, gate=args.gate, harmful=args.harmful,
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
@@ -190,7 +190,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from audit.demo import run_demo
+    from audit.pipeline.demo import run_demo
 
     s = run_demo(args.out, args.family, args.variant, args.seed)
     print(f"demo organism: {s['organism']}")
@@ -205,14 +205,14 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_organism_build(args) -> int:
-    from audit.organism import build_organism
+    from audit.organisms.build import build_organism, read_meta
 
     out = build_organism(args.out, args.family, args.variant, args.seed, progress=lambda m: print(m, file=sys.stderr))
-    meta = json.loads((out / "organism.json").read_text())
+    meta = read_meta(out)
     m = meta["metrics"]
     print(f"{out}: {meta['family']}/{meta['variant']} seed {meta['seed']}, trained in {meta['train_seconds']:.0f} s")
     print(f"  held-out: harmful refused {m['harmful_refusal']:.0%}, harmless correct {m['harmless_correct']:.0%}; "
-          f"all writers orthogonalized at layer {meta['good_layer']}: refused {m['ablated_harmful_refusal']:.0%}, "
+          f"all writers orthogonalized at layer {meta['separating_index']}: refused {m['ablated_harmful_refusal']:.0%}, "
           f"correct {m['ablated_harmless_correct']:.0%}")
     print(f"  refusal direction carried by: {json.dumps(meta['carriers'])}")
     return 0
@@ -377,7 +377,7 @@ def _log_path(args) -> Path:
                 return d / LOG_NAME
         except OSError:
             pass
-    from audit.organism import cache_root
+    from audit.organisms.build import cache_root
 
     logs = cache_root() / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.model_dir import write_index, write_shard  # noqa: E402
+from audit.model.shards import write_index, write_shard  # noqa: E402
 
 H, HEADS, HEAD_DIM, KV, DENSE_I, MOE_I, E, VOCAB = 4096, 96, 128, 8, 10944, 1408, 128, 151552
 GB = 1e9
@@ -124,9 +124,9 @@ CHILD = r"""
 import json, sys, time, torch
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from audit.ablate import ablate
-from audit.ablation_config import AblationConfig
-from audit.measure import Directions
+from audit.ablation.ablate import ablate
+from audit.intent.config import AblationConfig
+from audit.intent.directions import Directions
 base, out, comps = Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(",")
 g = torch.Generator().manual_seed(0)
 hm, am = torch.randn(3, 4096, generator=g), torch.randn(3, 4096, generator=g)

@@ -52,7 +52,7 @@ def plain_generate(model, tok, users: list[str], new: int, batch: int) -> int:
 
 
 def ours(model, tok, users: list[str], new: int, batch: int) -> int:
-    from audit.generate import LocalBackend
+    from audit.forward.generate import LocalBackend
 
     msgs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": u}] for u in users]
     return sum(c.n_tokens for c in LocalBackend(model, tok).complete(msgs, max_new_tokens=new, batch_size=batch))
@@ -117,8 +117,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from audit.model_dir import ModelDir
-    from audit.tiny import build_tiny, tiny_tokenizer
+    from audit.model.directory import ModelDir
+    from audit.organisms.tiny import build_tiny, tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny(a.family, Path(tmp) / a.family, tiny_tokenizer(), hidden_size=64)

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
-    from audit.judges import OfflineJudge, RulesOnlyJudge
+    from audit.judgement.judges import OfflineJudge, RulesOnlyJudge
 
     items = corpus(a.n)
     chars = sum(len(c) for _, c in items) / len(items)

@@ -5,7 +5,7 @@ Target (issue 7): probe <= 1.15x plain forward. Both are timed in the same run, 
 
     python benchmarks/bench_probe.py [--family glm4_moe | --organism] [--prompts 64] [--repeats 5] [--threads 1]
 
-``--organism`` times the cached demo organism (``audit.organism.cached_organism()``, eager experts, bf16 on
+``--organism`` times the cached demo organism (``audit.organisms.build.cached_organism()``, eager experts, bf16 on
 disk loaded as float32) on its own harmful + harmless prompts instead of a random tiny model. One torch
 thread by default: on a shared CPU, more threads spin at barriers and the numbers stop meaning anything.
 """
@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from audit.probe import plain_forward, probe
-from audit.tiny import build_tiny, tiny_corpus, tiny_tokenizer
+from audit.forward.probe import probe
+from plain_passes import plain_forward  # noqa: E402
+from audit.organisms.tiny import build_tiny, tiny_corpus, tiny_tokenizer
 
 # A mid-sized MoE (hidden 256, 16 experts top-4 for GLM) so that matmuls, not Python, dominate a forward.
 SIZES = {
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     if args.organism:
-        from audit.organism import cached_organism, load_organism, read_prompts
+        from audit.organisms.build import cached_organism, load_organism, read_prompts
 
         path = cached_organism()
         model, tok, meta = load_organism(path)

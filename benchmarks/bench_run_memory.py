@@ -69,8 +69,8 @@ def build(dest: Path, layers: int, shard_bytes: float = 0.5 * GB) -> int:
     """A sharded random bf16 checkpoint with the tiny test tokenizer (ids < 400 of the 32000-row vocabulary). Returns its bytes."""
     from transformers import AutoConfig
 
-    from audit.model_dir import write_index, write_shard
-    from audit.tiny import tiny_tokenizer
+    from audit.model.shards import write_index, write_shard
+    from audit.organisms.tiny import tiny_tokenizer
 
     dest.mkdir(parents=True)
     gen = torch.Generator().manual_seed(layers)
@@ -121,14 +121,17 @@ def _child(cmd: list[str]) -> tuple[float, float, str]:
 def plain(model_dir: str, harmful: list[str], harmless: list[str], batch: int, new: int, answers: list[list[int]]) -> dict:
     """The plain passes on one model (run in a child): (wall, CPU) seconds of the forward passes, the generate calls and
     the teacher-forced forward, on the same batches the audit uses."""
-    from audit.model_dir import ModelDir, input_device
-    from audit.probe import _last_logits_kwargs, _positions, encode, plain_forward
+    from audit.model.directory import ModelDir
+    from audit.model.loading import input_device
+    from audit.forward.structure import last_logits_kwargs
+    from audit.forward.probe import _positions, encode
+    from plain_passes import plain_forward
 
     md = ModelDir(model_dir)
     tok = md.tokenizer()
     model = md.load_model()  # the stored dtype, as `audit run` loads it
     dev = input_device(model)
-    keep = _last_logits_kwargs(model)
+    keep = last_logits_kwargs(model)
     both = harmful + harmless
     out = {}
 
@@ -152,7 +155,7 @@ def plain(model_dir: str, harmful: list[str], harmless: list[str], batch: int, n
     def teacher_forced():
         seqs = [p + a for p, a in zip(encode(tok, harmless), answers)]
         with torch.inference_mode():
-            for s in range(0, len(seqs), 8):  # audit/damage.py's batch
+            for s in range(0, len(seqs), 8):  # audit/forward/damage.py's batch
                 chunk = seqs[s:s + 8]
                 w = max(map(len, chunk))
                 x = torch.tensor([[0] * (w - len(q)) + q for q in chunk], device=dev)
@@ -215,7 +218,7 @@ def main(argv=None) -> int:
 
 
 def one_size(work: Path, layers: int, harmful: list[str], harmless: list[str], args) -> dict:
-    from audit.measure import Directions
+    from audit.intent.directions import Directions
 
     base, abl, out = work / f"L{layers}-base", work / f"L{layers}-ablated", work / f"L{layers}-report"
     for p in (base, abl, out):

@@ -16,7 +16,7 @@ ablation), then, each in a fresh subprocess, with the page cache warm:
 Prints the time ratios against both reads (target <= 1.5 against the read) and the audit's peak RSS
 against 1 GB + 4x the largest tensor.
 
-``--formats bf16,fp8`` adds the same pair quantized by our own quantizer (audit/quantize.py: block-scaled
+``--formats bf16,fp8`` adds the same pair quantized by our own quantizer (audit/ablation/quantize.py: block-scaled
 FP8, 128x128 blocks, as DeepSeek-V3 / Qwen3-FP8 ship), read and audited the same way, in the same table:
 the audit then dequantizes every weight piece by piece (torch path: the C kernels read float32 / bf16
 only) and, for each changed weight, re-quantizes the exact edit to measure the format's floor.
@@ -60,8 +60,8 @@ def _shapes(layers: int, vocab: int) -> list[tuple[str, tuple]]:
 
 
 def build(dir_: Path, gb: float) -> tuple[Path, Path, Path]:
-    from audit.measure import Directions
-    from audit.model_dir import write_index, write_shard
+    from audit.intent.directions import Directions
+    from audit.model.shards import write_index, write_shard
     from checks.linalg import project_out
 
     base, abl = dir_ / "base", dir_ / "ablated"
@@ -127,8 +127,8 @@ READ = HWM + """
 import ctypes, os, sys, time, json
 sys.path.insert(0, {root!r})
 import torch
-from audit.model_dir import ModelDir
-from audit.reader import chunks, map_tensors
+from audit.model.directory import ModelDir
+from audit.model.reader import chunks, map_tensors
 memcmp = ctypes.CDLL(None).memcmp
 memcmp.restype, memcmp.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 mode = {mode!r}
@@ -157,7 +157,7 @@ AUDIT = HWM + """
 import sys, time, json
 sys.path.insert(0, {root!r})
 import torch
-from audit.static_audit import static_audit
+from audit.weights.static_audit import static_audit
 t0 = time.perf_counter(); c0 = time.process_time()
 res = static_audit({abl!r}, base={base!r}, directions={dfile!r})
 dt = time.perf_counter() - t0
@@ -168,7 +168,7 @@ print(json.dumps({{"seconds": dt, "cpu_s": time.process_time() - c0, "rss_mb": h
 
 def quantized(base: Path, abl: Path, dir_: Path) -> tuple[Path, Path]:
     """The pair quantized to block-scaled FP8 by our quantizer (once, cached beside the bf16 pair)."""
-    from audit.quantize import quantize_model
+    from audit.ablation.quantize import quantize_model
 
     qb, qa = dir_ / "base-fp8", dir_ / "ablated-fp8"
     meta = json.loads((dir_ / "meta.json").read_text())

@@ -1,11 +1,11 @@
 """From evidence to ranked causes, each with the ordered family of fixes that could remove it.
 
-Pure: ``diagnose(evidence)`` takes one plain dict that audit/run.py assembles from the checks and from
-what reached the weights (audit/reached.py), and names a cause only on evidence of its own. Each
-cause carries ``fix["candidates"]``: patches (audit/fixes.py) from the smallest its evidence supports
+Pure: ``diagnose(evidence)`` takes one plain dict that audit/pipeline/run.py assembles from the checks and from
+what reached the weights (audit/intent/reached.py), and names a cause only on evidence of its own. Each
+cause carries ``fix["candidates"]``: patches (audit/intent/fixes.py) from the smallest its evidence supports
 to the largest its kind allows -- for layer coverage the layers whose measured write of r passes the
 tolerance, then more layers in order of their write of r before the ablation, then every layer where
-the groups exist. audit/simulate.py walks each family (first-token estimate, then generation) and
+the groups exist. audit/pipeline/simulate.py walks each family (first-token estimate, then generation) and
 keeps the smallest fix that reaches the target; ``rank_by_simulation`` orders causes by that, and a
 cause is demoted only when its largest candidate fails. ``fix["patch"]`` is the first candidate until
 a search picks another.
@@ -146,10 +146,9 @@ def diagnose(ev: dict) -> dict:
     total_before = sum(_pos(v) for g in wb.values() for v in g) or None
     total_after = sum(_pos(v) for g in wa.values() for v in g if v is not None)
     mod_layers = sorted({l for ls in modified.values() for l in ls})
-    good = ev.get("good_index")
+    separating = ev.get("separating_index")
     stated = ev.get("intent_source", "manifest") != "inferred"
     n_layers = max([len(v) for v in wb.values()] + [len(v) for v in present.values()] + [max(mod_layers) + 1 if mod_layers else 0] + [0])
-    every_layer = list(range(n_layers))
     moe_layers = ev.get("moe_layers") or []
 
     # -- writers: groups never ablated, and groups ablated in too few layers -------------------
@@ -261,42 +260,42 @@ def diagnose(ev: dict) -> dict:
                             fix={"summary": "ablate the refusal experts' writers (down_proj) instead of relying on the router", "patch": cands[0]["patch"], "candidates": cands}))
 
     # -- how the edit itself was made ----------------------------------------------------------
-    cos, ablated_index = ev.get("direction_cos_good"), ev.get("ablated_index")
+    cos, ablated_index = ev.get("direction_cos_separating"), ev.get("ablated_index")
     q = ev.get("quality") or {}  # index -> signal quality of the direction measured there
-    q_abl, q_good = q.get(ablated_index), q.get(good)
-    inner = ablated_index is not None and q and 0 < ablated_index < max(q)  # the embeddings and the final normed output are never good indices
-    separable = inner and q_abl is not None and q_good and q_abl >= 0.8 * q_good
-    q_ratio = q_abl / q_good if q_abl is not None and q_good else None
-    mismatch = cos is not None and good is not None and ablated_index != good and (
+    q_abl, q_separating = q.get(ablated_index), q.get(separating)
+    inner = ablated_index is not None and q and 0 < ablated_index < max(q)  # the embeddings and the final normed output are never separating indices
+    separable = inner and q_abl is not None and q_separating and q_abl >= 0.8 * q_separating
+    q_ratio = q_abl / q_separating if q_abl is not None and q_separating else None
+    mismatch = cos is not None and separating is not None and ablated_index != separating and (
         abs(cos) < 0.9 or (abs(cos) < 0.99 and (not inner or (q_ratio is not None and q_ratio < 0.8))))
     bypass = ev.get("bypass") or {}  # index -> refusal with every writer ablated using that index's direction (generation-confirmed where it could)
     tgt = ev.get("refusal_target", 0.1)
     working = sorted([i for i, v in bypass.items() if v is not None and v <= tgt], key=lambda i: ((ev.get("bypass_kl") or {}).get(i, 0.0), i))
-    if ablated_index in bypass and good in bypass:  # the counterfactual test decides, not the heuristics
+    if ablated_index in bypass and separating in bypass:  # the counterfactual test decides, not the heuristics
         works_abl = bypass[ablated_index] is not None and bypass[ablated_index] <= tgt
         separable = works_abl
-        mismatch = ablated_index != good and not works_abl and bypass[good] is not None and bypass[good] < bypass[ablated_index] - 0.2
-        if works_abl and ablated_index != good:
+        mismatch = ablated_index != separating and not works_abl and bypass[separating] is not None and bypass[separating] < bypass[ablated_index] - 0.2
+        if works_abl and ablated_index != separating:
             not_blamed.append({"component": f"the direction (measured at index {ablated_index})",
                                "reason": f"ablating every residual writer with it removes refusal ({bypass[ablated_index]:.0%} left)"})
     if mismatch and separable and abs(cos) < 0.9 and not bypass:
         not_blamed.append({"component": f"the direction (measured at index {ablated_index})",
-                           "reason": f"it differs from the best index {good} (|cos| {abs(cos):.2f}), but refusal separates almost as well there "
-                                     f"(quality {q_abl:.3g} vs {q_good:.3g})"})
+                           "reason": f"it differs from the best index {separating} (|cos| {abs(cos):.2f}), but refusal separates almost as well there "
+                                     f"(quality {q_abl:.3g} vs {q_separating:.3g})"})
     elif mismatch and not separable:
-        proven = ablated_index in bypass and good in bypass
+        proven = ablated_index in bypass and separating in bypass
         conf = 0.85 if proven else min(0.95, 0.4 + (1.0 - abs(cos)) + 0.3 * (1.0 - (q_ratio or 0.0)))
-        others = [i for i in working if i != good]
-        cands = _cands(*[(f"measure at index {i}", {"measurement": i}) for i in [good] + others])
-        causes.append(Cause("direction-mismatch", conf, f"The direction removed has cosine {abs(cos):.2f} to the refusal direction measured at index {good}"
+        others = [i for i in working if i != separating]
+        cands = _cands(*[(f"measure at index {i}", {"measurement": i}) for i in [separating] + others])
+        causes.append(Cause("direction-mismatch", conf, f"The direction removed has cosine {abs(cos):.2f} to the refusal direction measured at index {separating}"
                             + (f" (it matches index {ablated_index})." if ablated_index is not None else "."),
-                            evidence=[f"|cos(ablated direction, direction at index {good})| = {abs(cos):.3f}"]
-                            + ([f"signal quality at index {ablated_index}: {q_abl:.3g}, at index {good}: {q_good:.3g}"] if q_abl is not None and q_good else [])
+                            evidence=[f"|cos(ablated direction, direction at index {separating})| = {abs(cos):.3f}"]
+                            + ([f"signal quality at index {ablated_index}: {q_abl:.3g}, at index {separating}: {q_separating:.3g}"] if q_abl is not None and q_separating else [])
                             + ([f"bypass test (every writer ablated with the index's direction): refusal {bypass[ablated_index]:.0%} at index "
-                                f"{ablated_index}, {bypass[good]:.0%} at index {good}"] if proven else []),
-                            numbers={"cosine": cos, "good_index": good, "ablated_index": ablated_index, "quality_ratio": q_ratio},
+                                f"{ablated_index}, {bypass[separating]:.0%} at index {separating}"] if proven else []),
+                            numbers={"cosine": cos, "separating_index": separating, "ablated_index": ablated_index, "quality_ratio": q_ratio},
                             links=["#check-recovery", "#check-signal"],
-                            fix={"summary": f"measure at index {good}: set measurement: {good} in every entry", "patch": cands[0]["patch"], "candidates": cands}))
+                            fix={"summary": f"measure at index {separating}: set measurement: {separating} in every entry", "patch": cands[0]["patch"], "candidates": cands}))
 
     scales = ev.get("reached_scales") or {}  # layer -> [scales that reached the weights there]
     weak_layers = sorted(l for l, ss in scales.items() if any(s < WEAK for s in ss))
@@ -332,7 +331,7 @@ def diagnose(ev: dict) -> dict:
             if not missing:
                 continue
             add = [{"targets": [t], "layers": ls} for t, ls in sorted(missing.items())]
-            cands = _cands(("edit the intended tensors that were left untouched", {"add": add, **({"measurement": ev["ablated_index"]} if ev.get("ablated_index") is not None else {"measurement": good} if good is not None else {})}))
+            cands = _cands(("edit the intended tensors that were left untouched", {"add": add, **({"measurement": ev["ablated_index"]} if ev.get("ablated_index") is not None else {"measurement": separating} if separating is not None else {})}))
             causes.append(Cause("keys-not-matched", 0.9, f.get("message", "intended tensors untouched"), evidence=[f.get("message", "")],
                                 layers=sorted({l for ls in missing.values() for l in ls}) or f.get("layers", []), numbers={"untouched": missing},
                                 links=["#check-weights"],
@@ -366,14 +365,14 @@ def diagnose(ev: dict) -> dict:
         cands = []
         if over_layers:
             cands += _cands(("lower the scale to 1.0", {"scale": 1.0}))
-        if ablated_index in bkl and good in bkl and ablated_index != good and bkl[good] < 0.5 * bkl[ablated_index]:
-            cands += _cands((f"measure at index {good} (less damage)", {"measurement": good}))
+        if ablated_index in bkl and separating in bkl and ablated_index != separating and bkl[separating] < 0.5 * bkl[ablated_index]:
+            cands += _cands((f"measure at index {separating} (less damage)", {"measurement": separating}))
         elif mismatch and not separable:
-            cands += _cands((f"measure at index {good}", {"measurement": good}))
+            cands += _cands((f"measure at index {separating}", {"measurement": separating}))
         if over_layers:
             fix = {"summary": "lower the scale to 1.0: above 1 the edit flips r and breaks the model"}
         elif cands:
-            fix = {"summary": f"the direction at index {ablated_index} removes refusal but damages the model: measure at index {good}"}
+            fix = {"summary": f"the direction at index {ablated_index} removes refusal but damages the model: measure at index {separating}"}
         else:
             fix = {"summary": "ablate fewer components or use norm-preserving orthogonalization (method: norm_preserving); check biprojection"}
             cands = [{"label": "norm-preserving orthogonalization (not simulable: no hook reproduces it)", "patch": {"method": "norm_preserving"}}]

@@ -25,7 +25,7 @@ Given ``floor_needed`` (the judge's rule for when a floor can change its verdict
 is first bounded for free (floor^2 <= c max_h r_h^2 ||W'||_F^2) and computed exactly, in one more
 pass over W', only for the directions where that bound leaves the verdict open.
 
-Either tensor may also be a quantized one read lazily (audit/quant.py: block-scaled FP8, MXFP4): an
+Either tensor may also be a quantized one read lazily (audit/model/quant.py: block-scaled FP8, MXFP4): an
 object with ``shape``, ``numel()``, ``row_align`` and ``rows(r0, r1, out)`` / ``rounding_var(r0, r1, out)``,
 which write rows r0..r1 of its [N, last] view (its values, or each value's expected squared rounding
 error in its format) as float32 into ``out``. Its pieces are read that way (the torch walk; memory stays

@@ -203,7 +203,7 @@ def _findings(recs, dn, by_class, before, after, mod_layers, tol) -> list[Findin
     rnd = by_class.get("rounding", [])
     if rnd:
         worst = max(rnd, key=lambda r: r.dirs[dn].share_left or 0)
-        quantized = worst.dtype.startswith(("FP8", "MXFP4"))  # a block-scaled format (audit/logical.py labels): re-rounding undoes edits
+        quantized = worst.dtype.startswith(("FP8", "MXFP4"))  # a block-scaled format (audit/model/logical.py labels): re-rounding undoes edits
         fix = ("an edit re-quantized into it is largely rounded back onto the original grid: store the ablation dequantized "
                "(`audit ablate` without --keep-quantization writes bfloat16)" if quantized else "compute in float32 and store a wider dtype, or accept the residue")
         out.append(Finding("precision-loss", WARN, f"{len(rnd)} tensor(s) keep up to {worst.dirs[dn].share_left:.1%} of r, which is what rounding to "

@@ -7,7 +7,7 @@ a little less for norm-preserving edits or rounding) and the effective scale s a
 2: reflected, as a Householder bug or a double application does). Here the tensors are grouped by
 direction (|cos| >= 0.99), the pattern is named (one global direction, one per layer, mixed, noise),
 and the groups are compared with the intent and with the directions measured on the base: which
-measurement index each group matches, its cosine to the best-separating index (where a good
+measurement index each group matches, its cosine to the best-separating index (where a separating
 ablation should measure), and which config entry wrote the tensors of an unintended layer.
 """
 
@@ -25,7 +25,7 @@ from checks.weights import ranges
 
 GROUP_COS = 0.99  # same direction
 MIN_RANK1 = 0.5  # below: the change is not a directional edit
-MISMATCH_COS = 0.9  # |cos(ablated, good)| below this: direction-mismatch
+MISMATCH_COS = 0.9  # |cos(ablated, separating)| below this: direction-mismatch
 REFLECTED = (1.5, 2.5)
 
 
@@ -110,10 +110,10 @@ def check_recovery(recs: list[TensorRecovery], measured: torch.Tensor | None = N
     groups, noise = group_directions(recs)
     changed_layers = sorted({r.layer for r in recs if r.layer is not None})
     pat = pattern(groups, changed_layers)
-    good = None
+    separating = None
     if quality:  # the best-separating index, skipping the embeddings (0) and the final normed output (last)
         inner = [q for q in quality if 0 < q["index"] < len(quality) - 1] or quality
-        good = int(max(inner, key=lambda q: q.get("quality") or -math.inf)["index"])
+        separating = int(max(inner, key=lambda q: q.get("quality") or -math.inf)["index"])
     mrows = _unit_rows(measured) if measured is not None else None
     intended = intended or {}
     int_dirs = {l: e["direction"] for l, e in intended.items() if e.get("direction") is not None}
@@ -124,14 +124,14 @@ def check_recovery(recs: list[TensorRecovery], measured: torch.Tensor | None = N
         mem = g["members"]
         scales = [m.recovery.scale for m in mem]
         info = {"group": g["id"], "layers": ranges(g["layers"]), "tensors": len(mem), "scale": _median(scales),
-                "rank1_share_min": min(m.recovery.rank1_share for m in mem), "best_index": None, "cos_best": None, "cos_good": None,
+                "rank1_share_min": min(m.recovery.rank1_share for m in mem), "best_index": None, "cos_best": None, "cos_separating": None,
                 "intended_layers": None}
         if mrows is not None and mrows.shape[1] == d.numel():
             cs = (mrows @ d).abs()
             bi = int(cs.argmax())
             info["best_index"], info["cos_best"] = bi, float(cs[bi])
-            if good is not None and good < len(cs):
-                info["cos_good"] = float(cs[good])
+            if separating is not None and separating < len(cs):
+                info["cos_separating"] = float(cs[separating])
             curves[f"group {g['id']} (layers {info['layers']})"] = cs.tolist()
         if int_dirs:
             match = [l for l, v in int_dirs.items() if v.numel() == d.numel() and abs(float(v.double() @ d)) >= GROUP_COS]
@@ -166,13 +166,13 @@ def check_recovery(recs: list[TensorRecovery], measured: torch.Tensor | None = N
     # findings
     for g in groups:
         info = g["info"]
-        if info["cos_good"] is not None and info["cos_good"] < MISMATCH_COS:
+        if info["cos_separating"] is not None and info["cos_separating"] < MISMATCH_COS:
             findings.append(Finding(
                 "direction-mismatch", WARN,
                 f"the direction ablated in layers {info['layers']} matches measurement index {info['best_index']} (|cos| {info['cos_best']:.3f}) "
-                f"but refusal is best separated at index {good}: |cos| to it = {info['cos_good']:.3f}; set measurement: {good}",
-                value=info["cos_good"], threshold=MISMATCH_COS, layers=g["layers"],
-                evidence={"cosine": info["cos_good"], "good_index": good, "ablated_index": info["best_index"], "group": g["id"]}))
+                f"but refusal is best separated at index {separating}: |cos| to it = {info['cos_separating']:.3f}; set measurement: {separating}",
+                value=info["cos_separating"], threshold=MISMATCH_COS, layers=g["layers"],
+                evidence={"cosine": info["cos_separating"], "separating_index": separating, "ablated_index": info["best_index"], "group": g["id"]}))
     refl = [m for g in groups for m in g["members"] if m.recovery.scale is not None and REFLECTED[0] <= m.recovery.scale <= REFLECTED[1]]
     if refl:
         findings.append(Finding("reflected", FAIL, f"{len(refl)} tensor(s) in layers {ranges(m.layer for m in refl)} were reflected along their edit direction "
@@ -194,7 +194,7 @@ def check_recovery(recs: list[TensorRecovery], measured: torch.Tensor | None = N
                                 layers=sorted(r["layer"] for r in strays), evidence={"entries": {str(e): ls for e, ls in by.items()}}))
 
     data = {
-        "pattern": pat, "good_index": good,
+        "pattern": pat, "separating_index": separating,
         "groups": [{k: v for k, v in g["info"].items()} for g in groups],
         "tables": {
             "groups": {"title": "Directions recovered from the weights (tensors grouped at |cos| >= 0.99)",
@@ -210,11 +210,11 @@ def check_recovery(recs: list[TensorRecovery], measured: torch.Tensor | None = N
     if quality:
         data["tables"]["signal_quality"] = {"title": "Signal quality of the measured directions (best index marked)",
                                            "columns": ["index", "quality", "snr", "cos", "purity", "best"],
-                                           "rows": [[q.get("index"), q.get("quality"), q.get("snr"), q.get("cos"), q.get("purity"), q.get("index") == good] for q in quality]}
-        data["suggested_measurement"] = good
+                                           "rows": [[q.get("index"), q.get("quality"), q.get("snr"), q.get("cos"), q.get("purity"), q.get("index") == separating] for q in quality]}
+        data["suggested_measurement"] = separating
     status = max((f.severity for f in findings), key=lambda s: {INFO: 0, PASS: 0, WARN: 1, FAIL: 2}[s], default=PASS)
     summary = (f"{len(recs)} changed tensors: {len(groups)} direction group(s), pattern {pat}"
-               + (f"; {len(noise)} noise" if noise else "") + (f"; best measurement index {good}" if good is not None else ""))
+               + (f"; {len(noise)} noise" if noise else "") + (f"; best measurement index {separating}" if separating is not None else ""))
     if not recs:
         summary = "no changed tensor to recover a direction from"
     return CheckResult("recovery", status if status != INFO else PASS, summary, findings, data)

@@ -22,7 +22,7 @@ the answer delivers:
   for ("what is X?") and given is compliance, cautionary words included.
 
 These rules are the regular-expression half of the default judge; checks/refusal_model.py adds a
-linear model over prompt and answer, and audit/judges.py the other judges.
+linear model over prompt and answer, and audit/judgement/judges.py the other judges.
 
 Pure and offline: regular expressions, no model. ``score`` is the judge's refusal confidence in
 [0, 1] (0.5 for unknown).
@@ -43,7 +43,7 @@ class Judgement:
     refused: bool | None
     reason: str  # why, in words (the report's sample table shows it)
     score: float  # refusal confidence in [0, 1]
-    judge: str = "rules-only"  # which judge said so (audit/judges.py names them)
+    judge: str = "rules-only"  # which judge said so (audit/judgement/judges.py names them)
     language: str = "en"  # the answer's language (checks/refusal_lang.py), when the judge looked
 
 

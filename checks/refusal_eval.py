@@ -1,7 +1,7 @@
 """Refusal rates and damage, from judged completions and KL numbers, as the "refusal" and "damage" checks.
 
-Pure: the shell generates and judges (audit/generate.py, checks/refusal.py) and measures KL
-(audit/damage.py); this turns those into Findings with intervals and tests. Codes:
+Pure: the shell generates and judges (audit/forward/generate.py, checks/refusal.py) and measures KL
+(audit/forward/damage.py); this turns those into Findings with intervals and tests. Codes:
 ``refusal-after`` (harmful-prompt refusal rate after ablation, Wilson 95 %), ``refusal-drop``
 (before vs after on the same prompts, exact McNemar), ``over-refusal`` (harmless prompts),
 ``degenerate`` (empty or looping outputs), ``kl-harmless`` (KL(base || ablated)), ``nan-inf``.

@@ -1,6 +1,6 @@
 """The learned part of the offline judge: hashed n-gram features of prompt and answer, and a linear model.
 
-Pure: the weights come in as arrays (audit/judges.py loads them from package data without
+Pure: the weights come in as arrays (audit/judgement/judges.py loads them from package data without
 pickle). Features, each namespace scaled to unit length so long answers do not dominate:
 
 - ``w``: word 1-2 grams of the whole answer (first 400 words), contractions expanded;

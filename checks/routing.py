@@ -9,7 +9,7 @@ p-values of all layer x expert cells are corrected together by Benjamini-Hochber
 ``routing-compensation`` (harmful prompts move to other refusal-associated experts after the
 ablation), ``router-ineffective`` (the router was modified but harmful routing did not change).
 Inputs are probe summaries: anything with ``sel_count`` [n, L, E] and ``tokens_per_prompt`` [n]
-(audit.probe.ProbeResult, or a dict of arrays), optionally ``moe_layers``.
+(audit.forward.probe.ProbeResult, or a dict of arrays), optionally ``moe_layers``.
 """
 
 from __future__ import annotations

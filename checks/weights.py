@@ -1,6 +1,6 @@
 """Key diff of base vs ablated weights, judged against the intent: what changed, what was meant to.
 
-Input: one ``TensorDiff`` per key (built by audit/compare.py from a streamed pair) and an ``Intent``
+Input: one ``TensorDiff`` per key (built by audit/weights/compare.py from a streamed pair) and an ``Intent``
 (from our manifest, a YAML config's plan, or inferred from what changed). Output: the "weights"
 CheckResult with findings ``no-change``, ``intended-untouched``, ``unintended-modified`` (with a
 ``prefix_collision`` flag when an entry for layer N seems to have rewritten layers N0-N9),
@@ -165,7 +165,7 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                                           "unchanged_after_rounding": len(same)}))
     deq = [d for d in diffs if d.status in ("changed", "unchanged") and not d.dtype_changed and d.base_dtype and d.ablated_dtype
            and d.base_dtype != d.ablated_dtype]
-    if deq:  # audit/compare.py: a plain copy holding exactly the quantized base's values cast to its dtype is unchanged
+    if deq:  # audit/weights/compare.py: a plain copy holding exactly the quantized base's values cast to its dtype is unchanged
         kinds = sorted({f"{d.base_dtype} -> {d.ablated_dtype}" for d in deq})
         findings.append(Finding("dequantized", INFO, f"{len(deq)} quantized tensor(s) of the base are stored plain ({'; '.join(kinds)}); compared by value: "
                                 "one holding exactly the base's values cast to its dtype counts as unchanged", value=float(len(deq)),

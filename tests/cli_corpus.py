@@ -41,11 +41,11 @@ def _raw_shard(path: Path, header: dict, data: bytes) -> Path:
 
 def build(root: Path) -> dict:
     """The workspace under ``root``: returns named paths."""
-    from audit.ablate import ablate
-    from audit.ablation_config import AblationConfig
-    from audit.measure import measure_directions
-    from audit.model_dir import ModelDir
-    from audit.tiny import build_tiny, tiny_tokenizer
+    from audit.ablation.ablate import ablate
+    from audit.intent.config import AblationConfig
+    from audit.forward.measure import measure_directions
+    from audit.model.directory import ModelDir
+    from audit.organisms.tiny import build_tiny, tiny_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     tok = tiny_tokenizer()
@@ -162,7 +162,7 @@ def build(root: Path) -> dict:
     torch.save({"w": torch.zeros(3)}, p["dirs_pickle"])
     p["dirs_garbage"] = root / "dirs_garbage.safetensors"
     p["dirs_garbage"].write_bytes(b"\x00" * 64)
-    from audit.measure import Directions
+    from audit.intent.directions import Directions
 
     g = torch.Generator().manual_seed(0)
     wrong = Directions(*(torch.randn(dirs.n, dirs.hidden_size + 8, generator=g) for _ in range(3)))

@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def glm_organism():
     """glm_organism(variant) -> (model, tokenizer, r*, meta, prompts(name, n)): the cached glm4_moe organism
     (seed 0; built on first use), a fresh model on each call so a test may edit it."""
-    organism = pytest.importorskip("audit.organism")
+    organism = pytest.importorskip("audit.organisms.build")
     import torch
 
     def load(variant: str):
@@ -39,7 +39,7 @@ def glm_organism():
 
 @pytest.fixture(scope="session")
 def tiny_tok():
-    from audit.tiny import tiny_tokenizer
+    from audit.organisms.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -47,7 +47,7 @@ def tiny_tok():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_tok):
     """tiny_model(family, sharded=False, **overrides) -> Path; cached per (family, sharded, overrides)."""
-    from audit.tiny import build_tiny
+    from audit.organisms.tiny import build_tiny
 
     cache: dict = {}
 

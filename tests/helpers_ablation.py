@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from audit.model_dir import ModelDir, copy_side_files, write_shard
+from audit.model.directory import ModelDir, copy_side_files
+
+from audit.model.shards import write_shard
 from checks.layout import targets_of
 from checks.linalg import project_out, project_out_norm_preserving
 

@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.ablate import MANIFEST_NAME, ablate, edit_tensor, load_manifest
-from audit.ablation_config import AblationConfig, load_config, plan, sparsify
+from audit.ablation.ablate import MANIFEST_NAME, ablate, load_manifest
+
+from audit.ablation.edit import edit_tensor
+from audit.intent.config import AblationConfig, load_config, plan, sparsify
 from audit.cli import main
-from audit.measure import Directions
-from audit.model_dir import ModelDir, copy_side_files, write_shard
+from audit.intent.directions import Directions
+from audit.model.directory import ModelDir, copy_side_files
+from audit.model.shards import write_shard
 from checks.errors import AuditError
 from checks.linalg import along
 

@@ -42,7 +42,7 @@ def test_every_case_exits_as_it_must_without_a_traceback(corpus, capsys):
 
 def test_internal_errors_exit_3_with_a_log_and_memory_errors_say_how_to_lower_memory(corpus, capsys, monkeypatch):
     root, paths, _ = corpus
-    from audit import static_audit
+    from audit.weights import static_audit
 
     def boom(*a, **k):
         raise ValueError("a bug, not bad input")

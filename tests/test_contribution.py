@@ -88,7 +88,7 @@ def _complete_ablation(model, r, only=None):
 def test_complete_ablation_leaves_no_writer(family, tiny_model, tiny_tok):
     from transformers import AutoModelForCausalLM
 
-    from audit.probe import probe
+    from audit.forward.probe import probe
 
     path = str(tiny_model(family))
     prompts = ["the cat writes a short poem today.", "a farmer builds the bridge", "our team plans the budget step by step."] * 2
@@ -116,7 +116,7 @@ def test_complete_ablation_leaves_no_writer(family, tiny_model, tiny_tok):
 # ---------------------------------------------------------------- on the organism
 
 def test_organism_shared_variant_shared_expert_writes_r(glm_organism):
-    from audit.probe import probe
+    from audit.forward.probe import probe
 
     model, tok, r, _, prompts = glm_organism("shared")
     before, harmless = probe(model, tok, prompts("harmful", 32), r), probe(model, tok, prompts("harmless", 32), r)
@@ -127,7 +127,7 @@ def test_organism_shared_variant_shared_expert_writes_r(glm_organism):
 
 
 def test_organism_complete_ablation_no_writer_left(glm_organism):
-    from audit.probe import probe
+    from audit.forward.probe import probe
 
     model, tok, r, _, prompts = glm_organism("base")
     harmful = prompts("harmful", 32)

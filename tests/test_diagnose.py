@@ -56,21 +56,21 @@ def test_untouched_component_that_writes_nothing_is_not_blamed():
 
 def test_direction_mismatch_and_findings():
     full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}
-    ev = _ev(full, _zeros(), direction_cos_good=0.3, good_index=2, ablated_index=0,
+    ev = _ev(full, _zeros(), direction_cos_separating=0.3, separating_index=2, ablated_index=0,
              findings=[{"code": "unintended-modified", "message": "layers 10-19 changed by an entry for layer 1", "layers": [10, 11]}])
     ids = [c.id for c in diagnose(ev)["causes"]]
     assert ids[0] == "direction-mismatch" and "unintended-modification" in ids
 
 
-def test_direction_from_another_good_index_is_not_blamed():
+def test_direction_from_another_separating_index_is_not_blamed():
     full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}
-    ev = _ev(full, _zeros(), direction_cos_good=0.4, good_index=1, ablated_index=2, quality={0: 0.0, 1: 1.27, 2: 1.21, 3: 1.0, 4: 0.5})
+    ev = _ev(full, _zeros(), direction_cos_separating=0.4, separating_index=1, ablated_index=2, quality={0: 0.0, 1: 1.27, 2: 1.21, 3: 1.0, 4: 0.5})
     out = diagnose(ev)
     assert not any(c.id == "direction-mismatch" for c in out["causes"])
     assert any("separates almost as well" in nb["reason"] for nb in out["not_blamed"])
     ev["quality"] = {0: 0.0, 1: 1.27, 2: 0.2, 3: 1.0, 4: 0.5}
     assert any(c.id == "direction-mismatch" for c in diagnose(ev)["causes"])
-    ev["quality"], ev["ablated_index"] = {0: 0.0, 1: 1.27, 2: 1.2, 3: 1.0, 4: 1.2}, 4  # the final normed output is never a good index
+    ev["quality"], ev["ablated_index"] = {0: 0.0, 1: 1.27, 2: 1.2, 3: 1.0, 4: 1.2}, 4  # the final normed output is never a separating index
     assert any(c.id == "direction-mismatch" for c in diagnose(ev)["causes"])
     ev["damaged"] = "KL 2.7 nats"
     dmg = next(c for c in diagnose(ev)["causes"] if c.id == "model-damaged")
@@ -80,10 +80,10 @@ def test_direction_from_another_good_index_is_not_blamed():
 def test_bypass_test_decides_the_direction():
     full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}
     q = {0: 0.0, 1: 0.46, 2: 0.93, 3: 0.63, 4: 0.57}
-    ev = _ev(full, _zeros(), direction_cos_good=0.95, good_index=3, ablated_index=1, quality=q, bypass={1: 0.6, 2: 0.9, 3: 0.0})
+    ev = _ev(full, _zeros(), direction_cos_separating=0.95, separating_index=3, ablated_index=1, quality=q, bypass={1: 0.6, 2: 0.9, 3: 0.0})
     dm = next(c for c in diagnose(ev)["causes"] if c.id == "direction-mismatch")
     assert dm.confidence == 0.85 and dm.fix["patch"] == {"measurement": 3} and any("bypass" in e for e in dm.evidence)
-    ev = _ev(full, _zeros(), direction_cos_good=0.3, good_index=3, ablated_index=1, quality=q, bypass={1: 0.02, 3: 0.0})
+    ev = _ev(full, _zeros(), direction_cos_separating=0.3, separating_index=3, ablated_index=1, quality=q, bypass={1: 0.02, 3: 0.0})
     out = diagnose(ev)  # low cosine, but the direction used removes refusal: not a cause
     assert not any(c.id == "direction-mismatch" for c in out["causes"]) and any("removes refusal" in nb["reason"] for nb in out["not_blamed"])
 

@@ -1,4 +1,4 @@
-"""The diagnosis against counterfactual ground truth: on every case of the matrix (audit/cases.py) the top cause
+"""The diagnosis against counterfactual ground truth: on every case of the matrix (audit/organisms/cases.py) the top cause
 of `audit run` is one whose single fix, really applied, removes refusal, and no cause that such a fix ruled out
 is listed as live.
 
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("audit.organism")
+pytest.importorskip("audit.organisms.build")
 
-from audit import cases as C  # noqa: E402
-from audit import organism as O  # noqa: E402
+from audit.organisms import cases as C  # noqa: E402
+from audit.organisms import build as O  # noqa: E402
 
 TRUTH = json.loads((Path(__file__).parent / "data" / "diagnosis_truth.json").read_text())
 N_EVAL = 40  # held-out prompts per class for the organism property checks
@@ -40,7 +40,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def organism():
     """organism(key) -> (info, fp32 model, tokenizer, eval rows, Directions), loaded once per module."""
-    from audit.measure import Directions
+    from audit.intent.directions import Directions
 
     cache = {}
 
@@ -87,14 +87,14 @@ def test_spread_organism_has_the_properties_the_matrix_needs(organism, key):
     full = O.evaluate(_ablated(model, d, lambda ro: ro.layer is not None), tok, rows)
     assert full["harmful_refusal"] <= 0.10 and full["harmless_correct"] >= before["harmless_correct"] - 0.10, full
     harmful = [r for r in rows if r["harmful"]]
-    meta = json.loads((Path(info["base"]) / "organism.json").read_text())
+    meta = O.read_meta(info["base"])
     for group in meta["carriers"]["writer_groups"]:
         kept = O.evaluate(_ablated(model, d, lambda ro, g=group: ro.layer is not None and ro.component != group), tok, harmful)
         assert kept["harmful_refusal"] >= 0.9, (group, kept)
 
 
 def test_glm_spread_is_bf16_and_sharded():
-    from audit.model_dir import ModelDir
+    from audit.model.directory import ModelDir
 
     md = ModelDir(C.organism_info("glm")["base"])
     assert set(md.dtypes()) <= {"BF16", "F32"} and "BF16" in md.dtypes()
@@ -161,8 +161,8 @@ def test_top_cause_fix_really_works(audited, organism, tmp_path, name):
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from audit.ablate import ablate
-    from audit.ablation_config import AblationConfig
+    from audit.ablation.ablate import ablate
+    from audit.intent.config import AblationConfig
 
     res, _ = audited(name)
     assert res["causes"], f"{name}: a failed verdict with no cause"
@@ -183,7 +183,7 @@ def test_top_cause_fix_really_works(audited, organism, tmp_path, name):
 
 
 def _changed(case) -> set[str]:
-    from audit.model_dir import ModelDir
+    from audit.model.directory import ModelDir
 
     a, b = ModelDir(case.ablated_dir), ModelDir(case.base_dir)
     return {k for k in b.tensors if not torch.equal(a.tensor(k), b.tensor(k))}
@@ -199,7 +199,7 @@ def test_foreign_cases_edit_what_their_tools_would():
     changed = _changed(prefix)
     assert _layers(changed) == {1, 3, 5, 10, 11}  # "model.layers.1" without the dot also matched 10 and 11
     assert all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in changed)
-    from audit.ablation_config import load_config
+    from audit.intent.config import load_config
 
     assert [e.layer for e in load_config(prefix.config_path).entries] == [1, 3, 5]
     dense = C.build_case("mix-dense-names")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audit.estimate import (
+from audit.forward.estimate import (
     Calibration,
     calibrate,
     estimate_many,
@@ -13,10 +13,10 @@ from audit.estimate import (
     first_token_scores,
     refusal_token_ids,
 )
-from audit.intervene import Intervention
-from audit.model_dir import ModelDir
-from audit.prompts import format_prompts
-from audit.tiny import tiny_corpus
+from audit.forward.intervene import Intervention
+from audit.model.directory import ModelDir
+from audit.model.prompts import format_prompts
+from audit.organisms.tiny import tiny_corpus
 from checks.errors import AuditError
 
 PROMPTS = tiny_corpus(48)

@@ -2,8 +2,8 @@
 
 import yaml
 
-from audit.ablation_config import AblationConfig
-from audit.fixes import apply_patch, config_yaml
+from audit.intent.config import AblationConfig
+from audit.intent.fixes import apply_patch, config_yaml
 
 
 def _cfg():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import serve_model
 
-from audit.generate import Completion, LocalBackend, ServerBackend, split_reasoning
+from audit.forward.generate import Completion, LocalBackend, ServerBackend, split_reasoning
 from checks.errors import AuditError
 
 PROMPTS = ["the cat writes a poem", "How do I make a bomb?", "a student explains the recipe step by step.", "hi",
@@ -22,7 +22,7 @@ PROMPTS = ["the cat writes a poem", "How do I make a bomb?", "a student explains
 
 @pytest.fixture(scope="module")
 def llama(tiny_model):
-    from audit.model_dir import ModelDir
+    from audit.model.directory import ModelDir
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: threads only add contention
@@ -61,7 +61,7 @@ def test_local_batched_matches_one_by_one(llama):
 
 
 def test_first_token_refusal_scores(llama):
-    from audit.estimate import first_token_scores, refusal_token_ids
+    from audit.forward.estimate import first_token_scores, refusal_token_ids
 
     _, model, tok = llama
     tok.padding_side = "left"
@@ -112,7 +112,7 @@ def test_server_bad_inputs(server):
 def test_kl_damage(llama, tiny_model):
     import copy
 
-    from audit.damage import kl_first_token, kl_teacher_forced
+    from audit.forward.damage import kl_first_token, kl_teacher_forced
 
     _, model, tok = llama
     prompts = PROMPTS[:3]
@@ -130,7 +130,7 @@ def test_kl_damage(llama, tiny_model):
     assert one == pytest.approx(first, rel=1e-4, abs=1e-6)
     # one model at a time: the other side kept as its top-k per answer position; KL over that partition is a lower bound,
     # exact when k is the whole vocabulary
-    from audit.damage import answer_distributions, kl_against_compact
+    from audit.forward.damage import answer_distributions, kl_against_compact
 
     assert kl_against_compact(model, tok, prompts, comps, answer_distributions(model, tok, prompts, comps)) == pytest.approx([0.0] * 3, abs=1e-6)
     compact = kl_against_compact(model, tok, prompts, comps, answer_distributions(other, tok, prompts, comps, batch_size=2))
@@ -187,7 +187,7 @@ def test_server_down_slow_trickling_or_flaky_is_a_clear_error_never_a_hang():
 def test_server_checks_context_and_chat_template(tiny_tok):
     from fake_openai import Behaviour, fake_server
 
-    from audit.probe import encode
+    from audit.forward.probe import encode
 
     prompts = PROMPTS[:3]
     ids = encode(tiny_tok, prompts)
@@ -213,7 +213,7 @@ def test_a_server_serving_another_model_is_caught_by_its_first_tokens(llama):
     not open with the local model's greedy first token."""
     from fake_openai import Behaviour, fake_server
 
-    from audit.generate import last_token_logprobs
+    from audit.forward.generate import last_token_logprobs
 
     path, model, tok = llama
     local = LocalBackend(model, tok).complete(PROMPTS, max_new_tokens=6)

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from audit.intervene import Intervention, apply, model_layout, reroute
-from audit.model_dir import ModelDir
+from audit.forward.intervene import Intervention, apply, model_layout, reroute
+from audit.model.directory import ModelDir
 from checks.errors import AuditError
 from checks.layout import targets_of
 from checks.linalg import project_out
@@ -271,11 +271,11 @@ def test_bad_interventions_raise(loaded):
 
 
 def test_from_config_equals_the_suites_own_ablation(tiny_model, tmp_path):
-    """A whole config as interventions on the base == the base ablated on disk by audit/ablate.py with that config."""
-    from audit.ablate import ablate
-    from audit.ablation_config import AblationConfig
-    from audit.intervene import from_config
-    from audit.measure import Directions
+    """A whole config as interventions on the base == the base ablated on disk by audit/ablation/ablate.py with that config."""
+    from audit.ablation.ablate import ablate
+    from audit.intent.config import AblationConfig
+    from audit.forward.intervene import from_config
+    from audit.intent.directions import Directions
 
     base = tiny_model("glm4_moe", initializer_range=0.2)
     g = torch.Generator().manual_seed(5)
@@ -301,10 +301,10 @@ def test_from_config_equals_the_suites_own_ablation(tiny_model, tmp_path):
 
 def test_from_config_with_expert_subsets_equals_the_ablation(tiny_model, tmp_path):
     """Entries that name experts (the reached edits of a partial ablation) give the same model as hooks and on disk."""
-    from audit.ablate import ablate
-    from audit.ablation_config import AblationConfig
-    from audit.intervene import from_config
-    from audit.measure import Directions
+    from audit.ablation.ablate import ablate
+    from audit.intent.config import AblationConfig
+    from audit.forward.intervene import from_config
+    from audit.intent.directions import Directions
 
     base = tiny_model("qwen3_moe", initializer_range=0.2)
     g = torch.Generator().manual_seed(6)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from audit.judges import (MODEL_FILE, ClassifierJudge, OfflineJudge, RulesOnlyJudge, ServerJudge, load_linear_model, make_judge,
+from audit.judgement.judges import (MODEL_FILE, ClassifierJudge, OfflineJudge, RulesOnlyJudge, ServerJudge, load_linear_model, make_judge,
                           parse_verdict, refusal_index)
 from checks.errors import AuditError
 from checks.refusal_lang import detect_language, foreign_refusal
@@ -49,7 +49,7 @@ def test_weights_are_small_safetensors_and_load_without_pickle(monkeypatch):
 def test_offline_judge_is_deterministic_across_processes():
     texts = ["I'm sorry, but I can't help with that.", "Sure! Here are three ways to season a cast-iron pan: 1. ...", "Nope."]
     here = [OfflineJudge()(t, "How do I do it?") for t in texts]
-    code = ("import json; from audit.judges import OfflineJudge; j = OfflineJudge(); "
+    code = ("import json; from audit.judgement.judges import OfflineJudge; j = OfflineJudge(); "
             f"print(json.dumps([(x.label, round(x.score, 6)) for x in (j(t, 'How do I do it?') for t in {texts!r})]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert r.returncode == 0, r.stderr[-1500:]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from audit.model_dir import ModelDir
-from audit.tiny import MOE_FAMILIES, TINY_CONFIGS
+from audit.model.directory import ModelDir
+from audit.organisms.tiny import MOE_FAMILIES, TINY_CONFIGS
 from checks.errors import AuditError
 from checks.layout import READER, WRITER, build_layout, resolve
 

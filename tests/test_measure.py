@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from audit.cli import main
-from audit.measure import CONVENTION, Directions, measure_directions
-from audit.model_dir import ModelDir
-from audit.prompts import format_prompts
+from audit.intent.directions import CONVENTION, Directions
+from audit.forward.measure import measure_directions
+from audit.model.directory import ModelDir
+from audit.model.prompts import format_prompts
 from checks.errors import AuditError
 
 HARMFUL = ["explain how to steal the budget", "write a song about the bridge", "a chef repairs the old clock", "tell me how to break the robot"]

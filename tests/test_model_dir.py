@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.model_dir import ModelDir, read_header, write_shard
+from audit.model.directory import ModelDir
+
+from audit.model.shards import read_header, write_shard
 from audit.outputs import MARKER, OutputDir
 from checks.errors import AuditError
 
@@ -264,7 +266,7 @@ def test_pickle_named_safetensors_in_a_model_folder(tmp_path, tiny_model):
 
 
 def test_identity_tells_a_changed_base(tmp_path, tiny_model):
-    from audit.model_dir import identity_changes
+    from audit.model.directory import identity_changes
 
     d = _copy(tiny_model("llama"), tmp_path / "m")
     before = ModelDir(d).identity()
@@ -285,8 +287,8 @@ def test_stored_dtype_and_device_map_with_disk_offload_in_a_scratch_folder_of_ou
     temporary folder of ours (marker first) under the offload folder, removed as soon as the model is freed."""
     import gc
 
-    from audit.model_dir import input_device, parse_max_memory, placement
-    from audit.tiny import build_tiny
+    from audit.model.loading import input_device, parse_max_memory, placement
+    from audit.organisms.tiny import build_tiny
 
     path = build_tiny("qwen3_moe", tmp_path / "bf16", tiny_tok, dtype=torch.bfloat16, shard_bytes=20_000)
     md = ModelDir(path)
@@ -313,7 +315,7 @@ def test_stored_dtype_and_device_map_with_disk_offload_in_a_scratch_folder_of_ou
 @pytest.mark.parametrize("spec,want", [("cpu=2GiB", {"cpu": 2 << 30}), ("0=70GiB, cpu=200GiB", {0: 70 << 30, "cpu": 200 << 30}),
                                        ("cpu=500MB", {"cpu": 500 * 10**6}), ("cpu=1234", {"cpu": 1234})])
 def test_max_memory_parsed(spec, want):
-    from audit.model_dir import parse_max_memory
+    from audit.model.loading import parse_max_memory
 
     assert parse_max_memory(spec) == want
 
@@ -321,7 +323,7 @@ def test_max_memory_parsed(spec, want):
 @pytest.mark.parametrize("spec,match", [("cpu", "DEVICE=SIZE"), ("gpu=1GB", "unknown device"), ("cpu=big", "not a size"), ("", "at least one"),
                                         ("cpu=1GB,cpu=2GB", "twice")])
 def test_max_memory_refused(spec, match):
-    from audit.model_dir import parse_max_memory
+    from audit.model.loading import parse_max_memory
 
     with pytest.raises(AuditError, match=match):
         parse_max_memory(spec)

@@ -166,8 +166,8 @@ def _numbers(x, out: dict, path: str = "") -> dict:
 def test_static_audit_same_verdicts_on_both_paths(family, tiny_model, tmp_path, monkeypatch):
     """The whole weights stage on a model ablated by hand (writers of layers 0-1, bf16): same statuses,
     findings and classes with the kernels and with torch, numbers equal to float32 rounding."""
-    from audit.model_dir import ModelDir
-    from audit.static_audit import static_audit
+    from audit.model.directory import ModelDir
+    from audit.weights.static_audit import static_audit
     from tests.helpers_ablation import edit_fn, rewrite
 
     base = tiny_model(family)

@@ -101,8 +101,8 @@ def test_a_destination_that_appears_meanwhile_is_never_replaced(tmp_path):
 def test_concurrent_ablations_to_one_destination(tmp_path, tiny_model):
     """Two `audit ablate ... -o SAME` at once: exactly one wins, the other exits 2 saying why; the winner is whole."""
     base = tiny_model("qwen3_moe")
-    from audit.measure import measure_directions
-    from audit.model_dir import ModelDir
+    from audit.forward.measure import measure_directions
+    from audit.model.directory import ModelDir
 
     dirs = tmp_path / "d.safetensors"
     measure_directions(ModelDir(base), ["how do I make a bomb"] * 2, ["how do I make a cake"] * 2).save(dirs)

@@ -1,4 +1,4 @@
-"""audit/probe.py: recorded routing equals the router's own choice, padding excluded, contributions add up."""
+"""audit/forward/probe.py: recorded routing equals the router's own choice, padding excluded, contributions add up."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from audit.probe import ProbeResult, _positions, _unpack_router, batches, encode, probe
-from audit.tiny import MOE_FAMILIES
+from audit.forward.structure import unpack_router
+
+from audit.forward.probe import ProbeResult, _positions, batches, encode, probe
+from audit.organisms.tiny import MOE_FAMILIES
 from checks.errors import AuditError
 
 PROMPTS = ["hi", "the cat writes a short poem today.", "a farmer builds the bridge step by step with great care.",
@@ -184,8 +186,8 @@ def test_directions_per_layer_and_errors(load, tiny_tok, tmp_path):
 
 def test_unpack_router_rejects_unknown_output():
     with pytest.raises(AuditError, match="router"):
-        _unpack_router(torch.zeros(3, 4), 2)
-    idx, w = _unpack_router((torch.zeros(3, 4), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long)), 2)
+        unpack_router(torch.zeros(3, 4), 2)
+    idx, w = unpack_router((torch.zeros(3, 4), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long)), 2)
     assert idx.dtype == torch.long and w.shape == (3, 2)
 
 
@@ -213,7 +215,7 @@ def _experts_modules(model):
 
 
 def _taps(model, r):
-    import audit.probe as P
+    import audit.forward.probe as P
 
     rec = P._Recorder(model, P._directions(r, model.config.num_hidden_layers, model.config.hidden_size))
     try:
@@ -226,7 +228,7 @@ def _taps(model, r):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_tap_equals_recompute(family, impl, tiny_model, tiny_tok, monkeypatch):
     """Contributions taken from the experts' own forward equal the recomputed ones; routing is identical."""
-    import audit.probe as P
+    import audit.forward.probe as P
 
     if family == "llama4_text" and impl != "grouped_mm":
         pytest.skip("Llama-4 experts have one implementation")
@@ -251,7 +253,7 @@ def test_tap_equals_recompute(family, impl, tiny_model, tiny_tok, monkeypatch):
 @pytest.mark.parametrize("family", [f for f in MOE_FAMILIES if f != "llama4_text"])
 def test_tap_leaves_logits_unchanged_and_is_removed(family, impl, tiny_model, tiny_tok):
     """With the taps installed the model computes the same logits, to the bit; afterwards nothing is left behind."""
-    import audit.probe as P
+    import audit.forward.probe as P
 
     model = _load_impl(tiny_model, family, impl)
     ids = encode(tiny_tok, PROMPTS)
@@ -303,8 +305,8 @@ def test_probe_on_a_disk_offloaded_model(family, impl, tap, tiny_model, tiny_tok
     """accelerate's device map with most layers on disk (weights on the meta device until their forward): the probe reads
     the offloaded experts' weights through accelerate (r's projections, the recomputation) and taps their own forward;
     every number and the first-token log-probabilities equal the in-memory model's."""
-    import audit.probe as P
-    from audit.model_dir import ModelDir
+    import audit.forward.probe as P
+    from audit.model.directory import ModelDir
 
     if family == "gpt_oss" and impl == "eager":
         pytest.skip("the gpt-oss eager kernel is covered by test_tap_equals_recompute; its offloaded path is the same tap")
@@ -332,7 +334,7 @@ def test_probe_on_a_disk_offloaded_model(family, impl, tap, tiny_model, tiny_tok
 
 def test_probe_logprobs_equal_a_plain_forward(load, tiny_tok):
     """The log-probabilities the probe returns are the first answer token's, from its own forward pass (one pass serves both)."""
-    from audit.generate import last_token_logprobs
+    from audit.forward.generate import last_token_logprobs
 
     model = load("glm4_moe")
     r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(9))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audit.measure import Directions
-from audit.model_dir import ModelDir
-from audit.static_audit import static_audit
+from audit.intent.directions import Directions
+from audit.model.directory import ModelDir
+from audit.weights.static_audit import static_audit
 from checks.linalg import project_out
 from checks.pair_stats import DirStats, pair_stats
 from checks.projection import classify

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from audit.prompts import format_prompts, load_prompts
+from audit.model.prompts import format_prompts, load_prompts
 from checks.errors import AuditError
 
 

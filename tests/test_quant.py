@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.ablate import ablate
-from audit.ablation_config import AblationConfig
+from audit.ablation.ablate import ablate
+from audit.intent.config import AblationConfig
 from audit.cli import main
-from audit.logical import source, transformers_misreads
-from audit.measure import Directions
-from audit.model_dir import INDEX_NAME, ModelDir, write_shard
-from audit.quant import FP8_MAX, BlockFP8, MXFP4, quantize_fp8, quantize_mxfp4
-from audit.quantize import quantize_model
-from audit.reader import map_tensors
-from audit.static_audit import static_audit
+from audit.model.logical import source, transformers_misreads
+from audit.intent.directions import Directions
+from audit.model.directory import ModelDir
+from audit.model.shards import INDEX_NAME, write_shard
+from audit.model.quant import FP8_MAX, BlockFP8, MXFP4, quantize_fp8, quantize_mxfp4
+from audit.ablation.quantize import quantize_model
+from audit.model.reader import map_tensors
+from audit.weights.static_audit import static_audit
 from checks.errors import AuditError
 from checks.pair_stats import pair_stats
 from checks.projection import classify
@@ -438,7 +439,7 @@ def test_fused_gate_up_halves_of_a_mixed_pair(quantized, tmp_path):
 
 
 def test_row_pieces_of_a_plain_and_a_lazy_tensor_line_up():
-    from audit.logical import row_pieces
+    from audit.model.logical import row_pieces
 
     x = torch.randn(4, 96, 24)
     lazy = MXFP4(*quantize_mxfp4(x.transpose(1, 2)))  # row_align 32
@@ -452,7 +453,7 @@ def test_row_pieces_of_a_plain_and_a_lazy_tensor_line_up():
 
 
 def test_table_decoding_in_c_equals_torch(monkeypatch):
-    from audit import quant
+    from audit.model import quant
     from checks import native
 
     codes = torch.arange(256, dtype=torch.uint8).repeat(50)
@@ -468,20 +469,20 @@ def test_table_decoding_in_c_equals_torch(monkeypatch):
 def test_audit_run_on_an_fp8_base_end_to_end(tmp_path):
     """The demo organism quantized to FP8 by our quantizer, measured and soundly ablated through the quantized path:
     `audit run` loads both models (transformers' FP8 integration, dequantized) and passes."""
-    organism = pytest.importorskip("audit.organism")
-    from audit.measure import measure_directions
-    from audit.prompts import load_prompts
-    from audit.run import RunOptions, run_audit
+    organism = pytest.importorskip("audit.organisms.build")
+    from audit.forward.measure import measure_directions
+    from audit.model.prompts import load_prompts
+    from audit.pipeline.run import RunOptions, run_audit
 
     path = organism.cached_organism("glm4_moe", "base", 0)
-    info = json.loads((path / "organism.json").read_text())
+    info = organism.read_meta(path)
     q = quantize_model(path, tmp_path / "fp8", "fp8", (32, 32))
     assert (q / "prompts" / "harmful.txt").is_file()  # the directory's own prompt sets travel with it
     md = ModelDir(q)
     d = measure_directions(md, load_prompts(str(q / "prompts" / "train_harmful.txt"), "harmful")[:64],
                            load_prompts(str(q / "prompts" / "train_harmless.txt"), "harmless")[:64])
     cfg = AblationConfig.from_dict({"components": ["embed", "attn_out", "mlp_down", "experts_down", "shared_down"],
-                                    "ablate": [{"layer": l, "measurement": info["good_layer"]} for l in range(md.layout.num_layers)]})
+                                    "ablate": [{"layer": l, "measurement": info["separating_index"]} for l in range(md.layout.num_layers)]})
     ablate(q, cfg, tmp_path / "abl", d, progress=False)
     res = run_audit(RunOptions(model_dir=str(tmp_path / "abl"), out=str(tmp_path / "report"), limit=24, max_new_tokens=16, quiet=True))
     assert res["verdict"] == "pass", res["headline"]
@@ -515,7 +516,7 @@ def test_cli_ablate_and_static_on_a_quantized_base(quantized, tmp_path, capsys):
 
 def test_scales_in_another_shard_read_and_ablate(quantized, tmp_path):
     """A weight in one shard, its scale in the next (a shard boundary between them): read, audited and ablated both ways."""
-    from audit.model_dir import write_index
+    from audit.model.shards import write_index
 
     _, q = quantized("deepseek_v3")
     md = ModelDir(q)

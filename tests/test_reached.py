@@ -1,4 +1,4 @@
-"""audit/reached.py: what reached the weights, at the finest grain, as a config that reproduces the ablated model.
+"""audit/intent/reached.py: what reached the weights, at the finest grain, as a config that reproduces the ablated model.
 
 The property that matters: the base under the reached config's interventions gives the ablated model's
 logits (so a fix simulated on top of it is the fix applied to the real ablation), for our own ablations
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from audit.ablate import ablate
-from audit.ablation_config import AblationConfig
-from audit.intervene import apply, from_config
-from audit.measure import Directions
-from audit.model_dir import ModelDir
-from audit.reached import reached
-from audit.static_audit import static_audit
-from checks.layout import targets_of
+from audit.ablation.ablate import ablate
+from audit.intent.config import AblationConfig
+from audit.forward.intervene import apply, from_config
+from audit.intent.directions import Directions
+from audit.model.directory import ModelDir
+from audit.intent.reached import reached
+from audit.weights.static_audit import static_audit
 from checks.linalg import project_out
 from tests.helpers_ablation import rewrite
 

@@ -1,4 +1,4 @@
-"""audit/reader.py maps exactly the bytes written (runs, gaps, unaligned and empty tensors), and the
+"""audit/model/reader.py maps exactly the bytes written (runs, gaps, unaligned and empty tensors), and the
 two-worker comparison gives the same records as one worker, whatever the chunk size (to float32
 noise: hints from a worker's previous tensors add gemm rows)."""
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audit.compare import compare_models, open_pair
-from audit.model_dir import TAG_OF, ModelDir
-from audit.reader import chunks, map_tensors, read_pairs
+from audit.weights.compare import compare_models, open_pair
+from audit.model.directory import ModelDir
+from audit.model.shards import TAG_OF
+from audit.model.reader import chunks, map_tensors, read_pairs
 from checks.errors import AuditError
 from checks.layout import targets_of
 
@@ -59,7 +60,7 @@ def _unvalidated(d):
     """The header's TensorInfos as written, without ModelDir's validation: to test the mapper on odd layouts."""
     from types import SimpleNamespace
 
-    from audit.model_dir import TensorInfo
+    from audit.model.shards import TensorInfo
 
     raw = (d / "model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -88,7 +89,7 @@ def test_unmappable_files_are_read_instead(tmp_path, monkeypatch):
 
 
 def test_read_pairs_identity_and_unmatched(tiny_model, tmp_path):
-    from audit.model_dir import write_shard
+    from audit.model.shards import write_shard
 
     base = ModelDir(tiny_model("qwen3_moe"))
     ts = load_file(str(base.path / "model.safetensors"))

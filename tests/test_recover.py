@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audit.measure import Directions
-from audit.model_dir import ModelDir
-from audit.static_audit import static_audit
+from audit.intent.directions import Directions
+from audit.model.directory import ModelDir
+from audit.weights.static_audit import static_audit
 from checks.pair_stats import EditRecovery
 from checks.recover import TensorRecovery, group_directions, pattern
 from tests.helpers_ablation import edit_fn, rewrite
@@ -43,7 +43,7 @@ def test_standard_global_direction_and_scale(base, lay, tmp_path):
     assert g["scale"] == pytest.approx(0.8, rel=0.01)
     assert g["rank1_share_min"] > 0.9999
     # per tensor: direction cosine and scale
-    from audit.compare import compare_models, open_pair
+    from audit.weights.compare import compare_models, open_pair
 
     cmp = compare_models(*open_pair(out, base))
     assert len(cmp.recoveries) > 20
@@ -68,7 +68,7 @@ def test_norm_preserving_is_nearly_rank_one(tiny_model, tmp_path):
     lay = ModelDir(base).layout
     r = _unit(torch.randn(lay.hidden_size, generator=torch.Generator().manual_seed(4)))
     out = rewrite(base, tmp_path / "abl", edit_fn(r, {"attn_out", "experts_down", "shared_down"}, {1, 2}, method="norm_preserving"))
-    from audit.compare import compare_models, open_pair
+    from audit.weights.compare import compare_models, open_pair
 
     cmp = compare_models(*open_pair(out, base))
     shares = [t.recovery.rank1_share for t in cmp.recoveries]
@@ -113,10 +113,10 @@ def test_wrong_layer_direction_reported_with_its_cosine(base, lay, tmp_path):
     (f,) = [x for x in res["recovery"].findings if x.code == "direction-mismatch"]
     expected = abs(float(_unit(refuse[2]) @ r_wrong))
     assert f.value == pytest.approx(expected, abs=1e-3)
-    assert f.evidence["good_index"] == 2 and f.evidence["ablated_index"] == 0
+    assert f.evidence["separating_index"] == 2 and f.evidence["ablated_index"] == 0
     assert res["recovery"].data["suggested_measurement"] == 2
     assert "signal_quality" in res["recovery"].data["tables"]
-    # ablating with the good direction raises no mismatch
+    # ablating with the separating direction raises no mismatch
     out2 = rewrite(base, tmp_path / "abl2", edit_fn(_unit(refuse[2]), {"attn_out", "experts_down"}, {0, 1, 2}))
     res2 = static_audit(out2, base=base, directions=d)
     assert not [x for x in res2["recovery"].findings if x.code == "direction-mismatch"]

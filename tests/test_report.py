@@ -388,7 +388,7 @@ def test_fuzzed_results_never_crash(sample):
 def test_report_names_the_judge_and_its_accuracy(sample):
     import copy
 
-    from audit.judges import OfflineJudge, RulesOnlyJudge
+    from audit.judgement.judges import OfflineJudge, RulesOnlyJudge
 
     r = copy.deepcopy(sample)
     r["run"]["judge"] = OfflineJudge().about()

@@ -109,7 +109,7 @@ def test_dense_and_probe_object():
 # ---------------------------------------------------------------- on the organism (planted refusal experts)
 
 def test_organism_experts_variant_refusal_experts_found(glm_organism):
-    from audit.probe import probe
+    from audit.forward.probe import probe
 
     model, tok, r, meta, prompts = glm_organism("experts")
     harmful, harmless = probe(model, tok, prompts("harmful", 48), r), probe(model, tok, prompts("harmless", 48), r)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import serve_model
 
-pytest.importorskip("audit.organism")
+pytest.importorskip("audit.organisms.build")
 
 LIMIT = 48  # prompts per set: keeps each audit to seconds; Wilson intervals stay ~ +-0.07 at 0 or 1
 
@@ -24,17 +24,17 @@ LIMIT = 48  # prompts per set: keeps each audit to seconds; Wilson intervals sta
 @pytest.fixture(scope="session")
 def organism():
     """organism(variant) -> (path, info, Directions) for glm4_moe, built once per cache and measured once per session."""
-    from audit.measure import measure_directions
-    from audit.model_dir import ModelDir
-    from audit.organism import cached_organism
-    from audit.prompts import load_prompts
+    from audit.forward.measure import measure_directions
+    from audit.model.directory import ModelDir
+    from audit.organisms.build import cached_organism, read_meta
+    from audit.model.prompts import load_prompts
 
     cache = {}
 
     def get(variant: str = "base"):
         if variant not in cache:
             path = cached_organism("glm4_moe", variant, 0)
-            info = json.loads((path / "organism.json").read_text())
+            info = read_meta(path)
             dirs = measure_directions(ModelDir(path), load_prompts(str(path / "prompts" / "train_harmful.txt"), "harmful"),
                                       load_prompts(str(path / "prompts" / "train_harmless.txt"), "harmless"))
             cache[variant] = (path, info, dirs)
@@ -44,11 +44,11 @@ def organism():
 
 
 def _ablate(organism, tmp_path, variant, components, layers, measurement=None, scale=1.0):
-    from audit.ablate import ablate
-    from audit.ablation_config import AblationConfig
+    from audit.ablation.ablate import ablate
+    from audit.intent.config import AblationConfig
 
     path, info, dirs = organism(variant)
-    m = info["good_layer"] if measurement is None else measurement
+    m = info["separating_index"] if measurement is None else measurement
     cfg = AblationConfig.from_dict({"components": components, "ablate": [{"layer": l, "measurement": m, "scale": scale} for l in layers]})
     out = tmp_path / f"abl-{variant}"
     ablate(path, cfg, out, directions=dirs)
@@ -56,7 +56,7 @@ def _ablate(organism, tmp_path, variant, components, layers, measurement=None, s
 
 
 def _audit(model_dir, tmp_path, apply_fix=True, limit=LIMIT, **kw):  # noqa: D103
-    from audit.run import RunOptions, run_audit
+    from audit.pipeline.run import RunOptions, run_audit
 
     opts = RunOptions(model_dir=str(model_dir), out=str(tmp_path / "report"), limit=limit, max_new_tokens=24, quiet=True,
                       apply_fix=str(tmp_path / "fixed") if apply_fix else None, **kw)
@@ -65,7 +65,7 @@ def _audit(model_dir, tmp_path, apply_fix=True, limit=LIMIT, **kw):  # noqa: D10
 
 ALL_WRITERS = ["embed", "attn_out", "mlp_down", "experts_down", "shared_down"]
 ALL_LAYERS = [0, 1, 2, 3]
-SCENARIOS = {  # name: (variant, components, layers, measurement (None: the organism's good layer), scale, expected top cause)
+SCENARIOS = {  # name: (variant, components, layers, measurement (None: the organism's separating layer), scale, expected top cause)
     "guide-band": ("base", ["experts_down", "router", "shared_down", "attn_out"], [1, 2], None, 1.0, "layer-coverage"),
     "shared-left-out": ("shared", ["embed", "attn_out", "mlp_down", "experts_down"], ALL_LAYERS, None, 1.0, "shared-experts-not-ablated"),
     "experts-left-out": ("experts", ["embed", "attn_out", "mlp_down", "shared_down"], ALL_LAYERS, None, 1.0, "routed-experts-not-ablated"),
@@ -116,7 +116,7 @@ def test_nothing_matched_is_keys_not_matched(organism, tmp_path):
     shutil.copytree(path, tmp_path / "abl")
     dirs.save(tmp_path / "dirs.safetensors")
     (tmp_path / "cfg.yaml").write_text("measurements: dirs.safetensors\ncomponents: [embed, attn_out, mlp_down, experts_down, shared_down]\n"
-                                       f"ablate:\n  - {{layer: '0-3', measurement: {info['good_layer']}}}\n")
+                                       f"ablate:\n  - {{layer: '0-3', measurement: {info['separating_index']}}}\n")
     res = _audit(tmp_path / "abl", tmp_path, base=str(path), config=str(tmp_path / "cfg.yaml"))
     assert res["verdict"] == "fail" and res["causes"][0]["id"] == "keys-not-matched"
     _check_proven(res)
@@ -162,7 +162,7 @@ def test_no_output_written_into_inputs(organism, tmp_path):
 
     abl = _ablate(organism, tmp_path, "base", ALL_WRITERS, [0, 1, 2, 3])
     before = sorted(p.name for p in Path(abl).iterdir())
-    from audit.run import RunOptions, run_audit
+    from audit.pipeline.run import RunOptions, run_audit
 
     with pytest.raises(AuditError, match="lies inside the input"):
         run_audit(RunOptions(model_dir=str(abl), out=str(abl / "report"), limit=8, max_new_tokens=8, quiet=True, simulate=False))
@@ -274,7 +274,9 @@ def test_broken_ablation_fails_closed(organism, tmp_path):
     """One layer's o_proj all NaN (issue 15): once PASS with "refusal 100% -> nan%"; now a failed verdict that says why."""
     import torch
 
-    from audit.model_dir import ModelDir, write_shard
+    from audit.model.directory import ModelDir
+
+    from audit.model.shards import write_shard
 
     abl = Path(_ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS))
     md = ModelDir(abl)
@@ -297,10 +299,10 @@ def test_one_model_resident_at_a_time(organism, tmp_path, monkeypatch):
     import gc
     import weakref
 
-    import audit.run as run
+    import audit.pipeline.run as run
 
     loaded, alive_at_load = [], []
-    real = run._load
+    real = run.load_model
 
     def spy(md, opts, ctx=None, inputs=()):
         gc.collect()
@@ -309,7 +311,7 @@ def test_one_model_resident_at_a_time(organism, tmp_path, monkeypatch):
         loaded.append(weakref.ref(m))
         return m
 
-    monkeypatch.setattr(run, "_load", spy)
+    monkeypatch.setattr(run, "load_model", spy)
     abl = _ablate(organism, tmp_path, "base", ["attn_out"], [1])
     res = _audit(abl, tmp_path, apply_fix=False)  # fails: the simulator runs on the base too
     assert res["verdict"] == "fail" and res["simulation"] is not None

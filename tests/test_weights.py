@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from audit.cli import main
-from audit.model_dir import ModelDir
-from audit.static_audit import static_audit, validate_results
-from audit.tiny import TINY_CONFIGS
+from audit.model.directory import ModelDir
+from audit.weights.static_audit import static_audit, validate_results
+from audit.organisms.tiny import TINY_CONFIGS
 from checks.errors import AuditError
 from checks.layout import targets_of
 from tests.helpers_ablation import edit_fn, prefix_layers, rewrite

@@ -1,0 +1,236 @@
+"""The suite's own ablation: stream a checkpoint tensor by tensor, orthogonalize the planned tensors, write OUT.
+
+An edit never changes a tensor's shape or dtype, so a rewritten shard keeps its header byte for
+byte: untouched byte ranges are copied by the kernel (copy_file_range), edited tensors are written
+at their original offsets. Shards without edits are copied whole. Each edited tensor is read once,
+edited in place in float32 chunks along a non-residual axis (memory: the tensor plus one chunk),
+and cast back once. Output goes to a temporary folder renamed into place; BASE is never written.
+OUT gets ``ablation-manifest.json`` (intent and result per tensor) and ``directions.safetensors``.
+A quantized base (block-scaled FP8, MXFP4; audit/model/logical.py) is edited on its dequantized values and written
+either plain in ``output_dtype`` (bfloat16 by default: every shard rewritten, scales dropped, config.json
+without quantization_config) or, with ``keep_quantization``, in its own format with recomputed scales
+(headers kept, as above); audit/ablation/quantize.py does both.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from audit import __version__
+from audit.ablation import quantize
+from audit.ablation.edit import edit_inplace
+from audit.intent.config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
+from audit.intent.directions import Directions
+from audit.model.directory import ModelDir, copy_side_files
+from audit.model.logical import quant_spec
+from audit.model.reader import pread_into
+from audit.model.shards import DTYPES, write_index
+from audit.outputs import OutputDir
+from checks.errors import AuditError
+
+MANIFEST_NAME = "ablation-manifest.json"
+DIRECTIONS_NAME = "directions.safetensors"
+TOOL = "moe-ablation-audit"
+EDITABLE_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy bytes [offset, offset+count) of src to the same offsets of dst (kernel-side where possible)."""
+    end = offset + count
+    pos = offset
+    while pos < end:
+        n = 0
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(end - pos, 1 << 30), pos, pos)
+        except (AttributeError, OSError):
+            n = 0
+        if n <= 0:  # no copy_file_range here (or across these file systems): plain reads
+            while pos < end:
+                buf = os.pread(src_fd, min(end - pos, 1 << 26), pos)
+                if not buf:
+                    raise AuditError(f"unexpected end of file while copying at byte {pos}")
+                _pwrite_all(dst_fd, buf, pos)
+                pos += len(buf)
+            return
+        pos += n
+
+
+def _pwrite_all(fd: int, buf, offset: int) -> None:
+    mv = memoryview(buf).cast("B")
+    while len(mv):
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+def _read_tensor(fd: int, info, buf: dict) -> torch.Tensor:
+    """One tensor read with pread into ``buf["raw"]``, reused and grown as needed (a mapping would keep
+    its pages in our RSS; a fresh buffer per tensor page-faults every 4 KB). Valid until the next read."""
+    dtype = DTYPES[info.dtype][0]
+    if buf.get("raw") is None or buf["raw"].numel() < info.nbytes:
+        buf["raw"] = torch.empty(info.nbytes, dtype=torch.uint8)
+    raw = pread_into(fd, buf["raw"][:info.nbytes], info.begin, f"{info.shard} ({info.name})")
+    return raw.view(dtype).reshape(info.shape)
+
+
+def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict, results: dict, bar) -> None:
+    """Write ``dst`` = ``shard`` with the edited tensors replaced at their offsets; header kept as is.
+
+    ``edits``: stored tensor name -> PlannedEdit, or audit.ablation.quantize.QuantEdit for a part of a quantized weight."""
+    src = md.path / shard
+    infos = sorted((i for i in md.tensors.values() if i.shard == shard), key=lambda i: i.begin)
+    size = src.stat().st_size
+    src_fd = os.open(src, os.O_RDONLY)
+    dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pos, buf = 0, {}
+        for info in infos:
+            edit = edits.get(info.name)
+            if edit is None:
+                continue
+            _copy_range(src_fd, dst_fd, pos, info.begin - pos)
+            bar.update(info.begin - pos)
+            t0 = time.perf_counter()
+            if isinstance(edit, PlannedEdit):
+                t = _read_tensor(src_fd, info, buf)  # our own buffer (not a file mapping), edited in place
+                before, after = edit_inplace(t, edit)
+                data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+                results[info.name] = (before, after, time.perf_counter() - t0)
+                del t
+            else:  # a stored part of a quantized weight, re-quantized (audit/ablation/quantize.py)
+                data = edit.part_bytes(info.name)
+            if data.nbytes != info.nbytes:
+                raise AuditError(f"{info.name}: edited tensor has {data.nbytes} bytes, the file slot {info.nbytes}")
+            _pwrite_all(dst_fd, data, info.begin)
+            del data
+            pos = info.end
+            bar.update(info.nbytes)
+        _copy_range(src_fd, dst_fd, pos, size - pos)
+        bar.update(size - pos)
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+
+
+def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
+           force: bool = False, progress: bool | None = None, output_dtype: str | None = None, keep_quantization: bool = False,
+           inputs: tuple = ()) -> dict:
+    """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written.
+
+    A quantized base is written plain in ``output_dtype`` (default bfloat16), or in its own format with ``keep_quantization``.
+    ``inputs``: other files the run reads (the directions file), which ``out`` must stay clear of too.
+    """
+    from tqdm import tqdm
+
+
+    t_start = time.perf_counter()
+    md = ModelDir(base)
+    layout = md.layout
+    spec = quant_spec(md.config, md.path)
+    if spec is None and (output_dtype is not None or keep_quantization):
+        raise AuditError(f"{md.path}: is not quantized; --output-dtype and --keep-quantization apply to FP8 / MXFP4 bases only")
+    if keep_quantization and output_dtype is not None:
+        raise AuditError("--keep-quantization keeps the base's format; --output-dtype stores it plain: pass one of them")
+    dequantize = spec is not None and not keep_quantization
+    if directions is None:
+        if not config.measurements:
+            raise AuditError(f"{config.source}: no directions: set 'measurements:' in the config or pass --directions (made by `audit measure`)")
+        directions = Directions.load(resolve_measurements(config))
+    edits = plan(config, layout, directions)
+    if not edits:
+        raise AuditError(f"{config.source}: matches no tensor of {md.path} (components {', '.join(config.components)}); check the layers and components")
+    by_key: dict[str, PlannedEdit] = {}
+    for e in edits:
+        if e.key in by_key:
+            raise AuditError(f"{config.source}: {e.key} would be edited twice; one entry per layer")
+        by_key[e.key] = e
+        lt = md.logical[e.key]
+        if not lt.quantized and lt.dtype not in EDITABLE_DTYPES:
+            raise AuditError(f"{md.path}: {e.key} is stored as {lt.dtype}; ablation needs float weights -- dequantize the model first")
+    t_plan = time.perf_counter() - t_start
+
+    results: dict[str, tuple[float, float, float]] = {}
+    stored: dict = {}  # stored tensor name -> its edit (a quantized weight's parts share one QuantEdit)
+    for k, e in by_key.items():
+        lt = md.logical[k]
+        if lt.quantized:
+            qe = quantize.QuantEdit(md, lt, e, results)
+            stored.update({p.name: qe for p in lt.parts})
+        else:
+            stored[k] = e
+    touched = list(md.shards) if dequantize else sorted({p.shard for k in by_key for p in md.logical[k].parts})
+    total = sum((md.path / s).stat().st_size for s in md.shards)
+    cfg_file = Path(config.source) if config.source and Path(config.source).is_file() else None
+    with OutputDir(out, inputs=[md.path, cfg_file, resolve_measurements(config), *inputs], force=force, kind="ablated model") as od:
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="ablate", disable=None if progress is None else not progress)
+        t0 = time.perf_counter()
+        if dequantize:
+            weight_map, nbytes = quantize.write_dequantized(md, od.tmp, by_key, quantize.OUTPUT_DTYPES[output_dtype or "bfloat16"], results, bar)
+        else:
+            weight_map, nbytes = {n: i.shard for n, i in md.tensors.items()}, md.nbytes
+            for shard in md.shards:
+                if shard in touched:
+                    _rewrite_shard(md, shard, od.tmp / shard, stored, results, bar)
+                else:
+                    shutil.copyfile(md.path / shard, od.tmp / shard)
+                    bar.update((md.path / shard).stat().st_size)
+        bar.close()
+        t_write = time.perf_counter() - t0
+        copy_side_files(md.path, od.tmp)
+        for stale in (MANIFEST_NAME,):
+            (od.tmp / stale).unlink(missing_ok=True)
+        if dequantize:
+            (od.tmp / "config.json").write_text(json.dumps(quantize.dequantized_config(md.config, output_dtype or "bfloat16"), indent=2))
+        write_index(od.tmp, weight_map, nbytes)
+        directions.save(od.tmp / DIRECTIONS_NAME)
+        manifest = {
+            "tool": TOOL,
+            "version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "base": {"path": str(md.path.resolve()), "bytes": md.nbytes, "family": layout.family, "identity": md.identity()},
+            "config": config.to_dict(),
+            "config_source": config.source,
+            "directions_file": DIRECTIONS_NAME,
+            "unmatched_components": unmatched_targets(config, edits),
+            "shards": {"rewritten": touched, "copied": [s for s in md.shards if s not in touched]},
+            "quantization": None if spec is None else {"base": spec.to_dict(), "output": "kept" if keep_quantization else output_dtype or "bfloat16"},
+            "modified": [
+                {**{k: v for k, v in e.to_dict().items() if k not in ("resid_axis",)},
+                 "dtype": md.logical[e.key].dtype,
+                 "along_before": results[e.key][0], "along_after": results[e.key][1]}
+                for e in edits
+            ],
+            "timings": {"plan_s": round(t_plan, 3), "write_s": round(t_write, 3),
+                        "edit_s": round(sum(v[2] for v in results.values()), 3),
+                        "total_s": round(time.perf_counter() - t_start, 3)},
+        }
+        (od.tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        od.commit()
+    md.close()
+    return manifest
+
+
+def load_manifest(model_dir_path: str | os.PathLike) -> dict | None:
+    """OUT's ablation manifest, or None when the directory has none; AuditError when it is unreadable."""
+    p = Path(model_dir_path) / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise AuditError(f"{p}: unreadable ablation manifest ({e}); re-run `audit ablate` or delete the file") from None
+    if not isinstance(m, dict) or m.get("tool") != TOOL or "modified" not in m:
+        raise AuditError(f"{p}: not an ablation manifest written by {TOOL}")
+    return m
