@@ -236,6 +236,42 @@ ROUTING_RULES = {
     "llama4_text": "top-k on logits, sigmoid",
 }
 
+# How one routed expert's selection can be lowered by a weight edit (``router_mode: suppress``), per family, and the
+# unit its strength is in. One home for this fact: audit/suppress.py edits the weights, audit/intervene.py hooks the same.
+#   correction_bias: subtract s from ``e_score_correction_bias[e]``; it enters only the choice (sigmoid score + bias), never
+#       the mixing weights. Unit: the sigmoid score (scores lie in (0, 1), so s >= 1 + the biases' spread always removes e).
+#   router_bias: subtract s from the router's ``bias[e]`` (gpt-oss): a logit, so it lowers e's mixing weight too. Unit: logits.
+#   row_along_r: the router has no bias (Mixtral, Qwen): logits are linear in the input, so no edit shifts one by a constant,
+#       and a bias tensor added to the checkpoint would be ignored (transformers' router has no bias parameter). Row e loses
+#       s times its own component along the layer's refusal direction r: w_e - s (w_e . r) r. s = 1 makes e's logit blind
+#       to r (the router input ablation, for that expert only), s = 2 reverses it: harmful prompts (large h . r) then push
+#       away from e, harmless ones barely move. Unit: multiples of the row's component along r.
+SUPPRESS_RULES = {
+    "glm4_moe": "correction_bias", "deepseek_v3": "correction_bias", "gpt_oss": "router_bias",
+    "mixtral": "row_along_r", "qwen2_moe": "row_along_r", "qwen3_moe": "row_along_r", "olmoe": "row_along_r",
+}
+SUPPRESS_WHY_NOT = {  # families with a router that suppress cannot edit, and why (the error a user gets)
+    "phimoe": "its sparsemixer router has no bias and a two-stage choice that no single row edit lowers predictably",
+    "granitemoe": "its router is a bias-free Linear whose top-k is taken inside the MoE block; not supported yet",
+    "llama4_text": "its router scores by sigmoid over the chosen logits without a bias; not supported yet",
+}
+SUPPRESS_UNITS = {"correction_bias": "sigmoid score", "router_bias": "logits", "row_along_r": "multiples of the row's component along r"}
+SUPPRESS_STRENGTHS = {  # the candidate strengths a diagnosis proposes, smallest first
+    "correction_bias": (0.1, 0.25, 0.5, 1.0, 2.0), "router_bias": (1.0, 2.0, 4.0, 8.0, 16.0), "row_along_r": (1.0, 2.0, 4.0, 8.0),
+}
+SUPPRESS_TENSOR = {"correction_bias": "correction_bias", "router_bias": "router_bias", "row_along_r": "router"}  # Role.projection edited
+
+
+def suppress_rule(family: str) -> str:
+    """How ``family``'s router selection is lowered (a SUPPRESS_RULES value); AuditError naming why when it cannot be."""
+    if family in SUPPRESS_RULES:
+        return SUPPRESS_RULES[family]
+    why = SUPPRESS_WHY_NOT.get(family, "it has no routed experts" if family not in ROUTING_RULES else "no rule is known for it")
+    ok = ", ".join(sorted(SUPPRESS_RULES))
+    raise AuditError(f"router_mode: suppress cannot lower expert selection on a {family} model: {why}. Families it supports: {ok}; "
+                     "for this model project r out of the experts instead (components: [experts_down])")
+
+
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:[A-Za-z_]\w*\.)*?)layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _TOP_RE = [
     (re.compile(r"^(?:[A-Za-z_]\w*\.)*?embed_tokens\.weight$"), "embed", "embed", WRITER, 1),

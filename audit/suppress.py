@@ -1,0 +1,162 @@
+"""Expert suppression at the router (``router_mode: suppress``): lower chosen experts' selection score by a weight edit.
+
+The other side of an ablation: instead of removing r from what the refusal experts write, the router stops choosing
+them. How a family's selection is lowered, and the unit of the strength, is checks/layout.py's SUPPRESS_RULES; the
+arithmetic lives here once (``edited``) and serves both the weights (audit/ablate.py) and the hooks
+(audit/intervene.py), so the simulated fix is the applied one. ``suppress_experts: auto`` is resolved here too: the
+experts the routing check (checks/routing.py) finds significantly more selected on harmful prompts at the last prompt
+token (risk difference > 0, Benjamini-Hochberg q < 0.05), measured on the base with the probe audit run uses.
+
+Trade-off against projecting r out of the experts (``components: [experts_down]``): suppression leaves every weight
+that writes r in place and only changes which experts run, so harmless prompts that used those experts are routed
+elsewhere too (the KL the report shows), and any expert the router falls back to that also carries r keeps refusal
+alive; projection keeps routing as it was and removes r wherever it is written, but must reach every expert that writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from checks.errors import AuditError
+from checks.layout import SUPPRESS_TENSOR, SUPPRESS_UNITS, Layout, suppress_rule
+
+
+@dataclass
+class SuppressEdit:
+    """One router tensor's suppression: ``experts`` of ``layer`` lose ``strength`` (rule's unit) of their selection score."""
+
+    key: str
+    layer: int
+    experts: tuple[int, ...]
+    strength: float
+    rule: str  # a SUPPRESS_RULES value
+    direction: torch.Tensor | None = None  # row_along_r: the unit direction [hidden], float32
+    direction_index: int | None = None
+    why: dict | None = None  # auto: the routing evidence per expert
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "layer": self.layer, "experts": list(self.experts), "strength": self.strength, "rule": self.rule,
+                "unit": SUPPRESS_UNITS[self.rule], "direction_index": self.direction_index, "why": self.why}
+
+
+def edited(t: torch.Tensor, rule: str, experts, strength: float, direction: torch.Tensor | None = None) -> torch.Tensor:
+    """The suppressed copy of a router tensor (same dtype): float32 arithmetic, cast back once.
+
+    correction_bias / router_bias: ``t[e] - strength``; row_along_r: ``w_e - strength (w_e . r) r`` for each listed row.
+    """
+    w = t.detach().to(torch.float32).clone()
+    idx = torch.as_tensor(list(experts), dtype=torch.long, device=w.device)
+    if rule in ("correction_bias", "router_bias"):
+        w[idx] -= float(strength)
+    elif rule == "row_along_r":
+        r = direction.to(device=w.device, dtype=torch.float32)
+        rows = w[idx]
+        w[idx] = rows - float(strength) * (rows @ r).unsqueeze(-1) * r
+    else:
+        raise AuditError(f"unknown suppress rule {rule!r}")
+    return w.to(t.dtype)
+
+
+def _router_keys(layout: Layout, layer: int, projection: str) -> list[str]:
+    return sorted(k for k, r in layout.roles.items() if r.layer == layer and r.component == "router" and r.projection == projection)
+
+
+def plan_suppress(config, layout: Layout, directions=None) -> list[SuppressEdit]:
+    """The router edits of a ``router_mode: suppress`` config (explicit experts) on ``layout``; [] for other modes.
+
+    AuditError when the family's router cannot be edited this way, a layer is not a MoE layer, an expert is out of range,
+    or the tensor the rule edits is missing (a GLM checkpoint without e_score_correction_bias).
+    """
+    if config.router_mode != "suppress":
+        return []
+    if isinstance(config.suppress_experts, str):
+        raise AuditError(f"{config.source}: suppress_experts: auto must be resolved on the base first (audit ablate does it with a "
+                         "forward pass on the harmful and harmless prompts)")
+    rule = suppress_rule(layout.family)
+    out = []
+    for layer, experts in config.suppressed().items():
+        if layer not in layout.moe_layers:
+            raise AuditError(f"{config.source}: suppress_experts names layer {layer}, which is not a MoE layer of this {layout.family} "
+                             f"model (MoE layers: {layout.moe_layers[0] if layout.moe_layers else '-'}..{layout.moe_layers[-1] if layout.moe_layers else '-'})")
+        n = layout.n_routed_experts
+        bad = [e for e in experts if not 0 <= e < n]
+        if bad:
+            raise AuditError(f"{config.source}: suppress_experts at layer {layer}: experts {bad} out of range; it has experts 0..{n - 1}")
+        if layout.top_k and n - len(experts) < layout.top_k:
+            raise AuditError(f"{config.source}: suppressing {len(experts)} of {n} experts at layer {layer} leaves fewer than top_k={layout.top_k}")
+        keys = [k for k in _router_keys(layout, layer, SUPPRESS_TENSOR[rule]) if rule != "row_along_r" or k.endswith("weight")]
+        if not keys:
+            what = {"correction_bias": "e_score_correction_bias", "router_bias": "router bias", "row_along_r": "router weight"}[rule]
+            raise AuditError(f"{config.source}: layer {layer} has no {what} to edit (suppress on {layout.family} edits it); is this checkpoint complete?")
+        r = index = None
+        if rule == "row_along_r" and directions is not None:
+            index, r = suppress_direction(config, layer, directions)
+        out.append(SuppressEdit(keys[0], layer, tuple(experts), float(config.suppress_strength), rule, r, index))
+    return out
+
+
+def suppress_direction(config, layer: int, directions) -> tuple[int, torch.Tensor]:
+    """(index, unit direction) the bias-free fallback uses at ``layer``: ``suppress_measurement``, else the layer's own index
+    (hidden_states[layer], the stream its router reads, before its attention), else the next index with a non-zero direction
+    (index 0 is zero when every prompt ends on the same template token)."""
+    fixed = config.suppress_measurement
+    order = [fixed] if fixed is not None else list(range(layer, directions.n))
+    for index in order:
+        if index >= directions.n:
+            raise AuditError(f"{config.source}: suppress_measurement {index} is not in the directions file (indices 0..{directions.n - 1})")
+        v = directions.refusal_dir[index].double()
+        if torch.isfinite(v.norm()) and v.norm() > 0:
+            return index, (v / v.norm()).float()
+    raise AuditError(f"{config.source}: the direction at index {order[0]} (for layer {layer}) is zero; set suppress_measurement to another index")
+
+
+def auto_experts(harmful_probe, harmless_probe, alpha: float = 0.05) -> list[dict]:
+    """The routing check's refusal-associated experts (harmful vs harmless on the base, last prompt token, BH q < alpha)."""
+    from checks.routing import routing_check
+
+    res = routing_check(harmful_probe, harmless_probe, alpha=alpha, position="last")
+    return list(res.data.get("tables", {}).get("refusal-experts") or [])
+
+
+def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batch_size: int = 16):
+    """``config`` with ``suppress_experts: auto`` replaced by the measured experts, and the evidence per expert.
+
+    Prompts: the given lists, else the base directory's prompts/train_{kind}.txt or prompts/{kind}.txt, else the embedded sets.
+    """
+    from dataclasses import replace
+
+    from audit.model_dir import ModelDir
+    from audit.probe import probe
+    from audit.prompts import load_prompts
+
+    md = base_dir if isinstance(base_dir, ModelDir) else ModelDir(base_dir)
+
+    def source(kind):
+        for name in (f"train_{kind}.txt", f"{kind}.txt"):
+            p = md.path / "prompts" / name
+            if p.is_file():
+                return str(p)
+        return None
+
+    harmful = harmful if harmful is not None else load_prompts(source("harmful"), "harmful")
+    harmless = harmless if harmless is not None else load_prompts(source("harmless"), "harmless")
+    model = md.load_model()
+    tok = md.tokenizer()
+    try:
+        ph = probe(model, tok, harmful, directions.refusal_dir, batch_size=batch_size)
+        pa = probe(model, tok, harmless, directions.refusal_dir, batch_size=batch_size)
+    finally:
+        del model
+    rows = auto_experts(ph, pa)
+    if not rows:
+        raise AuditError(f"{config.source}: suppress_experts: auto found no expert significantly more selected on harmful prompts "
+                         f"({len(harmful)} harmful, {len(harmless)} harmless, BH q < 0.05) on {md.path}: there is nothing to suppress; "
+                         "list the experts yourself or ablate the experts' writers instead")
+    pairs = tuple(sorted((int(r["layer"]), int(r["expert"])) for r in rows))
+    why = {f"{r['layer']}:{r['expert']}": {"risk_difference": r["risk_difference"], "q": r["q"], "freq_harmful": r["freq_harmful"],
+                                           "freq_harmless": r["freq_harmless"]} for r in rows}
+    return replace(config, suppress_experts=pairs), {"method": "routing check on the base (last prompt token, risk difference > 0, "
+                                                               "BH q < 0.05)", "n_harmful": len(harmful), "n_harmless": len(harmless),
+                                                     "experts": why}
