@@ -221,9 +221,16 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict, results: di
 
 
 def _entries_of(t: torch.Tensor, edit: SuppressEdit) -> list:
-    """What the manifest shows of a suppressed router tensor: the experts' bias entries, or their rows' component along r."""
+    """What the manifest shows of a suppressed router tensor: the experts' bias entries, or their rows' component along u."""
     x = t.float()[list(edit.experts)]
-    return (x @ edit.direction).tolist() if edit.rule == "row_along_r" else x.tolist()
+    return (x @ edit.direction).tolist() if edit.rule == "row_along_mean" else x.tolist()
+
+
+def _norm_weight(md: ModelDir, layer: int):
+    from audit.suppress import norm_key
+
+    key = norm_key(md.layout, layer)
+    return None if key is None else md.tensor(key).float()
 
 
 def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
@@ -256,7 +263,7 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
     auto = None
     if config.router_mode == "suppress" and config.suppress_experts == "auto":  # measured on the base before anything is written
         config, auto = resolve_auto(config, md, directions)
-    supp = plan_suppress(config, layout, directions)
+    supp = plan_suppress(config, layout, directions, norm_weight=lambda l: _norm_weight(md, l))
     if supp and dequantize:
         raise AuditError(f"{md.path}: router_mode: suppress on a quantized base is written with --keep-quantization only "
                          "(the plain copy path does not carry router edits yet)")

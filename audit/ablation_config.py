@@ -201,7 +201,7 @@ def _suppress(d: dict, router_mode: str, source: str) -> tuple:
     if d.get("suppress_strength") is None:
         raise AuditError(f"{source}: suppress_strength: router_mode: suppress needs how much to lower the experts' selection score, "
                          "in the family's unit (sigmoid score for GLM/DeepSeek, logits for gpt-oss, multiples of the router row's "
-                         "component along r for Mixtral/Qwen; see checks/layout.py SUPPRESS_RULES), e.g. suppress_strength: 1.0")
+                         "input along its mean for Mixtral/Qwen; see checks/layout.py SUPPRESS_RULES), e.g. suppress_strength: 1.0")
     strength = _number(d["suppress_strength"], f"{source}: suppress_strength")
     if strength <= 0:
         raise AuditError(f"{source}: suppress_strength {strength:g} must be positive: it is subtracted from the experts' selection score "

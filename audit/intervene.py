@@ -18,7 +18,8 @@ component type, fused experts included):
   their top-k recomputed from their own logits with those experts masked;
 - ``suppress`` lowers those experts' selection score by ``suppress_strength`` exactly as ``router_mode: suppress``
   edits the weights (audit/suppress.py's arithmetic on the router's own tensor, swapped in for the block and put back):
-  the correction bias, the router bias, or the router rows' component along r, by family (checks/layout.py).
+  the correction bias, the router bias, or (no bias) the router rows shifted along the mean router input, by family
+  (checks/layout.py); ``direction`` then holds the mean residual per layer (audit/suppress.py suppress_direction).
 
 Interventions compose in list order, like applying their configs one after the other (two
 interventions on *overlapping expert subsets* of one layer compose only approximately).
@@ -449,7 +450,7 @@ def _register(model, layout: Layout, iv: Intervention, handles: list, restores: 
 def _suppress(model, layout: Layout, iv: Intervention, restores: list) -> None:
     """Swap each suppressed router tensor for its edited copy (audit/suppress.py's arithmetic: the weight edit itself)."""
     from audit.ablation_config import AblationConfig
-    from audit.suppress import edited, plan_suppress
+    from audit.suppress import edited, mean_input_direction, norm_key, plan_suppress
 
     cfg = AblationConfig([], router_mode="suppress", suppress_experts=tuple((l, e) for l, es in iv.suppress.items() for e in es),
                          suppress_strength=iv.suppress_strength, source=f"intervention {iv.name!r}")
@@ -457,7 +458,10 @@ def _suppress(model, layout: Layout, iv: Intervention, restores: list) -> None:
     for se in plan_suppress(cfg, layout):
         module, name = model.get_submodule(_module_path(se.key)), se.key.rsplit(".", 1)[1]
         original = getattr(module, name)
-        r = iv.direction_at(se.layer) if se.rule == "row_along_r" else None
+        r = None
+        if se.rule == "row_along_mean":
+            nk = norm_key(layout, se.layer)
+            r = mean_input_direction(iv.direction_at(se.layer), model.get_submodule(_module_path(nk)).weight.detach().float() if nk else None)
         data = original.data
         if isinstance(store, torch.dtype) and store.is_floating_point and store.itemsize < data.element_size():
             data = data.to(store)  # a router kept in float32 in memory, stored narrower: edit the stored values, as the weights are

@@ -32,7 +32,7 @@ class SuppressEdit:
     experts: tuple[int, ...]
     strength: float
     rule: str  # a SUPPRESS_RULES value
-    direction: torch.Tensor | None = None  # row_along_r: the unit direction [hidden], float32
+    direction: torch.Tensor | None = None  # row_along_mean: the unit mean router input u [hidden], float32
     direction_index: int | None = None
     why: dict | None = None  # auto: the routing evidence per expert
 
@@ -44,16 +44,14 @@ class SuppressEdit:
 def edited(t: torch.Tensor, rule: str, experts, strength: float, direction: torch.Tensor | None = None) -> torch.Tensor:
     """The suppressed copy of a router tensor (same dtype): float32 arithmetic, cast back once.
 
-    correction_bias / router_bias: ``t[e] - strength``; row_along_r: ``w_e - strength (w_e . r) r`` for each listed row.
+    correction_bias / router_bias: ``t[e] - strength``; row_along_mean: ``w_e - strength u`` for each listed row.
     """
     w = t.detach().to(torch.float32).clone()
     idx = torch.as_tensor(list(experts), dtype=torch.long, device=w.device)
     if rule in ("correction_bias", "router_bias"):
         w[idx] -= float(strength)
-    elif rule == "row_along_r":
-        r = direction.to(device=w.device, dtype=torch.float32)
-        rows = w[idx]
-        w[idx] = rows - float(strength) * (rows @ r).unsqueeze(-1) * r
+    elif rule == "row_along_mean":
+        w[idx] -= float(strength) * direction.to(device=w.device, dtype=torch.float32)
     else:
         raise AuditError(f"unknown suppress rule {rule!r}")
     return w.to(t.dtype)
@@ -63,11 +61,28 @@ def _router_keys(layout: Layout, layer: int, projection: str) -> list[str]:
     return sorted(k for k, r in layout.roles.items() if r.layer == layer and r.component == "router" and r.projection == projection)
 
 
-def plan_suppress(config, layout: Layout, directions=None) -> list[SuppressEdit]:
+def mean_input_direction(mean: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """u: the unit mean router input, the residual mean times the norm weight the router input passes through."""
+    u = mean.double() * (norm_weight.double() if norm_weight is not None else 1.0)
+    n = u.norm()
+    if not torch.isfinite(n) or n == 0:
+        raise AuditError("the mean router input is zero or not finite: the bias-free fallback has no direction to shift along")
+    return (u / n).float()
+
+
+def norm_key(layout: Layout, layer: int) -> str | None:
+    """The key of the norm a layer's router input passes through (post_attention_layernorm), if the checkpoint has one."""
+    keys = [k for k, r in layout.roles.items() if r.layer == layer and r.component == "norm" and "post_attention_layernorm" in k
+            and k.endswith("weight")]
+    return keys[0] if keys else None
+
+
+def plan_suppress(config, layout: Layout, directions=None, norm_weight=None) -> list[SuppressEdit]:
     """The router edits of a ``router_mode: suppress`` config (explicit experts) on ``layout``; [] for other modes.
 
     AuditError when the family's router cannot be edited this way, a layer is not a MoE layer, an expert is out of range,
-    or the tensor the rule edits is missing (a GLM checkpoint without e_score_correction_bias).
+    or the tensor the rule edits is missing (a GLM checkpoint without e_score_correction_bias). ``norm_weight(layer)``:
+    the router input's norm weight (row_along_mean; None: the mean residual alone).
     """
     if config.router_mode != "suppress":
         return []
@@ -86,30 +101,29 @@ def plan_suppress(config, layout: Layout, directions=None) -> list[SuppressEdit]
             raise AuditError(f"{config.source}: suppress_experts at layer {layer}: experts {bad} out of range; it has experts 0..{n - 1}")
         if layout.top_k and n - len(experts) < layout.top_k:
             raise AuditError(f"{config.source}: suppressing {len(experts)} of {n} experts at layer {layer} leaves fewer than top_k={layout.top_k}")
-        keys = [k for k in _router_keys(layout, layer, SUPPRESS_TENSOR[rule]) if rule != "row_along_r" or k.endswith("weight")]
+        keys = [k for k in _router_keys(layout, layer, SUPPRESS_TENSOR[rule]) if rule != "row_along_mean" or k.endswith("weight")]
         if not keys:
-            what = {"correction_bias": "e_score_correction_bias", "router_bias": "router bias", "row_along_r": "router weight"}[rule]
+            what = {"correction_bias": "e_score_correction_bias", "router_bias": "router bias", "row_along_mean": "router weight"}[rule]
             raise AuditError(f"{config.source}: layer {layer} has no {what} to edit (suppress on {layout.family} edits it); is this checkpoint complete?")
         r = index = None
-        if rule == "row_along_r" and directions is not None:
-            index, r = suppress_direction(config, layer, directions)
+        if rule == "row_along_mean" and directions is not None:
+            index, mean = suppress_direction(config, layer, directions)
+            r = mean_input_direction(mean, norm_weight(layer) if norm_weight is not None else None)
         out.append(SuppressEdit(keys[0], layer, tuple(experts), float(config.suppress_strength), rule, r, index))
     return out
 
 
 def suppress_direction(config, layer: int, directions) -> tuple[int, torch.Tensor]:
-    """(index, unit direction) the bias-free fallback uses at ``layer``: ``suppress_measurement``, else the layer's own index
-    (hidden_states[layer], the stream its router reads, before its attention), else the next index with a non-zero direction
-    (index 0 is zero when every prompt ends on the same template token)."""
-    fixed = config.suppress_measurement
-    order = [fixed] if fixed is not None else list(range(layer, directions.n))
-    for index in order:
-        if index >= directions.n:
-            raise AuditError(f"{config.source}: suppress_measurement {index} is not in the directions file (indices 0..{directions.n - 1})")
-        v = directions.refusal_dir[index].double()
-        if torch.isfinite(v.norm()) and v.norm() > 0:
-            return index, (v / v.norm()).float()
-    raise AuditError(f"{config.source}: the direction at index {order[0]} (for layer {layer}) is zero; set suppress_measurement to another index")
+    """(index, mean residual) the bias-free fallback shifts along at ``layer``: the mean of the harmful and harmless means at
+    ``suppress_measurement``, else at the layer's own index (hidden_states[layer], the stream its router reads)."""
+    index = layer if config.suppress_measurement is None else config.suppress_measurement
+    if index >= directions.n:
+        raise AuditError(f"{config.source}: suppress direction index {index} (layer {layer}) is not in the directions file "
+                         f"(indices 0..{directions.n - 1}); set suppress_measurement")
+    mean = (directions.harmful_mean[index].double() + directions.harmless_mean[index].double()) / 2
+    if not torch.isfinite(mean.norm()) or mean.norm() == 0:
+        raise AuditError(f"{config.source}: the mean residual at index {index} is zero; set suppress_measurement to another index")
+    return index, mean.float()
 
 
 def auto_experts(harmful_probe, harmless_probe, alpha: float = 0.05) -> list[dict]:
