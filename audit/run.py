@@ -423,6 +423,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             "compensation": any(f["code"] == "routing-compensation" for f in findings),
             "router_modified": bool(modified.get("router")),
             "router_ineffective": any(f["code"] == "router-ineffective" for f in findings),
+            **_suppress_evidence(base.layout.family),
             "intended": weights["data"].get("intended", {}),
             "intent_source": weights_record.get("intent_source", "inferred"),
             "partial_experts": {l: sorted(es) for l, es in partial.items()},
@@ -488,6 +489,14 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if write:
         write_outputs(results, opts.out, inputs=inputs + [opts.apply_fix], force=opts.force)
     return results
+
+
+def _suppress_evidence(family: str) -> dict:
+    """The suppress-at-the-router fix family's strengths and unit for this family (none when its router cannot be edited so)."""
+    from checks.layout import SUPPRESS_RULES, SUPPRESS_STRENGTHS, SUPPRESS_UNITS
+
+    rule = SUPPRESS_RULES.get(family)
+    return {"suppress_strengths": list(SUPPRESS_STRENGTHS[rule]), "suppress_unit": SUPPRESS_UNITS[rule]} if rule else {}
 
 
 def _empty_config():
