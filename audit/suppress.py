@@ -158,9 +158,12 @@ def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batc
     harmless = harmless if harmless is not None else load_prompts(source("harmless"), "harmless")
     model = md.load_model()
     tok = md.tokenizer()
+    from audit.run import _good_index
+
+    r = directions.refusal_dir[_good_index(directions)]  # routing does not depend on it; the probe records writes along it too
     try:
-        ph = probe(model, tok, harmful, directions.refusal_dir, batch_size=batch_size)
-        pa = probe(model, tok, harmless, directions.refusal_dir, batch_size=batch_size)
+        ph = probe(model, tok, harmful, r, batch_size=batch_size)
+        pa = probe(model, tok, harmless, r, batch_size=batch_size)
     finally:
         del model
     rows = auto_experts(ph, pa)

@@ -1,0 +1,249 @@
+"""router_mode: suppress: the config, the weight edit, the hook that equals it, and what it does on the experts organism.
+
+The organisms (cached, `experts` variant) plant refusal in two routed experts per layer that the router picks for
+harmful prompts; suppressing those experts at the router must remove refusal, measured by generation and the judge.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from audit.ablation_config import AblationConfig
+from checks.errors import AuditError
+
+pytest.importorskip("audit.organism")
+N_EVAL = 48  # held-out harmful prompts per measurement (Wilson interval ~ +-0.07 at 0)
+
+
+def _cfg(pairs, strength, **kw):
+    return AblationConfig.from_dict({"router_mode": "suppress", "suppress_experts": pairs, "suppress_strength": strength, **kw})
+
+
+# -- the config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d, msg", [
+    ({"suppress_experts": [[1, 2]], "suppress_strength": 1.0, "ablate": [{"layer": 1}]}, "only apply with router_mode: suppress"),
+    ({"router_mode": "suppress", "suppress_strength": 1.0}, "needs suppress_experts"),
+    ({"router_mode": "suppress", "suppress_experts": "some", "suppress_strength": 1.0}, "is not 'auto'"),
+    ({"router_mode": "suppress", "suppress_experts": [[1]], "suppress_strength": 1.0}, r"is not a \[layer, expert\] pair"),
+    ({"router_mode": "suppress", "suppress_experts": [[1, -2]], "suppress_strength": 1.0}, "non-negative integer"),
+    ({"router_mode": "suppress", "suppress_experts": [[1, 2]]}, "needs how much to lower"),
+    ({"router_mode": "suppress", "suppress_experts": [[1, 2]], "suppress_strength": -1.0}, "must be positive"),
+    ({"router_mode": "sideways", "ablate": [{"layer": 1}]}, "router_mode 'sideways' unknown"),
+])
+def test_bad_suppress_settings_name_the_setting(d, msg):
+    with pytest.raises(AuditError, match=msg):
+        AblationConfig.from_dict(d)
+
+
+def test_suppress_config_round_trips_and_needs_no_ablate_list():
+    cfg = _cfg([[2, 5], [1, 3], [2, 5]], 1.5, ablate=[{"layer": 1, "components": ["router", "experts_down"]}])
+    assert cfg.suppress_experts == ((1, 3), (2, 5)) and cfg.suppressed() == {1: [3], 2: [5]}
+    again = AblationConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    assert _cfg("auto", 1.0).entries == [] and _cfg("auto", 1.0).suppressed() == {}
+
+
+def test_suppress_never_projects_the_router(tiny_model):
+    from audit.ablation_config import plan
+    from audit.model_dir import ModelDir
+
+    layout = ModelDir(tiny_model("mixtral")).layout
+    cfg = _cfg([[1, 3]], 1.0, components=["router", "experts_down"], ablate=[{"layer": 1}])
+    assert plan(cfg, layout) and not [e for e in plan(cfg, layout) if "router" in e.targets]
+
+
+@pytest.mark.parametrize("family", ["phimoe", "granitemoe", "llama"])
+def test_a_router_that_cannot_be_edited_is_a_clear_error(tiny_model, tmp_path, family):
+    from audit.ablate import ablate
+    from audit.measure import Directions
+    from audit.model_dir import ModelDir
+
+    md = ModelDir(tiny_model(family))
+    h, n = md.layout.hidden_size, md.layout.num_layers + 1
+    dirs = Directions(torch.randn(n, h), torch.randn(n, h), torch.randn(n, h))
+    with pytest.raises(AuditError, match=f"cannot lower expert selection on a {family} model.*Families it supports"):
+        ablate(md.path, _cfg([[1, 0]], 1.0), tmp_path / "out", directions=dirs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_and_experts_out_of_range_are_errors(tiny_model, tmp_path):
+    from audit.model_dir import ModelDir
+    from audit.suppress import plan_suppress
+
+    layout = ModelDir(tiny_model("glm4_moe")).layout
+    dense = [l for l in range(layout.num_layers) if l not in layout.moe_layers][0]
+    with pytest.raises(AuditError, match="not a MoE layer"):
+        plan_suppress(_cfg([[dense, 0]], 1.0), layout)
+    with pytest.raises(AuditError, match="out of range"):
+        plan_suppress(_cfg([[layout.moe_layers[0], layout.n_routed_experts]], 1.0), layout)
+    with pytest.raises(AuditError, match="must be resolved on the base"):
+        plan_suppress(_cfg("auto", 1.0), layout)
+
+
+def test_gpt_oss_router_bias_hook_equals_the_weight_edit(tiny_model, tmp_path):
+    """gpt-oss: the router's own bias is lowered; hooked base and ablated-on-disk route alike (logits equal)."""
+    from audit.ablate import ablate
+    from audit.intervene import apply, from_config
+    from audit.measure import Directions
+    from audit.model_dir import ModelDir
+
+    md = ModelDir(tiny_model("gpt_oss"))
+    h, n = md.layout.hidden_size, md.layout.num_layers + 1
+    dirs = Directions(torch.randn(n, h), torch.randn(n, h), torch.randn(n, h))
+    cfg = _cfg([[0, 1], [2, 5]], 4.0)
+    m = ablate(md.path, cfg, tmp_path / "out", directions=dirs)
+    assert [r["rule"] for r in m["router_suppressed"]] == ["router_bias", "router_bias"]
+    assert all(abs(b - a - 4.0) < 1e-5 for r in m["router_suppressed"] for b, a in zip(r["before"], r["after"]))
+    base, abl = md.load_model(), ModelDir(tmp_path / "out").load_model()
+    x = torch.randint(5, 100, (2, 7))
+    logits = {}
+    for name, model in (("abl", abl), ("hook", base)):
+        seen = []
+        hs = [model.model.layers[i].mlp.router.register_forward_hook(lambda mod, a, o: seen.append(o[0].float())) for i in (0, 2)]
+        with apply(model, from_config(cfg, dirs) if name == "hook" else []), torch.no_grad():
+            model(input_ids=x)
+        [hh.remove() for hh in hs]
+        logits[name] = seen
+    for a, b in zip(logits["abl"], logits["hook"]):
+        assert torch.equal(a, b)
+
+
+# -- the organisms --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def experts_organism():
+    """experts_organism(family) -> (path, planted [[layer, expert]], Directions), measured once per session."""
+    from audit.measure import measure_directions
+    from audit.model_dir import ModelDir
+    from audit.organism import cached_organism
+    from audit.prompts import load_prompts
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = cached_organism(family, "experts", 0)
+            info = json.loads((path / "organism.json").read_text())
+            pairs = sorted([int(l), e] for l, es in info["carriers"]["experts"].items() for e in es)
+            dirs = measure_directions(ModelDir(path), load_prompts(str(path / "prompts" / "train_harmful.txt"), "harmful"),
+                                      load_prompts(str(path / "prompts" / "train_harmless.txt"), "harmless"))
+            cache[family] = (path, pairs, dirs)
+        return cache[family]
+
+    return get
+
+
+def _routes(model, tok, prompts):
+    """Per MoE layer: (router logits, chosen experts) of every token of ``prompts``."""
+    from audit.probe import _decoder_layers, _ffn, _router
+
+    out, hs = {}, []
+    for i, layer in enumerate(_decoder_layers(model)):
+        r = _router(_ffn(layer))
+        if r is not None:
+            hs.append(r.register_forward_hook(lambda m, a, o, i=i: out.__setitem__(i, (o[0].float(), o[2]))))
+    ids = tok.apply_chat_template([[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True, padding=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        model(**ids)
+    for h in hs:
+        h.remove()
+    return out
+
+
+def _refusal(model, tok, prompts):
+    """(refusal rate, undecided) by greedy generation judged by the default judge."""
+    from audit.generate import LocalBackend
+    from audit.judges import make_judge
+
+    comps = LocalBackend(model, tok).complete(prompts, 24, 16)
+    js = make_judge("rules").many([c.answer for c in comps], [c.prompt for c in comps], [c.finish_reason == "length" for c in comps])
+    decided = [j.refused for j in js if j.refused is not None]
+    return sum(decided) / max(1, len(decided)), len(js) - len(decided)
+
+
+def _kl(model, tok, prompts, lp0):
+    from audit.generate import last_token_logprobs
+
+    lp = last_token_logprobs(model, tok, prompts, 16)
+    return float((lp0.exp() * (lp0 - lp)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family, strength, rule, max_refusal", [
+    ("glm4_moe", 1.5, "correction_bias", 0.10),   # selection only: the correction bias
+    ("mixtral", 2.0, "row_along_mean", 0.20),     # no bias: the fallback, router rows shifted along the mean input
+])
+def test_suppressing_the_planted_experts_removes_refusal_and_the_simulation_agrees(experts_organism, tmp_path, family, strength, rule,
+                                                                                  max_refusal):
+    from audit.ablate import ablate
+    from audit.generate import last_token_logprobs
+    from audit.intervene import apply, from_config
+    from audit.model_dir import ModelDir
+    from audit.organism import read_prompts
+
+    path, pairs, dirs = experts_organism(family)
+    cfg = _cfg(pairs, strength)
+    m = ablate(path, cfg, tmp_path / "sup", directions=dirs)
+    assert {r["rule"] for r in m["router_suppressed"]} == {rule}
+    assert sorted([r["layer"], e] for r in m["router_suppressed"] for e in r["experts"]) == pairs
+    harmful, harmless = read_prompts(path, "harmful")[:N_EVAL], read_prompts(path, "harmless")[:N_EVAL]
+    base_md = ModelDir(path)
+    tok = base_md.tokenizer()
+    base, abl = base_md.load_model(), ModelDir(tmp_path / "sup").load_model()
+    lp0 = last_token_logprobs(base, tok, harmless, 16)
+    before, _ = _refusal(base, tok, harmful)
+    applied, applied_unknown = _refusal(abl, tok, harmful)
+    kl_applied = _kl(abl, tok, harmless, lp0)
+    routes_abl = _routes(abl, tok, harmful[:8] + harmless[:8])
+    with apply(base, from_config(cfg, dirs)):
+        simulated, _ = _refusal(base, tok, harmful)
+        kl_sim = _kl(base, tok, harmless, lp0)
+        routes_hook = _routes(base, tok, harmful[:8] + harmless[:8])
+    print(f"{family}: refusal before {before:.2f}, applied {applied:.2f} ({applied_unknown} undecided), simulated {simulated:.2f}; "
+          f"KL applied {kl_applied:.2e}, simulated {kl_sim:.2e}")
+    assert before >= 0.9
+    assert applied <= max_refusal
+    assert abs(simulated - applied) <= 0.10
+    assert kl_applied == pytest.approx(kl_sim, abs=1e-4) and kl_applied < 1.0
+    for layer, (logits, idx) in routes_abl.items():  # the hook is the weight edit: same logits, same choices
+        assert torch.allclose(logits, routes_hook[layer][0], atol=1e-5)
+        assert torch.equal(idx.sort(-1).values, routes_hook[layer][1].sort(-1).values)
+
+
+def test_too_weak_a_strength_leaves_refusal(experts_organism):
+    """strength 1.0 on the saturated GLM router leaves the planted experts chosen: the strength is a real knob, not a switch."""
+    from audit.intervene import apply, from_config
+    from audit.model_dir import ModelDir
+    from audit.organism import read_prompts
+
+    path, pairs, dirs = experts_organism("glm4_moe")
+    md = ModelDir(path)
+    base, tok = md.load_model(), md.tokenizer()
+    with apply(base, from_config(_cfg(pairs, 0.5), dirs)):
+        weak, _ = _refusal(base, tok, read_prompts(path, "harmful")[:16])
+    assert weak >= 0.9
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_moe"])
+def test_auto_finds_the_planted_experts_and_what_reached_reproduces_it(experts_organism, tmp_path, family):
+    from audit.ablate import ablate
+    from audit.reached import reached
+    from audit.static_audit import static_audit
+
+    path, pairs, dirs = experts_organism(family)
+    m = ablate(path, _cfg("auto", 3.0), tmp_path / "auto", directions=dirs)
+    assert m["config"]["suppress_experts"] == pairs  # the routing check's refusal experts are exactly the planted ones
+    assert all(r["reason"].startswith("auto: routing check") and all(w["q"] < 0.05 for w in r["why"].values()) for r in m["router_suppressed"])
+    record = {}
+    res = static_audit(tmp_path / "auto", record=record)
+    assert res["weights"].status == "pass", res["weights"].summary  # the router entries are intended, and named
+    assert res["recovery"].status == "pass" and res["projection"].status == "pass"
+    got = reached(record, dirs).config
+    assert got.router_mode == "suppress" and [list(p) for p in got.suppress_experts] == pairs
+    assert got.suppress_strength == pytest.approx(3.0, rel=0.02)
