@@ -423,7 +423,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             "compensation": any(f["code"] == "routing-compensation" for f in findings),
             "router_modified": bool(modified.get("router")),
             "router_ineffective": any(f["code"] == "router-ineffective" for f in findings),
-            **_suppress_evidence(base.layout.family),
+            **_suppress_evidence(base.layout.family), "suppressed": _suppressed(fix_base),
             "intended": weights["data"].get("intended", {}),
             "intent_source": weights_record.get("intent_source", "inferred"),
             "partial_experts": {l: sorted(es) for l, es in partial.items()},
@@ -497,6 +497,12 @@ def _suppress_evidence(family: str) -> dict:
 
     rule = SUPPRESS_RULES.get(family)
     return {"suppress_strengths": list(SUPPRESS_STRENGTHS[rule]), "suppress_unit": SUPPRESS_UNITS[rule]} if rule else {}
+
+
+def _suppressed(cfg) -> dict | None:
+    """The router suppression that reached the weights (audit/reached.py), for the diagnosis."""
+    sup = cfg.suppressed() if cfg is not None else {}
+    return {"experts": [[l, e] for l, es in sup.items() for e in es], "strength": cfg.suppress_strength} if sup else None
 
 
 def _empty_config():

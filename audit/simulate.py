@@ -163,7 +163,7 @@ class Simulator:
         """
         from audit.intervene import from_config
 
-        if reached_cfg is None or not reached_cfg.entries:
+        if reached_cfg is None or not (reached_cfg.entries or reached_cfg.suppressed()):
             return {"simulated": None, "measured": measured, "agrees": None, "note": "nothing reached the weights as a directional edit"}
         try:
             ivs = from_config(reached_cfg, reached_dirs)

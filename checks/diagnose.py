@@ -267,6 +267,22 @@ def diagnose(ev: dict) -> dict:
         causes.append(Cause("redundant-refusal-experts", 0.55, f"{len(rexp)} experts are significantly more often chosen for harmful prompts, and after ablation routing moves to other such experts.",
                             evidence=[f"refusal-associated experts (layer, expert): {rexp[:12]}"], experts=rexp, links=["#check-routing"],
                             fix={"summary": "ablate every routed expert's down_proj in the MoE layers, not a subset", "patch": cands[0]["patch"], "candidates": cands}))
+    sup = ev.get("suppressed")  # a router suppression reached the weights (router_mode: suppress)
+    if sup:  # (audit/run.py drops causes that explain refusal once refusal is gone)
+        have = sorted({(int(l), int(e)) for l, e in sup["experts"]})
+        extra = [e for e in rexp if tuple(e) not in have]
+        stronger = [s for s in (ev.get("suppress_strengths") or ()) if s > sup["strength"]]
+        cands = _cands(*[(f"suppress the same {len(have)} experts at strength {s:g}", {"suppress": {"experts": [list(p) for p in have], "strength": s}})
+                         for s in stronger],
+                       *_suppress_cands({**ev, "suppress_strengths": stronger[-1:] or [sup["strength"]]}, have + [tuple(e) for e in extra]) if extra else ())
+        causes.append(Cause("weak-scale", 0.55, f"The router suppression of {len(have)} experts at strength {sup['strength']:g} leaves refusal in place: "
+                            "they (or other refusal-associated experts) are still chosen on harmful prompts.",
+                            evidence=[f"suppressed at the router (layer, expert): {[list(p) for p in have][:12]}, strength {sup['strength']:g} "
+                                      f"{ev.get('suppress_unit') or ''}"] + ([f"refusal-associated experts not suppressed: {extra[:12]}"] if extra else []),
+                            numbers={"suppress_strength": sup["strength"]}, experts=[list(p) for p in have], layers=sorted({l for l, _ in have}),
+                            links=["#check-routing", "#check-weights"],
+                            fix={"summary": "raise suppress_strength (the unit is the family's selection score: checks/layout.py SUPPRESS_RULES)",
+                                 "patch": cands[0]["patch"] if cands else {}, "candidates": cands}))
     if ev.get("router_modified") and ev.get("router_ineffective"):
         cands = _cands(("ablate the routed experts' down_proj in the ablated layers", {"add_components": ["experts_down"]}),
                        ("ablate the routed experts' down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": moe_layers}]}),
