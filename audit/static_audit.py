@@ -100,6 +100,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     # wins over a manifest; the manifest's directions file still serves when the config names none
     intent, per_layer, intent_dirs = None, {}, None
     suppressed_keys: set[str] = set()  # router tensors a suppress config edits: no direction to recover from them
+    suppressed_rows: list[dict] = []  # ... and what the key diff shows of them
     dfile = ablated / manifest.get("directions_file", "directions.safetensors") if manifest is not None else None
     manifest_dirs = dfile if dfile is not None and dfile.is_file() else None
     if config is not None:
@@ -113,12 +114,14 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
         edits = plan(cfg, layout, intent_dirs)
         supp = [] if cfg.suppress_experts == "auto" else plan_suppress(cfg, layout)  # router entries suppress_experts names
         suppressed_keys = {se.key for se in supp}
+        suppressed_rows = [{**se.to_dict(), "reason": f"named in {config}"} for se in supp]
         intent, per_layer = _intent_from_edits(edits, "config", cfg, keys=[e.key for e in edits] + [se.key for se in supp])
     elif manifest is not None:
         cfg = AblationConfig.from_dict(manifest["config"], source=str(ablated / "ablation-manifest.json"))
         intent_dirs = load_directions(manifest_dirs) if manifest_dirs else measured
         edits = plan(cfg, layout, intent_dirs)
         suppressed_keys = {m["key"] for m in manifest.get("router_suppressed") or []}
+        suppressed_rows = list(manifest.get("router_suppressed") or [])
         intent, per_layer = _intent_from_edits(edits, "manifest", cfg, keys=[m["key"] for m in manifest["modified"]]
                                                + [m["key"] for m in manifest.get("router_suppressed") or []])
     if measured is None:
@@ -164,7 +167,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
         intent = inferred_intent(cmp.diffs)
     results: dict[str, CheckResult] = {}
     t1 = time.perf_counter()
-    results["weights"] = check_weights(cmp.diffs, intent, layout.num_layers)
+    results["weights"] = check_weights(cmp.diffs, intent, layout.num_layers, suppressed=suppressed_rows)
     results["weights"].data["layout"] = layout.summary()
     results["weights"].data["bytes_read"] = cmp.bytes_read
     results["weights"].data["stream_seconds"] = round(cmp.seconds, 3)
