@@ -247,3 +247,26 @@ def test_auto_finds_the_planted_experts_and_what_reached_reproduces_it(experts_o
     got = reached(record, dirs).config
     assert got.router_mode == "suppress" and [list(p) for p in got.suppress_experts] == pairs
     assert got.suppress_strength == pytest.approx(3.0, rel=0.02)
+
+
+def test_audit_run_diagnoses_a_weak_suppression_and_its_fix_applied_matches_the_simulation(experts_organism, tmp_path):
+    """audit run on a GLM organism suppressed too weakly (strength 1.0): the cause proposes a stronger suppression, the
+    simulator walks it, --apply-fix re-ablates with it, and the applied refusal agrees with the simulated one."""
+    from audit.ablate import ablate
+    from audit.run import RunOptions, run_audit
+
+    path, pairs, dirs = experts_organism("glm4_moe")
+    ablate(path, _cfg(pairs, 1.0), tmp_path / "weak", directions=dirs)
+    res = run_audit(RunOptions(model_dir=str(tmp_path / "weak"), out=str(tmp_path / "report"), limit=48, max_new_tokens=24, quiet=True,
+                               apply_fix=str(tmp_path / "fixed")))
+    assert res["verdict"] == "fail"
+    weights = res["checks"]["weights"]
+    assert weights["status"] == "pass" and any(f["code"] == "router-suppressed" for f in weights["findings"])
+    assert res["simulation"]["reproduction"]["agrees"] is True  # the reached suppression, as hooks, gives the model's refusal
+    top = res["causes"][0]
+    assert top["id"] == "weak-scale" and "suppress" in top["fix"]["patch"] and top["fix"]["patch"]["suppress"]["strength"] > 1.0
+    sim, applied = top["simulated"], res["applied_fix"]
+    assert sim["reaches_target"] and sim["kl"] is not None and sim["kl"] < 0.01
+    assert applied["verdict"] == "pass" and abs(applied["refusal_rate"] - sim["refusal_rate"]) <= 0.10
+    assert "suppress_strength" in top["fix"]["config_yaml"]
+    assert "Router entries lowered" in (tmp_path / "report" / "report.html").read_text()
