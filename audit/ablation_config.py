@@ -460,6 +460,8 @@ def plan(config: AblationConfig, layout: Layout, directions=None) -> list[Planne
 
 def unmatched_targets(config: AblationConfig, edits: list[PlannedEdit]) -> list[str]:
     """Components the config names that no tensor of the model matched (e.g. shared_down on a model without shared experts)."""
+    if not config.entries:  # a suppress-only config projects nothing
+        return []
     named = set(config.components) | {c for e in config.entries for c in (e.components or ())}
     if config.router_mode in ("none", "suppress"):
         named.discard("router")

@@ -178,6 +178,7 @@ def _kl(model, tok, prompts, lp0):
 @pytest.mark.parametrize("family, strength, rule, max_refusal", [
     ("glm4_moe", 1.5, "correction_bias", 0.10),   # selection only: the correction bias
     ("mixtral", 2.0, "row_along_mean", 0.20),     # no bias: the fallback, router rows shifted along the mean input
+    ("qwen3_moe", 2.0, "row_along_mean", 0.10),
 ])
 def test_suppressing_the_planted_experts_removes_refusal_and_the_simulation_agrees(experts_organism, tmp_path, family, strength, rule,
                                                                                   max_refusal):
