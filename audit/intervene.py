@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -444,11 +445,36 @@ def _register(model, layout: Layout, iv: Intervention, handles: list, restores: 
             raise AuditError(f"intervention {iv.name!r}: expert ids {avoid} out of range 0..{layout.n_routed_experts - 1}")
         _steer(model.get_submodule(_module_path(keys[0])), avoid, f"intervention {iv.name!r}, layer {layer}", handles, restores)
     if iv.suppress:
-        _suppress(model, layout, iv, restores)
+        _suppress(model, layout, iv, restores, handles)
 
 
-def _suppress(model, layout: Layout, iv: Intervention, restores: list) -> None:
-    """Swap each suppressed router tensor for its edited copy (audit/suppress.py's arithmetic: the weight edit itself)."""
+def _offloaded(module) -> bool:
+    try:
+        from accelerate.utils import has_offloaded_params
+    except ImportError:  # pragma: no cover
+        return False
+    return has_offloaded_params(module)
+
+
+def _shifted_router(edits: list, rule: str):
+    """A forward hook giving the router's output with the edited tensor, recomputed from its input (offloaded routers:
+    accelerate reloads their weights at every forward, so a swapped tensor would not last). ``edits``: (experts, strength, u)."""
+    def hook(module, args, output):
+        h = args[0].reshape(-1, module.hidden_dim).float()
+        logits = output[0].float().clone()
+        for experts, strength, u in edits:
+            idx = torch.as_tensor(list(experts), device=logits.device)
+            if rule == "row_along_mean":
+                logits[:, idx] -= float(strength) * (h @ u.to(h.device)).unsqueeze(-1)
+            else:
+                logits[:, idx] -= float(strength)
+        return reroute(module, (logits.to(output[0].dtype), output[1], output[2]), [])
+    return hook
+
+
+def _suppress(model, layout: Layout, iv: Intervention, restores: list, handles: list | None = None) -> None:
+    """Swap each suppressed router tensor for its edited copy (audit/suppress.py's arithmetic: the weight edit itself);
+    a router whose weights accelerate offloads gets a hook that recomputes its output with the edit instead."""
     from audit.ablation_config import AblationConfig
     from audit.suppress import edited, mean_input_direction, norm_key, plan_suppress
 
@@ -457,6 +483,17 @@ def _suppress(model, layout: Layout, iv: Intervention, restores: list) -> None:
     store = getattr(model.config, "dtype", None)  # the checkpoint's dtype as transformers records it ("auto" loading)
     for se in plan_suppress(cfg, layout):
         module, name = model.get_submodule(_module_path(se.key)), se.key.rsplit(".", 1)[1]
+        if se.rule != "correction_bias" and _offloaded(module):  # (buffers are not offloaded; parameters are)
+            nk = norm_key(layout, se.layer)
+            u = None
+            if se.rule == "row_along_mean":
+                from audit.model_dir import weights_on
+
+                norm = model.get_submodule(_module_path(nk)) if nk else None
+                with weights_on(norm) if norm is not None else _nullcontext():
+                    u = mean_input_direction(iv.direction_at(se.layer), norm.weight.detach().float() if norm is not None else None)
+            handles.append(module.register_forward_hook(_shifted_router([(se.experts, se.strength, u)], se.rule)))
+            continue
         original = getattr(module, name)
         r = None
         if se.rule == "row_along_mean":

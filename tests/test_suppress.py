@@ -271,3 +271,30 @@ def test_audit_run_diagnoses_a_weak_suppression_and_its_fix_applied_matches_the_
     assert applied["verdict"] == "pass" and abs(applied["refusal_rate"] - sim["refusal_rate"]) <= 0.10
     assert "suppress_strength" in top["fix"]["config_yaml"]
     assert "Router entries lowered" in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "glm4_moe"])
+def test_offloaded_routers_get_the_same_suppression(experts_organism, tmp_path, family):
+    """With most layers on disk (accelerate reloads offloaded weights at each forward, so a swapped tensor would not
+    last), the hook recomputes the router's output with the edit: the same choices as the weights written."""
+    from audit.ablate import ablate
+    from audit.intervene import apply, from_config
+    from audit.model_dir import ModelDir
+    from audit.organism import read_prompts
+
+    path, pairs, dirs = experts_organism(family)
+    cfg = _cfg(pairs, 2.0)
+    ablate(path, cfg, tmp_path / "sup", directions=dirs)
+    md = ModelDir(path)
+    tok = md.tokenizer()
+    prompts = read_prompts(path, "harmful")[:8] + read_prompts(path, "harmless")[:8]
+    want = _routes(ModelDir(tmp_path / "sup").load_model(), tok, prompts)
+    off = md.load_model(device="auto", max_memory={"cpu": 200_000}, offload_folder=tmp_path / "offload")
+    from audit.model_dir import placement
+
+    assert placement(off).get("disk"), placement(off)
+    with apply(off, from_config(cfg, dirs)):
+        got = _routes(off, tok, prompts)
+    for layer, (logits, idx) in want.items():
+        same = (idx.sort(-1).values == got[layer][1].sort(-1).values).all(-1).float().mean().item()
+        assert same >= 0.99, (layer, same)
