@@ -298,3 +298,48 @@ def test_offloaded_routers_get_the_same_suppression(experts_organism, tmp_path, 
     for layer, (logits, idx) in want.items():
         same = (idx.sort(-1).values == got[layer][1].sort(-1).values).all(-1).float().mean().item()
         assert same >= 0.99, (layer, same)
+
+
+# -- the diagnosis ---------------------------------------------------------------------------------
+
+
+def _labels(cause):
+    return [c["label"] for c in cause.fix["candidates"]]
+
+
+def test_refusal_expert_causes_propose_suppression_after_ablating_every_expert():
+    from checks.diagnose import diagnose
+
+    ev = {"partial_experts": {1: [6]}, "refusal_experts": [[1, 6], [1, 7], [2, 0]], "n_experts": 8, "moe_layers": [1, 2],
+          "suppress_strengths": [0.5, 1.5], "suppress_unit": "sigmoid score", "router_modified": True, "router_ineffective": True}
+    causes = {c.id: c for c in diagnose(ev)["causes"]}
+    for cid in ("redundant-refusal-experts", "router-ablation-ineffective"):
+        labels = _labels(causes[cid])
+        sup = [i for i, l in enumerate(labels) if l.startswith("suppress the 3 refusal experts")]
+        assert len(sup) == 2 and min(sup) > 0 and "strength 0.5" in labels[sup[0]]  # beside "ablate every expert", smallest first
+        assert causes[cid].fix["candidates"][sup[0]]["patch"] == {"suppress": {"experts": [[1, 6], [1, 7], [2, 0]], "strength": 0.5}}
+    no_rule = {c.id: c for c in diagnose({**ev, "suppress_strengths": None})["causes"]}  # a family whose router cannot be edited
+    assert not any(l.startswith("suppress") for l in _labels(no_rule["redundant-refusal-experts"]))
+
+
+def test_a_weak_suppression_is_weak_scale_with_stronger_candidates():
+    from checks.diagnose import diagnose
+
+    ev = {"refusal_experts": [[1, 6], [1, 7]], "moe_layers": [1], "suppress_strengths": [0.5, 1.0, 1.5, 3.0],
+          "suppress_unit": "sigmoid score", "suppressed": {"experts": [[1, 6]], "strength": 1.0}}
+    c = next(c for c in diagnose(ev)["causes"] if c.id == "weak-scale")
+    strengths = [cand["patch"]["suppress"]["strength"] for cand in c.fix["candidates"]]
+    assert strengths[:2] == [1.5, 3.0]
+    assert c.fix["candidates"][-1]["patch"]["suppress"]["experts"] == [[1, 6], [1, 7]]  # the refusal expert left out joins
+
+
+def test_the_suppress_patch_turns_off_router_projection():
+    from audit.fixes import apply_patch, config_yaml
+
+    cfg = AblationConfig.from_dict({"components": ["router", "experts_down"], "ablate": [{"layer": 1}, {"layer": 2}]})
+    new = apply_patch(cfg, {"suppress": {"experts": [[2, 3], [1, 5]], "strength": 1.5}})
+    assert new.router_mode == "suppress" and new.suppressed() == {1: [5], 2: [3]} and new.suppress_strength == 1.5
+    again = AblationConfig.from_dict(__import__("yaml").safe_load(config_yaml(new)))
+    assert again.to_dict() == new.to_dict()
+    empty = apply_patch(AblationConfig([], (), source="nothing"), {"suppress": {"experts": [[1, 5]], "strength": 2.0}})
+    assert empty.entries == [] and empty.suppressed() == {1: [5]}
