@@ -262,7 +262,7 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
     edits = plan(config, layout, directions)
     auto = None
     if config.router_mode == "suppress" and config.suppress_experts == "auto":  # measured on the base before anything is written
-        config, auto = resolve_auto(config, md, directions)
+        config, auto = resolve_auto(config, md, directions, progress=progress)
     supp = plan_suppress(config, layout, directions, norm_weight=lambda l: _norm_weight(md, l))
     if supp and dequantize:
         raise AuditError(f"{md.path}: router_mode: suppress on a quantized base is written with --keep-quantization only "

@@ -134,7 +134,7 @@ def auto_experts(harmful_probe, harmless_probe, alpha: float = 0.05) -> list[dic
     return list(res.data.get("tables", {}).get("refusal-experts") or [])
 
 
-def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batch_size: int = 16):
+def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batch_size: int = 16, progress: bool | None = None):
     """``config`` with ``suppress_experts: auto`` replaced by the measured experts, and the evidence per expert.
 
     Prompts: the given lists, else the base directory's prompts/train_{kind}.txt or prompts/{kind}.txt, else the embedded sets.
@@ -161,10 +161,14 @@ def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batc
     from audit.run import _good_index
 
     r = directions.refusal_dir[_good_index(directions)]  # routing does not depend on it; the probe records writes along it too
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(harmful) + len(harmless), unit="prompt", desc="suppress_experts: auto", disable=None if progress is None else not progress)
     try:
-        ph = probe(model, tok, harmful, r, batch_size=batch_size)
-        pa = probe(model, tok, harmless, r, batch_size=batch_size)
+        ph = probe(model, tok, harmful, r, batch_size=batch_size, progress=lambda done, n: bar.update(done - bar.n))
+        pa = probe(model, tok, harmless, r, batch_size=batch_size, progress=lambda done, n: bar.update(len(harmful) + done - bar.n))
     finally:
+        bar.close()
         del model
     rows = auto_experts(ph, pa)
     if not rows:
