@@ -46,7 +46,7 @@ TITLES = {
     "unintended-modification": "Tensors changed that the ablation did not intend",
     "attention-not-ablated": "Attention still writes r (o_proj not ablated)",
     "precision-loss": "Rounding to the stored dtype left part of r",
-    "weak-scale": "The edit reduced refusal's path but did not remove it (scale, sparsity, or suppress strength)",
+    "weak-scale": "The edit is too weak: r reduced but not removed, or suppressed experts still chosen (scale, sparsity, suppress strength)",
     "model-damaged": "The ablation damaged the model",
     "scale-overshoot": "The edit overshoots: r is flipped, not removed (scale above 1)",
 }
