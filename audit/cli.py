@@ -96,6 +96,8 @@ def _cmd_ablate(args) -> int:
           f"{m['timings']['total_s']:.1f} s; largest remaining share along r {worst:.2e}")
     if m["unmatched_components"]:
         print(f"note: no tensor matched component(s) {', '.join(m['unmatched_components'])}")
+    for s in m.get("router_suppressed") or []:
+        print(f"router layer {s['layer']}: experts {s['experts']} suppressed by {s['strength']:g} ({s['unit']}, {s['rule']}; {s['reason']})")
     q = m.get("quantization")
     if q:
         print(f"base {q['base']['label']}: " + ("edited weights re-quantized with fresh scales; rounding them back onto the format's grid "

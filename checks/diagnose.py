@@ -46,7 +46,7 @@ TITLES = {
     "unintended-modification": "Tensors changed that the ablation did not intend",
     "attention-not-ablated": "Attention still writes r (o_proj not ablated)",
     "precision-loss": "Rounding to the stored dtype left part of r",
-    "weak-scale": "Projection reduced but not removed (scale or sparsity)",
+    "weak-scale": "The edit is too weak: r reduced but not removed, or suppressed experts still chosen (scale, sparsity, suppress strength)",
     "model-damaged": "The ablation damaged the model",
     "scale-overshoot": "The edit overshoots: r is flipped, not removed (scale above 1)",
 }
@@ -118,6 +118,18 @@ def _cands(*items) -> list[dict]:
             seen.append(patch)
             out.append({"label": label, "patch": patch})
     return out
+
+
+def _suppress_cands(ev: dict, experts) -> list[tuple[str, dict]]:
+    """The "suppress the refusal experts at the router" family: the routing check's refusal experts, the family's
+    strengths smallest first (checks/layout.py SUPPRESS_STRENGTHS, passed in ``suppress_strengths``); none when the
+    family's router cannot be edited that way."""
+    strengths, unit = ev.get("suppress_strengths") or (), ev.get("suppress_unit") or ""
+    experts = sorted({(int(l), int(e)) for l, e in experts or []})
+    if not strengths or not experts:
+        return []
+    return [(f"suppress the {len(experts)} refusal experts at the router (strength {s:g} {unit})",
+             {"suppress": {"experts": [list(p) for p in experts], "strength": s}}) for s in strengths]
 
 
 def prefix_collisions(changed_layers: list[int], n_layers: int) -> dict[int, list[int]]:
@@ -238,7 +250,8 @@ def diagnose(ev: dict) -> dict:
         moved = [e for e in rexp if e[0] in partial and e[1] not in partial[e[0]]]
         counts = ", ".join(f"{len(partial[l])}/{n_exp or '?'} at L{l}" for l in pl[:6])
         cands = _cands((f"ablate every routed expert of layers {ranges(pl)}", {"all_experts": pl}),
-                       ("ablate every routed expert of every MoE layer", {"all_experts": pl, "add": [{"targets": ["experts_down"], "layers": moe_layers}]}))
+                       ("ablate every routed expert of every MoE layer", {"all_experts": pl, "add": [{"targets": ["experts_down"], "layers": moe_layers}]}),
+                       *_suppress_cands(ev, rexp))
         causes.append(Cause("redundant-refusal-experts", 0.6 + 0.2 * bool(still) + 0.1 * bool(moved),
                             f"Only some routed experts were ablated in layers {ranges(pl)} ({counts}); "
                             "the others still write r and the router can pick them.",
@@ -248,13 +261,31 @@ def diagnose(ev: dict) -> dict:
                             experts=[[l, e] for l in pl for e in partial[l]][:200], layers=pl, links=["#check-weights", "#check-routing"],
                             fix={"summary": f"ablate every routed expert of layers {ranges(pl)}, not a subset", "patch": cands[0]["patch"], "candidates": cands}))
     elif len(rexp) >= 2 and ev.get("compensation"):
-        cands = _cands(("ablate every routed expert's down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": moe_layers}]}))
+        cands = _cands(("ablate every routed expert's down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": moe_layers}]}),
+                       *_suppress_cands(ev, rexp))
         causes.append(Cause("redundant-refusal-experts", 0.55, f"{len(rexp)} experts are significantly more often chosen for harmful prompts, and after ablation routing moves to other such experts.",
                             evidence=[f"refusal-associated experts (layer, expert): {rexp[:12]}"], experts=rexp, links=["#check-routing"],
                             fix={"summary": "ablate every routed expert's down_proj in the MoE layers, not a subset", "patch": cands[0]["patch"], "candidates": cands}))
+    sup = ev.get("suppressed")  # a router suppression reached the weights (router_mode: suppress)
+    if sup:  # (audit/pipeline/run.py drops causes that explain refusal once refusal is gone)
+        have = sorted({(int(l), int(e)) for l, e in sup["experts"]})
+        extra = [e for e in rexp if tuple(e) not in have]
+        stronger = [s for s in (ev.get("suppress_strengths") or ()) if s > sup["strength"]]
+        cands = _cands(*[(f"suppress the same {len(have)} experts at strength {s:g}", {"suppress": {"experts": [list(p) for p in have], "strength": s}})
+                         for s in stronger],
+                       *_suppress_cands({**ev, "suppress_strengths": stronger[-1:] or [sup["strength"]]}, have + [tuple(e) for e in extra]) if extra else ())
+        causes.append(Cause("weak-scale", 0.55, f"The router suppression of {len(have)} experts at strength {sup['strength']:g} leaves refusal in place: "
+                            "they (or other refusal-associated experts) are still chosen on harmful prompts.",
+                            evidence=[f"suppressed at the router (layer, expert): {[list(p) for p in have][:12]}, strength {sup['strength']:g} "
+                                      f"{ev.get('suppress_unit') or ''}"] + ([f"refusal-associated experts not suppressed: {extra[:12]}"] if extra else []),
+                            numbers={"suppress_strength": sup["strength"]}, experts=[list(p) for p in have], layers=sorted({l for l, _ in have}),
+                            links=["#check-routing", "#check-weights"],
+                            fix={"summary": "raise suppress_strength (the unit is the family's selection score: checks/layout.py SUPPRESS_RULES)",
+                                 "patch": cands[0]["patch"] if cands else {}, "candidates": cands}))
     if ev.get("router_modified") and ev.get("router_ineffective"):
         cands = _cands(("ablate the routed experts' down_proj in the ablated layers", {"add_components": ["experts_down"]}),
-                       ("ablate the routed experts' down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": moe_layers}]}))
+                       ("ablate the routed experts' down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": moe_layers}]}),
+                       *_suppress_cands(ev, rexp))
         causes.append(Cause("router-ablation-ineffective", 0.45, "The router was modified but harmful prompts are routed as before.",
                             evidence=["routing on harmful prompts before vs after: no significant change"], experts=rexp, links=["#check-routing"],
                             fix={"summary": "ablate the refusal experts' writers (down_proj) instead of relying on the router", "patch": cands[0]["patch"], "candidates": cands}))

@@ -269,6 +269,46 @@ ROUTING_RULES = {
     "llama4_text": "top-k on logits, sigmoid",
 }
 
+# How one routed expert's selection can be lowered by a weight edit (``router_mode: suppress``), per family, and the
+# unit its strength is in. One home for this fact: audit/ablation/suppress.py edits the weights, audit/forward/intervene.py hooks the same.
+#   correction_bias: subtract s from ``e_score_correction_bias[e]``; it enters only the choice (sigmoid score + bias), never
+#       the mixing weights. Unit: the sigmoid score (scores lie in [0, 1], so s > 1 + the biases' spread always removes e;
+#       on the glm4_moe organism, whose router saturates, 1.0 leaves refusal at 100 % and 1.1 removes it).
+#   router_bias: subtract s from the router's ``bias[e]`` (gpt-oss): a logit, so it lowers e's mixing weight too. Unit: logits.
+#   row_along_mean: the router has no bias (Mixtral, Qwen): logits are linear in the input, so no edit shifts one by an
+#       exact constant, and a bias tensor added to the checkpoint would be ignored (transformers' router has no bias
+#       parameter). Row e loses s times u, the unit mean router input (the layer's post-attention norm weight times the
+#       mean of the harmful and harmless residual means at the layer's index, from the directions file): e's logit drops
+#       by s (u . h), close to a constant wherever the input has its common component. Not exact: inputs far from the
+#       mean move less. (Removing e's component along r instead, w_e - s (w_e . r) r, was measured on the mixtral
+#       organism and does not remove refusal at any strength; from 4 on it only damages the model.) Unit: logits per
+#       unit of the router input's component along u.
+SUPPRESS_RULES = {
+    "glm4_moe": "correction_bias", "deepseek_v3": "correction_bias", "gpt_oss": "router_bias",
+    "mixtral": "row_along_mean", "qwen2_moe": "row_along_mean", "qwen3_moe": "row_along_mean", "olmoe": "row_along_mean",
+}
+SUPPRESS_WHY_NOT = {  # families with a router that suppress cannot edit, and why (the error a user gets)
+    "phimoe": "its sparsemixer router has no bias and a two-stage choice that no single row edit lowers predictably",
+    "granitemoe": "its router is a bias-free Linear whose top-k is taken inside the MoE block; not supported yet",
+    "llama4_text": "its router scores by sigmoid over the chosen logits without a bias; not supported yet",
+}
+SUPPRESS_UNITS = {"correction_bias": "sigmoid score", "router_bias": "logits", "row_along_mean": "logits per unit of the router input along its mean"}
+SUPPRESS_STRENGTHS = {  # the candidate strengths a diagnosis proposes, smallest first
+    "correction_bias": (0.25, 0.5, 1.0, 1.5, 3.0), "router_bias": (1.0, 2.0, 4.0, 8.0, 16.0), "row_along_mean": (0.5, 1.0, 2.0, 4.0),
+}
+SUPPRESS_TENSOR = {"correction_bias": "correction_bias", "router_bias": "router_bias", "row_along_mean": "router"}  # Role.projection edited
+
+
+def suppress_rule(family: str) -> str:
+    """How ``family``'s router selection is lowered (a SUPPRESS_RULES value); AuditError naming why when it cannot be."""
+    if family in SUPPRESS_RULES:
+        return SUPPRESS_RULES[family]
+    why = SUPPRESS_WHY_NOT.get(family, "it has no routed experts" if family not in ROUTING_RULES else "no rule is known for it")
+    ok = ", ".join(sorted(SUPPRESS_RULES))
+    raise AuditError(f"router_mode: suppress cannot lower expert selection on a {family} model: {why}. Families it supports: {ok}; "
+                     "for this model project r out of the experts instead (components: [experts_down])")
+
+
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:[A-Za-z_]\w*\.)*?)layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _TOP_RE = [
     (re.compile(r"^(?:[A-Za-z_]\w*\.)*?embed_tokens\.weight$"), "embed", "embed", WRITER, 1),

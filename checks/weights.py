@@ -137,8 +137,12 @@ def _collision_entries(layer: int, entry_layers: list[int]) -> list[int]:
     return [n for n in entry_layers if n != layer and s.startswith(str(n))]
 
 
-def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | None = None) -> CheckResult:
-    """The key diff judged against ``intent``; see the module docstring for the findings."""
+def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | None = None, suppressed: list[dict] | None = None) -> CheckResult:
+    """The key diff judged against ``intent``; see the module docstring for the findings.
+
+    ``suppressed``: the router entries the intent lowers (``router_mode: suppress``), one row per tensor with its layer,
+    experts, strength, unit, rule and reason (and values before / after when a manifest recorded them).
+    """
     findings: list[Finding] = []
     n_changed = sum(d.changed for d in diffs)
     mod = modified_groups(diffs)
@@ -233,7 +237,25 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                                     + (f" (the intent names {ranges(meant)})" if meant else ""), value=float(len(gaps)), layers=gaps,
                                     evidence={"gaps": gaps, "modified_layers": mod_layers, "intended": meant}))
 
+    if suppressed:
+        changed = {d.key for d in diffs if d.changed}
+        rows = [{"key": r["key"], "layer": r["layer"], "experts": r["experts"], "strength": r["strength"], "unit": r.get("unit"),
+                 "rule": r.get("rule"), "changed": r["key"] in changed, "before": r.get("before"), "after": r.get("after"),
+                 "why": r.get("reason") or "named in the config"} for r in suppressed]
+        n_exp = sum(len(r["experts"]) for r in rows)
+        strengths = ", ".join(sorted({format(r["strength"], "g") for r in rows}))
+        left = [r["key"] for r in rows if not r["changed"]]
+        findings.append(Finding("router-suppressed", FAIL if left else INFO,
+                                f"router selection lowered for {n_exp} expert(s) in {len(rows)} tensor(s) (router_mode: suppress, strength "
+                                f"{strengths} {rows[0]['unit'] or ''}): {rows[0]['why']}"
+                                + (f"; {len(left)} of them unchanged: {', '.join(left[:5])}" if left else ""),
+                                value=float(n_exp), layers=sorted({r["layer"] for r in rows}),
+                                experts=[[r["layer"], e] for r in rows for e in r["experts"]], evidence={"tensors": rows}))
     data = _grid(diffs, intent, mod, present, layers_total)
+    if suppressed:
+        data.setdefault("tables", {})["router-suppressed"] = {
+            "title": "Router entries lowered (router_mode: suppress): which, by how much, and why",
+            "columns": ["key", "layer", "experts", "strength", "unit", "rule", "changed", "before", "after", "why"], "rows": rows}
     data["counts"] = {s: sum(d.status == s for d in diffs) for s in STATUSES}
     data["intent"] = intent.to_dict()
     data["modified"] = {t: sorted(v) for t, v in mod.items()}

@@ -26,6 +26,7 @@ import torch
 from audit import __version__
 from audit.ablation import quantize
 from audit.ablation.edit import edit_inplace
+from audit.ablation.suppress import SuppressEdit, edited as suppress_edited, norm_key, plan_suppress, resolve_auto
 from audit.intent.config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
 from audit.intent.directions import Directions
 from audit.model.directory import ModelDir, copy_side_files
@@ -109,6 +110,12 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict, results: di
                 data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
                 results[info.name] = (before, after, time.perf_counter() - t0)
                 del t
+            elif isinstance(edit, SuppressEdit):  # a router tensor: the suppressed experts' entries (audit/ablation/suppress.py)
+                t = _read_tensor(src_fd, info, buf)
+                new = suppress_edited(t, edit.rule, edit.experts, edit.strength, edit.direction)
+                results[info.name] = (_entries_of(t, edit), _entries_of(new, edit), time.perf_counter() - t0)
+                data = new.contiguous().view(torch.uint8).reshape(-1).numpy()
+                del t
             else:  # a stored part of a quantized weight, re-quantized (audit/ablation/quantize.py)
                 data = edit.part_bytes(info.name)
             if data.nbytes != info.nbytes:
@@ -122,6 +129,17 @@ def _rewrite_shard(md: ModelDir, shard: str, dst: Path, edits: dict, results: di
     finally:
         os.close(src_fd)
         os.close(dst_fd)
+
+
+def _entries_of(t: torch.Tensor, edit: SuppressEdit) -> list:
+    """What the manifest shows of a suppressed router tensor: the experts' bias entries, or their rows' component along u."""
+    x = t.float()[list(edit.experts)]
+    return (x @ edit.direction).tolist() if edit.rule == "row_along_mean" else x.tolist()
+
+
+def _norm_weight(md: ModelDir, layer: int):
+    key = norm_key(md.layout, layer)
+    return None if key is None else md.tensor(key).float()
 
 
 def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
@@ -149,7 +167,17 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
             raise AuditError(f"{config.source}: no directions: set 'measurements:' in the config or pass --directions (made by `audit measure`)")
         directions = Directions.load(resolve_measurements(config))
     edits = plan(config, layout, directions)
-    if not edits:
+    auto = None
+    if config.router_mode == "suppress" and config.suppress_experts == "auto":  # measured on the base before anything is written
+        config, auto = resolve_auto(config, md, directions, progress=progress)
+    supp = plan_suppress(config, layout, directions, norm_weight=lambda l: _norm_weight(md, l))
+    if supp and dequantize:
+        raise AuditError(f"{md.path}: router_mode: suppress on a quantized base is written with --keep-quantization only "
+                         "(the plain copy path does not carry router edits yet)")
+    if auto is not None:
+        for se in supp:
+            se.why = {e: auto["experts"].get(f"{se.layer}:{e}") for e in se.experts}
+    if not edits and not supp:
         raise AuditError(f"{config.source}: matches no tensor of {md.path} (components {', '.join(config.components)}); check the layers and components")
     by_key: dict[str, PlannedEdit] = {}
     for e in edits:
@@ -159,6 +187,9 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
         lt = md.logical[e.key]
         if not lt.quantized and lt.dtype not in EDITABLE_DTYPES:
             raise AuditError(f"{md.path}: {e.key} is stored as {lt.dtype}; ablation needs float weights -- dequantize the model first")
+    for se in supp:
+        if se.key in by_key:
+            raise AuditError(f"{config.source}: {se.key} is both projected and suppressed; router_mode: suppress leaves the router unprojected")
     t_plan = time.perf_counter() - t_start
 
     results: dict[str, tuple[float, float, float]] = {}
@@ -170,7 +201,8 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
             stored.update({p.name: qe for p in lt.parts})
         else:
             stored[k] = e
-    touched = list(md.shards) if dequantize else sorted({p.shard for k in by_key for p in md.logical[k].parts})
+    stored.update({se.key: se for se in supp})
+    touched = list(md.shards) if dequantize else sorted({p.shard for k in [*by_key, *(se.key for se in supp)] for p in md.logical[k].parts})
     total = sum((md.path / s).stat().st_size for s in md.shards)
     cfg_file = Path(config.source) if config.source and Path(config.source).is_file() else None
     with OutputDir(out, inputs=[md.path, cfg_file, resolve_measurements(config), *inputs], force=force, kind="ablated model") as od:
@@ -212,6 +244,12 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
                  "along_before": results[e.key][0], "along_after": results[e.key][1]}
                 for e in edits
             ],
+            "router_suppressed": [
+                {**se.to_dict(), "dtype": md.logical[se.key].dtype, "before": results[se.key][0], "after": results[se.key][1],
+                 "reason": ("auto: " + auto["method"]) if auto is not None else "listed in suppress_experts"}
+                for se in supp
+            ],
+            "suppress_auto": None if auto is None else {k: v for k, v in auto.items() if k != "experts"},
             "timings": {"plan_s": round(t_plan, 3), "write_s": round(t_write, 3),
                         "edit_s": round(sum(v[2] for v in results.values()), 3),
                         "total_s": round(time.perf_counter() - t_start, 3)},

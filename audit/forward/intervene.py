@@ -15,7 +15,11 @@ component type, fused experts included):
   half of a fused gate_up (gate only / up only) is recomputed per expert;
 - ``avoid_experts`` steers routing as if those experts were removed: GLM/DeepSeek routers get their
   correction bias (a buffer, not a weight) pushed to -1e9 for them, softmax / top-k routers have
-  their top-k recomputed from their own logits with those experts masked.
+  their top-k recomputed from their own logits with those experts masked;
+- ``suppress`` lowers those experts' selection score by ``suppress_strength`` exactly as ``router_mode: suppress``
+  edits the weights (audit/ablation/suppress.py's arithmetic on the router's own tensor, swapped in for the block and put back):
+  the correction bias, the router bias, or (no bias) the router rows shifted along the mean router input, by family
+  (checks/layout.py); ``direction`` then holds the mean residual per layer (audit/ablation/suppress.py suppress_direction).
 
 Interventions compose in list order, like applying their configs one after the other (two
 interventions on *overlapping expert subsets* of one layer compose only approximately).
@@ -26,12 +30,14 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from audit.intent.config import entry_direction
+from audit.ablation.suppress import edited, mean_input_direction, norm_key, plan_suppress
+from audit.intent.config import AblationConfig, entry_direction
 from audit.model.loading import weights_on
 from checks.errors import AuditError
 from checks.findings import ranges
@@ -65,6 +71,8 @@ class Intervention:
     scale: float = 1.0
     experts: dict[int, list[int]] | None = None
     avoid_experts: dict[int, list[int]] | None = None
+    suppress: dict[int, list[int]] | None = None  # {layer: [ids]} whose selection score loses suppress_strength
+    suppress_strength: float = 0.0
     name: str = ""
     strict: bool = True  # a target that matches no tensor is an error (configs set False: their components span dense and MoE layers)
 
@@ -76,8 +84,10 @@ class Intervention:
         self.layers = [int(x) for x in self.layers]
         if self.targets and self.direction is None:
             raise AuditError(f"intervention {self.name!r}: targets {list(self.targets)} need a direction")
-        if not self.targets and not self.avoid_experts:
-            raise AuditError(f"intervention {self.name!r} does nothing: give targets (with a direction) or avoid_experts")
+        if self.suppress and not self.suppress_strength > 0:
+            raise AuditError(f"intervention {self.name!r}: suppress needs a positive suppress_strength, got {self.suppress_strength!r}")
+        if not self.targets and not self.avoid_experts and not self.suppress:
+            raise AuditError(f"intervention {self.name!r} does nothing: give targets (with a direction), avoid_experts or suppress")
 
     def direction_at(self, layer: int | None) -> torch.Tensor:
         """The unit direction (float32) used at decoder ``layer``; None (the embeddings) uses layer 0's."""
@@ -104,6 +114,8 @@ class Intervention:
             parts.append("experts " + "; ".join(f"L{k}:{sorted(v)}" for k, v in sorted(self.experts.items())))
         if self.avoid_experts:
             parts.append("route away from " + "; ".join(f"L{k}:{sorted(v)}" for k, v in sorted(self.avoid_experts.items())))
+        if self.suppress:
+            parts.append(f"suppress at the router (strength {self.suppress_strength:g}) " + "; ".join(f"L{k}:{sorted(v)}" for k, v in sorted(self.suppress.items())))
         return ", ".join(parts)
 
 
@@ -114,7 +126,7 @@ def from_config(config, directions) -> list[Intervention]:
     out = []
     for e in config.entries:
         comps = list(e.components if e.components is not None else config.components)
-        if config.router_mode == "none":
+        if config.router_mode in ("none", "suppress"):
             comps = [c for c in comps if c != "router"]
         if "embed" in comps and e.layer != 0:
             comps.remove("embed")
@@ -123,6 +135,15 @@ def from_config(config, directions) -> list[Intervention]:
             experts = {e.layer: list(e.experts)} if getattr(e, "experts", None) is not None else None
             out.append(Intervention(tuple(comps), [e.layer], {e.layer: r}, e.scale * config.scale, experts=experts,
                                     name=f"layer {e.layer}" + (f" experts {ranges(e.experts)}" if experts else ""), strict=False))
+    sup = config.suppressed()
+    if config.router_mode == "suppress" and not sup:
+        raise AuditError(f"{config.source}: suppress_experts: auto has no inference-time counterpart until it is resolved on the base; list the experts")
+    if sup:
+        from audit.ablation.suppress import suppress_direction
+
+        dirs = {l: suppress_direction(config, l, directions)[1] for l in sup}
+        out.append(Intervention((), list(sup), dirs, suppress=sup, suppress_strength=float(config.suppress_strength),
+                                name="suppress " + "; ".join(f"L{l}:{es}" for l, es in sup.items())))
     return out
 
 
@@ -421,3 +442,64 @@ def _register(model, layout: Layout, iv: Intervention, handles: list, restores: 
         if layout.n_routed_experts and any(not 0 <= e < layout.n_routed_experts for e in avoid):
             raise AuditError(f"intervention {iv.name!r}: expert ids {avoid} out of range 0..{layout.n_routed_experts - 1}")
         _steer(model.get_submodule(_module_path(keys[0])), avoid, f"intervention {iv.name!r}, layer {layer}", handles, restores)
+    if iv.suppress:
+        _suppress(model, layout, iv, restores, handles)
+
+
+def _offloaded(module) -> bool:
+    try:
+        from accelerate.utils import has_offloaded_params
+    except ImportError:  # pragma: no cover
+        return False
+    return has_offloaded_params(module)
+
+
+def _shifted_router(edits: list, rule: str):
+    """A forward hook giving the router's output with the edited tensor, recomputed from its input (offloaded routers:
+    accelerate reloads their weights at every forward, so a swapped tensor would not last). ``edits``: (experts, strength, u)."""
+    def hook(module, args, output):
+        h = args[0].reshape(-1, module.hidden_dim).float()
+        logits = output[0].float().clone()
+        for experts, strength, u in edits:
+            idx = torch.as_tensor(list(experts), device=logits.device)
+            if rule == "row_along_mean":
+                logits[:, idx] -= float(strength) * (h @ u.to(h.device)).unsqueeze(-1)
+            else:
+                logits[:, idx] -= float(strength)
+        return reroute(module, (logits.to(output[0].dtype), output[1], output[2]), [])
+    return hook
+
+
+def _suppress(model, layout: Layout, iv: Intervention, restores: list, handles: list | None = None) -> None:
+    """Swap each suppressed router tensor for its edited copy (audit/ablation/suppress.py's arithmetic: the weight edit itself);
+    a router whose weights accelerate offloads gets a hook that recomputes its output with the edit instead."""
+    cfg = AblationConfig([], router_mode="suppress", suppress_experts=tuple((l, e) for l, es in iv.suppress.items() for e in es),
+                         suppress_strength=iv.suppress_strength, source=f"intervention {iv.name!r}")
+    store = getattr(model.config, "dtype", None)  # the checkpoint's dtype as transformers records it ("auto" loading)
+    for se in plan_suppress(cfg, layout):
+        module, name = model.get_submodule(_module_path(se.key)), se.key.rsplit(".", 1)[1]
+        if se.rule != "correction_bias" and _offloaded(module):  # (buffers are not offloaded; parameters are)
+            nk = norm_key(layout, se.layer)
+            u = None
+            if se.rule == "row_along_mean":
+                from audit.model.loading import weights_on
+
+                norm = model.get_submodule(_module_path(nk)) if nk else None
+                with weights_on(norm) if norm is not None else _nullcontext():
+                    u = mean_input_direction(iv.direction_at(se.layer), norm.weight.detach().float() if norm is not None else None)
+            handles.append(module.register_forward_hook(_shifted_router([(se.experts, se.strength, u)], se.rule)))
+            continue
+        original = getattr(module, name)
+        r = None
+        if se.rule == "row_along_mean":
+            nk = norm_key(layout, se.layer)
+            r = mean_input_direction(iv.direction_at(se.layer), model.get_submodule(_module_path(nk)).weight.detach().float() if nk else None)
+        data = original.data
+        if isinstance(store, torch.dtype) and store.is_floating_point and store.itemsize < data.element_size():
+            data = data.to(store)  # a router kept in float32 in memory, stored narrower: edit the stored values, as the weights are
+        new = edited(data, se.rule, se.experts, se.strength, r).to(original.dtype)
+        if isinstance(original, torch.nn.Parameter):
+            setattr(module, name, torch.nn.Parameter(new, requires_grad=False))
+        else:
+            setattr(module, name, new)  # a buffer: replaces the object, the original is put back on exit
+        restores.append(lambda m=module, n_=name, o=original: setattr(m, n_, o))

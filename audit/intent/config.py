@@ -21,7 +21,13 @@ Our additions (top level, ``components`` also per entry):
     components: [attn_out, mlp_down, experts_down, shared_down]   # default: every residual writer but embed
     method: standard | norm_preserving   # norm_preserving keeps the norm of each vector along the
                                          # residual axis (one per input feature of a writer, per output row of a reader)
-    router_mode: input | none            # input: the router (if in components) loses r on its input axis; none: never touched
+    router_mode: input | none | suppress # input: the router (if in components) loses r on its input axis; none: never touched;
+                                         # suppress: the router is not projected; the listed experts' selection is lowered instead
+    suppress_experts: auto | [[layer, expert], ...]   # with suppress: which experts (auto: those the routing check finds
+                                         # significantly more selected on harmful prompts, measured on the base)
+    suppress_strength: 1.0               # with suppress: how much their selection score is lowered, in the family's unit
+                                         # (checks/layout.py SUPPRESS_RULES: sigmoid score, logits, or multiples of the row's r part)
+    suppress_measurement: 12             # optional: the direction index the bias-free fallback uses (default: each layer's own)
     biprojection: false
     ablate:
       - {layer: "10-20", measurement: 18}   # a range expands to one entry per layer
@@ -45,8 +51,9 @@ from checks.layout import TARGETS, Layout, Role, gate_up_split, targets_of
 
 DEFAULT_COMPONENTS = ("attn_out", "mlp_down", "experts_down", "shared_down")
 METHODS = ("standard", "norm_preserving")
-ROUTER_MODES = ("input", "none")
-TOP_KEYS = ("model", "measurements", "output", "scale", "ablate", "components", "method", "router_mode", "biprojection")
+ROUTER_MODES = ("input", "none", "suppress")
+SUPPRESS_KEYS = ("suppress_experts", "suppress_strength", "suppress_measurement")
+TOP_KEYS = ("model", "measurements", "output", "scale", "ablate", "components", "method", "router_mode", "biprojection", *SUPPRESS_KEYS)
 ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components", "experts")
 EXPERT_TARGETS = ("experts_down", "experts_gate", "experts_up")
 
@@ -88,6 +95,9 @@ class AblationConfig:
     measurements: str | None = None
     output: str | None = None
     source: str = "<config>"
+    suppress_experts: tuple[tuple[int, int], ...] | str | None = None  # router_mode suppress: (layer, expert) pairs, or "auto"
+    suppress_strength: float | None = None
+    suppress_measurement: int | None = None  # the fallback's direction index (None: each layer's own)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<config>") -> "AblationConfig":
@@ -98,7 +108,9 @@ class AblationConfig:
         if unknown:
             raise AuditError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TOP_KEYS)}")
         ablate = d.get("ablate")
-        if not isinstance(ablate, list) or not ablate:
+        if d.get("router_mode") == "suppress" and ablate in (None, []):
+            ablate = []  # suppressing experts at the router is a complete config on its own
+        elif not isinstance(ablate, list) or not ablate:
             raise AuditError(f"{source}: 'ablate' must be a non-empty list of entries like {{layer: 15, measurement: 18, scale: 1.0, sparsity: 0.0}}")
         comps = _components(d.get("components", list(DEFAULT_COMPONENTS)), f"{source}: components")
         method = d.get("method", "standard")
@@ -123,8 +135,9 @@ class AblationConfig:
         for k in ("model", "measurements", "output"):
             if d.get(k) is not None and not isinstance(d[k], (str, os.PathLike)):
                 raise AuditError(f"{source}: {k} must be a path string, got {d[k]!r}")
+        sup = _suppress(d, router_mode, source)
         return cls(entries, comps, method, router_mode, bip, _scale(d.get("scale", 1.0), f"{source}: scale"),
-                   _opt_str(d.get("model")), _opt_str(d.get("measurements")), _opt_str(d.get("output")), source)
+                   _opt_str(d.get("model")), _opt_str(d.get("measurements")), _opt_str(d.get("output")), source, *sup)
 
     def to_dict(self) -> dict:
         """The resolved config (ranges expanded, defaults filled); from_dict(to_dict()) gives it back."""
@@ -140,7 +153,60 @@ class AblationConfig:
             if e.experts is not None:
                 item["experts"] = list(e.experts)
             out["ablate"].append(item)
+        if self.router_mode == "suppress":
+            out["suppress_experts"] = self.suppress_experts if isinstance(self.suppress_experts, str) else [list(p) for p in self.suppress_experts or ()]
+            out["suppress_strength"] = self.suppress_strength
+            out["suppress_measurement"] = self.suppress_measurement
         return {k: v for k, v in out.items() if v is not None}
+
+    def suppressed(self) -> dict[int, list[int]]:
+        """{layer: [experts]} the config suppresses at the router (empty unless router_mode is suppress with explicit experts)."""
+        if self.router_mode != "suppress" or isinstance(self.suppress_experts, str):
+            return {}
+        out: dict[int, list[int]] = {}
+        for layer, e in self.suppress_experts or ():
+            out.setdefault(layer, []).append(e)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _suppress(d: dict, router_mode: str, source: str) -> tuple:
+    """(suppress_experts, suppress_strength, suppress_measurement) of a config mapping, validated."""
+    given = [k for k in SUPPRESS_KEYS if d.get(k) is not None]
+    if router_mode != "suppress":
+        if given:
+            raise AuditError(f"{source}: {', '.join(given)} only apply with router_mode: suppress (router_mode is {router_mode!r}); "
+                             "set router_mode: suppress or remove them")
+        return None, None, None
+    where = f"{source}: suppress_experts"
+    ex = d.get("suppress_experts")
+    if ex is None:
+        raise AuditError(f"{where}: router_mode: suppress needs suppress_experts: auto (the experts the routing check finds "
+                         "more selected on harmful prompts) or a list of [layer, expert] pairs, e.g. [[12, 3], [12, 17]]")
+    if isinstance(ex, str):
+        if ex != "auto":
+            raise AuditError(f"{where}: {ex!r} is not 'auto' nor a list of [layer, expert] pairs")
+        pairs = "auto"
+    else:
+        if not isinstance(ex, (list, tuple)) or not ex:
+            raise AuditError(f"{where}: must be 'auto' or a non-empty list of [layer, expert] pairs, got {ex!r}")
+        seen = []
+        for n, p in enumerate(ex):
+            if not isinstance(p, (list, tuple)) or len(p) != 2:
+                raise AuditError(f"{where}[{n}]: {p!r} is not a [layer, expert] pair, e.g. [12, 3]")
+            pair = (_int(p[0], f"{where}[{n}]: layer"), _int(p[1], f"{where}[{n}]: expert"))
+            if pair not in seen:
+                seen.append(pair)
+        pairs = tuple(sorted(seen))
+    if d.get("suppress_strength") is None:
+        raise AuditError(f"{source}: suppress_strength: router_mode: suppress needs how much to lower the experts' selection score, "
+                         "in the family's unit (sigmoid score for GLM/DeepSeek, logits for gpt-oss, multiples of the router row's "
+                         "input along its mean for Mixtral/Qwen; see checks/layout.py SUPPRESS_RULES), e.g. suppress_strength: 1.0")
+    strength = _number(d["suppress_strength"], f"{source}: suppress_strength")
+    if strength <= 0:
+        raise AuditError(f"{source}: suppress_strength {strength:g} must be positive: it is subtracted from the experts' selection score "
+                         "(a negative one would make them more likely to be chosen)")
+    meas = d.get("suppress_measurement")
+    return pairs, strength, None if meas is None else _int(meas, f"{source}: suppress_measurement")
 
 
 def _opt_str(v) -> str | None:
@@ -344,7 +410,7 @@ def plan(config: AblationConfig, layout: Layout, directions=None) -> list[Planne
                 f"which holds indices 0..{directions.n - 1}"
             )
         comps = set(e.components if e.components is not None else config.components)
-        if config.router_mode == "none":
+        if config.router_mode in ("none", "suppress"):  # suppress lowers selection instead of projecting the router (audit/ablation/suppress.py)
             comps.discard("router")
         if "embed" in comps and e.layer == 0:
             embed_entry = e
@@ -388,8 +454,10 @@ def plan(config: AblationConfig, layout: Layout, directions=None) -> list[Planne
 
 def unmatched_targets(config: AblationConfig, edits: list[PlannedEdit]) -> list[str]:
     """Components the config names that no tensor of the model matched (e.g. shared_down on a model without shared experts)."""
+    if not config.entries:  # a suppress-only config projects nothing
+        return []
     named = set(config.components) | {c for e in config.entries for c in (e.components or ())}
-    if config.router_mode == "none":
+    if config.router_mode in ("none", "suppress"):
         named.discard("router")
     hit = {t for ed in edits for t in ed.targets}
     return sorted(named - hit)

@@ -81,6 +81,12 @@ class Directions:
             prev = r
         return rows
 
+    def separating_index(self) -> int:
+        """The index where harmful and harmless separate best (quality), skipping the embeddings and the final norm."""
+        table = self.quality_table()
+        inner = [row for row in table if 0 < row["index"] < len(table) - 1] or table
+        return int(max(inner, key=lambda row: row["quality"])["index"])
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file (atomically: temporary file, then rename)."""
         from safetensors.torch import save_file

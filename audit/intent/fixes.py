@@ -10,7 +10,9 @@ in this order:
   direction and scale the config already uses there (else its commonest ones);
 - ``add_components`` / ``add_layers`` -- the older, coarser form: these targets at every configured
   layer, and these layers with every configured target;
-- ``measurement`` / ``scale`` / ``sparsity`` -- one value for every entry; ``method``.
+- ``measurement`` / ``scale`` / ``sparsity`` -- one value for every entry; ``method``;
+- ``suppress``: ``{"experts": [[layer, expert], ...], "strength": s}`` -- lower those experts' selection at the router
+  (``router_mode: suppress``; the router is then not projected).
 
 A config here may have several entries per layer (disjoint components, or disjoint experts): that is
 how what reached the weights is written down (audit/intent/reached.py). The result is validated by the
@@ -101,14 +103,20 @@ def apply_patch(config: AblationConfig, patch: dict) -> AblationConfig:
     if "sparsity" in patch:
         entries = [replace(e, sparsity=float(patch["sparsity"])) for e in entries]
     entries.sort(key=lambda e: (e.layer, e.experts or ()))
+    sup = {}
+    if "suppress" in patch:
+        sup = {"router_mode": "suppress", "suppress_experts": tuple(sorted({(int(l), int(e)) for l, e in patch["suppress"]["experts"]})),
+               "suppress_strength": float(patch["suppress"]["strength"])}
     return _compact(replace(config, entries=entries, method=patch.get("method", config.method),
-                            scale=1.0 if "scale" in patch else config.scale, source=f"{config.source} + fix"))
+                            scale=1.0 if "scale" in patch else config.scale, source=f"{config.source} + fix", **sup))
 
 
 def _compact(config: AblationConfig) -> AblationConfig:
     """One component list for every entry moves to the config (the form people write); validated by the loader."""
     if not config.entries:
-        return config
+        if config.router_mode != "suppress":
+            return config
+        return AblationConfig.from_dict(replace(config, components=config.components or ("experts_down",)).to_dict(), source=config.source)
     comps = {e.components for e in config.entries}
     if len(comps) == 1 and all(e.experts is None for e in config.entries):
         shared = next(iter(comps))

@@ -10,6 +10,10 @@ changed tensor (from the static audit's records) it takes
   change's own recovered direction (an edit that is not rank-one cannot be reproduced: it is listed),
 - the effective scale along that direction, 1 - <r.W', r.W> / ||r.W||^2 (per expert for fused tensors).
 
+Router entries a suppression lowered (``router_mode: suppress``: the correction bias, the router bias, or router
+rows shifted along the mean router input) are read back from both checkpoints (small tensors) and written down as
+``suppress_experts`` with the strength that reached them (the median over the experts of each one's drop).
+
 Directions that match a measured index (|cos| >= 0.99) use it; others are appended to the directions
 as extra rows, so the config can name them. Entries group edits of one layer that share direction,
 scale and experts; one layer may have several (disjoint components or experts).
@@ -25,6 +29,7 @@ import torch
 
 from audit.intent.config import EXPERT_TARGETS, AblationConfig, Entry
 from audit.intent.directions import Directions
+from audit.model.directory import ModelDir
 
 MATCH_COS = 0.99  # a direction is the measured one at an index
 SCALE_STEP = 0.02  # scales are grouped to this step (rounding and bf16 leave ~1e-3)
@@ -81,7 +86,13 @@ def reached(record: dict, directions) -> Reached:
 
     items = []  # (layer, target, experts (frozenset) or None for the whole tensor, (index, scale, sparsity), is_bias)
     unreproduced, n = [], 0
+    supp_keys = set(record.get("suppressed_keys") or [])
+    layout = record.get("layout")
     for d in diffs:
+        role = layout.roles.get(d.key) if layout is not None else None
+        if d.changed and role is not None and (d.key in supp_keys or role.projection in ("correction_bias", "router_bias")):
+            supp_keys.add(d.key)
+            continue
         if not d.changed or not d.changed_targets:
             continue
         layer = 0 if d.layer is None else d.layer
@@ -142,10 +153,37 @@ def reached(record: dict, directions) -> Reached:
     entries = [Entry(layer, idx, sc, sp, tuple(dict.fromkeys(targets)), experts)
                for (layer, idx, sc, sp, experts), targets in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][4] or (), kv[0][1], kv[0][2]))]
     cfg = None
-    if entries:
+    pairs, strength = _suppressed(record, sorted(k for k in supp_keys if any(d.key == k and d.changed for d in diffs)))
+    if entries or pairs:
         src = record.get("config")
-        cfg = AblationConfig(entries, tuple(dict.fromkeys(t for e in entries for t in e.components)),
+        cfg = AblationConfig(entries, tuple(dict.fromkeys(t for e in entries for t in e.components)) or ("experts_down",),
                              biprojection=bool(src.biprojection) if src is not None else False,
-                             router_mode="input", source="what reached the weights")
+                             router_mode="suppress" if pairs else "input", source="what reached the weights",
+                             suppress_experts=tuple(pairs) if pairs else None, suppress_strength=strength,
+                             suppress_measurement=getattr(src, "suppress_measurement", None) if pairs else None)
         cfg = AblationConfig.from_dict(cfg.to_dict(), source=cfg.source)
+        n += len(pairs)
     return Reached(cfg, dirs, extra_src, unreproduced, n)
+
+
+def _suppressed(record: dict, keys: list[str]) -> tuple[list[tuple[int, int]], float | None]:
+    """(layer, expert) pairs whose router entry dropped, and the strength that reached them (median drop; for router rows
+    the norm of each row's change, the shift along the unit mean input)."""
+    if not keys or not record.get("paths"):
+        return [], None
+    abl, base = (ModelDir(p) for p in record["paths"])
+    layout = record["layout"]
+    pairs, drops = [], []
+    for k in keys:
+        role = layout.roles[k]
+        a, b = abl.tensor(k).double(), base.tensor(k).double()
+        delta = (b - a) if a.ndim == 1 else (b - a).norm(dim=-1)
+        tol = 1e-6 + 8e-3 * b.abs().reshape(len(b), -1).max(dim=-1).values  # the stored dtype's rounding is not an edit
+        for e in torch.nonzero(delta.abs() > tol).flatten().tolist():
+            pairs.append((role.layer, e))
+            drops.append(float(delta[e]))
+    abl.close()
+    base.close()
+    if not pairs:
+        return [], None
+    return sorted(pairs), round(float(torch.tensor(drops).median()), 3)

@@ -28,17 +28,18 @@ from audit.judgement.judges import make_judge
 from audit.model.directory import ModelDir
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
+from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
+from audit.pipeline.options import RunContext, RunOptions
 from audit.pipeline.simulate import Simulator
+from audit.pipeline.summary import headline, run_info, version
+from audit.pipeline.write import write_outputs
 from audit.weights.static_audit import static_audit
 from checks.contribution import contribution_check
 from checks.diagnose import Cause, diagnose, rank_by_simulation
-from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
-from audit.pipeline.options import RunContext, RunOptions
-from audit.pipeline.summary import headline, run_info, version
-from audit.pipeline.write import write_outputs
 from checks.errors import AuditError
 from checks.findings import WARN, Finding, jsonable
 from checks.gate import evaluate_gate
+from checks.layout import SUPPRESS_RULES, SUPPRESS_STRENGTHS, SUPPRESS_UNITS
 from checks.refusal_eval import MAX_DEGENERATE, MAX_REFUSAL_AFTER, damage_check, refusal_check
 from checks.routing import routing_check
 
@@ -58,13 +59,6 @@ def _cos(dirs, i: int, j: int) -> float | None:
     a, b = dirs.refusal_dir[i].double(), dirs.refusal_dir[j].double()
     na, nb = a.norm(), b.norm()
     return abs(float(a @ b / (na * nb))) if na > 0 and nb > 0 else None
-
-
-def _separating_index(dirs) -> int:
-    """The index where harmful and harmless separate best (quality), skipping the embeddings and the final norm."""
-    table = dirs.quality_table()
-    inner = [row for row in table if 0 < row["index"] < len(table) - 1] or table
-    return int(max(inner, key=lambda row: row["quality"])["index"])
 
 
 def _config_from_changes(modified: dict, measurement: int):
@@ -165,7 +159,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             ctx.say(f"[audit] WARNING: {f['message']}")
     modified = weights["data"].get("modified", {})
     present = weights["data"].get("present", {})
-    separating = _separating_index(directions)
+    separating = directions.separating_index()
     ref_index = _reference_index(intent_cfg, static["recovery"].to_dict())
     if intent_cfg is None:
         intent_cfg = _config_from_changes(modified, ref_index if ref_index is not None else separating)
@@ -265,6 +259,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             "compensation": any(f["code"] == "routing-compensation" for f in findings),
             "router_modified": bool(modified.get("router")),
             "router_ineffective": any(f["code"] == "router-ineffective" for f in findings),
+            **_suppress_evidence(base.layout.family), "suppressed": _suppressed(fix_base),
             "intended": weights["data"].get("intended", {}),
             "intent_source": weights_record.get("intent_source", "inferred"),
             "partial_experts": {l: sorted(es) for l, es in partial.items()},
@@ -330,6 +325,18 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if write:
         write_outputs(results, opts.out, inputs=inputs + [opts.apply_fix], force=opts.force)
     return results
+
+
+def _suppress_evidence(family: str) -> dict:
+    """The suppress-at-the-router fix family's strengths and unit for this family (none when its router cannot be edited so)."""
+    rule = SUPPRESS_RULES.get(family)
+    return {"suppress_strengths": list(SUPPRESS_STRENGTHS[rule]), "suppress_unit": SUPPRESS_UNITS[rule]} if rule else {}
+
+
+def _suppressed(cfg) -> dict | None:
+    """The router suppression that reached the weights (audit/intent/reached.py), for the diagnosis."""
+    sup = cfg.suppressed() if cfg is not None else {}
+    return {"experts": [[l, e] for l, es in sup.items() for e in es], "strength": cfg.suppress_strength} if sup else None
 
 
 def _empty_config():

@@ -151,7 +151,7 @@ class Simulator:
         Every fix is simulated on top of this; when the two disagree (edits no projection reproduces: noise, norm-preserving
         tools, NaN), the simulated fixes are only as good as this agreement, and the report says so.
         """
-        if reached_cfg is None or not reached_cfg.entries:
+        if reached_cfg is None or not (reached_cfg.entries or reached_cfg.suppressed()):
             return {"simulated": None, "measured": measured, "agrees": None, "note": "nothing reached the weights as a directional edit"}
         try:
             ivs = from_config(reached_cfg, reached_dirs)

@@ -19,6 +19,7 @@ import torch
 
 from audit import __version__
 from audit.ablation.ablate import load_manifest
+from audit.ablation.suppress import plan_suppress
 from audit.forward.measure import measure_directions
 from audit.intent.config import AblationConfig, load_config, plan, resolve_measurements
 from audit.intent.directions import load_directions
@@ -97,6 +98,8 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     # the intent, with the directions it ablated: an explicit --config is the user's statement of intent and
     # wins over a manifest; the manifest's directions file still serves when the config names none
     intent, per_layer, intent_dirs = None, {}, None
+    suppressed_keys: set[str] = set()  # router tensors a suppress config edits: no direction to recover from them
+    suppressed_rows: list[dict] = []  # ... and what the key diff shows of them
     dfile = ablated / manifest.get("directions_file", "directions.safetensors") if manifest is not None else None
     manifest_dirs = dfile if dfile is not None and dfile.is_file() else None
     if config is not None:
@@ -108,12 +111,18 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
         intent_dirs = (load_directions(mp) if mp is not None and mp.is_file() else None) or measured or \
             (load_directions(manifest_dirs) if manifest_dirs else None)
         edits = plan(cfg, layout, intent_dirs)
-        intent, per_layer = _intent_from_edits(edits, "config", cfg)
+        supp = [] if cfg.suppress_experts == "auto" else plan_suppress(cfg, layout)  # router entries suppress_experts names
+        suppressed_keys = {se.key for se in supp}
+        suppressed_rows = [{**se.to_dict(), "reason": f"named in {config}"} for se in supp]
+        intent, per_layer = _intent_from_edits(edits, "config", cfg, keys=[e.key for e in edits] + [se.key for se in supp])
     elif manifest is not None:
         cfg = AblationConfig.from_dict(manifest["config"], source=str(ablated / "ablation-manifest.json"))
         intent_dirs = load_directions(manifest_dirs) if manifest_dirs else measured
         edits = plan(cfg, layout, intent_dirs)
-        intent, per_layer = _intent_from_edits(edits, "manifest", cfg, keys=[m["key"] for m in manifest["modified"]])
+        suppressed_keys = {m["key"] for m in manifest.get("router_suppressed") or []}
+        suppressed_rows = list(manifest.get("router_suppressed") or [])
+        intent, per_layer = _intent_from_edits(edits, "manifest", cfg, keys=[m["key"] for m in manifest["modified"]]
+                                               + [m["key"] for m in manifest.get("router_suppressed") or []])
     if measured is None:
         measured = intent_dirs
     planned = {}
@@ -157,7 +166,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
         intent = inferred_intent(cmp.diffs)
     results: dict[str, CheckResult] = {}
     t1 = time.perf_counter()
-    results["weights"] = check_weights(cmp.diffs, intent, layout.num_layers)
+    results["weights"] = check_weights(cmp.diffs, intent, layout.num_layers, suppressed=suppressed_rows)
     results["weights"].data["layout"] = layout.summary()
     results["weights"].data["bytes_read"] = cmp.bytes_read
     results["weights"].data["stream_seconds"] = round(cmp.seconds, 3)
@@ -173,7 +182,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
             results["weights"].status = FAIL
             results["weights"].summary = "the base changed since the ablation; " + results["weights"].summary
 
-    projs = cmp.projections
+    projs = [p for p in cmp.projections if p.key not in suppressed_keys]  # suppression is not a projection (audit/ablation/suppress.py)
     if not any("ablated" in p.dirs for p in projs):  # no intended direction: each changed tensor against its own recovered one
         rec_by_key = {r.key: r for r in cmp.recoveries}
         for p in projs:
@@ -198,9 +207,11 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     results["projection"] = check_projection(projs, layout.n_routed_experts, layout.hidden_size, cosines)
 
     quality = measured.quality_table() if measured is not None else None
-    results["recovery"] = check_recovery(cmp.recoveries, local, quality, per_layer)
+    recoveries = [r for r in cmp.recoveries if r.key not in suppressed_keys]
+    results["recovery"] = check_recovery(recoveries, local, quality, per_layer)
     if record is not None:
-        record.update(diffs=cmp.diffs, projections=cmp.projections, recoveries=cmp.recoveries, layout=layout,
+        record.update(diffs=cmp.diffs, projections=cmp.projections, recoveries=recoveries, layout=layout, paths=(md_a.path, md_b.path),
+                      suppressed_keys=sorted(suppressed_keys),
                       planned={e.key: e for e in edits} if intent is not None and intent.source != "inferred" else {},
                       intent_source=intent.source, config=cfg if intent is not None and intent.source != "inferred" else None,
                       directions=intent_dirs if intent_dirs is not None else measured)
