@@ -144,7 +144,10 @@ def routing_check(harmful_before, harmless_before, harmful_after=None, modified_
                      "freq_harmful": float(fh[:, layer, e].mean()), "freq_harmless": float(fb[:, layer, e].mean()),
                      "ablated": None if modified is None else (layer, e) in modified})
     rows.sort(key=lambda r: -r["risk_difference"])
-    data["tables"]["refusal-experts"] = rows
+    data["refusal_experts"] = rows
+    cols = ["layer", "expert", "risk_difference", "q", "freq_harmful", "freq_harmless", "ablated"]
+    data["tables"]["refusal-experts"] = {"title": "Experts selected more on harmful prompts (BH q < alpha)", "columns": cols,
+                                         "rows": [[r[c] for c in cols] for r in rows]}
     if refusal:
         left = [r for r in rows if r["ablated"] is False]
         sev = WARN if (modified is None or left) else INFO

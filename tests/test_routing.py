@@ -58,6 +58,11 @@ def test_planted_refusal_experts_found_and_nulls_controlled():
     assert rows[(1, 3)]["ablated"] is True and rows[(2, 5)]["ablated"] is False
     assert rows[(1, 3)]["q"] < 0.05 and rows[(1, 3)]["risk_difference"] > 0.1
     assert f.severity == "warn" and [2, 5] in f.evidence["not_ablated"]
+    table = res.data["tables"]["refusal-experts"]  # the report renders it: an object with columns and rows
+    assert table["columns"][:2] == ["layer", "expert"] and len(table["rows"]) == len(res.data["refusal_experts"]) == len(found)
+    from reports.html import _table_view
+
+    assert len(_table_view(table)["rows"]) == len(found)
     m = res.data["matrices"]["routing-rd"]
     assert len(m["values"]) == L and len(m["values"][0]) == E and m["rows"][1] == "layer 1"
     assert res.data["curves"]["routing-js"]["series"]["harmful vs harmless (before)"][1] > 0

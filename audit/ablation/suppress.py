@@ -133,7 +133,7 @@ def suppress_direction(config, layer: int, directions) -> tuple[int, torch.Tenso
 def auto_experts(harmful_probe, harmless_probe, alpha: float = 0.05) -> list[dict]:
     """The routing check's refusal-associated experts (harmful vs harmless on the base, last prompt token, BH q < alpha)."""
     res = routing_check(harmful_probe, harmless_probe, alpha=alpha, position="last")
-    return list(res.data.get("tables", {}).get("refusal-experts") or [])
+    return list(res.data.get("refusal_experts") or [])
 
 
 def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batch_size: int = 16, progress: bool | None = None):
