@@ -192,7 +192,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from audit.pipeline.demo import run_demo
+    from audit.organisms.demo import run_demo
 
     s = run_demo(args.out, args.family, args.variant, args.seed)
     print(f"demo organism: {s['organism']}")

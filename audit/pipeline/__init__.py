@@ -1,3 +1,2 @@
-"""The commands as sequences of stages: `audit run` (inputs, weights, forward passes, judgement, diagnosis,
-simulation, outputs), the fix simulator, output folders that never touch an input, and `audit demo`.
-"""
+"""`audit run` as a sequence of stages (inputs, weights, forward passes, judgement, diagnosis, simulation, outputs):
+its options and inputs, the fix simulator, the run's summary and its output folder."""
