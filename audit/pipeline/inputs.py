@@ -3,6 +3,7 @@ each model loaded in its stored dtype and placement (one at a time, released bef
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -57,8 +58,6 @@ def offload_parent(opts: RunOptions) -> str | None:
 
 def release() -> None:
     """Give a released model's memory back before the next one loads (and its offload folder, by its finalizer)."""
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
