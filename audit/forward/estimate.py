@@ -23,6 +23,7 @@ from audit.forward.intervene import Intervention, apply, model_layout
 from audit.model.loading import input_device
 from audit.model.prompts import format_prompts
 from checks.errors import AuditError
+from checks.refusal import judge as rules_judge
 from checks.stats import wilson
 
 REFUSAL_PREFIXES = (
@@ -132,14 +133,6 @@ class Calibration:
         return asdict(self)
 
 
-def _default_judge() -> Callable:
-    try:
-        from checks.refusal import judge
-    except ImportError:
-        raise AuditError("no refusal judge available (checks/refusal.py); pass judge= or labels") from None
-    return judge
-
-
 def _refused(j) -> bool | None:
     return j.refused if hasattr(j, "refused") else (None if j is None else bool(j))
 
@@ -148,7 +141,7 @@ def _refused(j) -> bool | None:
 def generate_labels(model, tokenizer, prompts: Sequence[str], judge: Callable | None = None, max_new_tokens: int = 48,
                     batch_size: int = 8, interventions: Sequence[Intervention] = ()) -> tuple[list[str], list[bool | None]]:
     """Greedy completions and their refusal labels (judge(text, prompt) -> .refused, None = unknown)."""
-    judge = judge or _default_judge()
+    judge = judge or rules_judge
     texts = format_prompts(tokenizer, list(prompts))
     device = input_device(model)  # offloaded embeddings sit on the meta device: their execution device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

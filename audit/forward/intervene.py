@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from audit.ablation.suppress import edited, mean_input_direction, norm_key, plan_suppress
+from audit.ablation.suppress import edited, mean_input_direction, norm_key, plan_suppress, suppress_direction
 from audit.intent.config import AblationConfig, entry_direction
 from audit.model.loading import weights_on
 from checks.errors import AuditError
@@ -139,8 +139,6 @@ def from_config(config, directions) -> list[Intervention]:
     if config.router_mode == "suppress" and not sup:
         raise AuditError(f"{config.source}: suppress_experts: auto has no inference-time counterpart until it is resolved on the base; list the experts")
     if sup:
-        from audit.ablation.suppress import suppress_direction
-
         dirs = {l: suppress_direction(config, l, directions)[1] for l in sup}
         out.append(Intervention((), list(sup), dirs, suppress=sup, suppress_strength=float(config.suppress_strength),
                                 name="suppress " + "; ".join(f"L{l}:{es}" for l, es in sup.items())))
@@ -482,8 +480,6 @@ def _suppress(model, layout: Layout, iv: Intervention, restores: list, handles: 
             nk = norm_key(layout, se.layer)
             u = None
             if se.rule == "row_along_mean":
-                from audit.model.loading import weights_on
-
                 norm = model.get_submodule(_module_path(nk)) if nk else None
                 with weights_on(norm) if norm is not None else _nullcontext():
                     u = mean_input_direction(iv.direction_at(se.layer), norm.weight.detach().float() if norm is not None else None)
