@@ -44,12 +44,3 @@ def test_patches_on_a_config_with_expert_subsets_and_split_layers():
     assert all("attn_out" not in (e.components or dropped.components) for e in dropped.entries)
     again = AblationConfig.from_dict(yaml.safe_load(config_yaml(more)))
     assert again.to_dict() == more.to_dict()
-
-
-def test_edits_added_to_a_config_that_projects_nothing_take_the_default_measurement():
-    """A router suppression only (no projection entry to copy an index from): added writers use the index given, never 0."""
-    only = AblationConfig.from_dict({"router_mode": "suppress", "suppress_experts": [[1, 2]], "suppress_strength": 1.5})
-    assert not only.entries
-    patch = {"add": [{"layers": [1, 2], "targets": ["attn_out"]}]}
-    new = apply_patch(only, patch, default_measurement=3)
-    assert [(e.layer, e.measurement, e.scale) for e in new.entries] == [(1, 3, 1.0), (2, 3, 1.0)]

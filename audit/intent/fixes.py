@@ -34,12 +34,11 @@ def _explicit(config: AblationConfig) -> list[Entry]:
     return [replace(e, components=tuple(e.components if e.components is not None else config.components)) for e in config.entries]
 
 
-def _template(entries: list[Entry], layer: int | None = None, measurement: int = 0) -> tuple[int, float, float]:
-    """(measurement, scale, sparsity) new edits take: the layer's own commonest, else the config's commonest, else
-    (``measurement``, 1, 0) for a config that projects nothing (a router suppression only)."""
+def _template(entries: list[Entry], layer: int | None = None) -> tuple[int, float, float]:
+    """(measurement, scale, sparsity) new edits take: the layer's own commonest, else the config's commonest."""
     pool = [e for e in entries if layer is not None and e.layer == layer] or entries
     if not pool:
-        return measurement, 1.0, 0.0
+        return 0, 1.0, 0.0
     return Counter((e.measurement, e.scale, e.sparsity) for e in pool).most_common(1)[0][0]
 
 
@@ -64,11 +63,8 @@ def _add(entries: list[Entry], layer: int, targets, template=None) -> list[Entry
     return entries + [Entry(layer=layer, measurement=m, scale=s, sparsity=sp, components=tuple(targets))]
 
 
-def apply_patch(config: AblationConfig, patch: dict, default_measurement: int = 0) -> AblationConfig:
-    """A new config with ``patch`` applied (see the module docstring); ``config`` is left as it was.
-
-    ``default_measurement``: the index new edits use when ``config`` projects nothing to copy it from (the
-    best-separating index: index 0, the embeddings' output, has no refusal direction)."""
+def apply_patch(config: AblationConfig, patch: dict) -> AblationConfig:
+    """A new config with ``patch`` applied (see the module docstring); ``config`` is left as it was."""
     entries = _explicit(config)
     all_targets = list(dict.fromkeys([*config.components, *(t for e in entries for t in e.components)]))
     for d in patch.get("drop", []):
@@ -84,7 +80,7 @@ def apply_patch(config: AblationConfig, patch: dict, default_measurement: int = 
         rest = [replace(e, components=tuple(c for c in e.components if c not in EXPERT_TARGETS)) for e in at]
         entries = [e for e in entries if not (e.layer == layer and e.experts is not None)] + [e for e in rest if e.components]
         entries = _add(entries, layer, targets, (m, s, sp))
-    template = _template(entries, measurement=default_measurement)
+    template = _template(entries)
     for a in patch.get("add", []):
         for layer in a.get("layers", []):
             entries = _add(entries, int(layer), a.get("targets", []), _template(entries, int(layer)) if any(e.layer == layer for e in entries) else template)

@@ -294,7 +294,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     for cz in causes:
         if cz.fix.get("patch") is not None and set(cz.fix["patch"]) - {"dtype"}:
             try:
-                cz.fix["config_yaml"] = config_yaml(apply_patch(fix_base if fix_base is not None else _empty_config(), cz.fix["patch"], separating))
+                cz.fix["config_yaml"] = config_yaml(apply_patch(fix_base if fix_base is not None else _empty_config(), cz.fix["patch"]))
                 if done.extra_rows:
                     cz.fix["note"] = (f"indices {sorted(done.extra_rows)} are the ablation's own directions (no measured index matches them); "
                                       "--apply-fix writes them into the fixed model's directions.safetensors")
@@ -318,7 +318,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "gate": gate,
     }
     if opts.apply_fix and causes and verdict == "fail" and causes[0].fix.get("config_yaml"):
-        results["applied_fix"] = _apply_fix(causes[0], fix_base if fix_base is not None else _empty_config(), fix_dirs, separating, base, opts, results)
+        results["applied_fix"] = _apply_fix(causes[0], fix_base if fix_base is not None else _empty_config(), fix_dirs, base, opts, results)
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
@@ -380,9 +380,9 @@ def _unexplained(gate, rates, bypass, ablated_index, separating, target):
                  explains_refusal=False, fix={"summary": "see the failed checks in the report", "patch": {}, "candidates": []})
 
 
-def _apply_fix(cause, config, directions, separating: int, base, opts, results) -> dict:
+def _apply_fix(cause, config, directions, base, opts, results) -> dict:
     """Re-ablate the base with the top cause's fix (our ablation), re-audit it, record both."""
-    new = apply_patch(config, cause.fix.get("patch", {}) if hasattr(cause, "fix") else {}, separating)
+    new = apply_patch(config, cause.fix.get("patch", {}) if hasattr(cause, "fix") else {})
     ablate(base.path, new, opts.apply_fix, directions=directions, force=opts.force)
     sub = RunOptions(**{**opts.__dict__, "model_dir": opts.apply_fix, "base": str(base.path), "config": None, "apply_fix": None,
                         "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None,

@@ -199,7 +199,7 @@ class Simulator:
         for k, cand in enumerate(cands):
             last = k == len(cands) - 1
             try:
-                cfg = apply_patch(start, cand["patch"], self.directions.separating_index())
+                cfg = apply_patch(start, cand["patch"])
                 ivs = from_config(cfg, reached_dirs)
             except AuditError as e:  # e.g. norm-preserving configs have no inference-time counterpart
                 trace.append({"label": cand["label"], "patch": cand["patch"], "error": str(e)})
