@@ -79,6 +79,7 @@ def _cmd_ablate(args) -> int:
     from audit.ablation.ablate import ablate
     from audit.intent.config import load_config
     from audit.intent.directions import Directions
+    from audit.model.prompts import load_prompts
 
     cfg = load_config(args.config)
     base = args.base or cfg.model
@@ -88,8 +89,11 @@ def _cmd_ablate(args) -> int:
     if not out:
         raise AuditError(f"{args.config}: no output directory: pass -o OUT or set 'output:' in the config")
     dirs = Directions.load(args.directions) if args.directions else None
+    prompts = {k: load_prompts(src, k) for k, src in (("harmful", args.harmful), ("harmless", args.harmless)) if src}
     m = ablate(base, cfg, out, directions=dirs, force=args.force, progress=False if args.quiet else None,
-               output_dtype=args.output_dtype, keep_quantization=args.keep_quantization, inputs=(args.directions,))
+               output_dtype=args.output_dtype, keep_quantization=args.keep_quantization, inputs=(args.directions, args.harmful, args.harmless),
+               harmful=prompts.get("harmful"), harmless=prompts.get("harmless"),
+               prompt_sources={k: src for k, src in (("harmful", args.harmful), ("harmless", args.harmless)) if src})
     mods = m["modified"]
     worst = max((x["along_after"] / x["along_before"] for x in mods if x["along_before"] > 0), default=0.0)
     print(f"{len(mods)} tensors edited in {len(m['shards']['rewritten'])} shard(s), {len(m['shards']['copied'])} copied; "
@@ -326,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a quantized (FP8 / MXFP4) base: store its dequantized weights in this dtype (default bfloat16)")
     s.add_argument("--keep-quantization", action="store_true",
                    help="a quantized base: keep its format, the edited weights re-quantized with recomputed scales")
+    s.add_argument("--harmful", default=None, help="suppress_experts: auto: the harmful prompts its routing check uses (file or dataset; "
+                   "default: the base's prompts/train_harmful.txt, else the embedded set)")
+    s.add_argument("--harmless", default=None, help="suppress_experts: auto: the harmless prompts (as --harmful)")
     s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("static", help="static weight audit of an ablated model: key diff, projections on r, directions recovered from the weights")

@@ -343,3 +343,29 @@ def test_the_suppress_patch_turns_off_router_projection():
     assert again.to_dict() == new.to_dict()
     empty = apply_patch(AblationConfig([], (), source="nothing"), {"suppress": {"experts": [[1, 5]], "strength": 2.0}})
     assert empty.entries == [] and empty.suppressed() == {1: [5]}
+
+
+def test_ablate_cli_auto_takes_the_prompts_given_and_says_so(experts_organism, tmp_path, capsys):
+    """`audit ablate --harmful F --harmless G` with suppress_experts: auto: the routing check runs on those prompts (the
+    manifest records them and how many), the planted experts are still found; the flags without auto are refused."""
+    from audit.cli import main
+
+    path, pairs, dirs = experts_organism("glm4_moe")
+    dirs_file = dirs.save(tmp_path / "dirs.safetensors")
+    for kind in ("harmful", "harmless"):
+        lines = (path / "prompts" / f"train_{kind}.txt").read_text().splitlines()[:48]
+        (tmp_path / f"{kind}.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "auto.yaml").write_text("router_mode: suppress\nsuppress_experts: auto\nsuppress_strength: 3.0\n")
+    args = ["ablate", str(path), "--config", str(tmp_path / "auto.yaml"), "--directions", str(dirs_file), "--quiet",
+            "--harmful", str(tmp_path / "harmful.txt"), "--harmless", str(tmp_path / "harmless.txt")]
+    assert main([*args, "-o", str(tmp_path / "out")]) == 0
+    m = json.loads((tmp_path / "out" / "ablation-manifest.json").read_text())
+    assert m["config"]["suppress_experts"] == pairs
+    assert all(r["reason"].startswith("auto: routing check") for r in m["router_suppressed"])
+    assert m["suppress_auto"]["n_harmful"] == m["suppress_auto"]["n_harmless"] == 48
+    assert m["suppress_auto"]["prompts"] == {"harmful": str(tmp_path / "harmful.txt"), "harmless": str(tmp_path / "harmless.txt")}
+    (tmp_path / "listed.yaml").write_text("router_mode: suppress\nsuppress_experts: [[1, 2]]\nsuppress_strength: 3.0\n")
+    bad = ["ablate", str(path), "--config", str(tmp_path / "listed.yaml"), "--directions", str(dirs_file), "--quiet",
+           "--harmful", str(tmp_path / "harmful.txt"), "-o", str(tmp_path / "out2")]
+    assert main(bad) == 2
+    assert "suppress_experts: auto" in capsys.readouterr().err and not (tmp_path / "out2").exists()

@@ -144,7 +144,8 @@ def _norm_weight(md: ModelDir, layer: int):
 
 def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
            force: bool = False, progress: bool | None = None, output_dtype: str | None = None, keep_quantization: bool = False,
-           inputs: tuple = ()) -> dict:
+           inputs: tuple = (), harmful: list[str] | None = None, harmless: list[str] | None = None,
+           prompt_sources: dict | None = None) -> dict:
     """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written.
 
     A quantized base is written plain in ``output_dtype`` (default bfloat16), or in its own format with ``keep_quantization``.
@@ -169,7 +170,10 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
     edits = plan(config, layout, directions)
     auto = None
     if config.router_mode == "suppress" and config.suppress_experts == "auto":  # measured on the base before anything is written
-        config, auto = resolve_auto(config, md, directions, progress=progress)
+        config, auto = resolve_auto(config, md, directions, harmful, harmless, progress=progress, sources=prompt_sources)
+    elif harmful is not None or harmless is not None:
+        raise AuditError(f"{config.source}: --harmful / --harmless choose the prompts of suppress_experts: auto; this config has no "
+                         "auto suppression (drop them, or set router_mode: suppress with suppress_experts: auto)")
     supp = plan_suppress(config, layout, directions, norm_weight=lambda l: _norm_weight(md, l))
     if supp and dequantize:
         raise AuditError(f"{md.path}: router_mode: suppress on a quantized base is written with --keep-quantization only "

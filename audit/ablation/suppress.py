@@ -15,9 +15,10 @@ alive; projection keeps routing as it was and removes r wherever it is written, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from tqdm import tqdm
 
 from audit.forward.probe import probe
 from audit.model.directory import ModelDir
@@ -136,14 +137,13 @@ def auto_experts(harmful_probe, harmless_probe, alpha: float = 0.05) -> list[dic
     return list(res.data.get("refusal_experts") or [])
 
 
-def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batch_size: int = 16, progress: bool | None = None):
+def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batch_size: int = 16, progress: bool | None = None,
+                 sources: dict | None = None):
     """``config`` with ``suppress_experts: auto`` replaced by the measured experts, and the evidence per expert.
 
-    Prompts: the given lists, else the base directory's prompts/train_{kind}.txt or prompts/{kind}.txt, else the embedded sets.
+    Prompts: the given lists (``sources`` says where they came from, for the manifest), else the base directory's
+    prompts/train_{kind}.txt or prompts/{kind}.txt, else the embedded sets.
     """
-    from dataclasses import replace
-
-
     md = base_dir if isinstance(base_dir, ModelDir) else ModelDir(base_dir)
 
     def source(kind):
@@ -153,13 +153,15 @@ def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batc
                 return str(p)
         return None
 
+    sources = dict(sources or {})
+    for kind in ("harmful", "harmless"):
+        if (harmful if kind == "harmful" else harmless) is None:
+            sources[kind] = source(kind) or "embedded"
     harmful = harmful if harmful is not None else load_prompts(source("harmful"), "harmful")
     harmless = harmless if harmless is not None else load_prompts(source("harmless"), "harmless")
     model = md.load_model()
     tok = md.tokenizer()
     r = directions.refusal_dir[directions.separating_index()]  # routing does not depend on it; the probe records writes along it too
-    from tqdm import tqdm
-
     bar = tqdm(total=len(harmful) + len(harmless), unit="prompt", desc="suppress_experts: auto", disable=None if progress is None else not progress)
     try:
         ph = probe(model, tok, harmful, r, batch_size=batch_size, progress=lambda done, n: bar.update(done - bar.n))
@@ -177,4 +179,5 @@ def resolve_auto(config, base_dir, directions, harmful=None, harmless=None, batc
                                            "freq_harmless": r["freq_harmless"]} for r in rows}
     return replace(config, suppress_experts=pairs), {"method": "routing check on the base (last prompt token, risk difference > 0, "
                                                                "BH q < 0.05)", "n_harmful": len(harmful), "n_harmless": len(harmless),
+                                                     "prompts": sources,
                                                      "experts": why}
