@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 
-from audit.forward.intervene import Intervention, apply, model_layout, reroute
+from audit.ablation.ablate import ablate
+from audit.forward.intervene import Intervention, apply, from_config, model_layout, reroute
 from audit.model.directory import ModelDir
+from audit.model.prompts import format_prompts
 from checks.errors import AuditError
 from checks.layout import targets_of
 from checks.linalg import project_out
@@ -26,8 +28,7 @@ def loaded(tiny_model):
         if family not in cache:
             md = ModelDir(tiny_model(family, initializer_range=0.2))
             tok = md.tokenizer()
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
-            batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = _batch(tok)
             assert (batch["attention_mask"] == 0).any(), "the batch must contain left padding"
             cache[family] = (md.load_model(dtype=torch.float32), tok, batch)
         return cache[family]
@@ -270,11 +271,27 @@ def test_bad_interventions_raise(loaded):
     assert torch.equal(_logits(model, batch), ref), "a failed apply must leave no hook behind"
 
 
+def _batch(tok):
+    """PROMPTS in the chat format (the suite's one formatter), left-padded."""
+    return tok(format_prompts(tok, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _assert_hooks_equal_the_ablation(base, cfg, dirs, tmp_path):
+    """``cfg`` ablated on disk by audit ablate and ``cfg`` as hooks on the base give the same logits (and they differ from the base's)."""
+    ablate(base, cfg, tmp_path / "abl", directions=dirs, progress=False)
+    md_base, md_abl = ModelDir(base), ModelDir(tmp_path / "abl")
+    batch = _batch(md_base.tokenizer())
+    m_base, m_abl = md_base.load_model(dtype=torch.float32), md_abl.load_model(dtype=torch.float32)
+    want, ref = _logits(m_abl, batch), _logits(m_base, batch)
+    assert (want - ref).abs().max() > 50 * ATOL
+    with apply(m_base, from_config(cfg, dirs)):
+        got = _logits(m_base, batch)
+    assert (got - want).abs().max().item() < ATOL
+
+
 def test_from_config_equals_the_suites_own_ablation(tiny_model, tmp_path):
     """A whole config as interventions on the base == the base ablated on disk by audit/ablation/ablate.py with that config."""
-    from audit.ablation.ablate import ablate
     from audit.intent.config import AblationConfig
-    from audit.forward.intervene import from_config
     from audit.intent.directions import Directions
 
     base = tiny_model("glm4_moe", initializer_range=0.2)
@@ -286,24 +303,12 @@ def test_from_config_equals_the_suites_own_ablation(tiny_model, tmp_path):
         "ablate": [{"layer": 0, "measurement": 1}, {"layer": 1, "measurement": 2, "scale": 0.5},
                    {"layer": 3, "measurement": 3, "components": ["experts_up", "attn_in"]}],
     })
-    ablate(base, cfg, tmp_path / "abl", directions=dirs, progress=False)
-    md_base, md_abl = ModelDir(base), ModelDir(tmp_path / "abl")
-    tok = md_base.tokenizer()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    m_base, m_abl = md_base.load_model(dtype=torch.float32), md_abl.load_model(dtype=torch.float32)
-    want, ref = _logits(m_abl, batch), _logits(m_base, batch)
-    assert (want - ref).abs().max() > 50 * ATOL
-    with apply(m_base, from_config(cfg, dirs)):
-        got = _logits(m_base, batch)
-    assert (got - want).abs().max().item() < ATOL
+    _assert_hooks_equal_the_ablation(base, cfg, dirs, tmp_path)
 
 
 def test_from_config_with_expert_subsets_equals_the_ablation(tiny_model, tmp_path):
     """Entries that name experts (the reached edits of a partial ablation) give the same model as hooks and on disk."""
-    from audit.ablation.ablate import ablate
     from audit.intent.config import AblationConfig
-    from audit.forward.intervene import from_config
     from audit.intent.directions import Directions
 
     base = tiny_model("qwen3_moe", initializer_range=0.2)
@@ -312,14 +317,4 @@ def test_from_config_with_expert_subsets_equals_the_ablation(tiny_model, tmp_pat
     cfg = AblationConfig.from_dict({"components": ["experts_down"], "ablate": [
         {"layer": 1, "measurement": 1, "experts": [0, 3, 6]}, {"layer": 1, "measurement": 2, "experts": [1], "scale": 0.5},
         {"layer": 2, "measurement": 2, "components": ["attn_out", "experts_down"], "experts": [7]}]})
-    ablate(base, cfg, tmp_path / "abl", directions=dirs, progress=False)
-    md_base, md_abl = ModelDir(base), ModelDir(tmp_path / "abl")
-    tok = md_base.tokenizer()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    m_base, m_abl = md_base.load_model(dtype=torch.float32), md_abl.load_model(dtype=torch.float32)
-    want, ref = _logits(m_abl, batch), _logits(m_base, batch)
-    assert (want - ref).abs().max() > 50 * ATOL
-    with apply(m_base, from_config(cfg, dirs)):
-        got = _logits(m_base, batch)
-    assert (got - want).abs().max().item() < ATOL
+    _assert_hooks_equal_the_ablation(base, cfg, dirs, tmp_path)

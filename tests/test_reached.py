@@ -14,6 +14,7 @@ from audit.intent.config import AblationConfig
 from audit.forward.intervene import apply, from_config
 from audit.intent.directions import Directions
 from audit.model.directory import ModelDir
+from audit.model.prompts import format_prompts
 from audit.intent.reached import reached
 from audit.weights.static_audit import static_audit
 from checks.linalg import project_out
@@ -29,8 +30,7 @@ def _dirs(h: int, n: int, seed: int = 5) -> Directions:
 
 
 def _logits(model, tok):
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tok(format_prompts(tok, PROMPTS), return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         return model(**batch).logits.float()
 
