@@ -186,8 +186,14 @@ def _cmd_run(args) -> int:
     for c in res["causes"][:5]:
         sim = c.get("simulated") or {}
         extra = f"; simulated fix -> refusal {_pct(sim.get('refusal_rate'))}" if sim else ""
-        print(f"  [{c['confidence_label']}] {c['id']}: {c['summary']}{extra}")
+        print(f"  [{'demoted' if c.get('demoted') else c['confidence_label']}] {c['id']}: {c['summary']}{extra}")
         print(f"      fix: {c['fix'].get('summary', '')}")
+    dz = res.get("diagnosis") or {}
+    if dz.get("status") == "unexplained":
+        print(f"  no cause proven: {len(dz.get('tried') or [])} fix(es) simulated; next: {(dz.get('next') or ['see the report'])[0]}")
+    na = [t for t in (res.get("gate") or {}).get("thresholds", []) if t.get("state") == "not-applicable"]
+    for t in na:
+        print(f"  gate {t['name']}: {t['message']}")
     if res.get("applied_fix"):
         a = res["applied_fix"]
         print(f"applied fix ({a['cause']}) -> {a['model_dir']}: verdict {a['verdict'].upper()}, refusal {_pct(a.get('refusal_rate'))}")

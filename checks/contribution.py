@@ -19,15 +19,15 @@ import time
 
 import numpy as np
 
-from checks.conditions import Condition, Measured, finite
+from checks.conditions import Condition, Measured, value_at
 from checks.findings import FAIL, INFO, PASS, SKIP, WARN, CheckResult, Finding
 
 _KINDS = ("attn", "mlp", "shared", "experts")
 
 
 def _residual_left(result: dict) -> Measured:
-    v = (result.get("data") or {}).get("residual_left_max")
-    return Measured(None, "the residual stream was not probed in this run") if v is None else Measured(finite(v))
+    v = value_at(result, "data", "residual_left_max")
+    return Measured(None, "the residual stream was not probed in this run") if v is None else Measured(v)
 
 
 CONDITIONS = (
@@ -67,6 +67,25 @@ def writes(x) -> dict[str, np.ndarray]:
     mlp[list(moe)] = 0.0
     out["mlp"] = mlp
     return out
+
+
+def group_writes(harmful, harmless) -> tuple[dict[str, list[float]], list[float]]:
+    """Per writer target group and layer, the mean write along r at the last prompt token, harmful minus harmless (the
+    refusal-specific part); and the residual stream's projection on r per hidden-states index, harmful minus harmless.
+    NaN stays NaN: a broken activation is never read as "writes nothing"."""
+    def d(name):
+        return (_arr(harmful, name).mean(0) - _arr(harmless, name).mean(0)).astype(float)
+
+    L = _arr(harmful, "attn_last").shape[1]
+    moe = {int(i) for i in (_get(harmful, "moe_layers") or [])}
+    mlp = d("mlp_last")
+    out = {"attn_out": d("attn_last").tolist(), "mlp_down": [float(mlp[l]) if l not in moe else 0.0 for l in range(L)],
+           "shared_down": d("shared_last").tolist()}
+    if _arr(harmful, "expert_last").ndim == 3 and _arr(harmful, "expert_last").shape[2]:
+        out["experts_down"] = d("expert_last").sum(-1).tolist()
+    resid = d("resid_last").tolist()
+    out["embed"] = [resid[0]] + [0.0] * (L - 1)
+    return out, resid
 
 
 def _components(w: dict[str, np.ndarray]) -> list[dict]:
@@ -180,6 +199,21 @@ def contribution_check(before, after=None, *, harmless_before=None, harmless_aft
     data["curves"]["writes-r"] = {"title": "Output along r per layer on harmful prompts", "x": list(range(L)), "xlabel": "layer", "series": wr}
     data["reference_scale"] = scale
     data["tolerance"] = tol
+    if harmless_before is not None:  # the refusal-specific writes per target group, what the diagnosis reads
+        gw_before, res_before = group_writes(before, harmless_before)
+        data["group_writes"] = {"before": gw_before, "residual_before": res_before}
+        if after is not None and harmless_after is not None:
+            gw_after, res_after = group_writes(after, harmless_after)
+            data["group_writes"].update(after=gw_after, residual_after=res_after)
+            peak = max((abs(x) for x in res_before if x == x), default=0.0) or 1.0
+            # the largest share of the residual projection left (signed: a flipped r counts by its size); NaN stays NaN
+            data["residual_left_max"] = float("nan") if any(x != x for x in res_after) else max(abs(a) / peak for a in res_after)
+    broken = [name for name, x in (("harmful before", before), ("harmful after", after), ("harmless before", harmless_before),
+                                   ("harmless after", harmless_after))
+              if x is not None and not all(np.isfinite(_arr(x, k)).all() for k in ("resid_last", "attn_last", "mlp_last", "shared_last"))]
+    if broken:
+        findings.append(Finding("nan-inf", FAIL, f"NaN or infinite activations in the probes ({', '.join(broken)}): the writes along r are not "
+                                "measured there; the model's forward pass breaks", value=float(len(broken)), evidence={"probes": broken}))
 
     worst = max((f.severity for f in findings), key=lambda s: {INFO: 0, PASS: 0, SKIP: 0, WARN: 1, FAIL: 2}[s], default=PASS)
     status = {INFO: PASS, PASS: PASS}.get(worst, worst)

@@ -47,11 +47,38 @@ class CheckResult:
     seconds: float | None = None
 
     def to_dict(self) -> dict:
-        return jsonable({"name": self.name, "status": self.status, "summary": self.summary,
-                         "findings": [f.to_dict() for f in self.findings], "data": self.data, "seconds": self.seconds})
+        """JSON types; a NaN/Inf in ``data`` becomes null there and its path ("data.after.rate") is listed under
+        ``nonfinite`` with what it was, so the gate reads a failed measurement, never "not measured" (checks/conditions.py)."""
+        d = jsonable({"name": self.name, "status": self.status, "summary": self.summary,
+                      "findings": [f.to_dict() for f in self.findings], "data": self.data, "seconds": self.seconds})
+        bad = nonfinite_paths(self.data, "data")
+        if bad:
+            d["nonfinite"] = bad
+        return d
 
     def worst(self) -> str:
         return max((f.severity for f in self.findings), key=lambda s: SEVERITY_ORDER[s], default=PASS)
+
+
+MAX_NONFINITE_PATHS = 200  # enough to name every scalar a condition reads; long per-prompt lists are cut
+
+
+def nonfinite_paths(x: Any, path: str, out: dict | None = None) -> dict[str, str]:
+    """Dotted path -> "nan" / "inf" / "-inf" for every non-finite float under ``x`` (tensors and arrays included)."""
+    out = {} if out is None else out
+    if len(out) >= MAX_NONFINITE_PATHS:
+        return out
+    if isinstance(x, dict):
+        for k, v in x.items():
+            nonfinite_paths(v, f"{path}.{k}", out)
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            nonfinite_paths(v, f"{path}.{i}", out)
+    elif hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        nonfinite_paths(x.tolist(), path, out)
+    elif isinstance(x, float) and not math.isfinite(x):
+        out[path] = "nan" if math.isnan(x) else "inf" if x > 0 else "-inf"
+    return out
 
 
 def jsonable(x: Any) -> Any:

@@ -4,10 +4,13 @@ Pure: takes the thresholds as a dict and the results as a dict; audit/ reads the
 threshold is a Condition defined beside its check (``CONDITIONS`` in checks/refusal_eval.py,
 checks/weights.py, checks/contribution.py); this module only collects and evaluates them.
 
-Failing closed:
-- a condition that is switched on but whose number could not be measured fails, with the reason,
-  unless the gate lists it under ``optional`` (then it is reported as skipped);
-- a NaN or infinite value is its own state ("non-finite") and fails;
+Every switched-on condition ends passed, failed, not applicable (with why) or not measured (with why):
+- a condition that does not apply to these inputs says why and neither passes nor fails (``forbid_unintended``
+  without a stated intent); a gate that lists it under ``required`` makes it apply whatever the inputs, and then
+  it fails closed when it cannot be measured;
+- a condition that applies but whose number could not be measured fails, with the reason, unless the gate lists
+  it under ``optional`` (then it is reported as skipped);
+- a NaN or infinite value is its own state ("non-finite") and fails, optional or not;
 - a check whose status is ``fail`` fails the gate unless the gate lists it under ``waive``.
 """
 
@@ -22,19 +25,26 @@ CHECKS = ("weights", "projection", "recovery", "routing", "contribution", "refus
 
 
 class GateConfig:
-    """Limits per condition (None / () / False: off), plus ``optional`` conditions and ``waive``d checks.
+    """Limits per condition (None / () / False: off), plus ``optional`` and ``required`` conditions and ``waive``d checks.
 
     ``GateConfig(max_kl=0.5)`` overrides one limit; unknown names raise AuditError.
     """
 
-    def __init__(self, optional=(), waive=(), source: str = "gate config", **limits):
+    def __init__(self, optional=(), waive=(), required=(), source: str = "gate config", **limits):
         unknown = sorted(set(limits) - set(CONDITIONS))
         if unknown:
-            raise AuditError(f"{source}: unknown gate key(s) {unknown}; known: {sorted([*CONDITIONS, 'optional', 'waive'])}")
+            raise AuditError(f"{source}: unknown gate key(s) {unknown}; known: {sorted([*CONDITIONS, 'optional', 'required', 'waive'])}")
         self.limits = {name: limits.get(name, c.default) for name, c in CONDITIONS.items()}
         for k, v in self.limits.items():
             self.limits[k] = _validate(k, v, source)
         self.optional = _names(optional, "optional", sorted(CONDITIONS), source)
+        self.required = _names(required, "required", sorted(CONDITIONS), source)
+        both = sorted(self.optional & self.required)
+        if both:
+            raise AuditError(f"{source}: {both} listed under both optional and required; a threshold is one or the other")
+        off = sorted(n for n in self.required if not _on(self.limits[n]))
+        if off:
+            raise AuditError(f"{source}: required lists {off}, which this gate switches off; give each a limit (e.g. forbid_unintended: true)")
         self.waive = _names(waive, "waive", list(CHECKS), source)
 
     def __getattr__(self, name):
@@ -46,7 +56,7 @@ class GateConfig:
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "gate config") -> GateConfig:
         d = dict(d or {})
-        return cls(optional=d.pop("optional", ()), waive=d.pop("waive", ()), source=source, **d)
+        return cls(optional=d.pop("optional", ()), waive=d.pop("waive", ()), required=d.pop("required", ()), source=source, **d)
 
 
 def _validate(name: str, v, source: str):
@@ -85,7 +95,7 @@ def evaluate_gate(results: dict, gate: GateConfig, source: str = "defaults") -> 
         limit = gate.limits[name]
         if not _on(limit):
             continue
-        row = cond.judge(checks.get(cond.check), limit)
+        row = cond.judge(checks.get(cond.check), limit, required=name in gate.required)
         if row["state"] == "not-measured" and name in gate.optional:
             row = {**row, "state": "skipped", "passed": None, "message": row["message"] + " (optional in this gate: skipped)"}
         rows.append(row)

@@ -84,6 +84,11 @@ TARGETS = (
     "experts_down", "experts_gate", "experts_up", "shared_down", "shared_gate", "shared_up", "router",
 )
 
+# The target groups that write to the residual stream (their output axis is the residual one), and the component each
+# group is made of: the one list every stage uses (the projection check, the diagnosis, the simulator's bypass test).
+WRITER_TARGETS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
+WRITER_COMPONENT = {"embed": "embed", "attn_out": "attn", "mlp_down": "mlp", "experts_down": "experts", "shared_down": "shared_experts"}
+
 
 def targets_of(role: "Role") -> tuple[str, ...]:
     """The ablation target group(s) a tensor belongs to; () for tensors no ablation edits.

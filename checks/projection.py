@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding
+from checks.layout import WRITER_TARGETS
 from checks.pair_stats import DirStats
 from checks.weights import GROUP_NAMES, ranges
 
@@ -31,7 +32,6 @@ FLOOR_K = 3.0  # a residue within FLOOR_K x the expected rounding residue is rou
 REQUANT_MARGIN = 1.0
 NOT_ABLATED = 0.95  # share left above this: not ablated
 CLASSES = ("removed", "rounding", "weak-scale", "reflected", "not-ablated", "no-signal")
-WRITERS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
 
 
 @dataclass
@@ -158,7 +158,7 @@ def check_projection(recs: list[TensorProjection], n_experts: int = 0, hidden_si
                                                          "cols": groups, "values": [rows[l] for l in range(n_layers)], "vmin": 0.0, "vmax": 1.0, "unit": "share",
                                                          "note": "sum over the group's tensors of ||r.W'|| / sum of ||r.W||"}
         for g in groups:
-            key = "writes" if g in WRITERS else "reads"
+            key = "writes" if g in WRITER_TARGETS else "reads"
             key = key if dn == main else f"{key}_{dn}"
             data.setdefault(f"{key}_before", {})[g] = [per_group_before[g][l] if per_group_before[g][l] > 0 else None for l in range(n_layers)]
             data.setdefault(f"{key}_after", {})[g] = [per_group_after[g][l] if per_group_before[g][l] > 0 else None for l in range(n_layers)]
@@ -179,20 +179,19 @@ def check_projection(recs: list[TensorProjection], n_experts: int = 0, hidden_si
 
 def _findings(recs, dn, by_class, before, after, mod_layers, tol) -> list[Finding]:
     out: list[Finding] = []
-    # writers / readers still carrying r in the layers the ablation worked on
-    # r left in a tensor the ablation *edited* fails: the edit did not remove what it meant to (weak scale, rounding,
-    # re-quantization); r in an untouched writer of an ablated layer only warns: whether that matters is for the
-    # behavioural checks (refusal, damage) to say
+    # writers / readers still carrying r in the layers the ablation worked on: mechanistic evidence, so it warns (an
+    # edited tensor that kept r, a scale that overshot, an untouched writer); whether it matters is for the behavioural
+    # checks (refusal, damage) to say, and for the diagnosis to explain when they fail
     for io, code in (("writer", "writer-left"), ("reader", "reader-left")):
         for g in sorted(before):
-            if (g in WRITERS) != (io == "writer"):
+            if (g in WRITER_TARGETS) != (io == "writer"):
                 continue
             layers = [l for l in sorted(mod_layers) if l < len(before[g]) and before[g][l] > 0 and after[g][l] / before[g][l] >= tol]
             edited = {r.layer for r in recs if r.changed and g in r.targets and r.layer in layers}
             for part, ls in (("edited", [l for l in layers if l in edited]), ("untouched", [l for l in layers if l not in edited])):
                 if not ls:
                     continue
-                sev = FAIL if (io == "writer" and part == "edited") else WARN
+                sev = WARN
                 shares = [after[g][l] / before[g][l] for l in ls]
                 experts = sorted({(r.layer, r.expert) for r in recs if r.component == "experts" and r.layer in ls and r.expert is not None
                                   and g in r.targets and r.dirs.get(dn) and (r.dirs[dn].share_left or 0) >= tol})
@@ -220,7 +219,10 @@ def _findings(recs, dn, by_class, before, after, mod_layers, tol) -> list[Findin
                            layers=sorted({r.layer for r in weak if r.layer is not None}), evidence={"keys": [r.key for r in weak[:50]], "effective_scale": med}))
     refl = by_class.get("reflected", [])
     if refl:
-        out.append(Finding("reflected", FAIL, f"{len(refl)} tensor(s) have r reflected (r.W' = -r.W, effective scale ~2): the edit was applied twice "
-                           "or as a Householder reflection", value=float(len(refl)), layers=sorted({r.layer for r in refl if r.layer is not None}),
-                           evidence={"keys": [r.key for r in refl[:50]]}))
+        signed = sorted(r.dirs[dn].signed_left for r in refl)
+        med = signed[len(signed) // 2]
+        out.append(Finding("reflected", WARN, f"{len(refl)} tensor(s) have r flipped, not removed: r.W' = {med:+.2f} x r.W (median; effective scale "
+                           f"~{1 - med:.2f}, 1 removes r): the edit overshot, was applied twice or as a reflection; r is still written, with its "
+                           "sign reversed", value=med, threshold=0.0, layers=sorted({r.layer for r in refl if r.layer is not None}),
+                           evidence={"keys": [r.key for r in refl[:50]], "signed_share_left": med, "effective_scale": 1 - med}))
     return out

@@ -175,7 +175,7 @@ def check_recovery(recs: list[TensorRecovery], measured: torch.Tensor | None = N
                 evidence={"cosine": info["cos_separating"], "separating_index": separating, "ablated_index": info["best_index"], "group": g["id"]}))
     refl = [m for g in groups for m in g["members"] if m.recovery.scale is not None and REFLECTED[0] <= m.recovery.scale <= REFLECTED[1]]
     if refl:
-        findings.append(Finding("reflected", FAIL, f"{len(refl)} tensor(s) in layers {ranges(m.layer for m in refl)} were reflected along their edit direction "
+        findings.append(Finding("reflected", WARN, f"{len(refl)} tensor(s) in layers {ranges(m.layer for m in refl)} were reflected along their edit direction "
                                 f"(effective scale ~{_median([m.recovery.scale for m in refl]):.2f}): r is flipped, not removed -- the edit was applied "
                                 "twice or as a Householder reflection", value=_median([m.recovery.scale for m in refl]), threshold=1.0,
                                 layers=sorted({m.layer for m in refl if m.layer is not None}), evidence={"keys": [m.key for m in refl[:50]]}))

@@ -73,6 +73,31 @@ def _paired_p(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return np.nan_to_num(p, nan=1.0)
 
 
+EQUIV_MARGIN = 0.10  # a change of an expert's selection frequency smaller than this counts as "routing unchanged"
+
+
+def _equivalent(before: np.ndarray, after: np.ndarray, paired: bool, alpha: float = 0.05, margin: float = EQUIV_MARGIN) -> np.ndarray:
+    """Per cell, whether an equivalence test (two one-sided t-tests at ``alpha``: the 1 - 2 alpha interval of the mean
+    change lies inside +-``margin``) shows the selection frequency unchanged. "No significant change" is not this: with
+    few prompts a large change can go unnoticed, and then this is False."""
+    if paired:
+        d = after - before
+        n = len(d)
+        mean, se = d.mean(0), d.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(d.shape[1], np.inf)
+        df = n - 1
+    else:
+        n1, n0 = len(after), len(before)
+        mean = after.mean(0) - before.mean(0)
+        v1 = after.var(0, ddof=1) / n1 if n1 > 1 else np.full(after.shape[1], np.inf)
+        v0 = before.var(0, ddof=1) / n0 if n0 > 1 else np.full(before.shape[1], np.inf)
+        se = np.sqrt(v1 + v0)
+        df = max(min(n1, n0) - 1, 1)
+    if df < 1:
+        return np.zeros(mean.shape, dtype=bool)
+    half = stats.t.ppf(1 - alpha, df) * se
+    return (mean - half > -margin) & (mean + half < margin)
+
+
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     """Jensen-Shannon divergence (bits, 0..1) between two expert distributions (scipy's distance, squared)."""
     from scipy.spatial.distance import jensenshannon
@@ -198,12 +223,21 @@ def routing_check(harmful_before, harmless_before, harmful_after=None, modified_
         if rl:
             idx = [layers.index(i) for i in rl]
             changed = int(moved[idx].sum())
-            if changed == 0:
+            same = _equivalent(a, c, paired, alpha).reshape(len(layers), E)
+            if changed == 0 and not same[idx].all():  # no significant change, but too few prompts to show there was none
+                findings.append(Finding(
+                    "router-change-inconclusive", INFO,
+                    f"router modified in {len(rl)} layer(s); no expert's selection frequency on harmful prompts changed significantly, "
+                    f"but {len(fh)} prompts cannot show it unchanged (equivalence within +-{EQUIV_MARGIN:.0%} not shown for "
+                    f"{int((~same[idx]).sum())} layer x expert cell(s)): not evidence that the router edit did nothing",
+                    value=float((~same[idx]).sum()), threshold=EQUIV_MARGIN, layers=rl))
+            elif changed == 0:
                 findings.append(Finding(
                     "router-ineffective", WARN,
-                    f"router modified in {len(rl)} layer(s) but no expert's selection frequency on harmful prompts changed significantly "
-                    f"(BH q < {alpha}); max JS divergence {max(js_ba[j] for j in idx):.4f} bits",
-                    value=float(max(js_ba[j] for j in idx)), threshold=alpha, layers=rl,
+                    f"router modified in {len(rl)} layer(s) but routing on harmful prompts is unchanged: every expert's selection frequency "
+                    f"is within +-{EQUIV_MARGIN:.0%} of before (equivalence test, {len(fh)} prompts); max JS divergence "
+                    f"{max(js_ba[j] for j in idx):.4f} bits",
+                    value=float(max(js_ba[j] for j in idx)), threshold=EQUIV_MARGIN, layers=rl,
                     experts=[[l, e] for (l, e) in refusal if l in rl],
                     evidence={"js_before_after": {str(layers[j]): js_ba[j] for j in idx},
                               "refusal_experts_still_selected": [{"layer": l, "expert": e, "freq_before": float(fh[:, l, e].mean()),

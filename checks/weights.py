@@ -18,9 +18,6 @@ from checks.conditions import Condition, Measured
 from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding, ranges
 from checks.layout import TARGETS
 
-# What a thorough ablation touches, used as the intent when none is given (the guide's sections 1-2:
-# every residual writer, plus the inputs of routed and shared experts).
-INFERRED_TARGETS = ("attn_out", "mlp_down", "experts_down", "shared_down", "experts_gate", "experts_up", "shared_gate", "shared_up")
 GROUP_NAMES = {
     "embed": "embeddings", "attn_out": "attention o_proj", "attn_in": "attention q/k/v", "mlp_down": "dense MLP down_proj",
     "mlp_gate": "dense MLP gate_proj", "mlp_up": "dense MLP up_proj", "experts_down": "routed experts' down_proj",
@@ -35,18 +32,28 @@ def _modified_groups(result: dict) -> Measured:
     return Measured(None, "weights not compared in this run") if modified is None else Measured(sorted(t for t, ls in modified.items() if ls))
 
 
+HOW_TO_STATE_INTENT = ("pass --config (the ablation's YAML; `audit run` writes what reached the weights as reached-config.yaml, "
+                       "which a later run can be held to), or audit a model made by `audit ablate` (its manifest states the intent)")
+
+
+def _intent_stated(result: dict) -> str | None:
+    """Why intent conditions do not apply: no manifest, no config (the key diff is shown as evidence, not judged)."""
+    if ((result.get("data") or {}).get("intent") or {}).get("source") in (None, "inferred"):
+        return f"no intent was stated, so nothing can be called unintended; to judge it, {HOW_TO_STATE_INTENT}"
+    return None
+
+
 def _unintended(result: dict) -> Measured:
-    data = result.get("data") or {}
-    if (data.get("intent") or {}).get("source") in (None, "inferred"):
-        return Measured(None, "no intent was stated, so nothing can be called unintended: pass --config (the ablation's YAML) "
-                              "or audit a model made by `audit ablate` (its manifest states the intent)")
+    why_not = _intent_stated(result)
+    if why_not:
+        return Measured(None, why_not)
     bad = [f for f in result.get("findings", []) if f.get("code") == "unintended-modified"]
     return Measured(sum(int(f.get("value") or len(f.get("evidence", {}).get("keys", [])) or 1) for f in bad))
 
 
 CONDITIONS = (
     Condition("must_ablate", "weights", "subset", (), "target groups that must be modified", _modified_groups),
-    Condition("forbid_unintended", "weights", "none", True, "tensors changed outside the stated intent", _unintended),
+    Condition("forbid_unintended", "weights", "none", True, "tensors changed outside the stated intent", _unintended, applies=_intent_stated),
 )
 
 
@@ -116,19 +123,17 @@ def present_groups(diffs: list[TensorDiff]) -> dict[str, set[int]]:
 
 
 def inferred_intent(diffs: list[TensorDiff]) -> Intent:
-    """No manifest, no config: the intent is every INFERRED_TARGETS group over the range of changed layers."""
+    """No manifest, no config: the intent is exactly what the edits show (each changed group at the layers it changed).
+
+    Nothing is invented: a group the edits never touched was not "meant", so nothing is "intended but untouched" and
+    nothing "unintended" (the gate's intent conditions do not apply; checks/weights.py ``_intent_stated``).
+    """
     mod = modified_groups(diffs)
     layers = sorted({l for ls in mod.values() for l in ls})
     if not layers:
         return Intent("inferred", {}, None, [], "nothing changed, so no intent can be inferred")
-    lo, hi = layers[0], layers[-1]
-    changed_layers = set(layers)
-    present = present_groups(diffs)
-    targets = {t: {l for l in present.get(t, set()) if lo <= l <= hi and l in changed_layers} for t in INFERRED_TARGETS}
-    for t, ls in mod.items():  # whatever changed was meant (router, attn_in, embed ...)
-        targets.setdefault(t, set()).update(ls)
-    return Intent("inferred", {t: v for t, v in targets.items() if v}, None, [],
-                  f"inferred from the changed layers {ranges(layers)}: a thorough ablation edits every residual writer and the experts' inputs there")
+    return Intent("inferred", {t: set(ls) for t, ls in mod.items() if ls}, None, [],
+                  f"what the edits show: {', '.join(f'{t} {ranges(ls)}' for t, ls in sorted(mod.items()) if ls)} (nothing stated, nothing claimed)")
 
 
 def _collision_entries(layer: int, entry_layers: list[int]) -> list[int]:

@@ -208,7 +208,7 @@ def _cause_view(c: dict, rank: int, current: dict | None, notes: _Notes) -> dict
         "anchor": "cause-" + re.sub(r"[^a-z0-9_-]+", "-", str(c.get("id") or rank).lower()),
         "confidence": conf, "confidence_pct": None if conf is None else max(0, min(100, round(100 * conf))),
         "label": str(c.get("confidence_label") or ("high" if (conf or 0) >= 0.67 else "medium" if (conf or 0) >= 0.34 else "low")),
-        "summary": c.get("summary"), "evidence": [str(e) for e in _list(c.get("evidence"))],
+        "summary": c.get("summary"), "evidence": [_evidence(e) for e in _list(c.get("evidence"))],
         "numbers": [(str(k), _val(v)) for k, v in _dict(c.get("numbers")).items()] if isinstance(c.get("numbers"), dict) else [],
         "layers": _ranges(_list(c.get("layers"))), "experts": _experts(_list(c.get("experts"))),
         "links": links, "fix_summary": fix.get("summary"), "fix_yaml": fix.get("config_yaml"),
@@ -219,6 +219,30 @@ def _cause_view(c: dict, rank: int, current: dict | None, notes: _Notes) -> dict
         "search": [_search_row(r) for r in _list(c.get("search")) if isinstance(r, dict)],
         "why": _why(c),
     }
+
+
+def _evidence(e) -> str:
+    """One item of a cause's evidence: what was measured, and by which check (checks/diagnosis/cause.py ``cite``)."""
+    if isinstance(e, dict):
+        return f"{e.get('text', '')} [{e.get('source', '?')}]"
+    return str(e)
+
+
+def _diagnosis_view(d: dict, reached: str | None) -> dict | None:
+    """The diagnosis's conclusion when it is "unexplained" (what was measured, tried and is next), and what reached the weights."""
+    if d.get("status") != "unexplained" and not reached:
+        return None
+    tried = [{"what": str(r.get("what") or ""), "rate": charts._num(r.get("refusal_rate")), "kl": charts._num(r.get("kl")),
+              "method": r.get("method"), "note": r.get("note")} for r in _list(d.get("tried")) if isinstance(r, dict)]
+    return {"unexplained": d.get("status") == "unexplained", "statement": d.get("statement"),
+            "measured": [str(x) for x in _list(d.get("measured"))], "tried": tried, "next": [str(x) for x in _list(d.get("next"))],
+            "reached": reached}
+
+
+def _gate_state(t: dict) -> str:
+    """A gate row's state for people: pass, fail, not applicable, not measured, skipped (optional), waived, non-finite."""
+    state = str(t.get("state") or ("pass" if t.get("passed") else "fail" if t.get("passed") is False else "not measured"))
+    return state.replace("-", " ")
 
 
 def _proof_view(sim: dict) -> dict | None:
@@ -427,7 +451,11 @@ def build_view(results: dict) -> dict:
     key_rates = _rate_items(rates, ["before", "after"]) if isinstance(rates, dict) else []
 
     proof = notes.guard("simulation", lambda: _proof_view(_dict(results.get("simulation")))) if isinstance(results.get("simulation"), dict) else None
+    reached = results.get("reached_config") if isinstance(results.get("reached_config"), str) else None
+    diagnosis = notes.guard("diagnosis", lambda: _diagnosis_view(_dict(results.get("diagnosis")), reached))
     toc = []
+    if diagnosis and diagnosis["unexplained"]:
+        toc.append(("diagnosis", "No cause proven"))
     if causes:
         toc.append(("causes", f"Causes ({len(causes)})"))
     if proof:
@@ -448,7 +476,8 @@ def build_view(results: dict) -> dict:
         "command": run.get("command"), "causes": causes, "judge_line": judge_line,
         "not_blamed": [nb for nb in _list(results.get("not_blamed")) if isinstance(nb, dict)], "proof": proof,
         "grid": grid, "grid_anchor": grid_check["anchor"] if grid_check else None, "checks": checks, "gate": gate,
-        "gate_rows": [t for t in _list(gate.get("thresholds")) if isinstance(t, dict)] if gate else [],
+        "gate_rows": [{**t, "state_text": _gate_state(t)} for t in _list(gate.get("thresholds")) if isinstance(t, dict)] if gate else [],
+        "diagnosis": diagnosis,
         "status_counts": sorted(status_counts.items()), "key_rates": key_rates,
         "toc": toc, "problems": notes.items, "script": Markup(COPY_SCRIPT), "script_hash": SCRIPT_HASH, "schema_version": results.get("schema_version"),
     }

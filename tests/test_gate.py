@@ -61,13 +61,6 @@ def test_fails_closed_on_what_could_not_be_measured():
     g = evaluate_gate(r, GateConfig())
     row = next(t for t in g["thresholds"] if t["name"] == "max_refusal_after")
     assert not g["passed"] and row["state"] == "not-measured" and "50 were unknown" in row["message"]
-    r = _results()
-    r["checks"]["damage"]["data"]["first_token"] = {"n": 20, "finite": 0}  # every KL NaN: its own state
-    g = evaluate_gate(r, GateConfig())
-    assert not g["passed"] and next(t for t in g["thresholds"] if t["name"] == "max_kl")["state"] == "non-finite"
-    r = _results()
-    r["checks"]["damage"]["data"]["first_token"]["mean"] = float("nan")
-    assert next(t for t in evaluate_gate(r, GateConfig())["thresholds"] if t["name"] == "max_kl")["state"] == "non-finite"
     # every completion degenerate
     r = _results()
     r["checks"]["damage"]["data"]["degenerate"] = {"rate": 1.0, "k": 100, "n": 100}
@@ -78,13 +71,79 @@ def test_fails_closed_on_what_could_not_be_measured():
     g = evaluate_gate(r, GateConfig())
     assert not g["passed"] and [t["name"] for t in g["thresholds"] if t["passed"] is False] == ["check:projection"]
     assert evaluate_gate(r, GateConfig(waive=["projection"]))["passed"]
-    # without a stated intent, nothing can be called unintended: not measurable, so it fails until a config is given
-    g = evaluate_gate(_results(intent="inferred"), GateConfig())
-    row = next(t for t in g["thresholds"] if t["name"] == "forbid_unintended")
-    assert not g["passed"] and "not measurable: no intent was stated" in row["message"] and "--config" in row["message"]
-    assert evaluate_gate(_results(intent="inferred"), GateConfig(optional=["forbid_unintended"]))["passed"]
     with pytest.raises(AuditError, match="waive"):
         GateConfig.from_dict({"waive": ["nonsense"]})
+
+
+def test_intent_conditions_apply_only_to_a_stated_intent():
+    """A foreign ablation (no manifest, no --config) is judged on behaviour: forbid_unintended does not apply, and says why and how
+    to make it apply; a gate that lists it under ``required`` makes it apply anyway, and then it fails closed (issue 25)."""
+    g = evaluate_gate(_results(intent="inferred"), GateConfig())
+    row = next(t for t in g["thresholds"] if t["name"] == "forbid_unintended")
+    assert g["passed"] and row["state"] == "not-applicable" and row["passed"] is None
+    assert "no intent was stated" in row["message"] and "--config" in row["message"] and "reached-config.yaml" in row["message"]
+    g = evaluate_gate(_results(intent="inferred"), GateConfig.from_dict({"required": ["forbid_unintended"]}))
+    row = next(t for t in g["thresholds"] if t["name"] == "forbid_unintended")
+    assert not g["passed"] and row["state"] == "not-measured" and row["required"] and "no intent was stated" in row["message"]
+    assert evaluate_gate(_results(intent="manifest"), GateConfig.from_dict({"required": ["forbid_unintended"]}))["passed"]
+    assert not evaluate_gate(_results(intent="config", unintended=2), GateConfig())["passed"]  # stated: judged
+    with pytest.raises(AuditError, match="both optional and required"):
+        GateConfig.from_dict({"required": ["max_kl"], "optional": ["max_kl"]})
+    with pytest.raises(AuditError, match="switches off"):
+        GateConfig.from_dict({"required": ["max_residual_projection"]})
+    with pytest.raises(AuditError, match="required"):
+        GateConfig.from_dict({"required": ["nonsense"]})
+
+
+def _production(checks) -> dict:
+    """The results the gate sees in production: each check's ``to_dict()`` (JSON types: NaN becomes null plus a record of it)."""
+    return {"checks": {name: cr.to_dict() for name, cr in checks.items()}}
+
+
+def test_nan_fails_the_gate_through_the_production_path():
+    """NaN in a KL, an activation or a rate is a failed measurement, never "not measured" (an optional threshold would pass that)
+    and never 0 (issue 25). The checks are built by the check functions and serialized as results.json is."""
+    import json
+
+    import numpy as np
+
+    from checks.contribution import contribution_check
+    from checks.refusal import Judgement
+    from checks.refusal_eval import damage_check, refusal_check
+
+    yes, no = Judgement("refusal", True, "r", 1.0), Judgement("compliance", False, "c", 0.0)
+    refusal = refusal_check([no] * 20, [yes] * 20, [no] * 20, [no] * 20)
+    damage = damage_check([0.01] * 19 + [float("nan")], None, [no] * 40)  # one prompt's KL is NaN
+    g = evaluate_gate(_production({"refusal": refusal, "damage": damage}), GateConfig(optional=["max_kl"]))
+    row = next(t for t in g["thresholds"] if t["name"] == "max_kl")
+    assert row["state"] == "non-finite" and row["passed"] is False and not g["passed"]
+
+    L, n = 3, 6
+    def probe(x, resid):
+        return {"attn_last": np.full((n, L), x), "attn_mean": np.full((n, L), x), "mlp_last": np.zeros((n, L)), "mlp_mean": np.zeros((n, L)),
+                "shared_last": np.zeros((n, L)), "shared_mean": np.zeros((n, L)), "expert_last": np.zeros((n, L, 2)), "expert_mean": np.zeros((n, L, 2)),
+                "resid_last": np.tile(np.asarray(resid, dtype=float), (n, 1)), "moe_layers": [1, 2]}
+    broken = probe(0.0, [0.0, float("nan"), 0.0, 0.0])  # the ablated model's residual stream went NaN at one layer
+    contribution = contribution_check(probe(1.0, [0, 1, 2, 3]), broken, harmless_before=probe(0.0, [0] * 4), harmless_after=probe(0.0, [0] * 4))
+    d = contribution.to_dict()
+    json.dumps(d, allow_nan=False)  # JSON types only
+    assert d["data"]["residual_left_max"] is None and d["nonfinite"]["data.residual_left_max"] == "nan"
+    assert contribution.status == "fail" and any(f["code"] == "nan-inf" for f in d["findings"])
+    gate = GateConfig(max_residual_projection=0.5, optional=["max_residual_projection"])
+    g = evaluate_gate(_production({"refusal": refusal, "damage": damage_check([0.01] * 20, None, [no] * 40), "contribution": contribution}), gate)
+    row = next(t for t in g["thresholds"] if t["name"] == "max_residual_projection")
+    assert row["state"] == "non-finite" and not g["passed"]
+
+
+def test_all_undecided_harmful_answers_fail_the_refusal_check():
+    from checks.refusal import Judgement
+    from checks.refusal_eval import refusal_check
+
+    unk, yes = Judgement("unknown", None, "empty", 0.5), Judgement("refusal", True, "r", 1.0)
+    res = refusal_check([unk] * 12, [yes] * 12)
+    assert res.status == "fail" and any(f.code == "refusal-undecided" for f in res.findings)
+    g = evaluate_gate(_production({"refusal": res}), GateConfig(optional=["max_refusal_after", "min_drop", "max_kl", "max_degenerate"]))
+    assert not g["passed"] and any(t["name"] == "check:refusal" and t["passed"] is False for t in g["thresholds"])
 
 
 def test_too_many_unknown_judgements_fail_closed():

@@ -125,3 +125,16 @@ def test_organism_experts_variant_refusal_experts_found(glm_organism):
     assert len(planted & found) >= len(planted) // 2, (planted, found)  # most planted experts, FDR-controlled
     assert len(found - planted) <= max(1, len(found) // 10)
     assert all(r["q"] < 0.05 for r in f.evidence["experts"])
+
+
+def test_no_significant_change_is_not_proof_of_no_change():
+    """router-ineffective needs an equivalence test: routing shown unchanged within +-EQUIV_MARGIN. With few prompts a real shift can
+    go unnoticed by the significance test; that is "inconclusive", never evidence that the router edit did nothing (issue 25)."""
+    hb = _sample(6, _probs([(1, 3, 5.0)]), 7)
+    hl = _sample(6, _probs(), 8)
+    ha = _sample(6, _probs([(1, 3, 2.5)]), 11)  # a real shift of expert 3, too small for 6 prompts to make significant
+    res = routing_check(hb, hl, harmful_after=ha, router_modified=[1])
+    codes = {f.code for f in res.findings}
+    assert "router-ineffective" not in codes and "router-change-inconclusive" in codes
+    same = routing_check(hb, hl, harmful_after=hb, router_modified=[1])  # nothing moved at all: equivalence shown even with 6 prompts
+    assert "router-ineffective" in {f.code for f in same.findings}

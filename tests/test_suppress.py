@@ -308,25 +308,26 @@ def _labels(cause):
 
 
 def test_refusal_expert_causes_propose_suppression_after_ablating_every_expert():
-    from checks.diagnose import diagnose
+    from checks.diagnosis import Evidence, diagnose
 
-    ev = {"partial_experts": {1: [6]}, "refusal_experts": [[1, 6], [1, 7], [2, 0]], "n_experts": 8, "moe_layers": [1, 2],
-          "suppress_strengths": [0.5, 1.5], "suppress_unit": "sigmoid score", "router_modified": True, "router_ineffective": True}
-    causes = {c.id: c for c in diagnose(ev)["causes"]}
+    ev = dict(partial_experts={1: [6]}, refusal_experts=((1, 6), (1, 7), (2, 0)), n_experts=8, moe_layers=(1, 2),
+              suppress_strengths=(0.5, 1.5), suppress_unit="sigmoid score", router_modified=True, router_unchanged=True,
+              modified={"router": [1, 2]})
+    causes = {c.id: c for c in diagnose(Evidence(**ev))["causes"]}
     for cid in ("redundant-refusal-experts", "router-ablation-ineffective"):
         labels = _labels(causes[cid])
         sup = [i for i, l in enumerate(labels) if l.startswith("suppress the 3 refusal experts")]
         assert len(sup) == 2 and min(sup) > 0 and "strength 0.5" in labels[sup[0]]  # beside "ablate every expert", smallest first
         assert causes[cid].fix["candidates"][sup[0]]["patch"] == {"suppress": {"experts": [[1, 6], [1, 7], [2, 0]], "strength": 0.5}}
-    no_rule = {c.id: c for c in diagnose({**ev, "suppress_strengths": None})["causes"]}  # a family whose router cannot be edited
+    no_rule = {c.id: c for c in diagnose(Evidence(**{**ev, "suppress_strengths": ()}))["causes"]}  # a family whose router cannot be edited
     assert not any(l.startswith("suppress") for l in _labels(no_rule["redundant-refusal-experts"]))
 
 
 def test_a_weak_suppression_is_weak_scale_with_stronger_candidates():
-    from checks.diagnose import diagnose
+    from checks.diagnosis import Evidence, diagnose
 
-    ev = {"refusal_experts": [[1, 6], [1, 7]], "moe_layers": [1], "suppress_strengths": [0.5, 1.0, 1.5, 3.0],
-          "suppress_unit": "sigmoid score", "suppressed": {"experts": [[1, 6]], "strength": 1.0}}
+    ev = Evidence(refusal_experts=((1, 6), (1, 7)), moe_layers=(1,), suppress_strengths=(0.5, 1.0, 1.5, 3.0),
+                  suppress_unit="sigmoid score", suppressed={"experts": [[1, 6]], "strength": 1.0})
     c = next(c for c in diagnose(ev)["causes"] if c.id == "weak-scale")
     strengths = [cand["patch"]["suppress"]["strength"] for cand in c.fix["candidates"]]
     assert strengths[:2] == [1.5, 3.0]

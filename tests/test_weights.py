@@ -133,10 +133,11 @@ def test_cli_writes_valid_results(tiny_model, tmp_path):
     doc = json.loads((tmp_path / "res" / "results.json").read_text())
     validate_results(doc)
     assert set(doc["checks"]) == {"weights", "projection", "recovery"}
-    # the inferred intent wants the experts' inputs too: a warning, not a failure
-    assert rc == 0 and doc["checks"]["weights"]["status"] == "warn"
-    codes = {f["code"] for f in doc["checks"]["weights"]["findings"]}
-    assert codes == {"intended-untouched"}
+    # no intent stated: the intent is exactly what the edits show, so nothing is "intended but untouched" (issue 25)
+    assert rc == 0 and doc["checks"]["weights"]["status"] == "pass"
+    assert not doc["checks"]["weights"]["findings"]
+    assert doc["checks"]["weights"]["data"]["intended"] == {t: [1, 2, 3] for t in ("attn_out", "experts_down", "shared_down", "mlp_down")
+                                                            if t in doc["checks"]["weights"]["data"]["modified"]}
     m = doc["checks"]["weights"]["data"]["matrices"]["intent_vs_actual"]
     assert len(m["rows"]) == lay.num_layers and len(m["values"][0]) == len(m["cols"])
     bad = dict(doc)

@@ -1,6 +1,6 @@
 """A cause's fix (a patch) applied to a config: the YAML a user applies, what we simulate and re-ablate with.
 
-A patch is plain data produced by checks/diagnose.py; every operation is optional and they apply
+A patch is plain data produced by checks/diagnosis/rules.py; every operation is optional and they apply
 in this order:
 
 - ``drop``: ``[{"targets": [...], "layers": [...]}]`` -- stop editing those targets there (edits that

@@ -45,10 +45,23 @@ class Reached:
     extra_rows: dict[int, str] = field(default_factory=dict)  # index -> where the direction came from
     unreproduced: list[str] = field(default_factory=list)  # changed tensors no projection reproduces (noise, non-rank-one)
     n_edits: int = 0
+    unmeasured_scale: list[str] = field(default_factory=list)  # directional edits whose scale could not be measured (never taken as 1)
 
     def to_dict(self) -> dict:
         return {"entries": len(self.config.entries) if self.config else 0, "edits": self.n_edits, "extra_directions": self.extra_rows,
-                "unreproduced": self.unreproduced[:50], "n_unreproduced": len(self.unreproduced)}
+                "unreproduced": self.unreproduced[:50], "n_unreproduced": len(self.unreproduced),
+                "unmeasured_scale": self.unmeasured_scale[:50], "n_unmeasured_scale": len(self.unmeasured_scale)}
+
+    def summary(self) -> dict:
+        """What the diagnosis reads (checks/diagnosis/evidence.py): each entry's layer, index, effective scale, components and
+        experts; the router suppression; the edits whose scale is unmeasured; whether any projection reached the weights."""
+        cfg = self.config
+        entries = [{"layer": e.layer, "measurement": e.measurement, "scale": e.scale * cfg.scale,
+                    "components": list(e.components if e.components is not None else cfg.components),
+                    "experts": list(e.experts) if e.experts is not None else None} for e in (cfg.entries if cfg else [])]
+        sup = cfg.suppressed() if cfg is not None else {}
+        return {"entries": entries, "unmeasured_scale": list(self.unmeasured_scale), "projected": bool(entries or self.unmeasured_scale),
+                "suppressed": {"experts": [[l, e] for l, es in sup.items() for e in es], "strength": cfg.suppress_strength} if sup else None}
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -85,7 +98,7 @@ def reached(record: dict, directions) -> Reached:
         return len(rows) + len(extra) - 1
 
     items = []  # (layer, target, experts (frozenset) or None for the whole tensor, (index, scale, sparsity), is_bias)
-    unreproduced, n = [], 0
+    unreproduced, unmeasured, n = [], [], 0
     supp_keys = set(record.get("suppressed_keys") or [])
     layout = record.get("layout")
     for d in diffs:
@@ -108,7 +121,9 @@ def reached(record: dict, directions) -> Reached:
             unreproduced.append(d.key)
             continue
         whole = _scale_of(stats) if stats is not None else (r.recovery.scale if r is not None else None)
-        whole = 1.0 if whole is None else whole
+        if whole is None:  # a directional edit whose size along it could not be measured: reported as such, never taken as 1
+            unmeasured.append(d.key)
+            continue
         bias = d.key.endswith("bias")
         n += 1
         if d.component == "experts" and d.expert is not None:
@@ -163,7 +178,7 @@ def reached(record: dict, directions) -> Reached:
                              suppress_measurement=getattr(src, "suppress_measurement", None) if pairs else None)
         cfg = AblationConfig.from_dict(cfg.to_dict(), source=cfg.source)
         n += len(pairs)
-    return Reached(cfg, dirs, extra_src, unreproduced, n)
+    return Reached(cfg, dirs, extra_src, unreproduced, n, unmeasured)
 
 
 def _suppressed(record: dict, keys: list[str]) -> tuple[list[tuple[int, int]], float | None]:

@@ -3,7 +3,7 @@
 What reached the weights (audit/intent/reached.py) as a config is the starting point; a candidate fix is a patch
 on it (audit/intent/fixes.py), and that config as hooks on the base equals re-ablating with it (audit/forward/intervene.py;
 tests check hooks against weight edits per component type). For each cause the simulator walks its ordered
-family of candidates (checks/diagnose.py): a first-token estimate first (calibrated once on judged
+family of candidates (checks/diagnosis/rules.py): a first-token estimate first (calibrated once on judged
 generations of the base and the ablated model, early stopping), then judged generation to confirm --
 the first candidate whose estimate comes near the target, and always the largest, since the estimate alone
 can be wrong in both directions. The cause keeps the smallest candidate that reaches the target, with
@@ -27,27 +27,26 @@ from audit.forward.generate import LocalBackend, last_token_logprobs
 from audit.forward.intervene import apply, from_config
 from audit.intent.config import AblationConfig
 from audit.intent.fixes import apply_patch
+from checks.diagnosis import WRITER_CAUSES
 from checks.errors import AuditError
+from checks.layout import WRITER_COMPONENT, WRITER_TARGETS
 from checks.stats import wilson
-
-WRITER_TARGETS = ("embed", "attn_out", "mlp_down", "experts_down", "shared_down")
-_COMPONENT = {"embed": "embed", "attn_out": "attn", "mlp_down": "mlp", "experts_down": "experts", "shared_down": "shared_experts"}
-GEN_MARGIN = 0.15  # a candidate whose estimate is within this of the target is confirmed by generation
-WRITER_CAUSES = ("layer-coverage", "attention-not-ablated", "shared-experts-not-ablated", "routed-experts-not-ablated",
-                 "redundant-refusal-experts")  # causes about what writes r into the stream (the bypass test bounds these)
+from checks.thresholds import GEN_MARGIN, MAX_KL, MAX_REFUSAL_AFTER, REPRODUCE_TOL
 
 
 class Simulator:
     """Fixes simulated on the *base* model; see the module docstring."""
 
-    def __init__(self, m_base, tok, harmful, harmless, scores, labels, judge, opts, directions, layout, token_ids, lp_harmless=None):
+    def __init__(self, m_base, tok, harmful, harmless, scores, labels, judge, opts, directions, layout, token_ids, lp_harmless=None,
+                 target: float = MAX_REFUSAL_AFTER, max_kl: float = MAX_KL):
         """``scores``/``labels``: first-token refusal scores and judged labels of both models on every prompt (calibration);
-        ``lp_harmless``: the base's first-token log-probs on the harmless prompts, when already measured."""
+        ``lp_harmless``: the base's first-token log-probs on the harmless prompts, when already measured; ``target`` and
+        ``max_kl``: the gate's refusal target and KL bound (a candidate that moves harmless answers further is no fix)."""
         t0 = time.perf_counter()
         self.m_base, self.tok, self.harmful, self.harmless, self.opts = m_base, tok, harmful, harmless, opts
         self.directions, self.layout, self.judge = directions, layout, judge
-        self.opts_target = 0.1
-        self.max_kl = 1.0  # a candidate that moves harmless answers further than the gate allows does not count as a fix
+        self.target = target
+        self.max_kl = max_kl
         self.token_ids = token_ids
         self.calibration, self.note, self._lp_base = None, None, lp_harmless
         g = torch.Generator().manual_seed(0)  # a fixed order: early stopping never sees one kind of prompt first
@@ -65,7 +64,7 @@ class Simulator:
         """First-token estimate per candidate (name -> interventions), early stopping: {name: row}."""
         t0 = time.perf_counter()
         out = estimate_many(self.m_base, self.tok, [self.harmful[i] for i in self._order], candidates, self.calibration, self.token_ids,
-                            self.opts.batch_size, low=self.opts_target, high=0.5) if candidates else {"candidates": []}
+                            self.opts.batch_size, low=self.target, high=0.5) if candidates else {"candidates": []}
         self.seconds += time.perf_counter() - t0
         self.n_estimates += len(candidates)
         return {row["name"]: row for row in out["candidates"]}
@@ -90,7 +89,7 @@ class Simulator:
                         k += bool(j.refused)
                 if decide and n >= 8 and s + step < len(prompts):
                     _, lo, hi = wilson(k, n)
-                    if hi < self.opts_target or lo > self.opts_target:
+                    if hi < self.target or lo > self.target:
                         break
         p, lo, hi = wilson(k, n) if n else (math.nan, math.nan, math.nan)
         self.seconds += time.perf_counter() - t0
@@ -110,7 +109,7 @@ class Simulator:
     # -- the bypass test ----------------------------------------------------------------------
 
     def writer_targets(self) -> list[str]:
-        return [t for t in WRITER_TARGETS if self.layout.keys_where(component=_COMPONENT[t])]
+        return [t for t in WRITER_TARGETS if self.layout.keys_where(component=WRITER_COMPONENT[t])]
 
     def bypass_config(self, index: int):
         return AblationConfig.from_dict({"components": self.writer_targets(),
@@ -137,7 +136,7 @@ class Simulator:
             res[str(i)] = {"rate": rate, "lo": gen["lo"] if gen["n"] else row["lo"], "hi": gen["hi"] if gen["n"] else row["hi"],
                            "first_token_estimate": row["rate"], "method": "generation" if gen["n"] else "first-token score",
                            "quality": quality[i], "kl": self.kl(ivs[f"index {i}"])}
-        target = self.opts_target
+        target = self.target
         lowest = min(v["rate"] for v in res.values())
         ok = [k for k, v in res.items() if v["rate"] <= max(target, lowest)]  # the indices that remove refusal (or do best)
         best = min(ok, key=lambda k: (res[k]["kl"], -res[k]["quality"]))  # of those, the least damage
@@ -159,7 +158,7 @@ class Simulator:
             return {"simulated": None, "measured": measured, "agrees": None, "note": str(e)}
         gen = self.generate(ivs, decide=False) if ivs else {"rate": None, "n": 0}
         rate = gen["rate"] if gen.get("n") else None
-        agrees = None if rate is None or measured is None or measured != measured else abs(rate - measured) <= 0.15
+        agrees = None if rate is None or measured is None or measured != measured else abs(rate - measured) <= REPRODUCE_TOL
         return {"simulated": rate, "measured": measured, "agrees": agrees, "n": gen.get("n"),
                 "note": None if agrees is not False else "the reached edits as hooks do not give the ablated model's refusal: the simulated "
                                                        "fixes are estimates of a model close to, not equal to, the one audited"}
@@ -169,7 +168,7 @@ class Simulator:
     def search(self, causes, reached_cfg, reached_dirs, baseline, bypass: dict | None = None, ablated_index: int | None = None) -> dict:
         """Walk each cause's candidates on top of what reached the weights; set ``cause.simulated``, ``.search``, the chosen patch."""
         start = reached_cfg if reached_cfg is not None else AblationConfig([], (), source="nothing reached the weights")
-        works_bypass = bypass is not None and ablated_index is not None and (bypass.get(str(ablated_index)) or {}).get("rate", 1.0) <= self.opts_target
+        works_bypass = bypass is not None and ablated_index is not None and (bypass.get(str(ablated_index)) or {}).get("rate", 1.0) <= self.target
         skipped, tried = [], [0]
         for cz in causes:
             cands = list(cz.fix.get("candidates") or [])
@@ -208,7 +207,7 @@ class Simulator:
             est = self.estimate({"c": ivs})["c"] if ivs else {"rate": baseline, "lo": None, "hi": None, "n_used": 0}
             row = {"label": cand["label"], "patch": cand["patch"], "estimate": est["rate"], "estimate_interval": [est["lo"], est["hi"]],
                    "n_estimate": est["n_used"], "interventions": [iv.describe() for iv in ivs]}
-            if ivs and (est["rate"] <= self.opts_target + GEN_MARGIN or last):
+            if ivs and (est["rate"] <= self.target + GEN_MARGIN or last):
                 gen = self.generate(ivs)
                 row["generation"] = gen
                 row["refusal_rate"] = gen["rate"] if gen["n"] else est["rate"]
@@ -217,7 +216,7 @@ class Simulator:
                 if broken:
                     row["note"] = (f"{gen['n_unknown']} of {gen['n'] + gen['n_unknown']} answers undecided (degenerate)"
                                    if gen["n_unknown"] > gen["n"] else f"KL {row['kl']:.3g} above the gate's {self.max_kl:g}")
-                row["reaches_target"] = bool(gen["n"] and not broken and row["refusal_rate"] <= self.opts_target)
+                row["reaches_target"] = bool(gen["n"] and not broken and row["refusal_rate"] <= self.target)
             else:
                 row["refusal_rate"] = est["rate"]
                 row["reaches_target"] = False
@@ -239,5 +238,5 @@ class Simulator:
                         "n": gen["n"] if gen else pick["n_estimate"], "candidate": pick["label"], "candidates_tried": len(done),
                         "reaches_target": bool(chosen), "interventions": pick["interventions"]}
         if not chosen and cz.explains_refusal:
-            cz.search.append({"label": "search ended", "note": f"no candidate of {len(done)} reaches refusal <= {self.opts_target:.0%}"})
+            cz.search.append({"label": "search ended", "note": f"no candidate of {len(done)} reaches refusal <= {self.target:.0%}"})
         return True

@@ -25,12 +25,16 @@ def rate_text(r: dict | None) -> str:
     return f"{rate:.0%}"
 
 
-def headline(verdict, rates, causes) -> str:
+def headline(verdict, rates, conclusion: dict) -> str:
+    """One sentence: the verdict, refusal before -> after, and what the diagnosis concluded (checks/diagnosis/outcome.py):
+    a cause proven by its simulated fix, a cause named on its evidence, or "no cause proven" (never a guess called likely)."""
     rr = f"refusal {rate_text(rates.get('before'))} -> {rate_text(rates.get('after'))}"
     if verdict == "pass":
         return f"The ablation works: {rr}."
-    top = causes[0] if causes else None
-    return f"The ablation fails: {rr}." + (f" Most likely cause: {top.title}." if top else "")
+    status = conclusion.get("status")
+    if status == "explained":
+        return f"The ablation fails: {rr}. {'Cause' if conclusion.get('proven') else 'Cause named on evidence'}: {conclusion['statement']}."
+    return f"The ablation fails: {rr}. No cause proven" + (f": {conclusion['next'][0]}." if conclusion.get("next") else ".")
 
 
 def run_info(opts, ctx, abl, base, hs, ls, nh, nl, dsrc, separating, ref, intent_source, gate_source) -> dict:

@@ -11,6 +11,7 @@ from reports.junit import write_junit
 from reports.results_io import write_results_json, write_text_atomic
 
 SAMPLES_NAME = "samples.jsonl"  # every completion judged, one JSON object a line
+REACHED_NAME = "reached-config.yaml"  # what reached the weights, as a config a later run can be held to (--config)
 
 
 def write_outputs(results: dict, out: str, inputs=(), force: bool = False) -> Path:
@@ -25,6 +26,8 @@ def write_outputs(results: dict, out: str, inputs=(), force: bool = False) -> Pa
             write_samples(res, folder / SAMPLES_NAME)
             write_report(res, folder / "report.html")
             write_junit(res, folder / "junit.xml")
+            if res.get("reached_config"):
+                write_text_atomic(folder / REACHED_NAME, res["reached_config"])
         dest = od.commit()
     return dest
 
