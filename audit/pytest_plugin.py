@@ -1,4 +1,4 @@
-"""The gate inside a team's own pytest CI: `pytest --audit-model DIR --audit-base BASE [--audit-gate GATE]`.
+"""The gate inside a team's own pytest CI: `pytest --audit-model=DIR --audit-base=BASE [--audit-gate=GATE]`.
 
 With an ablated model named (``--audit-model`` or the ini option ``audit_model``), pytest runs the audit once per
 session through the library (``run_audit``), keeps the results in pytest's cache under a hash of every input, and
@@ -94,24 +94,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _value(config: pytest.Config, f: Flag):
     """The flag's value (the command line wins over the ini file), converted; None when neither sets it."""
-    raw, where, base = config.getoption(f.ini), f.flag, config.invocation_params.dir
+    raw, where, base = config.getoption(f.ini), f.flag, None
     if raw is None:
         raw = config.getini(f.ini)
-        where = f"{f.ini} in {config.inipath}"
-        base = config.inipath.parent if config.inipath else config.rootpath
         if raw is None or raw == "" or raw is False:  # unset (pytest < 9 gives "" and False for unset ini options)
             return None
         raw = raw.strip() if isinstance(raw, str) else raw
+        where, base = f"{f.ini} in {config.inipath}", config.inipath.parent if config.inipath else config.rootpath
     if f.kind == "switch":
         return not raw if f.field == "simulate" else bool(raw)
     if f.kind in ("path", "out", "prompts"):
         p = Path(raw).expanduser()
-        full = p if p.is_absolute() else base / p
+        full = p if p.is_absolute() else (base or config.invocation_params.dir) / p
         if f.kind == "path" and not full.exists():
             raise pytest.UsageError(f"{where}: {full} does not exist (expected: {f.help.split(' (')[0]})")
         if f.kind == "prompts" and not full.exists():
             return raw  # a datasets name (load_prompts says so when it is neither)
-        return raw if where == f.flag else str(full)  # a flag as given (vLLM's default served name is the path as given)
+        return str(full) if base else raw  # a flag's path as given: vLLM's default served name is the path as given
     if f.kind in ("count", "seconds"):
         try:
             v = int(raw) if f.kind == "count" else float(raw)
@@ -173,7 +172,8 @@ def _check_rootdir(config: pytest.Config) -> None:
     """pytest picks its rootdir (where its cache and ini file are) before plugins load, reading the word after an unknown
     flag as a test path: `--audit-model /models/x` can put its cache in /models. Refused, with the one-word form to use."""
     args, here = config.invocation_params.args, config.invocation_params.dir
-    two_words = [a for a, v in zip(args, args[1:]) if a in {f.flag for f in FLAGS if f.kind != "switch"} and (here / v).exists()]
+    valued = {f.flag for f in FLAGS if f.kind != "switch"}
+    two_words = [a for a, v in zip(args, args[1:]) if a in valued and (here / v).exists()]
     if two_words and config.inipath is None and config.rootpath != here:
         raise pytest.UsageError(f"{', '.join(two_words)} given as two words: pytest took the path for a test path and made "
                                 f"{config.rootpath} its rootdir (its cache would be written there); write {two_words[0]}=PATH")
@@ -227,10 +227,17 @@ def tool_digest() -> str:
     return h.hexdigest()
 
 
-def inputs_hash(opts: RunOptions, gate) -> str:
-    """The hash an audit is cached under: both models' files, config and its measurement, directions, prompts, the gate
-    as read (file or pyproject), the options that change results, and the tool itself."""
+def base_dir(opts: RunOptions) -> str | None:
+    """--audit-base, else the base the ablated model's manifest names (as run_audit finds it)."""
     from audit.ablation.ablate import load_manifest
+
+    return opts.base or ((load_manifest(opts.model_dir) or {}).get("base") or {}).get("path")
+
+
+def inputs_hash(opts: RunOptions, gate) -> str:
+    """The hash an audit is cached under: where the inputs are and what they hold (both models' files, the config and
+    its measurement, directions, prompts, the judge's folder), the gate as read (file or pyproject), the options that
+    change results, and the tool itself."""
     from audit.intent.config import load_config, resolve_measurements
 
     h = hashlib.sha256()
@@ -239,12 +246,11 @@ def inputs_hash(opts: RunOptions, gate) -> str:
         h.update(f"\n{label}=".encode() + json.dumps(value, sort_keys=True, default=str).encode())
 
     part("tool", tool_digest())
-    base = opts.base or ((load_manifest(opts.model_dir) or {}).get("base") or {}).get("path")
     measurement = resolve_measurements(load_config(opts.config)) if opts.config else None
     judge_dir = opts.judge.split(":", 1)[1] if opts.judge.startswith("classifier:") else None
-    for label, path in (("model", opts.model_dir), ("base", base), ("config", opts.config), ("measurement", measurement),
+    for label, path in (("model", opts.model_dir), ("base", base_dir(opts)), ("config", opts.config), ("measurement", measurement),
                         ("directions", opts.directions), ("harmful", opts.harmful), ("harmless", opts.harmless), ("judge", judge_dir)):
-        part(label, path is not None)
+        part(label, str(Path(path).resolve()) if path is not None and Path(path).exists() else path)  # results.json names it
         digest_path(h, path)
     cfg, source = gate
     part("gate", {"limits": cfg.limits, "optional": sorted(cfg.optional), "required": sorted(cfg.required), "waive": sorted(cfg.waive),
@@ -281,7 +287,8 @@ def _load(state: AuditState, config: pytest.Config) -> None:
         state.results, state.cached = json.loads(hit["results_json"]), True
         on_disk = results_file.read_text(encoding="utf-8") if results_file.is_file() else None
         if on_disk != hit["results_json"]:
-            write_outputs(json.loads(hit["results_json"]), opts.out, inputs=_inputs(opts), force=True)
+            inputs = [opts.model_dir, base_dir(opts), opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]  # as run_audit's
+            write_outputs(json.loads(hit["results_json"]), opts.out, inputs=inputs, force=True)
         _say(config, f"inputs unchanged since the cached audit ({key[:12]}): not re-run; report: {state.report}")
         return
     _say(config, f"auditing {opts.model_dir} against {opts.base or 'the base its manifest names'} (inputs {key[:12]}, no cached audit) ...")
@@ -298,10 +305,6 @@ def _load(state: AuditState, config: pytest.Config) -> None:
     if cache is not None:
         cache.set(CACHE_KEY, {"inputs": key, "results_json": text})
     _say(config, f"audit done in {state.seconds:.0f} s; report: {state.report}")
-
-
-def _inputs(opts: RunOptions) -> list:
-    return [opts.model_dir, opts.base, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
 
 
 @pytest.hookimpl(tryfirst=True)
