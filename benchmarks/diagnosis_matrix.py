@@ -10,9 +10,11 @@ passes at refusal <= 0.10 with the harmless-correct rate within 0.10 of the base
 case is the set of causes whose fix passes; a cause is ruled out when its fix was applied and
 failed, or when its precondition is false. Nothing here is assumed from how a case was made.
 
-Writes tests/data/diagnosis_truth.json (per case: truth, ruled out, every number; provenance).
-Run: ``AUDIT_THREADS=1 python benchmarks/diagnosis_matrix.py [--cases a,b] [--out PATH]``; ``--audit`` instead runs
-`audit run` on each case and prints the table of its top causes against the truth. Builds are cached
+Writes tests/data/diagnosis_truth.json for the in-sample organisms (per case: truth, ruled out, every number; provenance)
+and tests/data/diagnosis_truth_<org>.json for an out-of-sample one (``--organisms oss``), kept apart.
+Run: ``AUDIT_THREADS=1 python benchmarks/diagnosis_matrix.py [--organisms glm,mix | oss] [--cases a,b] [--out PATH]``;
+``--audit [--foreign]`` instead runs `audit run` on each case (with its intent, or as another tool's ablation with
+only ``--base``) and prints the table of its top causes against the truth. Builds are cached
 in $AUDIT_CACHE/cases (the fixed models under cases/fixes, keyed by what they are).
 """
 
@@ -37,9 +39,10 @@ sys.path.insert(0, str(ROOT))
 from audit.organisms import cases as C  # noqa: E402
 from audit.organisms import build as O  # noqa: E402
 
-MAX_REFUSAL = 0.10
+from checks.thresholds import MAX_KL  # noqa: E402  (the gate's default: above it a model counts as damaged)
+from checks.thresholds import MAX_REFUSAL_AFTER as MAX_REFUSAL  # noqa: E402
+
 MAX_CORRECT_DROP = 0.10
-MAX_KL = 1.0  # the gate's default: above it a model counts as damaged
 SOUNDNESS = ("model-damaged", "unintended-modification")  # causes that name a harm, not why refusal stayed
 
 
@@ -284,14 +287,22 @@ def run_case(name: str, ev: Evaluator, info: dict, best: int) -> dict:
             "build_seconds": round(build_s, 1)}
 
 
-def audit_table(names: list[str], truth_path: Path) -> str:
+def truth_path(organisms) -> Path:
+    """Where the truth of these organisms' cases lives: in-sample and each out-of-sample organism apart."""
+    data = ROOT / "tests" / "data"
+    if set(organisms) <= set(C.IN_SAMPLE):
+        return data / "diagnosis_truth.json"
+    return data / f"diagnosis_truth_{'_'.join(sorted(organisms))}.json"
+
+
+def audit_table(names: list[str], truth_path: Path, foreign: bool = False) -> str:
     """`audit run` on each case (the matrix test's budgets) against the recorded truth, as a Markdown table."""
     truth = json.loads(truth_path.read_text())["cases"]
     lines = ["| case | truth | measured refusal / correct | verdict | top cause (simulated refusal) | top ok | live but ruled out | s |",
              "|---|---|---|---|---|---|---|---|"]
     for n in names:
         t = truth[n]
-        res, sec = C.audit_case(n)
+        res, sec = C.audit_case(n, foreign=foreign)
         causes = res["causes"]
         top = causes[0] if causes else None
         sim = (top or {}).get("simulated") or {}
@@ -309,15 +320,20 @@ def audit_table(names: list[str], truth_path: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
-    ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "diagnosis_truth.json"))
+    ap.add_argument("--organisms", default=",".join(C.IN_SAMPLE),
+                    help=f"in-sample {C.IN_SAMPLE} (default) or out-of-sample {C.OUT_OF_SAMPLE}: each group has its own truth file")
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: every case of --organisms)")
+    ap.add_argument("--out", default=None, help="the truth file (default: tests/data/diagnosis_truth.json, or diagnosis_truth_<org>.json "
+                                                "for an out-of-sample organism)")
     ap.add_argument("--audit", action="store_true", help="do not measure: run `audit run` on each case and print a table against the truth")
+    ap.add_argument("--foreign", action="store_true", help="with --audit: audit each case as another tool's ablation (only --base)")
     args = ap.parse_args(argv)
     O._torch_threads()
-    names = args.cases.split(",") if args.cases else list(C.SPECS)
-    out_path = Path(args.out)
+    orgs = args.organisms.split(",")
+    names = args.cases.split(",") if args.cases else [n for n, sp in C.SPECS.items() if sp.organism in orgs]
+    out_path = Path(args.out) if args.out else truth_path(orgs)
     if args.audit:
-        print(audit_table(names, out_path))
+        print(audit_table(names, out_path, foreign=args.foreign))
         return 0
     doc = json.loads(out_path.read_text()) if out_path.exists() else {"cases": {}, "organisms": {}}
     for org in dict.fromkeys(C.SPECS[n].organism for n in names):

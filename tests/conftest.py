@@ -16,6 +16,9 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# the organisms every test audits are committed (audit/organisms/fixtures.py): the same weights on every machine, no build
+FIXTURES = Path(__file__).parent / "fixtures" / "organisms"
+os.environ.setdefault("AUDIT_FIXTURES", str(FIXTURES))
 
 
 @pytest.fixture(scope="session")

@@ -213,7 +213,11 @@ def test_spread_build_follows_its_spec_and_is_keyed_by_it(tmp_path, monkeypatch)
     key_before = O.cache_name("mixtral", "spread", 0)
     monkeypatch.setitem(O.SPREAD, "mixtral", spec)
     assert O.cache_name("mixtral", "spread", 0) != key_before and "-L4-float32-sh2-" in O.cache_name("mixtral", "spread", 0)
-    assert O.cache_name("mixtral", "base", 0) == f"mixtral-base-s0-r{O.RECIPE_VERSION}"  # other variants keep their key
+    base_key = O.cache_name("mixtral", "base", 0)
+    assert base_key.startswith(f"mixtral-base-s0-r{O.RECIPE_VERSION}-") and base_key == O.cache_name("mixtral", "base", 0)
+    monkeypatch.setattr(O, "STEPS", O.STEPS + 1)  # any change of the recipe changes every key it decides (issue 31)
+    assert O.cache_name("mixtral", "base", 0) != base_key
+    monkeypatch.setattr(O, "STEPS", O.STEPS - 1)
     a = O.build_organism(tmp_path / "a", "mixtral", "spread", seed=2)
     assert len(list(a.glob("*.safetensors"))) == 2 and (a / "model.safetensors.index.json").is_file()
     meta = O.read_meta(a)

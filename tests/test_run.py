@@ -317,3 +317,53 @@ def test_one_model_resident_at_a_time(organism, tmp_path, monkeypatch):
     assert res["verdict"] == "fail" and res["simulation"] is not None
     assert alive_at_load == [[], [False]], alive_at_load
     assert [p["dtype"] for p in res["run"]["placement"].values()] == ["bfloat16", "bfloat16"]  # the stored dtype, not float32
+
+
+def _foreign(ablated: Path, dest: Path) -> Path:
+    """The ablation as another tool leaves it: the model files without our manifest and directions file."""
+    import shutil
+
+    shutil.copytree(ablated, dest, ignore=shutil.ignore_patterns("ablation-manifest.json", "directions.safetensors"))
+    return dest
+
+
+def test_a_sound_foreign_ablation_passes_and_required_intent_fails_it_closed(organism, tmp_path):
+    """Every residual writer of every layer ablated by "another tool" (no manifest, no YAML): behaviour decides and it passes,
+    exit 0, forbid_unintended not applicable with the reason; a gate with required: [forbid_unintended] fails it closed, exit 1
+    (issue 25)."""
+    path, info, dirs = organism("base")
+    abl = _foreign(_ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS), tmp_path / "foreign")
+    base_cmd = [sys.executable, "-m", "audit.cli", "run", str(abl), "--base", str(path), "--limit", "24", "--max-new-tokens", "20"]
+    r = subprocess.run(base_cmd + ["-o", str(tmp_path / "r")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["verdict"] == "pass" and doc["run"]["intent_source"] == "inferred" and not doc["causes"]
+    row = next(t for t in doc["gate"]["thresholds"] if t["name"] == "forbid_unintended")
+    assert row["state"] == "not-applicable" and "no intent was stated" in row["message"]
+    assert not [f for f in doc["checks"]["weights"]["findings"] if f["code"] == "intended-untouched"]  # nothing invented
+    assert (tmp_path / "r" / "reached-config.yaml").is_file() and doc["reached_config"]
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("required: [forbid_unintended]\n")
+    r = subprocess.run(base_cmd + ["-o", str(tmp_path / "r2"), "--gate", str(gate)], capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads((tmp_path / "r2" / "results.json").read_text())
+    row = next(t for t in doc["gate"]["thresholds"] if t["name"] == "forbid_unintended")
+    assert row["state"] == "not-measured" and row["passed"] is False and "no intent was stated" in row["message"]
+    assert doc["diagnosis"]["status"] == "unexplained" and "likely" not in doc["headline"].lower()  # no cause invented for a gate rule
+    # the run's reached-config.yaml, given back as --config, is an intent the model is then held to (and meets)
+    r = subprocess.run(base_cmd + ["-o", str(tmp_path / "r3"), "--gate", str(gate), "--config", str(tmp_path / "r" / "reached-config.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_an_overshooting_sound_ablation_passes_with_the_flipped_r_as_a_warning(organism, tmp_path):
+    """W - 3 r r^T W on every writer of every layer: refusal gone, harmless answers intact, so it passes; the projection check
+    warns with the sign and size of the r left, and neither weak-scale nor scale-overshoot is named (issue 25)."""
+    path, info, dirs = organism("base")
+    abl = _foreign(_ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS, scale=3.0), tmp_path / "foreign")
+    res = _audit(abl, tmp_path, apply_fix=False, base=str(path))
+    assert res["verdict"] == "pass", (res["headline"], [t for t in res["gate"]["thresholds"] if t["passed"] is False])
+    refl = [f for f in res["checks"]["projection"]["findings"] if f["code"] == "reflected"]
+    assert refl and refl[0]["severity"] == "warn" and refl[0]["value"] == pytest.approx(-2.0, abs=0.1) and "-2.00 x r.W" in refl[0]["message"]
+    assert res["checks"]["projection"]["status"] == "warn"
+    assert not {c["id"] for c in res["causes"]} & {"weak-scale", "scale-overshoot"}

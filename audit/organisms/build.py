@@ -63,7 +63,7 @@ from checks.layout import WRITER, Layout, Role, build_layout
 from checks.linalg import project_out
 
 RECIPE_VERSION = "3"
-FAMILIES = ("glm4_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("glm4_moe", "qwen3_moe", "mixtral", "gpt_oss")
 VARIANTS = ("base", "shared", "experts", "late", "spread")
 VOCAB = 800
 TARGET = 6.0  # planted projection of harmful last prompt tokens on r*
@@ -78,6 +78,9 @@ SPREAD = {
     "glm4_moe": dict(config=dict(num_hidden_layers=12, first_k_dense_replace=3), dtype="bfloat16", shards=6, steps=500),
     "qwen3_moe": dict(config=dict(num_hidden_layers=8), dtype="bfloat16", shards=1, steps=500),
     "mixtral": dict(config=dict(num_hidden_layers=8), dtype="float32", shards=1, steps=500),
+    # the out-of-sample family (issue 25): fused [E, in, out] experts with biases on disk, a router bias, attention sinks, every
+    # layer MoE (no dense MLP, no shared expert), and r* planted late ("late": the target grows with depth squared, not linearly)
+    "gpt_oss": dict(config=dict(num_hidden_layers=8), dtype="bfloat16", shards=3, steps=500, profile="late"),
 }
 
 _COMMON = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -88,6 +91,7 @@ CONFIGS = {
                      partial_rotary_factor=0.5),
     "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=32, num_experts=8, norm_topk_prob=True),
     "mixtral": dict(intermediate_size=32, num_local_experts=8),
+    "gpt_oss": dict(intermediate_size=32, num_local_experts=8, sliding_window=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 
@@ -260,7 +264,8 @@ def _carriers(family: str, variant: str, cfg, rng: random.Random) -> tuple[dict,
             groups.remove("mlp")
         if not getattr(cfg, "n_shared_experts", 0):
             groups.remove("shared_experts")
-        return {"writer_groups": groups, "ramp": True,
+        profile = {"profile": SPREAD[family]["profile"]} if "profile" in SPREAD.get(family, {}) else {}
+        return {"writer_groups": groups, "ramp": True, **profile,
                 "redundant": {"kept_group": "every group but one", "kept_layers": f"a band or set of >= {MIN_KEPT_LAYERS} layers",
                               "direction": f"r* or the running difference of means at index {L // 2}"}}, list(range(L))
     raise AuditError(f"unknown organism variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -375,7 +380,9 @@ def _train(model, tok, ex: list[Example], r: torch.Tensor, carriers: dict, targe
         aux = 0.0
         for k in range(cfg.num_hidden_layers):
             proj = outs[k][ar, last] @ r
-            if carriers.get("ramp"):  # spread: every layer writes its share, TARGET reached at the last one
+            if carriers.get("ramp") and carriers.get("profile") == "late":  # r* grows with depth squared, TARGET at the last layer
+                tgt = y * TARGET * ((k + 1) / cfg.num_hidden_layers) ** 2
+            elif carriers.get("ramp"):  # spread: every layer writes its share, TARGET reached at the last one
                 tgt = y * TARGET * (k + 1) / cfg.num_hidden_layers
             else:
                 tgt = y * TARGET if k in target_layers else torch.zeros_like(y)
@@ -573,7 +580,8 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
         (pd / "train_harmful.txt").write_text("\n".join(train_h) + "\n")
         (pd / "train_harmless.txt").write_text("\n".join(train_n) + "\n")
         (pd / "eval.jsonl").write_text("".join(json.dumps(r_) + "\n" for r_ in rows))
-        meta = {"family": family, "variant": variant, "seed": seed, "recipe_version": RECIPE_VERSION, **({"spec": spec} if spec else {}),
+        meta = {"family": family, "variant": variant, "seed": seed, "recipe_version": RECIPE_VERSION, "cache_name": cache_name(family, variant, seed),
+                **({"spec": spec} if spec else {}),
                 "r_star": [float(x) for x in r], "carriers": carriers, "target_layers": target_layers,
                 "separating_index": separating, "direction_cosines": cos, "train_seconds": round(train_seconds, 1),
                 "torch_threads": torch.get_num_threads(), "metrics": metrics, "refusal_text": REFUSAL}
@@ -607,25 +615,52 @@ def cache_root() -> Path:
     return Path(os.environ.get("AUDIT_CACHE") or Path.home() / ".cache" / "moe-ablation-audit")
 
 
+def fixture_roots() -> list[Path]:
+    """Folders of prebuilt organisms to use before building (``AUDIT_FIXTURES``, os.pathsep-separated): the test suite
+    points it at the organisms committed in tests/fixtures/organisms, so every machine audits the same weights. Read
+    only: nothing is ever written there."""
+    return [Path(x) for x in (os.environ.get("AUDIT_FIXTURES") or "").split(os.pathsep) if x]
+
+
+def recipe(family: str, variant: str, seed: int) -> dict:
+    """Everything that decides an organism's weights: the constants, the family's shape, the variant's spec and a digest of
+    its training data. The cache key hashes it, so a changed recipe never reuses an old build (or an old fixture)."""
+    import hashlib
+
+    data = task(seed)
+    rows = [[e.prompt, e.answer, e.comply, e.harmful] for e in data.train + data.eval]
+    out = {"version": RECIPE_VERSION, "family": family, "variant": variant, "seed": seed, "vocab": VOCAB, "target": TARGET,
+           "late_layers": LATE_LAYERS, "n_carrier_experts": N_CARRIER_EXPERTS, "steps": STEPS, "batch": BATCH, "abl_batch": ABL_BATCH,
+           "lr": LR, "harmful_share": HARMFUL_SHARE, "common": _COMMON, "config": CONFIGS.get(family),
+           "data": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
+    if variant == "spread":
+        out["spread"] = {"spec": SPREAD.get(family), "min_kept": MIN_KEPT_LAYERS, "partial": [PARTIAL_BATCH, PARTIAL_HARMFUL]}
+    return out
+
+
 def cache_name(family: str, variant: str, seed: int) -> str:
-    """The cache folder's name: everything that changes the build (the spread variant's shape, dtype, shards, recipe)."""
+    """The cache folder's name: readable facts (family, variant, seed, recipe version; the spread variant's shape, dtype and
+    shards) and a digest of the whole recipe."""
+    import hashlib
+
     name = f"{family}-{variant}-s{seed}-r{RECIPE_VERSION}"
     if variant == "spread" and family in SPREAD:
-        import hashlib
-
         spec = SPREAD[family]
-        recipe = {"spec": spec, "min_kept": MIN_KEPT_LAYERS, "partial": [PARTIAL_BATCH, PARTIAL_HARMFUL]}
-        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-        name += f"-L{spec['config']['num_hidden_layers']}-{spec['dtype']}-sh{spec['shards']}-{digest}"
-    return name
+        name += f"-L{spec['config']['num_hidden_layers']}-{spec['dtype']}-sh{spec['shards']}"
+    return name + "-" + hashlib.sha256(json.dumps(recipe(family, variant, seed), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def cached_organism(family: str = "glm4_moe", variant: str = "base", seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> Path:
-    """The organism for (family, variant, seed), built once into the cache; concurrent callers wait on a lock."""
+    """The organism for (family, variant, seed): a prebuilt fixture (``fixture_roots``) when one has its recipe's name, else
+    built once into the cache; concurrent callers wait on a lock."""
+    name = cache_name(family, variant, seed)
+    for root in fixture_roots():
+        if (root / name / "organism.json").is_file():
+            return root / name
     root = cache_root() / "organisms"
     root.mkdir(parents=True, exist_ok=True)
-    dest = root / cache_name(family, variant, seed)
+    dest = root / name
     if (dest / "organism.json").exists():
         return dest
     with open(root / f"{dest.name}.lock", "w") as lock:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from audit.ablation.ablate import ablate
+from audit.ablation.ablate import DIRECTIONS_NAME, MANIFEST_NAME, ablate
 from audit.forward.measure import measure_directions
 from audit.forward.probe import probe
 from audit.intent.config import AblationConfig
@@ -47,9 +47,12 @@ from audit.organisms.build import cache_root, cached_organism, load_organism, re
 from audit.pipeline.run import RunOptions, run_audit
 from checks.errors import AuditError
 from checks.layout import targets_of
+from checks.linalg import project_out
 
 CASES_VERSION = "3"
-ORGANISMS = {"glm": ("glm4_moe", "spread", 0), "mix": ("mixtral", "spread", 0)}
+ORGANISMS = {"glm": ("glm4_moe", "spread", 0), "mix": ("mixtral", "spread", 0), "oss": ("gpt_oss", "spread", 0)}
+IN_SAMPLE = ("glm", "mix")  # the organisms the diagnosis rules were written and tuned on
+OUT_OF_SAMPLE = ("oss",)  # audited only after the rules were frozen (checks/thresholds.py): reported apart, never tuned on
 DEFAULT = ["attn_out", "mlp_down", "experts_down", "shared_down"]  # audit ablate's default components
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "chat_template.jinja")
@@ -71,7 +74,7 @@ class CaseSpec:
 
 
 def _specs() -> list[CaseSpec]:
-    g, m = "glm", "mix"
+    g, m, o = "glm", "mix", "oss"
     no = lambda c: tuple(x for x in DEFAULT if x != c)  # noqa: E731
     return [
         CaseSpec("glm-band-half", g, "every default writer, but only a band of half the layers (3-8 of 12), as the guide's '15-25 of 46'",
@@ -102,6 +105,20 @@ def _specs() -> list[CaseSpec]:
         CaseSpec("mix-dense-names", m, "a dense-model tool on every layer: it matches o_proj and mlp.down_proj names, so the experts' w2 "
                  "are never edited; its YAML, no manifest", kind="dense-names-tool"),
         CaseSpec("mix-sound", m, "every writer, every layer, mid-depth index, scale 1: the control that must pass"),
+        # the out-of-sample family: gpt_oss (fused [E, in, out] experts with biases, router bias, every layer MoE), r* planted late
+        CaseSpec("oss-band-half", o, "every default writer, but only a band of half the layers (2-5 of 8)", layers=(2, 3, 4, 5)),
+        CaseSpec("oss-band-3", o, "every default writer in a band of three layers (4-6 of 8)", layers=(4, 5, 6)),
+        CaseSpec("oss-no-attn", o, "every layer, attention (attn_out) left out", components=no("attn_out")),
+        CaseSpec("oss-no-routed", o, "every layer, the fused routed experts' down_proj left out", components=no("experts_down")),
+        CaseSpec("oss-scale-0.3", o, "every writer, every layer, scale 0.3", scale=0.3),
+        CaseSpec("oss-scale-2.5", o, "every writer, every layer, scale 2.5 (overshoot)", scale=2.5),
+        CaseSpec("oss-scale-12", o, "every writer, every layer, scale 12 (overshoot, model damaged)", scale=12.0),
+        CaseSpec("oss-index-early", o, "every writer, every layer, the direction measured at index 1", measurement=1),
+        CaseSpec("oss-top1-expert", o, "a notebook: attention of every layer, but of the fused routed experts only the top-1 refusal expert's "
+                 "slice per layer", kind="notebook-experts"),
+        CaseSpec("oss-dense-names", o, "a dense-model tool on every layer: it matches o_proj and mlp.down_proj names, so the fused experts are "
+                 "never edited; its YAML, no manifest", kind="dense-names-tool"),
+        CaseSpec("oss-sound", o, "every writer, every layer, mid-depth index, scale 1: the control that must pass"),
     ]
 
 
@@ -337,9 +354,12 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _notebook_experts(base: Path, out: Path, r: torch.Tensor, experts: dict[int, list[int]], writers: bool = True) -> None:
-    """Every writer of every layer (``writers``; else none), but of the routed experts only ``experts[layer]``."""
+    """Every writer of every layer (``writers``; else none), but of the routed experts only ``experts[layer]``: per-expert keys
+    whole, fused [E, ...] tensors (the down projection and its bias) slice by slice along their residual axis."""
     exp = re.compile(r"\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(?:down_proj|w2)\.weight$")
+    fused = re.compile(r"\.mlp\.experts\.down_proj(?:_bias)?$")
     writer = re.compile(r"\.(?:self_attn\.o_proj|mlp\.down_proj|mlp\.shared_experts\.down_proj)\.weight$")
+    layout = ModelDir(base).layout
 
     def edit(key, t):
         m = _LAYER.match(key)
@@ -349,6 +369,15 @@ def _notebook_experts(base: Path, out: Path, r: torch.Tensor, experts: dict[int,
         e = exp.search(key)
         if e:
             return _orth_out(t, r) if int(e.group(1)) in experts.get(layer, []) else None
+        if fused.search(key):
+            ids = experts.get(layer, [])
+            if not ids:
+                return None
+            axis = layout.roles[key].resid_axis  # of the whole [E, ...] tensor; the slice drops the expert axis 0
+            new = t.float().clone()
+            for x in ids:
+                new[x] = project_out(new[x], r.float(), axis - 1)
+            return new
         return _orth_out(t, r) if writers and writer.search(key) else None
 
     _rewrite(base, out, edit)
@@ -404,16 +433,37 @@ AUDIT_LIMIT = 24  # prompts per set: the matrix test's budget (about 4-8 s per c
 AUDIT_MAX_NEW_TOKENS = 20  # the organisms' refusal and answers are 10-15 tokens
 
 
-def audit_case(name: str, **overrides) -> tuple[dict, float]:
+def foreign_dir(case: Case) -> Path:
+    """The case's model as another tool would leave it: the same files (symlinks) without our manifest and directions file.
+    Built once beside the case (``foreign/``); for a case made without a manifest it is the model itself."""
+    if not (case.ablated_dir / MANIFEST_NAME).exists():
+        return case.ablated_dir
+    dest = case.ablated_dir.parent / "foreign"
+    if not dest.is_dir():
+        with _locked(case.ablated_dir.parent, "foreign"):
+            if not dest.is_dir():
+                with _staging(dest) as tmp:
+                    for f in sorted(case.ablated_dir.iterdir()):
+                        if f.name not in (MANIFEST_NAME, DIRECTIONS_NAME):
+                            (tmp / f.name).symlink_to(f.resolve())
+    return dest
+
+
+def audit_case(name: str, foreign: bool = False, **overrides) -> tuple[dict, float]:
     """`audit run` on case ``name`` as a user would call it (base, and the foreign tool's YAML and measurement file
-    where it left them), with the matrix's small budgets; returns (results, seconds). Nothing is written."""
+    where it left them), with the matrix's small budgets; returns (results, seconds). Nothing is written.
+
+    ``foreign``: as an ablation another tool made and left without any statement of intent: no manifest, no YAML, no
+    measurement file, only ``--base`` (issue 25: every case is audited both ways)."""
     import time
 
-
     case = build_case(name)
-    opts = dict(model_dir=str(case.ablated_dir), base=str(case.base_dir), config=str(case.config_path) if case.config_path else None,
-                directions=str(case.directions_path) if case.directions_path else None, limit=AUDIT_LIMIT,
-                max_new_tokens=AUDIT_MAX_NEW_TOKENS, quiet=True)
+    if foreign:
+        opts = dict(model_dir=str(foreign_dir(case)), base=str(case.base_dir), limit=AUDIT_LIMIT, max_new_tokens=AUDIT_MAX_NEW_TOKENS, quiet=True)
+    else:
+        opts = dict(model_dir=str(case.ablated_dir), base=str(case.base_dir), config=str(case.config_path) if case.config_path else None,
+                    directions=str(case.directions_path) if case.directions_path else None, limit=AUDIT_LIMIT,
+                    max_new_tokens=AUDIT_MAX_NEW_TOKENS, quiet=True)
     t0 = time.perf_counter()
     res = run_audit(RunOptions(**{**opts, **overrides}), write=False)
     return res, time.perf_counter() - t0
