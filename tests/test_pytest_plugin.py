@@ -28,6 +28,8 @@ from audit.pytest_plugin import inputs_hash, outcomes
 from checks.gate import GateConfig, evaluate_gate
 from reports.junit import build_junit
 
+pytest_plugins = ("pytester",)  # pytest in this process, for a usage error that needs torch loaded (a new process takes ~15 s here)
+
 BUDGET = ["--audit-limit=16", "--audit-max-new-tokens=16"]  # flags as one word each: see test_a_path_given_as_a_second_word_is_refused
 ALL_WRITERS = ["embed", "attn_out", "mlp_down", "experts_down", "shared_down"]
 
@@ -166,19 +168,22 @@ def test_an_unsound_foreign_ablation_fails_with_the_findings(organism, tmp_path)
     assert "SKIPPED [1] audit-out/report.html: tensors changed outside the stated intent: not applicable" in run.stdout
 
 
-def test_bad_input_is_a_usage_error_not_a_traceback(organism, tmp_path):
+def test_bad_input_is_a_usage_error_not_a_traceback(organism, tmp_path, pytester):
     missing = _pytest(tmp_path, f"--audit-model={tmp_path / 'nope'}")
     assert missing.returncode == 4 and "ERROR: --audit-model:" in missing.stderr and "does not exist" in missing.stderr
     zero = _pytest(tmp_path, f"--audit-model={organism[0]}", "--audit-limit=0")
     assert zero.returncode == 4 and "--audit-limit: must be at least 1" in zero.stderr
     alone = _pytest(tmp_path, "--audit-limit=3")
     assert alone.returncode == 4 and "without --audit-model" in alone.stderr
+    for r in (missing, zero, alone):
+        assert "Traceback" not in r.stdout + r.stderr and "INTERNALERROR" not in r.stdout + r.stderr
+    # a bad gate file is found when the session starts collecting (in this process: torch is loaded already)
     gate = tmp_path / "gate.yaml"
     gate.write_text("max_refusal: 0.1\n")
-    bad = _pytest(tmp_path, f"--audit-model={organism[0]}", f"--audit-base={organism[0]}", f"--audit-gate={gate}")
-    assert bad.returncode == 4 and "unknown gate key" in bad.stderr and str(gate) in bad.stderr
-    for r in (missing, zero, alone, bad):
-        assert "Traceback" not in r.stdout + r.stderr and "INTERNALERROR" not in r.stdout + r.stderr
+    bad = pytester.runpytest_inprocess(f"--audit-model={organism[0]}", f"--audit-base={organism[0]}", f"--audit-gate={gate}")
+    err = bad.stderr.str()
+    assert bad.ret == 4 and "ERROR: moe-ablation-audit:" in err and "unknown gate key" in err and str(gate) in err
+    assert "Traceback" not in err + bad.stdout.str()
 
 
 def test_the_fixture_without_a_model_says_what_to_pass(tmp_path):
