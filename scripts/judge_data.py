@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 SPLIT_FILE = Path(__file__).with_name("judge_split.json")
+# the frozen test rows themselves (all three sources are MIT-licensed), so tests/test_judge_frozen.py recomputes the numbers offline
+FROZEN_TEST_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "judge_frozen_test.jsonl.gz"
 GPTFUZZ_FILES = {  # path inside github.com/sherdencooper/GPTFuzz at commit 1eddeb565740ae311b5f4950492b011a6f866fe7
     "datasets/questions/question_list.csv": "18531eb6bc1c8fc0b8f66822b366b872202b852bf28826cef590ad0d7a81c749",
     "datasets/responses_labeled/train.csv": "e25fe2a06d2085af260927164364524628c8b5c1dd1bab1b58ddbd917c3f7cb0",
@@ -167,6 +169,22 @@ def frozen_split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
             raise SystemExit(f"{r['id']}: the split rule and judge_split.json disagree; the sources changed")
         (test if side == "test" else train).append(r)
     return train, test
+
+
+def write_frozen_test(test: list[dict]) -> None:
+    """The frozen test rows as gzipped JSONL (id, source, prompt, completion, label), byte-identical for the same rows."""
+    import gzip
+
+    data = "".join(json.dumps({k: r[k] for k in ("id", "source", "prompt", "completion", "label")}, ensure_ascii=False) + "\n" for r in test)
+    with gzip.GzipFile(FROZEN_TEST_FILE, "wb", mtime=0) as f:
+        f.write(data.encode("utf-8"))
+
+
+def read_frozen_test() -> list[dict]:
+    import gzip
+
+    with gzip.open(FROZEN_TEST_FILE, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 SOURCES = {  # where each source comes from (judge_split.json and the data card say the same)
