@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = osub.add_parser("build", help="train it (about a minute on a laptop CPU) and write a Hugging Face model directory")
     s.add_argument("-o", "--out", required=True, help="new output directory")
     s.add_argument("--family", default="glm4_moe", choices=["glm4_moe", "qwen3_moe", "mixtral"])
-    s.add_argument("--variant", default="base", choices=["base", "shared", "experts", "late", "spread"],
+    s.add_argument("--variant", default="base", choices=["base", "shared", "experts", "late", "spread", "delayed"],
                    help="which part carries the refusal direction (shared: glm4_moe only; spread: every writer group of every layer, "
                         "redundantly, with more layers)")
     s.add_argument("--seed", type=int, default=0)
