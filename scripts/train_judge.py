@@ -36,7 +36,7 @@ from checks.refusal_model import DIM, FEATURE_VERSION, MEANING_DIM, LinearModel,
 
 WRITTEN = [ROOT / "tests" / "data" / "labelled_completions.jsonl", ROOT / "scripts" / "judge_written.jsonl"]
 L2 = 0.1  # ridge penalty on the weights (chosen by --cv on the training side: 0.03-3 tried)
-WRITTEN_WEIGHT = 3.0  # the project-written rows follow the human set's conventions (partial refusal = refusal): count them more
+WRITTEN_WEIGHT = 1.0  # the project-written rows: 5-fold CV on the train side (issue 28) preferred 1 to 3 (GPTFuzz 0.9395 vs 0.9384, RBR-gold equal)
 
 
 def matrix(rows: list[dict]) -> sparse.csr_matrix:

@@ -26,7 +26,7 @@ from audit.intent.fixes import apply_patch, config_yaml
 from audit.intent.reached import reached as reached_ablation
 from audit.judgement.extend import extend_truncated
 from audit.judgement.judges import make_judge
-from audit.judgement.record import category_record, second_judge_record, truncation_record
+from audit.judgement.record import add_judgement_records
 from audit.model.directory import ModelDir
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_categories, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
@@ -39,7 +39,7 @@ from audit.weights.static_audit import static_audit
 from checks.contribution import contribution_check
 from checks.diagnose import Cause, diagnose, rank_by_simulation
 from checks.errors import AuditError
-from checks.findings import INFO, WARN, Finding, jsonable
+from checks.findings import WARN, Finding, jsonable
 from checks.gate import evaluate_gate
 from checks.layout import SUPPRESS_RULES, SUPPRESS_STRENGTHS, SUPPRESS_UNITS
 from checks.refusal_eval import MAX_DEGENERATE, MAX_REFUSAL_AFTER, damage_check, refusal_check
@@ -221,24 +221,11 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
                                 "when": "before" if m == "base" else "after", "set": k,
                                 **({"category": categories[k][i]} if i < len(categories[k]) else {})}
                                for (m, k), xs in completions.items() for i, (x, jm) in enumerate(zip(xs, judged[m, k]))]
-    tables = refusal.data.setdefault("tables", {})
-    refusal.data["truncation"], tables["truncation"] = truncation_record(extensions)
-    if refusal.data["truncation"].get("still_truncated"):
-        t = refusal.data["truncation"]
-        many = t["still_truncated"] > 0.1 * sum(map(len, completions.values()))
-        if many:
-            refusal.status = WARN if refusal.status == "pass" else refusal.status
-        refusal.findings.append(Finding("still-truncated", WARN if many else INFO,
-                                        f"{t['still_truncated']} answer(s) still cut off at {opts.cap()} tokens ({t['extended']} of the {t['truncated']} cut off at "
-                                        f"--max-new-tokens {opts.max_new_tokens} were extended; {t['changed']} changed label): raise --extend-to to read them whole",
-                                        value=t["still_truncated"]))
-    refusal.data["by_category"], tables["by_category"] = category_record(judged, categories)
+    judged2 = None
     if jd2 is not None:
         with ctx.stage("second judge"):
             judged2 = {k: jd2.many([x.answer for x in v], [x.prompt for x in v], [x.finish_reason == "length" for x in v]) for k, v in completions.items()}
-        refusal.data["second_judge"], (tables["second_judge"], tables["judges_disagree"]) = second_judge_record(jd, jd2, completions, judged, judged2)
-    for name in [n for n, t in tables.items() if t is None]:
-        del tables[name]
+    add_judgement_records(refusal, completions, judged, extensions, categories, jd, jd2, judged2)
     kl1 = kl_rows(pb.first_logprobs_harmless, pa.first_logprobs_harmless).tolist()
     damage = damage_check(kl1, pb.kl_tf, judged["abl", "harmless"] + judged["abl", "harmful"])
 
