@@ -41,7 +41,7 @@ CHECK_TITLES = {
 RATE_LABELS = {"before": "refusal, harmful, before", "after": "refusal, harmful, after",
                "over_refusal_before": "over-refusal, harmless, before", "harmless_before": "over-refusal, harmless, before",
                "over_refusal_after": "over-refusal, harmless, after", "harmless_after": "over-refusal, harmless, after"}
-KNOWN_DATA = {"matrices", "curves", "tables", "grid", "rates", "samples", "paired", "mcnemar_p", *RATE_LABELS}
+KNOWN_DATA = {"matrices", "curves", "tables", "grid", "rates", "samples", "paired", "mcnemar_p", "truncation", "second_judge", "by_category", *RATE_LABELS}  # the last three: shown as their tables
 GRID_CLASSES = {  # (intended, actual) -> (css class, symbol, meaning)
     "ok": ("g-ok", "\u2713", "intended and changed"),
     "missed": ("g-missed", "\u2717", "intended but unchanged"),
