@@ -178,7 +178,8 @@ def _cmd_run(args) -> int:
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
-                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge, dtype=args.dtype,
+                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge, second_judge=args.second_judge,
+                      extend_to=args.extend_to, dtype=args.dtype,
                       max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
                       base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout)
     res = run_audit(opts)
@@ -230,8 +231,20 @@ def _cmd_organism_build(args) -> int:
     return 0
 
 
-JUDGE_HELP = ("refusal judge: rules (default: offline rules + linear model), rules-only, classifier:DIR (a Hugging Face "
-              "sequence classifier), server:URL[#MODEL] (an LLM judge on an OpenAI-compatible server)")
+JUDGE_HELP = ("refusal judge: rules (default: offline rules + linear model), rules-only, meaning (rules + n-grams + a small sentence "
+              "encoder; needs the [meaning] extra), classifier:DIR (a Hugging Face sequence classifier), server:URL[#MODEL] (an LLM judge "
+              "on an OpenAI-compatible server)")
+
+
+def _nonnegative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+    return v
 
 
 def _positive(text: str) -> int:
@@ -297,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
                    help="seconds one server request may take in all (default 300)")
     s.add_argument("--judge", default="rules", help=JUDGE_HELP)
+    s.add_argument("--second-judge", metavar="J", help="a second judge (any --judge value, e.g. server:URL or classifier:DIR): the report "
+                   "shows the refusal rate under both and every completion where they disagree")
+    s.add_argument("--extend-to", type=_nonnegative, default=None, metavar="N",
+                   help="answers cut off at --max-new-tokens whose judgement could change are generated further, up to N tokens in all, "
+                   "before judging (default: 4 x --max-new-tokens; 0: never)")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")
@@ -362,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = osub.add_parser("build", help="train it (about a minute on a laptop CPU) and write a Hugging Face model directory")
     s.add_argument("-o", "--out", required=True, help="new output directory")
     s.add_argument("--family", default="glm4_moe", choices=["glm4_moe", "qwen3_moe", "mixtral"])
-    s.add_argument("--variant", default="base", choices=["base", "shared", "experts", "late", "spread"],
+    s.add_argument("--variant", default="base", choices=["base", "shared", "experts", "late", "spread", "delayed"],
                    help="which part carries the refusal direction (shared: glm4_moe only; spread: every writer group of every layer, "
                         "redundantly, with more layers)")
     s.add_argument("--seed", type=int, default=0)

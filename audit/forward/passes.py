@@ -31,6 +31,7 @@ class Passes:
     refusal_scores: dict[str, torch.Tensor]  # per set [n]: log-odds that the first answer token is a refusal token
     answer_dists: list | None = None  # compact distributions over the harmless completions (the ablated side)
     kl_tf: list[float] | None = None  # KL(this || the other side's compact distributions) per harmless prompt (the base side)
+    forced_harmless: list | None = None  # the harmless completions as first generated (the teacher-forced KL reads these)
     seconds: dict = field(default_factory=dict)
 
 
@@ -46,11 +47,13 @@ def _quiet_step(name: str, total: int | None = None):
 
 
 def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, max_new_tokens: int, batch_size: int, refusal_ids,
-            keep_answer_dists: bool = False, against: tuple[list, list] | None = None, stage=None) -> Passes:
+            keep_answer_dists: bool = False, against: tuple[list, list] | None = None, stage=None, extend=None) -> Passes:
     """The passes of one loaded ``model``; ``generator`` produces its completions (local or a server).
 
     ``keep_answer_dists``: keep the compact answer distributions of the harmless completions (for the other side's KL).
     ``against``: (completions, compact distributions) of the other model on the harmless prompts: KL(this || that).
+    ``extend(set, prompts, completions)``: returns the completions with cut-off ones generated further while this model is
+    loaded (audit/judgement/extend.py); the first-token checks and the KL read the answers as first generated.
     ``stage(name, total)`` returns a context manager that times a step and yields ``advance(n)`` for its progress bar
     (audit/pipeline/run.py's); a server's completions are checked against this model's greedy first token (check_first_tokens).
     """
@@ -75,9 +78,13 @@ def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, ma
         completions = {k: generator.complete(prompts[k], max_new_tokens, batch_size, progress=advance) for k in SETS}
     if getattr(generator, "remote", False):
         generator.check_first_tokens(completions, lp)
+    first = completions
+    if extend is not None:
+        with step("extending cut-off answers"):
+            completions = {k: extend(k, prompts[k], completions[k]) for k in SETS}
     del lp["harmful"]
     forced = n["harmless"] * (int(keep_answer_dists) + int(against is not None))
     with step("teacher-forced pass", forced or None) as advance:
-        dists = answer_distributions(model, tok, prompts["harmless"], completions["harmless"], progress=advance) if keep_answer_dists else None
+        dists = answer_distributions(model, tok, prompts["harmless"], first["harmless"], progress=advance) if keep_answer_dists else None
         kl_tf = kl_against_compact(model, tok, prompts["harmless"], against[0], against[1], progress=advance) if against is not None else None
-    return Passes(probes, completions, lp["harmless"], scores, dists, kl_tf)
+    return Passes(probes, completions, lp["harmless"], scores, dists, kl_tf, forced_harmless=first["harmless"])

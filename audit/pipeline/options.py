@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 
 
+EXTEND_FACTOR = 4  # default --extend-to: four times --max-new-tokens
+
+
 @dataclass
 class RunOptions:
     model_dir: str
@@ -21,6 +24,7 @@ class RunOptions:
     out: str = "audit-out"
     force: bool = False
     max_new_tokens: int = 128
+    extend_to: int | None = None  # cut-off answers that could be judged differently are generated up to this many tokens (None: EXTEND_FACTOR x max_new_tokens; 0: never)
     batch_size: int = 16
     limit: int | None = None  # at most this many prompts per set
     simulate: bool = True
@@ -37,7 +41,12 @@ class RunOptions:
     server_timeout: float = 300.0  # seconds one server request may take in all
     quiet: bool = False
     command: str = "audit run"
-    judge: str = "rules"  # --judge: rules (default, offline), rules-only, classifier:DIR, server:URL[#MODEL] (audit/judgement/judges.py)
+    judge: str = "rules"  # --judge: rules (default, offline), rules-only, meaning, classifier:DIR, server:URL[#MODEL] (audit/judgement/judges.py)
+    second_judge: str | None = None  # --second-judge: any --judge value; the report shows where the two disagree
+
+    def cap(self) -> int:
+        """The most tokens an extended answer may have (0: extension off)."""
+        return EXTEND_FACTOR * self.max_new_tokens if self.extend_to is None else self.extend_to
 
 
 @dataclass

@@ -23,9 +23,11 @@ from audit.intent.config import AblationConfig, load_config, resolve_measurement
 from audit.intent.directions import load_directions
 from audit.intent.fixes import apply_patch, config_yaml
 from audit.intent.reached import reached as reached_ablation
+from audit.judgement.extend import extend_truncated
 from audit.judgement.judges import make_judge
+from audit.judgement.record import add_judgement_records
 from audit.model.directory import ModelDir
-from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
+from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_categories, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
 from audit.pipeline.explain import empty_config, explain, reference_index
 from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
@@ -45,6 +47,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     ctx = RunContext(opts)
     with ctx.stage("inputs"):
         jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
+        jd2 = make_judge(opts.second_judge) if opts.second_judge else None
         abl = ModelDir(opts.model_dir)
         manifest = load_manifest(abl.path)
         base_path = opts.base or (manifest or {}).get("base", {}).get("path")
@@ -63,6 +66,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         harmless_src = prompt_source(opts.harmless, "harmless", dirs_near)
         harmful = load_prompts(harmful_src, "harmful")[: opts.limit]
         harmless = load_prompts(harmless_src, "harmless")[: opts.limit]
+        categories = {k: (c or [])[: opts.limit] for k, c in (("harmful", load_categories(harmful_src)), ("harmless", load_categories(harmless_src)))}
         tok = base.tokenizer()
         budget = token_budget(base.config, opts.max_new_tokens)
         harmful, cut_h = fit_to_context(tok, harmful, budget)
@@ -116,18 +120,28 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
 
     refusal_ids = refusal_token_ids(tok)
     prompts = {"harmful": harmful, "harmless": harmless}
+    extensions: dict = {}  # per "model/set": cut-off answers generated further before judging (audit/judgement/extend.py)
+
+    def extender(side, gen):
+        def one(k, ps, cs):
+            out, ext = extend_truncated(gen, ps, cs, jd, opts.max_new_tokens, opts.cap(), opts.batch_size)
+            extensions[f"{side}/{k}"] = ext.to_dict()
+            return out
+        return one
+
     with ctx.stage("ablated model: load"):
         m_abl = load_model(abl, opts, ctx, inputs)
     gen_a = servers.get("abl") or LocalBackend(m_abl, tok)
     pa = measure(m_abl, tok, prompts, r, gen_a, opts.max_new_tokens, opts.batch_size, refusal_ids, keep_answer_dists=True,
-                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total))
+                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total), extend=extender("abl", gen_a))
     del m_abl, gen_a  # one model resident at a time: what the base side needs is in pa, sized by prompts
     release()
     with ctx.stage("base model: load"):
         m_base = load_model(base, opts, ctx, inputs)
     gen_b = servers.get("base") or LocalBackend(m_base, tok)
     pb = measure(m_base, tok, prompts, r, gen_b, opts.max_new_tokens, opts.batch_size, refusal_ids,
-                 against=(pa.completions["harmless"], pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total))
+                 against=(pa.forced_harmless, pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total),
+                 extend=extender("base", gen_b))
     del gen_b
     ctx.servers = {side: be.checks for side, be in servers.items()}
     probes = {(side, k): ps.probes[k] for side, ps in (("base", pb), ("abl", pa)) for k in prompts}
@@ -148,9 +162,15 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
                                         value=before_rate, threshold=0.5))
         refusal.status = WARN if refusal.status == "pass" else refusal.status
     refusal.data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "reasoning": x.reasoning, "finish_reason": x.finish_reason,
-                                "n_tokens": x.n_tokens, "label": jm.label, "reason": jm.reason, "score": jm.score,
-                                "when": "before" if m == "base" else "after", "set": k}
-                               for (m, k), xs in completions.items() for x, jm in zip(xs, judged[m, k])]
+                                "n_tokens": x.n_tokens, "extended_from": x.extended_from, "label": jm.label, "reason": jm.reason, "score": jm.score,
+                                "when": "before" if m == "base" else "after", "set": k,
+                                **({"category": categories[k][i]} if i < len(categories[k]) else {})}
+                               for (m, k), xs in completions.items() for i, (x, jm) in enumerate(zip(xs, judged[m, k]))]
+    judged2 = None
+    if jd2 is not None:
+        with ctx.stage("second judge"):
+            judged2 = {k: jd2.many([x.answer for x in v], [x.prompt for x in v], [x.finish_reason == "length" for x in v]) for k, v in completions.items()}
+    add_judgement_records(refusal, completions, judged, extensions, categories, jd, jd2, judged2)
     kl1 = kl_rows(pb.first_logprobs_harmless, pa.first_logprobs_harmless).tolist()
     damage = damage_check(kl1, pb.kl_tf, judged["abl", "harmless"] + judged["abl", "harmful"])
 
@@ -184,6 +204,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if opts.apply_fix and why.conclusion["status"] == "explained" and causes[0].fix.get("config_yaml"):
         results["applied_fix"] = _apply_fix(causes[0], done.config if done.config is not None else empty_config(), done.directions, base, opts, results)
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
+    if jd2 is not None:
+        results["run"]["second_judge"] = jd2.about()
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
     if write:
