@@ -23,7 +23,8 @@ from audit.ablation.suppress import plan_suppress
 from audit.forward.measure import measure_directions
 from audit.intent.config import AblationConfig, load_config, plan, resolve_measurements
 from audit.intent.directions import load_directions
-from audit.model.directory import identity_changes
+from audit.model.directory import ModelDir, identity_changes
+from audit.model.hashes import input_entries
 from audit.model.gguf_file import GGUFModel, is_gguf
 from audit.model.prompts import load_prompts
 from audit.outputs import OutputDir
@@ -241,6 +242,17 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
         if md is not None:
             md.close()
     return results
+
+
+def static_inputs(ablated, base, against=None, config=None, directions=None, harmful=None, harmless=None) -> list:
+    """(role, root, name) of every file `audit static` read (audit/model/hashes.py): the models, the config, directions and prompts."""
+    md_b = ModelDir(base)
+    out = input_entries("model", GGUFModel(ablated, md_b) if is_gguf(ablated) else ModelDir(ablated)) + input_entries("base", md_b)
+    if against is not None:
+        out += input_entries("source", ModelDir(against))
+    for role, src in (("config", config), ("directions", directions), ("prompts:harmful", harmful), ("prompts:harmless", harmless)):
+        out += input_entries(role, src)
+    return out
 
 
 def results_document(results: dict[str, CheckResult], ablated, base, started: float, extra: dict | None = None) -> dict:
