@@ -26,9 +26,11 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def write_gguf(model_dir, out: Path, qtype: str = "Q8_0", tensor_types: dict[str, str] | None = None,
-               override: dict[str, torch.Tensor] | None = None, arch: str | None = None) -> Path:
+               override: dict[str, torch.Tensor] | None = None, arch: str | None = None, skip_unnamed: bool = False,
+               extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Convert ``model_dir`` (a safetensors model) to a GGUF file ``out`` of type ``qtype``; ``override``: base keys whose
-    values come from these tensors instead (e.g. the base's, for a conversion that dropped an edit)."""
+    values come from these tensors instead (e.g. the base's, for a conversion that dropped an edit); ``skip_unnamed``: leave
+    out the tensors gguf's table has no name for (else an error); ``extra``: GGUF tensors to add as they are (F32)."""
     import gguf
 
     md = ModelDir(model_dir)
@@ -36,7 +38,7 @@ def write_gguf(model_dir, out: Path, qtype: str = "Q8_0", tensor_types: dict[str
     lay = md.layout
     arch = arch or GGUF_ARCH[lay.family]
     names, unnamed = gguf_names(arch, lay.num_layers, md.logical)
-    assert not unnamed, unnamed
+    assert skip_unnamed or not unnamed, unnamed
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name(md.path.name)
     w.add_block_count(lay.num_layers)
@@ -49,6 +51,8 @@ def write_gguf(model_dir, out: Path, qtype: str = "Q8_0", tensor_types: dict[str
     stacks: dict[str, dict[int, torch.Tensor]] = {}
     tensors: list[tuple[str, torch.Tensor, str]] = []
     for key, t in md.iter_tensors():
+        if key not in names:
+            continue
         t = (override or {}).get(key, t).float()
         gname, expert, ttype = names[key]
         if expert is not None:
@@ -60,6 +64,7 @@ def write_gguf(model_dir, out: Path, qtype: str = "Q8_0", tensor_types: dict[str
             heads = int(cfg["num_attention_heads"] if ttype == "ATTN_Q" else cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
             t = _permute(t, heads)
         tensors.append((gname, t, ttype))
+    tensors += [(n, t, "EXTRA") for n, t in (extra or {}).items()]
     for gname, t, ttype in tensors:
         kind = BY_NAME[(tensor_types or {}).get(gname, qtype)]
         if t.ndim == 1 or ttype in ("FFN_GATE_INP", "FFN_EXP_PROBS_B"):
