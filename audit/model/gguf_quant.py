@@ -329,8 +329,9 @@ class GGUFBlocks:
             return y.index_select(1, self.order)
         return dequantize_rows(self.kind, quantize_rows(self.kind, x))
 
-    def noise_sq(self, rows: int = 1 << 14) -> float:
-        """The sum of every value's rounding variance: the expected ||Q(W) - W||^2 of storing W in this type."""
+    def noise_sq(self, elems: int = 1 << 20) -> float:
+        """The sum of every value's rounding variance: the expected ||Q(W) - W||^2 of storing W in this type (read ``elems`` at a time)."""
+        rows = max(1, elems // max(self.last, 1))
         total, buf = 0.0, torch.empty(min(self.n, rows) * self.last)
         for r0 in range(0, self.n, rows):
             r1 = min(self.n, r0 + rows)
