@@ -108,7 +108,7 @@ def test_run_records_every_input_and_verify_passes_then_fails_on_one_byte(organi
     shard.write_bytes(bytes(data))
     assert main(["verify", str(out), str(copy)]) == 1
     text = capsys.readouterr().out
-    assert f"CHANGED  model" in text and str(shard) in text and "NOT about these bytes" in text and "verify: FAIL" in text
+    assert "CHANGED  model" in text and str(shard) in text and "NOT about these bytes" in text and "verify: FAIL" in text
     assert main(["verify", str(tmp_path / "nope.json")]) == 2
 
 

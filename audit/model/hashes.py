@@ -107,9 +107,13 @@ def hash_inputs(entries: list[tuple[str, Path, str]], reuse_hf: bool = True, wor
         buf = bufs.setdefault(threading.get_ident(), bytearray(CHUNK))
         return kp[0], sha256_file(kp[1], buf)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="audit-hash") as ex:
-        for key, digest in ex.map(one, todo):
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="audit-hash") as ex, \
+            tqdm(total=sum(seen[k]["bytes"] for k, _ in todo), desc="sha256", unit="B", unit_scale=True, disable=None, leave=False) as bar:
+        for key, digest in ex.map(one, todo):  # a bar on a terminal only (disable=None), quiet in CI
             seen[key]["sha256"] = digest
+            bar.update(seen[key]["bytes"])
     files = []
     for role, root, name in entries:
         rec = seen[os.path.realpath(Path(root) / name)]
