@@ -25,9 +25,9 @@ from audit.intent.directions import load_directions
 from audit.intent.fixes import apply_patch, config_yaml
 from audit.intent.reached import reached as reached_ablation
 from audit.judgement.judges import make_judge
+from audit.model.hashes import hash_inputs
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
-from audit.model.hashes import hash_inputs
 from audit.pipeline.inputs import (gate_config, gate_record, load_model, offload_parent, open_models, open_servers, prompt_source, release,
                                    run_inputs, train_source)
 from audit.pipeline.options import RunContext, RunOptions
@@ -128,7 +128,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             raise AuditError("--max-memory and --offload-folder place the models through accelerate's device map: pass --device auto with them")
         servers = open_servers(opts, abl, base, tok, harmful + harmless)
     with ctx.stage("hashes"):  # the bytes this verdict is about (audit/model/hashes.py; `audit verify` re-checks them)
-        hashes = hash_inputs(run_inputs(opts, abl, base, intent_dir, harmful_src, harmless_src, gate_source, intent_cfg))
+        hashes = hash_inputs(run_inputs(opts, abl, base, intent_dir, harmful_src, harmless_src, gate_source, intent_cfg if opts.config else None))
     with ctx.stage("directions"):
         directions = None
         cfg_meas = resolve_measurements(intent_cfg) if opts.config and intent_cfg is not None else None
