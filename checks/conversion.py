@@ -58,8 +58,9 @@ def check_conversion(converted: list[TensorProjection], source: list[TensorProje
     whether the edit survived; findings ``edit-lost-in-conversion`` and ``conversion-changed`` (both fail), ``edit-survived``."""
     conv = {p.key: p for p in converted}
     src = {p.key: p for p in source}
-    names = [n for p in (*source, *converted) for n in p.dirs]
-    dn = direction or next((n for n in ("ablated", "recovered") if n in names), names[0] if names else None)
+    both = {n for p in source for n in p.dirs} & {n for p in converted for n in p.dirs}
+    # the direction the ablation removed when the intent names it, else the layer's own measured one: the same on both sides
+    dn = direction or next((n for n in ("ablated", "local") if n in both), min(both) if both else None)
     rows, lost, partly = [], [], []
     for key in sorted(source_changed, key=lambda k: (src[k].layer if k in src and src[k].layer is not None else -1, k)):
         s, c = src.get(key), conv.get(key)
@@ -100,6 +101,8 @@ def check_conversion(converted: list[TensorProjection], source: list[TensorProje
                                     "columns": ["key", "layer", "groups", "type", "source share left", "source class", "converted share left",
                                                 "type's floor (share)", "converted class", "survived"], "rows": rows}}}
     status = FAIL if any(f.severity == FAIL for f in findings) else PASS
-    summary = (f"{kept} of {len(rows)} edited tensors keep the edit in {label}" + (f"; {len(bad)} lost it" if bad else "")
-               + (f"; {len(added)} changed by the conversion" if added else "")) if rows or added else "the source edited no tensor along r"
+    summary = ((f"{kept} of {len(rows)} edited tensors keep the edit in {label} ({dn} direction)" + (f"; {len(bad)} lost it" if bad else "")
+                + (f"; {len(added)} changed by the conversion" if added else "")) if rows or added else
+               "no direction to compare along: give --directions, or a source made by `audit ablate`" if dn is None else
+               "the source edited no tensor along r")
     return CheckResult("conversion", status, summary, findings, data)

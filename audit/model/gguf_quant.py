@@ -142,6 +142,18 @@ def decode(kind: Kind, raw: torch.Tensor, out: torch.Tensor | None = None) -> to
     return v if out is None else out.view(v.shape).copy_(v)
 
 
+def block_steps(kind: Kind, raw: torch.Tensor) -> torch.Tensor:
+    """The quantization step of each block (or sub-block) of a quantized kind, float32 [n, sub-blocks], read from the scales alone."""
+    name = kind.name
+    if name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        return _f16(raw, 0).abs()
+    if name in ("Q4_K", "Q5_K"):
+        return (_f16(raw, 0) * _kscales(raw[:, 4:16])[0]).abs()
+    if name == "Q6_K":
+        return (_f16(raw, 208) * raw[:, 192:208].contiguous().view(torch.int8).float()).abs()
+    raise ValueError(f"no block steps for {name}")
+
+
 def rounding_step(kind: Kind, raw: torch.Tensor) -> torch.Tensor:
     """Each value's rounding cell, float32 [n, kind.block] (plain floats: the spacing of the format at the value)."""
     n = raw.shape[0]
@@ -149,10 +161,8 @@ def rounding_step(kind: Kind, raw: torch.Tensor) -> torch.Tensor:
         v = decode(kind, raw).abs()
         eps = torch.finfo(PLAIN_DTYPES[kind.name]).eps
         return torch.exp2(torch.floor(torch.log2(v.clamp_min(torch.finfo(PLAIN_DTYPES[kind.name]).tiny)))) * eps
-    _, step, _ = _parts(kind, raw)
-    if step.ndim == 3:  # one step per sub-block
-        return step.abs().expand(n, step.shape[1], kind.block // step.shape[1]).reshape(n, kind.block)
-    return step.abs().expand(n, kind.block).contiguous()
+    step = block_steps(kind, raw)  # [n, s]
+    return step[:, :, None].expand(n, step.shape[1], kind.block // step.shape[1]).contiguous().view(n, kind.block)
 
 
 # -- encoding ---------------------------------------------------------------------------------------
@@ -316,7 +326,7 @@ class GGUFBlocks:
     def rounding_var(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """Each value's expected squared rounding error, step^2 / 12, for rows r0..r1."""
         o = out.reshape(-1)[:(r1 - r0) * self.last].view(r1 - r0, self.last)
-        step = rounding_step(self.kind, self._raw_rows(r0, r1).reshape(-1, self.kind.size)).view(r1 - r0, self.last)
+        step = rounding_step(self.kind, self._raw_rows(r0, r1).reshape(-1, self.kind.size)).reshape(r1 - r0, self.last)
         o.copy_(self._fix_last(step.square() / 12))
         return o
 
@@ -335,7 +345,11 @@ class GGUFBlocks:
         total, buf = 0.0, torch.empty(min(self.n, rows) * self.last)
         for r0 in range(0, self.n, rows):
             r1 = min(self.n, r0 + rows)
-            total += float(self.rounding_var(r0, r1, buf).sum(dtype=torch.float64))
+            if self.kind.plain:
+                total += float(self.rounding_var(r0, r1, buf).sum(dtype=torch.float64))
+            else:  # from the scales alone: each (sub-)block's values share its step
+                steps = block_steps(self.kind, self._raw_rows(r0, r1).reshape(-1, self.kind.size))
+                total += float(steps.double().square().sum()) * (self.kind.block // steps.shape[1]) / 12
         return total
 
     def dequantize(self) -> torch.Tensor:
