@@ -12,8 +12,8 @@ without touching the rest of the tensor:
 - ``rounding_step(kind, raw)`` -> float32 [n_blocks, block]: each value's rounding cell (the quantization step of
   its block or sub-block); a value x uniform in its cell leaves E[(x - q)^2] = step^2 / 12, the format's own floor
   (audit/model/quant.py's ``rounding_var`` for FP8 and MXFP4 says the same);
-- ``encode(kind, x)`` -> uint8 [n_blocks, type_size]: float32 [n_blocks, block] quantized. Q8_0 and the 32-value
-  types use gguf-py's reference quantizers (Q8_0 bit-exact with ggml's); the K-quants use ours, a plain
+- ``encode(kind, x)`` -> uint8 [n_blocks, type_size]: float32 [n_blocks, block] quantized. Q8_0 is ggml's reference
+  quantizer (byte for byte gguf-py's, in torch), the other 32-value types gguf-py's reference quantizers; the K-quants use ours, a plain
   least-squares fit of each sub-block's scale and minimum with 6-bit (Q6_K: 8-bit) sub-block scales, which is not
   llama.cpp's search (``make_qkx2_quants``) and differs from it by a fraction of a step. It is used for the
   re-quantization floor (what storing the exact edit in this type leaves), never to judge bytes.
@@ -237,11 +237,24 @@ def _encode_q6k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)], dim=1)
 
 
+def _encode_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 of x [n, 32] in torch, the same float32 operations as gguf-py's (and ggml's reference) quantizer: d = amax / 127,
+    codes rounded half away from zero (tested byte for byte against gguf-py); 10x faster than its numpy."""
+    d = x.abs().amax(1, keepdim=True) / 127
+    v = x * torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    a = v.abs()
+    fl = a.floor()
+    q = (torch.sign(v) * (fl + (2 * (a - fl)).floor())).to(torch.int8)
+    return torch.cat([_f16_bytes(d.view(-1)), q.view(torch.uint8)], dim=1)
+
+
 def encode(kind: Kind, x: torch.Tensor) -> torch.Tensor:
     """float32 [n, kind.block] -> the blocks as stored (uint8 [n, kind.size])."""
     x = x.float().contiguous()
     if kind.plain:
         return x.to(PLAIN_DTYPES[kind.name]).view(torch.uint8).view(x.shape[0], kind.size)
+    if kind.name == "Q8_0":
+        return _encode_q8_0(x)
     if kind.name in ("Q4_K", "Q5_K"):
         return _encode_k(x, 4 if kind.name == "Q4_K" else 5)
     if kind.name == "Q6_K":
