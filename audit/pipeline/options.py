@@ -47,6 +47,38 @@ class RunOptions:
     def cap(self) -> int:
         """The most tokens an extended answer may have (0: extension off)."""
         return EXTEND_FACTOR * self.max_new_tokens if self.extend_to is None else self.extend_to
+    against: str | None = None  # a GGUF MODEL_DIR: the safetensors ablation it was converted from (checks/conversion.py)
+
+    PATHS = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "offload_folder")
+    RECORDED = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "max_new_tokens", "batch_size",
+                "limit", "simulate", "device", "dtype", "max_memory", "offload_folder", "server", "served_model", "base_server",
+                "served_base_model", "server_timeout", "judge", "second_judge", "extend_to")
+
+    def record(self) -> dict:
+        """The settings that decide what a run measures, as results.json records them (``run.options``; paths made absolute,
+        a prompt set given by a datasets name kept as it is): what `audit run --reproduce` runs again."""
+        import os
+
+        out = {}
+        for k in self.RECORDED:
+            v = getattr(self, k)
+            if k in self.PATHS and v is not None and os.path.exists(v):
+                v = os.path.abspath(v)
+            out[k] = v
+        return out
+
+    @classmethod
+    def from_record(cls, rec: dict, **changes) -> RunOptions:
+        """RunOptions from ``run.options`` (unknown keys, from another version, are an error naming them)."""
+        from checks.errors import AuditError
+
+        unknown = sorted(set(rec) - set(cls.RECORDED))
+        if unknown:
+            raise AuditError(f"the recorded run options hold {unknown}, which this version does not know; reproduce with the version that ran it")
+        rec = dict(rec)
+        if rec.get("max_memory"):  # JSON made the GPU numbers strings
+            rec["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in rec["max_memory"].items()}
+        return cls(**{**rec, **changes})
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from audit.ablation.ablate import DIRECTIONS_NAME, ablate, load_manifest
+from audit.ablation.ablate import DIRECTIONS_NAME, ablate
 from audit.forward.damage import kl_rows
 from audit.forward.estimate import refusal_token_ids
 from audit.forward.generate import LocalBackend
@@ -26,11 +26,12 @@ from audit.intent.reached import reached as reached_ablation
 from audit.judgement.extend import extend_truncated
 from audit.judgement.judges import make_judge
 from audit.judgement.record import add_judgement_records
-from audit.model.directory import ModelDir
+from audit.model.hashes import hash_inputs
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_categories, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
 from audit.pipeline.explain import empty_config, explain, reference_index
-from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
+from audit.pipeline.inputs import (gate_config, gate_record, load_model, offload_parent, open_models, open_servers, prompt_source, release,
+                                   run_inputs, train_source)
 from audit.pipeline.options import RunContext, RunOptions
 from audit.pipeline.summary import headline, run_info, version
 from audit.pipeline.write import write_outputs
@@ -48,20 +49,15 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     with ctx.stage("inputs"):
         jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
         jd2 = make_judge(opts.second_judge) if opts.second_judge else None
-        abl = ModelDir(opts.model_dir)
-        manifest = load_manifest(abl.path)
-        base_path = opts.base or (manifest or {}).get("base", {}).get("path")
-        if base_path is None:
-            raise AuditError(f"{abl.path}: no ablation-manifest.json names its base; pass --base BASE (the model it was ablated from)")
-        base = ModelDir(base_path)
-        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
+        abl, base, manifest, intent_dir = open_models(opts)  # a GGUF file too (audit/model/gguf_file.py)
+        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions, opts.against]
         if write:
             check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
         if opts.apply_fix:
             check_destination(opts.apply_fix, inputs + ([opts.out] if write else []), opts.force)
         if base.layout.family != abl.layout.family:
             raise AuditError(f"{abl.path} is {abl.layout.family} but its base {base.path} is {base.layout.family}; pass the right --base")
-        dirs_near = [abl.path, base.path]
+        dirs_near = [p for p in (abl.path, base.path, intent_dir) if p is not None]
         harmful_src = prompt_source(opts.harmful, "harmful", dirs_near)
         harmless_src = prompt_source(opts.harmless, "harmless", dirs_near)
         harmful = load_prompts(harmful_src, "harmful")[: opts.limit]
@@ -79,17 +75,19 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if opts.config:  # the user's statement of intent wins over a manifest
             intent_cfg = load_config(opts.config)
         elif manifest is not None:
-            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
+            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(intent_dir / "ablation-manifest.json"))
         gate_cfg, gate_source = gate_config(opts.gate)  # a bad gate file fails now, not after the forward passes
         if opts.device == "auto":  # the offload folder is checked now too (never in an input), before any model loads
             remove_scratch(scratch_folder(offload_parent(opts), "audit-offload", inputs))
         elif opts.max_memory or opts.offload_folder:
             raise AuditError("--max-memory and --offload-folder place the models through accelerate's device map: pass --device auto with them")
         servers = open_servers(opts, abl, base, tok, harmful + harmless)
+    with ctx.stage("hashes"):  # the bytes this verdict is about (audit/model/hashes.py; `audit verify` re-checks them)
+        hashes = hash_inputs(run_inputs(opts, abl, base, intent_dir, harmful_src, harmless_src, gate_source, intent_cfg if opts.config else None))
     with ctx.stage("directions"):
         directions = None
         cfg_meas = resolve_measurements(intent_cfg) if opts.config and intent_cfg is not None else None
-        man_meas = abl.path / manifest.get("directions_file", DIRECTIONS_NAME) if manifest is not None else None
+        man_meas = intent_dir / manifest.get("directions_file", DIRECTIONS_NAME) if manifest is not None else None
         if opts.directions:
             directions = load_directions(opts.directions)
         elif cfg_meas is not None and cfg_meas.is_file():  # the stated config's own measurement first
@@ -107,7 +105,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
         weights_record: dict = {}
-        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record)
+        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record, against=opts.against)
     weights = static["weights"].to_dict()
     for f in weights["findings"]:
         if f["code"] == "base-changed":
@@ -200,7 +198,9 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "reached_config": config_yaml(done.config) if done.config is not None else None,
         "checks": checks_d,
         "gate": gate,
+        "inputs": hashes,
     }
+    results["run"].update(options=opts.record(), gate_config=gate_record(gate_cfg, gate_source))
     if opts.apply_fix and why.conclusion["status"] == "explained" and causes[0].fix.get("config_yaml"):
         results["applied_fix"] = _apply_fix(causes[0], done.config if done.config is not None else empty_config(), done.directions, base, opts, results)
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
@@ -219,7 +219,7 @@ def _apply_fix(cause, config, directions, base, opts, results) -> dict:
     ablate(base.path, new, opts.apply_fix, directions=directions, force=opts.force)
     sub = RunOptions(**{**opts.__dict__, "model_dir": opts.apply_fix, "base": str(base.path), "config": None, "apply_fix": None,
                         "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None,
-                        "server": None, "served_model": None})  # the base server, if any, still serves this base
+                        "server": None, "served_model": None, "against": None})  # the base server, if any, still serves this base
     again = run_audit(sub, write=False)
     rates = again["checks"]["refusal"]["data"]
     after = rates.get("after") or {}
