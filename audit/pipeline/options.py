@@ -24,7 +24,6 @@ class RunOptions:
     batch_size: int = 16
     limit: int | None = None  # at most this many prompts per set
     simulate: bool = True
-    confirm_top: int = 2  # simulated fixes confirmed by full generation
     apply_fix: str | None = None  # write the fixed ablation here, re-audit it
     device: str | None = None  # None / "cpu", a torch device, or "auto": accelerate's device map (GPUs, CPU, disk)
     dtype: str = "auto"  # --dtype: auto (the stored dtype: bf16 stays bf16), float32, bfloat16, float16
