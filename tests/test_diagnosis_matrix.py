@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("audit.organisms.build")
-
-from audit.organisms import cases as C  # noqa: E402
-from audit.organisms import build as O  # noqa: E402
+from audit.organisms import build as O
+from audit.organisms import cases as C
 
 TRUTH = json.loads((Path(__file__).parent / "data" / "diagnosis_truth.json").read_text())
 N_EVAL = 40  # held-out prompts per class for the organism property checks

@@ -469,7 +469,7 @@ def test_table_decoding_in_c_equals_torch(monkeypatch):
 def test_audit_run_on_an_fp8_base_end_to_end(tmp_path):
     """The demo organism quantized to FP8 by our quantizer, measured and soundly ablated through the quantized path:
     `audit run` loads both models (transformers' FP8 integration, dequantized) and passes."""
-    organism = pytest.importorskip("audit.organisms.build")
+    from audit.organisms import build as organism
     from audit.forward.measure import measure_directions
     from audit.model.prompts import load_prompts
     from audit.pipeline.run import RunOptions, run_audit

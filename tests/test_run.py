@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 from conftest import serve_model
 
-pytest.importorskip("audit.organisms.build")
-
 LIMIT = 48  # prompts per set: keeps each audit to seconds; Wilson intervals stay ~ +-0.07 at 0 or 1
 
 

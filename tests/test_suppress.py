@@ -14,7 +14,6 @@ import torch
 from audit.intent.config import AblationConfig
 from checks.errors import AuditError
 
-pytest.importorskip("audit.organisms.build")
 N_EVAL = 48  # held-out harmful prompts per measurement (Wilson interval ~ +-0.07 at 0)
 
 
