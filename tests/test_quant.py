@@ -21,7 +21,7 @@ from audit.ablation.quantize import quantize_model
 from audit.model.reader import map_tensors
 from audit.weights.static_audit import static_audit
 from checks.errors import AuditError
-from checks.pair_stats import pair_stats
+from audit.weights.pair_stats import pair_stats
 from checks.projection import classify
 from tests.helpers_ablation import edit_fn, rewrite
 
@@ -454,7 +454,7 @@ def test_row_pieces_of_a_plain_and_a_lazy_tensor_line_up():
 
 def test_table_decoding_in_c_equals_torch(monkeypatch):
     from audit.model import quant
-    from checks import native
+    from audit.weights import native
 
     codes = torch.arange(256, dtype=torch.uint8).repeat(50)
     table = quant._FP8[torch.float8_e4m3fn][0]

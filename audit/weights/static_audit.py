@@ -27,7 +27,7 @@ from audit.model.directory import identity_changes
 from audit.model.prompts import load_prompts
 from audit.outputs import OutputDir
 from audit.weights.compare import compare_models, open_pair
-from checks import native
+from audit.weights import native
 from checks.errors import AuditError
 from checks.findings import FAIL, CheckResult, Finding, jsonable
 from checks.layout import targets_of
