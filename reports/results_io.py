@@ -8,7 +8,6 @@ The file is written to a temporary name and renamed, so a reader never sees half
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -22,27 +21,9 @@ SCHEMA_VERSION = 1  # major version understood; results.json writes "1.x" (check
 FLOAT_DIGITS = 8  # significant digits kept in results.json
 
 
-def _stable(x: Any) -> Any:
-    """JSON-ready copy with floats rounded to FLOAT_DIGITS significant digits (NaN/Inf -> None)."""
-    if hasattr(x, "to_dict") and callable(x.to_dict):  # CheckResult, Finding
-        x = x.to_dict()
-    if isinstance(x, dict):
-        return {str(k): _stable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_stable(v) for v in x]
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return None
-        r = float(f"{x:.{FLOAT_DIGITS}g}")
-        return 0.0 if r == 0 else r  # no "-0.0"
-    if isinstance(x, (bool, int, str)) or x is None:
-        return x
-    return _stable(jsonable(x))
-
-
 def dumps_results(results: dict) -> str:
     """The canonical text of results.json."""
-    return json.dumps(_stable(results), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(jsonable(results, FLOAT_DIGITS), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
