@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +87,7 @@ class Directions:
         return int(max(inner, key=lambda row: row["quality"])["index"])
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file (atomically: temporary file, then rename)."""
+        """Write a safetensors file at ``path`` (callers write outputs through audit/outputs.py, which makes it atomic)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -96,15 +95,7 @@ class Directions:
         meta.setdefault("convention", CONVENTION)
         meta.setdefault("format", "moe-ablation-audit directions v1")
         meta["quality_table"] = json.dumps(self.quality_table())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({n: getattr(self, n) for n in TENSORS}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_file({n: getattr(self, n) for n in TENSORS}, str(path), metadata=meta)
         return path
 
     @classmethod
