@@ -112,24 +112,14 @@ def _cmd_ablate(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from pathlib import Path
-
-    from reports.html import write_report
-    from reports.junit import write_junit
+    from audit.pipeline.write import write_report
     from reports.results_io import load_results
-
-    from audit.outputs import check_destination, is_ours
 
     results = load_results(args.results)
     src = Path(args.results)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-    if out.exists() and not out.is_dir():
-        raise AuditError(f"{out}: is a file; -o takes the folder report.html and junit.xml go into")
-    if out.is_dir() and not is_ours(out) and any((out / n).exists() for n in ("report.html", "junit.xml")):
-        raise AuditError(f"{out}: already holds a report.html or junit.xml that this tool did not write; choose another -o")
-    check_destination(out / "report.html", [src / "results.json" if src.is_dir() else src], force=True, kind="file", ours=lambda p: True)
-    html, junit = write_report(results, out / "report.html"), write_junit(results, out / "junit.xml")
-    print(f"wrote {html}\nwrote {junit}")
+    for path in write_report(results, out, inputs=[src / "results.json" if src.is_dir() else src]):
+        print(f"wrote {path}")
     return 0
 
 
@@ -137,18 +127,17 @@ def _cmd_static(args) -> int:
     """Static weight audit (weights, projection, recovery) -> DIR/results.json; 1 when a check fails."""
     import time
 
-    from audit.weights.static_audit import results_document, static_audit, validate_results, write_results
-
     from audit.outputs import check_destination
+    from audit.pipeline.write import write_static
+    from audit.weights.static_audit import results_document, static_audit
 
     t0 = time.time()
-    check_destination(args.output, [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless], args.force)
+    inputs = [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless]
+    check_destination(args.output, inputs, args.force)
     results = static_audit(args.model_dir, base=args.base, config=args.config, directions=args.directions,
                            harmful=args.harmful, harmless=args.harmless)
     doc = results_document(results, args.model_dir, results["weights"].data.get("base"), t0)
-    validate_results(doc)
-    inputs = [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless]
-    path = write_results(doc, args.output, inputs=inputs, force=args.force)
+    path = write_static(doc, args.output, inputs=inputs, force=args.force)
     for name, r in results.items():
         print(f"{name:11s} {r.status:5s} {r.summary}")
     print(f"wrote {path}")

@@ -42,6 +42,7 @@ from checks.gate import evaluate_gate
 from checks.layout import SUPPRESS_RULES, SUPPRESS_STRENGTHS, SUPPRESS_UNITS
 from checks.refusal_eval import MAX_DEGENERATE, MAX_REFUSAL_AFTER, damage_check, refusal_check
 from checks.routing import routing_check
+from reports.results_io import SCHEMA_VERSION
 
 
 def _reference_index(intent_cfg, recovery: dict) -> int | None:
@@ -304,7 +305,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
 
     verdict = "pass" if gate["passed"] else "fail"
     results = {
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
         "tool": {"name": "moe-ablation-audit", "version": version()},
         "run": run_info(opts, ctx, abl, base, harmful_src, harmless_src, len(harmful), len(harmless), directions_source, separating, ref_index,
                          "config" if opts.config else "manifest" if manifest else "inferred", gate_source),

@@ -9,8 +9,6 @@ pair once (audit/weights/compare.py) and returns the "weights", "projection" and
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,18 +23,15 @@ from audit.intent.config import AblationConfig, load_config, plan, resolve_measu
 from audit.intent.directions import load_directions
 from audit.model.directory import identity_changes
 from audit.model.prompts import load_prompts
-from audit.outputs import OutputDir
-from audit.weights.compare import compare_models, open_pair
 from audit.weights import native
+from audit.weights.compare import compare_models, open_pair
 from checks.errors import AuditError
 from checks.findings import FAIL, CheckResult, Finding, jsonable
 from checks.layout import targets_of
 from checks.projection import TensorProjection, check_projection
 from checks.recover import check_recovery
 from checks.weights import Intent, check_weights, inferred_intent
-
-SCHEMA_VERSION = "1.0"
-RESULTS_NAME = "results.json"
+from reports.results_io import SCHEMA_VERSION
 
 
 def _directions_obj(directions):
@@ -236,19 +231,3 @@ def results_document(results: dict[str, CheckResult], ablated, base, started: fl
     if extra:
         doc.update(extra)
     return jsonable(doc)
-
-
-def validate_results(doc: dict) -> None:
-    """Validate against the JSON schema (jsonschema); AssertionError-free: raises jsonschema.ValidationError."""
-    import jsonschema
-
-    schema = json.loads((Path(__file__).resolve().parents[2] / "checks" / "schemas" / "results.schema.json").read_text())
-    jsonschema.validate(doc, schema)
-
-
-def write_results(doc: dict, out_dir: str | os.PathLike, inputs=(), force: bool = False) -> Path:
-    """Write ``results.json`` into ``out_dir`` atomically (never into an input directory)."""
-    with OutputDir(out_dir, inputs=inputs, force=force) as od:
-        (od.tmp / RESULTS_NAME).write_text(json.dumps(doc, indent=1, allow_nan=False))
-        dest = od.commit()
-    return dest / RESULTS_NAME
