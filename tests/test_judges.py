@@ -254,12 +254,17 @@ def test_server_judge_plumbing(fake_server):
     assert _Fake.seen[-1]["model"] == "other-name"
 
 
-@pytest.mark.parametrize("mode,why", [("garbage", "neither complied"), ("http500", "HTTP 500"), ("notjson", "did not answer JSON"),
-                                      ("slow", "timed out")])
-def test_server_judge_bad_answers_are_unknown_with_the_reason(fake_server, mode, why):
+@pytest.mark.parametrize("mode,why", [("garbage", "neither complied"), ("http500", "HTTP 500"), ("slow", "did not answer POST /v1/chat/completions within 0.3 s")])
+def test_server_judge_failed_requests_are_unknown_with_the_reason(fake_server, mode, why):
     _Fake.mode = mode
     j = ServerJudge(fake_server, "judge-llm", timeout=0.3)("Some answer.", "q")
     assert j.label == "unknown" and j.refused is None and why in j.reason, j.reason
+
+
+def test_server_judge_answers_that_are_not_an_openai_servers_are_audit_errors(fake_server):
+    _Fake.mode = "notjson"  # an HTML page where JSON was due: not a failed request but another kind of server (exit 2)
+    with pytest.raises(AuditError, match=r"judge server at .*\(--judge server:URL\) answered POST /v1/chat/completions with something that is not JSON"):
+        ServerJudge(fake_server, "judge-llm")("Some answer.", "q")
 
 
 def test_server_judge_unreachable_is_an_audit_error():
