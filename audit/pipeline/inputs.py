@@ -10,9 +10,9 @@ import torch
 
 from audit.forward.generate import ServerBackend
 from audit.forward.probe import encode
-from audit.intent.config import read_yaml
 from audit.model.loading import placement
 from audit.pipeline.options import RunContext, RunOptions
+from audit.user_files import read_yaml, validate
 from checks.errors import AuditError
 from checks.gate import GateConfig
 
@@ -86,6 +86,8 @@ def open_servers(opts: RunOptions, abl, base, tok, prompts: list) -> dict:
 
 
 def gate_config(path: str | None):
+    """The gate: a YAML file (``gate:`` at its top, or the thresholds themselves), else ./pyproject.toml's [tool.audit.gate],
+    else the defaults; validated against checks/schemas/gate.schema.json with messages naming the file and the key."""
     if path is None:
         pp = Path("pyproject.toml")
         if pp.is_file():
@@ -97,11 +99,14 @@ def gate_config(path: str | None):
                 raise AuditError(f"{pp.resolve()}: not valid TOML ({e})") from None
             tbl = data.get("tool", {}).get("audit", {}).get("gate")
             if tbl is not None:
-                return GateConfig.from_dict(tbl, f"{pp.resolve()} [tool.audit.gate]"), f"{pp.resolve()} [tool.audit.gate]"
+                source = f"{pp.resolve()} [tool.audit.gate]"
+                validate(tbl, "gate", source)
+                return GateConfig.from_dict(tbl, source), source
         return GateConfig(), "defaults"
     p = Path(path)
     d = read_yaml(p, "gate") or {}
     if not isinstance(d, dict):
         raise AuditError(f"{p}: a gate file is a mapping of thresholds, e.g. max_refusal_after: 0.1")
     d = d.get("gate", d)
+    validate(d, "gate", str(p))
     return GateConfig.from_dict(d, str(p)), str(p)
