@@ -65,12 +65,15 @@ def fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (deepest first), then ``root`` itself."""
+    """Give every file and folder under ``root`` the user's umask (some writers, safetensors' among them, make files
+    private) and fsync them (deepest first), then ``root`` itself."""
     for dirpath, _, files in os.walk(root, topdown=False):
         for f in files:
             p = Path(dirpath) / f
             if not p.is_symlink():
+                public_mode(p, directory=False)
                 fsync_path(p)
+        public_mode(Path(dirpath), directory=True)
         fsync_path(Path(dirpath), directory=True)
 
 
