@@ -438,8 +438,10 @@ def _agrees_with_weights(tc: dict, roles: dict[str, Role], shapes: dict, num_lay
     if n_routed is None:
         return
     given = [(k, tc[k]) for k in ("n_routed_experts", "num_experts", "num_local_experts") if k in tc and tc[k] is not None]
-    if not given or isinstance(given[0][1], bool) or not isinstance(given[0][1], int) or given[0][1] < 1:
-        key, v = given[0] if given else ("n_routed_experts", None)
+    if not given:
+        return
+    key, v = given[0]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise AuditError(f"{source}: config.json's {key} is {v!r}, but the weights hold routed experts; it must be their number "
                          "(restore config.json from the base model)")
     per_key = max((r.expert + 1 for r in roles.values() if r.component == "experts" and r.expert is not None), default=0)
