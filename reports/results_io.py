@@ -67,7 +67,7 @@ def load_results(path: str | os.PathLike) -> dict:
         raise AuditError(f"{path}: no such results file. Pass the results.json that `audit run` wrote (or its output folder).")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AuditError(f"{path}: not valid JSON ({e}). Re-run `audit run` to regenerate it.") from None
     if not isinstance(data, dict):
         raise AuditError(f"{path}: expected a JSON object at the top level, found {type(data).__name__}.")

@@ -271,7 +271,7 @@ def load_manifest(model_dir_path: str | os.PathLike) -> dict | None:
         return None
     try:
         m = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as e:
         raise AuditError(f"{p}: unreadable ablation manifest ({e}); re-run `audit ablate` or delete the file") from None
     if not isinstance(m, dict) or m.get("tool") != TOOL or "modified" not in m:
         raise AuditError(f"{p}: not an ablation manifest written by {TOOL}")

@@ -63,8 +63,8 @@ class ModelDir:
             raise AuditError(f"{cfg}: missing; a model directory needs its config.json (copy it from the base model)")
         try:
             config = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AuditError(f"{cfg}: not valid JSON ({e}); restore it from the base model") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: not JSON; RecursionError: nested too deeply
+            raise AuditError(f"{cfg}: not valid JSON ({e or 'nested too deeply'}); restore it from the base model") from None
         except OSError as e:
             raise AuditError(f"{cfg}: cannot read it ({e.strerror}); fix its permissions") from None
         if not isinstance(config, dict) or "model_type" not in config:
@@ -77,8 +77,8 @@ class ModelDir:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise AuditError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
+            except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+                raise AuditError(f"{index}: not a valid index (needs a 'weight_map' object): {e or 'nested too deeply'}") from None
             except OSError as e:
                 raise AuditError(f"{index}: cannot read it ({e.strerror}); fix its permissions") from None
             for s in shards:

@@ -12,6 +12,7 @@ import csv
 import json
 from pathlib import Path
 
+from audit.user_files import regular_file
 from checks.errors import AuditError
 
 KINDS = ("harmful", "harmless")
@@ -31,10 +32,8 @@ def load_prompts(src: str | Path | None, kind: str) -> list[str]:
     if src is None:
         src = default_path(kind)
     path = Path(src)
-    if path.is_file():
-        prompts = _read_file(path)
-    elif path.exists():
-        raise AuditError(f"{path}: not a file; pass a .txt/.jsonl/.json/.csv/.parquet prompt file")
+    if path.exists() or path.is_symlink():
+        prompts = _read_file(regular_file(path, f"{kind} prompt"))  # a folder, a FIFO or a device is said to be what it is
     else:
         prompts = _read_dataset(str(src))
     prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
@@ -69,8 +68,8 @@ def _read_file(path: Path) -> list[str]:
                 if line.strip():
                     try:
                         items.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise AuditError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    except (ValueError, RecursionError) as e:
+                        raise AuditError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', None) or e or 'nested too deeply'})") from None
             return _strings_or_rows(items, str(path))
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
