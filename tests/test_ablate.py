@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.ablation.ablate import MANIFEST_NAME, ablate, load_manifest
+from audit.ablation.ablate import ablate
 
 from audit.ablation.edit import edit_tensor
-from audit.intent.config import AblationConfig, load_config, plan, sparsify
 from audit.cli import main
+from audit.intent.config import AblationConfig, load_config, plan, sparsify
 from audit.intent.directions import Directions
+from audit.intent.manifest import MANIFEST_NAME, load_manifest
 from audit.model.directory import ModelDir, copy_side_files
 from audit.model.shards import write_shard
 from checks.errors import AuditError

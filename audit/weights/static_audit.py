@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from audit import __version__
-from audit.ablation.ablate import load_manifest
 from audit.ablation.suppress import plan_suppress
 from audit.forward.measure import measure_directions
 from audit.intent.config import AblationConfig, load_config, plan, resolve_measurements
 from audit.intent.directions import load_directions
+from audit.intent.manifest import load_manifest
 from audit.model.directory import identity_changes
 from audit.model.prompts import load_prompts
 from audit.weights import native
