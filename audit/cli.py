@@ -127,13 +127,16 @@ def _cmd_static(args) -> int:
     """Static weight audit (weights, projection, recovery) -> DIR/results.json; 1 when a check fails."""
     import time
 
+    from audit.intent.manifest import manifest_base
     from audit.outputs import check_destination
-    from audit.pipeline.write import write_static
-    from audit.weights.static_audit import results_document, static_audit
 
     t0 = time.time()
-    inputs = [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless]
-    check_destination(args.output, inputs, args.force)
+    inputs = [args.model_dir, args.base or manifest_base(args.model_dir), args.config, args.directions, args.harmful, args.harmless]
+    check_destination(args.output, inputs, args.force)  # the base an ablation's manifest names is an input too
+
+    from audit.pipeline.write import write_static  # heavy imports (torch) after what the flags alone refuse
+    from audit.weights.static_audit import results_document, static_audit
+
     results = static_audit(args.model_dir, base=args.base, config=args.config, directions=args.directions,
                            harmful=args.harmful, harmless=args.harmless)
     doc = results_document(results, args.model_dir, results["weights"].data.get("base"), t0)
@@ -160,16 +163,21 @@ def _cmd_classify(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from audit.model.loading import parse_max_memory
-    from audit.pipeline.run import RunOptions, run_audit
+    from audit.pipeline.options import RunOptions, refuse_before_loading
 
     opts = RunOptions(model_dir=args.model_dir, base=args.base, config=args.config, gate=args.gate, harmful=args.harmful,
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
                       command="audit " + " ".join(sys.argv[1:]), judge=args.judge, dtype=args.dtype,
-                      max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
+                      offload_folder=args.offload_folder,
                       base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout)
+    refuse_before_loading(opts)  # before the heavy imports below (torch): a refusal from the flags alone takes a second
+
+    from audit.model.loading import parse_max_memory
+    from audit.pipeline.run import run_audit
+
+    opts.max_memory = parse_max_memory(args.max_memory)
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
@@ -358,23 +366,16 @@ LOG_NAME = "audit-error.log"
 
 
 def _log_path(args) -> Path:
-    """The output folder's audit-error.log when that folder is ours or new; else one in the cache's logs/."""
+    """The output folder's audit-error.log when that folder already is ours (a --force re-run); else one in the cache's
+    logs/. A failed run never creates its output folder (it would be a half output: a folder with only a log in it)."""
     import time
 
-    from audit.outputs import MARKER, is_ours
+    from audit.outputs import is_ours
 
     attr = FOLDER_OUTPUTS.get(args.command)
     out = getattr(args, attr, None) if attr else None
-    if out:
-        d = Path(out)
-        try:
-            if not d.exists():
-                d.mkdir(parents=True)
-                (d / MARKER).write_text(json.dumps({"tool": "moe-ablation-audit", "kind": "error log"}) + "\n")
-            if is_ours(d):
-                return d / LOG_NAME
-        except OSError:
-            pass
+    if out and is_ours(Path(out)):
+        return Path(out) / LOG_NAME
     from audit.organisms.build import cache_root
 
     logs = cache_root() / "logs"

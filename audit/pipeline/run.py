@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from audit.ablation.ablate import DIRECTIONS_NAME, ablate, load_manifest
+from audit.ablation.ablate import ablate
 from audit.forward.damage import kl_rows
 from audit.forward.estimate import refusal_token_ids
 from audit.forward.generate import LocalBackend
@@ -23,13 +23,14 @@ from audit.forward.passes import measure
 from audit.intent.config import AblationConfig, load_config, resolve_measurements
 from audit.intent.directions import load_directions
 from audit.intent.fixes import apply_patch, config_yaml
+from audit.intent.manifest import DIRECTIONS_NAME, load_manifest
 from audit.intent.reached import reached as reached_ablation
 from audit.judgement.judges import make_judge
 from audit.model.directory import ModelDir
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
 from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
-from audit.pipeline.options import RunContext, RunOptions
+from audit.pipeline.options import RunContext, RunOptions, refuse_before_loading
 from audit.pipeline.simulate import Simulator
 from audit.pipeline.summary import headline, run_info, version
 from audit.pipeline.write import write_outputs
@@ -93,6 +94,7 @@ def _writes(pr_h, pr_a) -> tuple[dict[str, list[float]], list[float]]:
 def run_audit(opts: RunOptions, write: bool = True) -> dict:
     """Run every check on ``opts.model_dir`` and return the results document (and write the outputs)."""
     ctx = RunContext(opts)
+    refuse_before_loading(opts, write)
     with ctx.stage("inputs"):
         jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
         abl = ModelDir(opts.model_dir)
