@@ -108,12 +108,12 @@ def input_roots(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
         if not p.exists() and not p.is_symlink():
             continue
         roots.append(p.absolute())
-        roots.append(p.resolve())
+        roots.append(Path(os.path.realpath(p)))  # realpath, not resolve: a symlink loop is the reader's to report, not a crash here
         if p.is_dir():
             try:
                 for child in p.iterdir():
                     if child.is_symlink():
-                        roots.append(child.resolve().parent)
+                        roots.append(Path(os.path.realpath(child)).parent)
             except OSError:
                 pass
     return list(dict.fromkeys(roots))

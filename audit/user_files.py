@@ -7,6 +7,7 @@ against its JSON Schema (checks/schemas/) with messages that name the file, the 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -31,6 +32,8 @@ def regular_file(path: str | os.PathLike, kind: str) -> Path:
     except FileNotFoundError:
         raise AuditError(f"{p}: no such {kind} file" + (" (a broken symlink)" if p.is_symlink() else "")) from None
     except OSError as e:  # a symlink loop, a path through a file, no permission
+        if e.errno == errno.ELOOP:
+            raise AuditError(f"{p}: is a symlink loop (its links lead back to themselves), not a {kind} file; replace it with the file") from None
         raise AuditError(f"{p}: cannot read this {kind} file ({e.strerror or e})") from None
     if stat.S_ISREG(st.st_mode):
         return p

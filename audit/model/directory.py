@@ -21,6 +21,7 @@ from audit.model.loading import bounded_loading, load_quantized, release_scratch
 from audit.model.logical import logical_tensors
 from audit.model.shards import INDEX_NAME, SINGLE_NAME, TensorInfo, read_header
 from audit.outputs import scratch_folder
+from audit.user_files import regular_file
 from checks.errors import AuditError
 from checks.layout import Layout, build_layout
 
@@ -87,14 +88,17 @@ class ModelDir:
                 parts = Path(s).parts if isinstance(s, str) else ()
                 if not isinstance(s, str) or not parts or Path(s).is_absolute() or ".." in parts or len(parts) != 1:
                     raise AuditError(f"{index}: names shard {s!r} outside the model directory (not a plain file name in it); refusing to read it")
-                if not (self.path / s).is_file():
-                    raise AuditError(f"{index}: names shard {s!r}, which is missing from {self.path} (or a broken link); re-download it")
+                if not (self.path / s).exists() and not (self.path / s).is_symlink():
+                    raise AuditError(f"{index}: names shard {s!r}, which is missing from {self.path}; re-download it")
+                regular_file(self.path / s, "safetensors shard")  # a symlink loop or a broken link, a folder, a FIFO
             self._weight_map = weight_map
             return shards
         self._weight_map = None
-        if (self.path / SINGLE_NAME).is_file():
+        singles = sorted(p.name for p in self.path.glob("*.safetensors"))
+        for s in singles:
+            regular_file(self.path / s, "safetensors shard")  # a symlink loop or a broken link, a folder, a FIFO
+        if SINGLE_NAME in singles:
             return [SINGLE_NAME]
-        singles = sorted(p.name for p in self.path.glob("*.safetensors") if p.is_file())
         if len(singles) == 1:
             return singles
         if singles:
