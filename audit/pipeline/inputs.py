@@ -11,6 +11,7 @@ import torch
 from audit.forward.generate import ServerBackend
 from audit.forward.probe import encode
 from audit.model.loading import placement
+from audit.model.prompts import encode_prompts
 from audit.pipeline.options import RunContext, RunOptions
 from audit.user_files import read_yaml, validate
 from checks.errors import AuditError
@@ -61,6 +62,23 @@ def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def same_tokenizer(abl, base, tok, prompts: list) -> None:
+    """The ablated model formats and tokenizes the audit's prompts as its base does (one tokenizer, the base's, serves both
+    sides of the audit); an ablation never changes them, so a difference is the wrong pair of directories or a damaged copy."""
+    if not any((abl.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return  # nothing of its own: the base's is the only one there is
+    theirs = abl.tokenizer()
+    if len(theirs) != len(tok):
+        raise AuditError(f"{abl.path}: its tokenizer has {len(theirs)} tokens, its base's ({base.path}) {len(tok)}; an ablation does not change "
+                         "the tokenizer -- copy the base's tokenizer files into it, or pass the right --base")
+    for prompt, a, b in zip(prompts, encode_prompts(theirs, prompts), encode_prompts(tok, prompts)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise AuditError(f"{abl.path}: its tokenizer or chat template formats prompts differently from its base's ({base.path}): prompt "
+                             f"{prompt[:60]!r} is {len(a)} tokens there and {len(b)} in the base, first difference at token {at}; an "
+                             "ablation does not change them -- copy the base's tokenizer files and chat template into it, or pass the right --base")
 
 
 def open_servers(opts: RunOptions, abl, base, tok, prompts: list) -> dict:

@@ -29,7 +29,8 @@ from audit.judgement.judges import make_judge
 from audit.model.directory import ModelDir
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
-from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
+from audit.pipeline.inputs import (gate_config, load_model, offload_parent, open_servers, prompt_source, release, same_tokenizer,
+                                   train_source)
 from audit.pipeline.options import RunContext, RunOptions, refuse_before_loading
 from audit.pipeline.simulate import Simulator
 from audit.pipeline.summary import headline, run_info, version
@@ -119,6 +120,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         budget = token_budget(base.config, opts.max_new_tokens)
         harmful, cut_h = fit_to_context(tok, harmful, budget)
         harmless, cut_a = fit_to_context(tok, harmless, budget)
+        same_tokenizer(abl, base, tok, harmful + harmless)
         ctx.prompts_cut = {"harmful": cut_h, "harmless": cut_a, "token_budget": budget}
         if cut_h or cut_a:
             ctx.say(f"[audit] {cut_h} harmful and {cut_a} harmless prompt(s) cut to {budget} tokens (the model's context minus --max-new-tokens, "
