@@ -76,12 +76,14 @@ def _cmd_measure(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    from audit.ablation.ablate import ablate
     from audit.intent.config import load_config
+
+    cfg = load_config(args.config)  # before the ablation's heavy imports: a bad config is refused at once
+
+    from audit.ablation.ablate import ablate
     from audit.intent.directions import Directions
     from audit.model.prompts import load_prompts
 
-    cfg = load_config(args.config)
     base = args.base or cfg.model
     out = args.output or cfg.output
     if not base:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from audit.intent.config import load_config
-from audit.pipeline.inputs import gate_config
+from audit.pipeline.options import gate_config
 from audit.user_files import MAX_YAML_BYTES, SCHEMAS, read_yaml, regular_file, validate
 from checks.errors import AuditError
 from checks.gate import CHECKS, CONDITIONS
@@ -39,7 +39,7 @@ def test_a_fifo_a_folder_or_a_missing_file_is_said_to_be_what_it_is(tmp_path):
     t = time.monotonic()
     with pytest.raises(AuditError, match=r"cfg.yaml: is a named pipe \(FIFO\), not a config file"):
         load_config(fifo)  # never opened: opening a FIFO with no writer would wait forever
-    assert time.monotonic() - t < 1
+    assert time.monotonic() - t < 5
     with pytest.raises(AuditError, match="is a folder, not a gate file"):
         regular_file(tmp_path, "gate")
     with pytest.raises(AuditError, match="no such prompt file"):
@@ -64,7 +64,7 @@ def test_yaml_is_bounded_before_anything_is_built(tmp_path, name, text, says):
     with pytest.raises(AuditError, match=f"^{str(f)}: .*" if name == "not yaml" else None) as e:
         read_yaml(f, "config")
     assert says in str(e.value) and str(f) in str(e.value)
-    assert time.monotonic() - t < 2
+    assert time.monotonic() - t < 10  # bounded: the old reader ran out of memory or past 120 s
 
 
 def test_a_huge_yaml_is_refused_by_its_size_without_being_read(tmp_path):
@@ -74,7 +74,7 @@ def test_a_huge_yaml_is_refused_by_its_size_without_being_read(tmp_path):
     t = time.monotonic()
     with pytest.raises(AuditError, match=f"big.yaml: 52,428,800 bytes; a gate file is at most {MAX_YAML_BYTES:,}"):
         read_yaml(f, "gate")
-    assert time.monotonic() - t < 1
+    assert time.monotonic() - t < 5
 
 
 def test_merge_keys_may_override_what_they_merge(tmp_path):
@@ -99,7 +99,7 @@ def test_config_values_are_checked_by_the_schema_naming_file_and_key(tmp_path, t
     with pytest.raises(AuditError) as e:
         load_config(f)
     assert str(e.value).startswith(f"{f}: ") and says in str(e.value), str(e.value)
-    assert time.monotonic() - t < 1
+    assert time.monotonic() - t < 5
 
 
 @pytest.mark.parametrize("text,says", [

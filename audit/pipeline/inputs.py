@@ -1,5 +1,5 @@
-"""The inputs of `audit run`, found and checked before the long work: prompt files beside the models, the gate file,
-each model loaded in its stored dtype and placement (one at a time, released before the next), and the servers."""
+"""The inputs of `audit run`, found and checked before the long work: prompt files beside the models, the tokenizer both
+sides share, each model loaded in its stored dtype and placement (one at a time, released before the next), and the servers."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from audit.forward.probe import encode
 from audit.model.loading import placement
 from audit.model.prompts import encode_prompts
 from audit.pipeline.options import RunContext, RunOptions
-from audit.user_files import read_yaml, validate
 from checks.errors import AuditError
-from checks.gate import GateConfig
 
 
 def prompt_source(explicit: str | None, kind: str, dirs: list[Path]) -> str | None:
@@ -101,30 +99,3 @@ def open_servers(opts: RunOptions, abl, base, tok, prompts: list) -> dict:
         raise AuditError(f"--server and --base-server both point at {out['abl'].model!r} on {out['abl'].base}: one server model cannot be "
                          "the base and the ablated model; serve both (see the README's two-server recipe)")
     return out
-
-
-def gate_config(path: str | None):
-    """The gate: a YAML file (``gate:`` at its top, or the thresholds themselves), else ./pyproject.toml's [tool.audit.gate],
-    else the defaults; validated against checks/schemas/gate.schema.json with messages naming the file and the key."""
-    if path is None:
-        pp = Path("pyproject.toml")
-        if pp.is_file():
-            import tomllib
-
-            try:
-                data = tomllib.loads(pp.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise AuditError(f"{pp.resolve()}: not valid TOML ({e})") from None
-            tbl = data.get("tool", {}).get("audit", {}).get("gate")
-            if tbl is not None:
-                source = f"{pp.resolve()} [tool.audit.gate]"
-                validate(tbl, "gate", source)
-                return GateConfig.from_dict(tbl, source), source
-        return GateConfig(), "defaults"
-    p = Path(path)
-    d = read_yaml(p, "gate") or {}
-    if not isinstance(d, dict):
-        raise AuditError(f"{p}: a gate file is a mapping of thresholds, e.g. max_refusal_after: 0.1")
-    d = d.get("gate", d)
-    validate(d, "gate", str(p))
-    return GateConfig.from_dict(d, str(p)), str(p)
