@@ -267,7 +267,8 @@ class OutputDir:
         try:
             self.tmp = temp_folder(self.dest, "tmp", kind)
         except OSError as e:
-            raise AuditError(f"{self.dest}: cannot create the output folder ({e.strerror}); choose another -o") from None
+            raise (_not_written(self.dest, no_room(e)) if no_room(e) else
+                   AuditError(f"{self.dest}: cannot create the output folder ({e.strerror}); choose another -o")) from None
         public_mode(self.tmp, directory=True)
 
     def __enter__(self) -> OutputDir:
@@ -362,7 +363,7 @@ def write_file(dest: str | os.PathLike, write: Callable[[Path], None], inputs: I
     try:
         folder = temp_folder(dest, "tmp", "partial file")
     except OSError as e:
-        raise AuditError(f"{dest}: cannot write it ({e.strerror}); choose another -o") from None
+        raise (_not_written(dest, no_room(e)) if no_room(e) else AuditError(f"{dest}: cannot write it ({e.strerror}); choose another -o")) from None
     tmp = folder / dest.name
     try:
         try:
