@@ -283,3 +283,25 @@ def test_parse_verdict_forms():
 def test_unknown_judge_spec():
     with pytest.raises(AuditError, match="--judge 'magic'"):
         make_judge("magic")
+
+
+def test_server_judge_has_a_deadline_over_the_whole_answer_and_follows_no_redirect():
+    """A judge server that trickles its answer a byte at a time is cut off at the deadline (every read was quick; the
+    limit was per read before), and one that redirects is refused without a request reaching the other port (issue 26)."""
+    from fake_openai import Behaviour, fake_server
+
+    b = Behaviour(models=["judge-llm"], answer=lambda messages, n: ('{"label": "refused", "reason": "it declines"}', "stop", 9))
+    b.trickle = 0.05  # about 200 bytes: 10 s in all
+    with fake_server(b) as url:
+        t = time.monotonic()
+        j = ServerJudge(url, "judge-llm", timeout=1.0)("Some answer.", "q")
+        assert time.monotonic() - t < 2.5
+        assert j.label == "unknown" and "did not answer POST /v1/chat/completions within 1 s" in j.reason, j.reason
+        other = Behaviour(models=["judge-llm"])
+        with fake_server(other) as elsewhere:
+            b.raw = {p: (307, b"", {"Location": elsewhere + p}) for p in ("/v1/models", "/v1/chat/completions")}
+            with pytest.raises(AuditError, match=r"redirect \(HTTP 307 to http://127\.0\.0\.1:\d+/v1/models\); redirects are never followed"):
+                ServerJudge(url)
+            with pytest.raises(AuditError, match="redirects are never followed"):
+                ServerJudge(url, "judge-llm")("Some answer.", "q")
+        assert other.requests == []
