@@ -312,7 +312,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "tool": {"name": "moe-ablation-audit", "version": version()},
         "run": run_info(opts, ctx, abl, base, harmful_src, harmless_src, len(harmful), len(harmless), directions_source, separating, ref_index,
                          "config" if opts.config else "manifest" if manifest else "inferred", gate_source),
-        "model": base.layout.summary(),
+        "model": {"path": str(abl.path.resolve()), "base": str(base.path.resolve()), **base.layout.summary()},  # the schema's model.path
         "verdict": verdict,
         "headline": headline(verdict, rates, causes),
         "causes": [cz.to_dict() for cz in causes],
