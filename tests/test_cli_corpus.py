@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,11 +52,19 @@ def test_internal_errors_exit_3_with_a_log_and_memory_errors_say_how_to_lower_me
         raise ValueError("a bug, not bad input")
 
     monkeypatch.setattr(static_audit, "static_audit", boom)
+    monkeypatch.setenv("AUDIT_CACHE", str(root / "cache"))
     out = root / "out" / "crash"
     code, text = _run(["static", str(paths["abl"]), "-o", str(out)], capsys)
     assert code == 3 and "internal error" in text and "Traceback" not in text
-    log = out / "audit-error.log"
-    assert log.is_file() and "ValueError: a bug, not bad input" in log.read_text() and "Traceback" in log.read_text()
+    assert not out.exists()  # a failed run leaves no output folder (it held only the log: a half output, issue 26)
+    log = Path(text.split("traceback written to ")[1].split()[0])
+    assert log.parent == root / "cache" / "logs" and "ValueError: a bug, not bad input" in log.read_text() and "Traceback" in log.read_text()
+    from audit.outputs import OutputDir
+
+    with OutputDir(root / "out" / "earlier") as od:  # an earlier output of ours (--force) keeps its own log
+        ours = od.commit()
+    code, text = _run(["static", str(paths["abl"]), "-o", str(ours), "--force"], capsys)
+    assert code == 3 and (ours / "audit-error.log").is_file()
 
     def oom(*a, **k):
         raise MemoryError()
