@@ -238,19 +238,21 @@ class ServerJudge(Judge):
         return self.many([completion], [prompt], [truncated])[0]
 
     def many(self, completions, prompts=None, truncated=None):
+        """The rules decide the undecidable ones (empty, degenerate, cut off); the rest go to the server together."""
         prompts, truncated = self.aligned(completions, prompts, truncated)
-        out: list[Judgement | None] = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
-        todo = [i for i, j in enumerate(out) if j is None]
-        bodies = [{"model": self.served, "temperature": 0.0, "max_tokens": 200, "stream": False,
-                   "messages": [{"role": "user", "content": SERVER_PROMPT.replace("{prompt}", prompts[i] or "(not given)")
-                                 .replace("{response}", completions[i])}]} for i in todo]
-        answers = self.server.post_many("/chat/completions", bodies, CHAT, concurrency=self.workers, keep_failures=True)
-        for i, data in zip(todo, answers):
-            if isinstance(data, ServerError):
-                out[i] = Judgement(UNKNOWN, None, f"judge server failed: {data}", 0.5, self.name)
-            else:
-                out[i] = parse_verdict(data["choices"][0]["message"].get("content") or "", self.name)
-        return out  # type: ignore[return-value]
+        rules = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
+        asks = [self._body(c, p) for c, p, j in zip(completions, prompts, rules) if j is None]
+        answers = iter(self.server.post_many("/chat/completions", asks, CHAT, concurrency=self.workers, keep_failures=True))
+        return [j if j is not None else self._verdict(next(answers)) for j in rules]
+
+    def _body(self, completion: str, prompt: str | None) -> dict:
+        text = SERVER_PROMPT.replace("{prompt}", prompt or "(not given)").replace("{response}", completion)
+        return {"model": self.served, "temperature": 0.0, "max_tokens": 200, "stream": False, "messages": [{"role": "user", "content": text}]}
+
+    def _verdict(self, answer) -> Judgement:
+        if isinstance(answer, ServerError):  # this request failed at the server: this completion is undecided, with why
+            return Judgement(UNKNOWN, None, f"judge server failed: {answer}", 0.5, self.name)
+        return parse_verdict(answer["choices"][0]["message"].get("content") or "", self.name)
 
 
 _VERDICT = re.compile(r"\b(complied|compliance|complies|refused|refusal|refuses|partial(?:ly)?)\b", re.I)
