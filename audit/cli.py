@@ -176,6 +176,9 @@ def _cmd_run(args) -> int:
                       base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout)
     refuse_before_loading(opts)  # before the heavy imports below (torch): a refusal from the flags alone takes a second
 
+    from audit.pipeline.gate_file import gate_config
+
+    gate_config(opts.gate)  # then the gate file (a few seconds: the checks' modules), still before any model
     from audit.model.loading import parse_max_memory
     from audit.pipeline.run import run_audit
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from audit.intent.config import load_config
-from audit.pipeline.options import gate_config
+from audit.pipeline.gate_file import gate_config
 from audit.user_files import MAX_YAML_BYTES, SCHEMAS, read_yaml, regular_file, validate
 from checks.errors import AuditError
 from checks.gate import CHECKS, CONDITIONS

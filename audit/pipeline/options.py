@@ -1,5 +1,5 @@
-"""What one `audit run` is told (RunOptions: the CLI's flags as fields; the gate it is held to) and what it keeps while it
-runs (RunContext: stage times, what was cut, where each model was placed, what was checked about each server)."""
+"""What one `audit run` is told (RunOptions: the CLI's flags as fields) and what it keeps while it runs (RunContext:
+stage times, what was cut, where each model was placed, what was checked about each server)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from pathlib import Path
 
 from audit.intent.manifest import manifest_base
 from audit.outputs import check_destination
-from audit.user_files import read_yaml, validate
 from checks.errors import AuditError
-from checks.gate import GateConfig
 
 
 @dataclass
@@ -48,8 +46,7 @@ class RunOptions:
 
 def refuse_before_loading(opts: RunOptions, write: bool = True) -> None:
     """What the flags alone can refuse, decided before any model is read (a second, not after a run): an ablated model
-    that is its own base, -o and --apply-fix that are one folder or hold one another, either of them on an input, a gate
-    file that is not one."""
+    that is its own base, -o and --apply-fix that are one folder or hold one another, either of them on an input."""
     base = opts.base or manifest_base(opts.model_dir)
     if base is not None and Path(base).exists() and os.path.realpath(base) == os.path.realpath(opts.model_dir):
         raise AuditError(f"{opts.model_dir}: the ablated model and its base ({'--base' if opts.base else 'its ablation manifest'}) are the "
@@ -64,7 +61,6 @@ def refuse_before_loading(opts: RunOptions, write: bool = True) -> None:
         check_destination(opts.apply_fix, inputs + ([opts.out] if write else []), opts.force)
     if write:
         check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
-    gate_config(opts.gate)
 
 
 @dataclass
@@ -109,30 +105,3 @@ class RunContext:
                     self.bar.close()
 
         return _S()
-
-
-def gate_config(path: str | None):
-    """The gate: a YAML file (``gate:`` at its top, or the thresholds themselves), else ./pyproject.toml's [tool.audit.gate],
-    else the defaults; validated against checks/schemas/gate.schema.json with messages naming the file and the key."""
-    if path is None:
-        pp = Path("pyproject.toml")
-        if pp.is_file():
-            import tomllib
-
-            try:
-                data = tomllib.loads(pp.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise AuditError(f"{pp.resolve()}: not valid TOML ({e})") from None
-            tbl = data.get("tool", {}).get("audit", {}).get("gate")
-            if tbl is not None:
-                source = f"{pp.resolve()} [tool.audit.gate]"
-                validate(tbl, "gate", source)
-                return GateConfig.from_dict(tbl, source), source
-        return GateConfig(), "defaults"
-    p = Path(path)
-    d = read_yaml(p, "gate") or {}
-    if not isinstance(d, dict):
-        raise AuditError(f"{p}: a gate file is a mapping of thresholds, e.g. max_refusal_after: 0.1")
-    d = d.get("gate", d)
-    validate(d, "gate", str(p))
-    return GateConfig.from_dict(d, str(p)), str(p)

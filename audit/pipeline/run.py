@@ -29,8 +29,9 @@ from audit.judgement.judges import make_judge
 from audit.model.directory import ModelDir
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
+from audit.pipeline.gate_file import gate_config
 from audit.pipeline.inputs import load_model, offload_parent, open_servers, prompt_source, release, same_tokenizer, train_source
-from audit.pipeline.options import RunContext, RunOptions, gate_config, refuse_before_loading
+from audit.pipeline.options import RunContext, RunOptions, refuse_before_loading
 from audit.pipeline.simulate import Simulator
 from audit.pipeline.summary import headline, run_info, version
 from audit.pipeline.write import write_outputs
