@@ -27,12 +27,12 @@ def _cfg(pairs, strength, **kw):
 @pytest.mark.parametrize("d, msg", [
     ({"suppress_experts": [[1, 2]], "suppress_strength": 1.0, "ablate": [{"layer": 1}]}, "only apply with router_mode: suppress"),
     ({"router_mode": "suppress", "suppress_strength": 1.0}, "needs suppress_experts"),
-    ({"router_mode": "suppress", "suppress_experts": "some", "suppress_strength": 1.0}, "is not 'auto'"),
-    ({"router_mode": "suppress", "suppress_experts": [[1]], "suppress_strength": 1.0}, r"is not a \[layer, expert\] pair"),
-    ({"router_mode": "suppress", "suppress_experts": [[1, -2]], "suppress_strength": 1.0}, "non-negative integer"),
+    ({"router_mode": "suppress", "suppress_experts": "some", "suppress_strength": 1.0}, 'suppress_experts: "some" is not allowed; suppress_experts takes auto, or a non-empty list of'),
+    ({"router_mode": "suppress", "suppress_experts": [[1]], "suppress_strength": 1.0}, r"suppress_experts\[0\]: \[1\] is not allowed \(\[1\] is too short\)"),
+    ({"router_mode": "suppress", "suppress_experts": [[1, -2]], "suppress_strength": 1.0}, r"suppress_experts\[0\]\[1\]: -2 is not allowed"),
     ({"router_mode": "suppress", "suppress_experts": [[1, 2]]}, "needs how much to lower"),
-    ({"router_mode": "suppress", "suppress_experts": [[1, 2]], "suppress_strength": -1.0}, "must be positive"),
-    ({"router_mode": "sideways", "ablate": [{"layer": 1}]}, "router_mode 'sideways' unknown"),
+    ({"router_mode": "suppress", "suppress_experts": [[1, 2]], "suppress_strength": -1.0}, "suppress_strength: -1.0 is not allowed .*takes a positive number"),
+    ({"router_mode": "sideways", "ablate": [{"layer": 1}]}, 'router_mode: unknown "sideways"; router_mode takes input, none or suppress'),
 ])
 def test_bad_suppress_settings_name_the_setting(d, msg):
     with pytest.raises(AuditError, match=msg):
