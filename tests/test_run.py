@@ -152,7 +152,7 @@ def test_cli_exit_codes(organism, tmp_path):
     gate = tmp_path / "gate.yaml"
     gate.write_text("max_refusal: 0.1\n")
     bad = subprocess.run(cmd[:-1] + ["--gate", str(gate), "--force"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown gate key" in bad.stderr
+    assert bad.returncode == 2 and "gate.yaml: unknown key(s) 'max_refusal'" in bad.stderr
 
 
 def test_no_output_written_into_inputs(organism, tmp_path):
