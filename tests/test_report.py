@@ -296,6 +296,18 @@ def test_results_json_stable_and_sorted(tmp_path, sample):
     assert dumps_results(back) == text  # a round trip writes the same bytes
 
 
+def test_every_results_json_is_checked_against_its_schema_before_it_is_written(sample):
+    """The one text of results.json (audit run's, static's) is validated first: a document off the schema is this
+    tool's bug, named where it is, and never written."""
+    from reports.results_io import SCHEMA_VERSION
+
+    assert sample["schema_version"].split(".")[0] == SCHEMA_VERSION.split(".")[0]
+    bad = copy.deepcopy(sample)
+    bad["checks"]["weights"]["data"]["tables"] = {"t": [{"a": 1}]}  # a table as a plain list (what two checks once wrote)
+    with pytest.raises(ValueError, match=r"at \$\.checks\.weights\.data\.tables\.t"):
+        dumps_results(bad)
+
+
 def test_load_results_errors(tmp_path):
     with pytest.raises(AuditError, match="no such results file"):
         load_results(tmp_path / "missing.json")
