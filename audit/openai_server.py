@@ -25,6 +25,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -71,17 +72,17 @@ class OpenAIServer:
     # -- the calls --------------------------------------------------------------------------------
     def get(self, path: str, schema: dict, timeout: float | None = None, optional: bool = False) -> Any:
         """GET base+path (``path`` starting with '/'); ``optional``: an endpoint the server may lack (None then)."""
-        return asyncio.run(self._one("GET", path, None, schema, timeout, optional))
+        return _run(self._one("GET", path, None, schema, timeout, optional))
 
     def post(self, path: str, body: dict, schema: dict, timeout: float | None = None, optional: bool = False, at_root: bool = False) -> Any:
         """POST ``body`` to base+path (root+path with ``at_root``: vLLM's /tokenize lives outside /v1)."""
-        return asyncio.run(self._one("POST", path, body, schema, timeout, optional, at_root))
+        return _run(self._one("POST", path, body, schema, timeout, optional, at_root))
 
     def post_many(self, path: str, bodies: list[dict], schema: dict, concurrency: int, progress: Callable[[int], None] | None = None,
                   keep_failures: bool = False) -> list:
         """POST each body, ``concurrency`` at a time (the server batches them), answers in order. The first error stops the
         rest; with ``keep_failures`` a ServerError takes that body's place instead (any other error still stops all)."""
-        return asyncio.run(self._many(path, bodies, schema, max(1, concurrency), progress, keep_failures))
+        return _run(self._many(path, bodies, schema, max(1, concurrency), progress, keep_failures))
 
     # -- asyncio ----------------------------------------------------------------------------------
     def _client(self, connections: int) -> httpx2.AsyncClient:
@@ -182,6 +183,16 @@ class OpenAIServer:
             raise AuditError(f"{self.where} answered {method} {path} with JSON of another shape than an OpenAI-compatible server's "
                              f"({err.json_path}: {err.message[:200]}); is {self.flag} such a server?")
         return data
+
+
+def _run(coro):
+    """Run ``coro`` to its end from synchronous code; from inside a running event loop (a notebook) in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _connect_failure(e: BaseException) -> str:
