@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from audit.intent.config import load_config
+from audit.intent.config import MAX_SCALE, load_config
 from audit.pipeline.gate_file import gate_config
 from audit.user_files import MAX_YAML_BYTES, SCHEMAS, read_yaml, regular_file, validate
 from checks.errors import AuditError
@@ -26,6 +26,7 @@ def test_the_schemas_name_what_the_code_knows():
     cfg = json.loads((SCHEMAS / "config.schema.json").read_text())
     gate = json.loads((SCHEMAS / "gate.schema.json").read_text())
     assert tuple(cfg["$defs"]["target"]["enum"]) == TARGETS
+    assert cfg["properties"]["scale"]["maximum"] == cfg["$defs"]["entry"]["properties"]["scale"]["maximum"] == MAX_SCALE
     assert tuple(gate["properties"]["must_ablate"]["items"]["enum"]) == TARGETS
     names = set(CONDITIONS)
     assert set(gate["properties"]) == names | {"optional", "required", "waive"}

@@ -53,6 +53,7 @@ DEFAULT_COMPONENTS = ("attn_out", "mlp_down", "experts_down", "shared_down")
 SUPPRESS_KEYS = ("suppress_experts", "suppress_strength", "suppress_measurement")
 EXPERT_TARGETS = ("experts_down", "experts_gate", "experts_up")
 MAX_LAYER = 65535  # the largest layer index a config may name (checks/schemas/config.schema.json)
+MAX_SCALE = 4.0  # the largest scale a config may give (the schema's maximum): 1 removes r, 2 reflects it, more only writes it back larger
 
 
 @dataclass(frozen=True)
