@@ -85,7 +85,7 @@ def test_merge_keys_may_override_what_they_merge(tmp_path):
 
 
 @pytest.mark.parametrize("text,says", [
-    ("scale: 1.0e+308\nablate: [{layer: 1}]\n", "scale: 1e+308 is not allowed (1e+308 is greater than the maximum of 4); scale takes"),
+    ("scale: 1.0e+308\nablate: [{layer: 1}]\n", "scale: 1e+308 is not allowed (1e+308 is greater than the maximum of 100); scale takes"),
     ("scale: 1.0e+30\nablate: [{layer: 1}]\n", "scale: 1e+30 is not allowed"),
     ("ablate: [{layer: 1, scale: .nan}]\n", "ablate[0].scale: must be a finite number, not nan"),
     ("ablate: [{layer: '0-99999999999'}]\n", "ablate[0].layer: \"0-99999999999\" is not allowed; ablate[0].layer takes a layer index (0 to 65535) or a range"),

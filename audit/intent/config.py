@@ -53,7 +53,8 @@ DEFAULT_COMPONENTS = ("attn_out", "mlp_down", "experts_down", "shared_down")
 SUPPRESS_KEYS = ("suppress_experts", "suppress_strength", "suppress_measurement")
 EXPERT_TARGETS = ("experts_down", "experts_gate", "experts_up")
 MAX_LAYER = 65535  # the largest layer index a config may name (checks/schemas/config.schema.json)
-MAX_SCALE = 4.0  # the largest scale a config may give (the schema's maximum): 1 removes r, 2 reflects it, more only writes it back larger
+MAX_SCALE = 100.0  # the largest scale a config may give (the schema's maximum): 1 removes r, 2 reflects it; the diagnosis
+# matrix damages a model at 12; past 100 is a typo or an attack (1e30 wrote weights of 6e28, 1e308 overflowed)
 
 
 @dataclass(frozen=True)
