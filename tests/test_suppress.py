@@ -262,6 +262,8 @@ def test_audit_run_diagnoses_a_weak_suppression_and_its_fix_applied_matches_the_
     assert res["verdict"] == "fail"
     weights = res["checks"]["weights"]
     assert weights["status"] == "pass" and any(f["code"] == "router-suppressed" for f in weights["findings"])
+    table = weights["data"]["tables"]["router-suppressed"]  # rows as lists: the results.json written was validated against its schema
+    assert all(isinstance(r, list) and len(r) == len(table["columns"]) for r in table["rows"])
     assert res["simulation"]["reproduction"]["agrees"] is True  # the reached suppression, as hooks, gives the model's refusal
     top = res["causes"][0]
     assert top["id"] == "weak-scale" and "suppress" in top["fix"]["patch"] and top["fix"]["patch"]["suppress"]["strength"] > 1.0
