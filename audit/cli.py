@@ -76,12 +76,14 @@ def _cmd_measure(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    from audit.ablation.ablate import ablate
     from audit.intent.config import load_config
+
+    cfg = load_config(args.config)  # before the ablation's heavy imports: a bad config is refused at once
+
+    from audit.ablation.ablate import ablate
     from audit.intent.directions import Directions
     from audit.model.prompts import load_prompts
 
-    cfg = load_config(args.config)
     base = args.base or cfg.model
     out = args.output or cfg.output
     if not base:
@@ -112,24 +114,14 @@ def _cmd_ablate(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from pathlib import Path
-
-    from reports.html import write_report
-    from reports.junit import write_junit
+    from audit.pipeline.write import write_report
     from reports.results_io import load_results
-
-    from audit.outputs import check_destination, is_ours
 
     results = load_results(args.results)
     src = Path(args.results)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent)
-    if out.exists() and not out.is_dir():
-        raise AuditError(f"{out}: is a file; -o takes the folder report.html and junit.xml go into")
-    if out.is_dir() and not is_ours(out) and any((out / n).exists() for n in ("report.html", "junit.xml")):
-        raise AuditError(f"{out}: already holds a report.html or junit.xml that this tool did not write; choose another -o")
-    check_destination(out / "report.html", [src / "results.json" if src.is_dir() else src], force=True, kind="file", ours=lambda p: True)
-    html, junit = write_report(results, out / "report.html"), write_junit(results, out / "junit.xml")
-    print(f"wrote {html}\nwrote {junit}")
+    for path in write_report(results, out, inputs=[src / "results.json" if src.is_dir() else src]):
+        print(f"wrote {path}")
     return 0
 
 
@@ -137,21 +129,24 @@ def _cmd_static(args) -> int:
     """Static weight audit (weights, projection, recovery; conversion with --against) -> DIR/results.json; 1 when a check fails."""
     import time
 
-    from audit.model.hashes import hash_inputs
-    from audit.weights.static_audit import results_document, static_audit, static_inputs, validate_results, write_results
-
+    from audit.intent.manifest import manifest_base
     from audit.outputs import check_destination
 
     t0 = time.time()
-    inputs = [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless, args.against]
-    check_destination(args.output, inputs, args.force)
+    inputs = [args.model_dir, args.base or manifest_base(args.model_dir), args.config, args.directions, args.harmful, args.harmless,
+              args.against]
+    check_destination(args.output, inputs, args.force)  # the base an ablation's manifest names is an input too
+
+    from audit.model.hashes import hash_inputs  # heavy imports (torch) after what the flags alone refuse
+    from audit.pipeline.write import write_static
+    from audit.weights.static_audit import results_document, static_audit, static_inputs
+
     results = static_audit(args.model_dir, base=args.base, config=args.config, directions=args.directions,
                            harmful=args.harmful, harmless=args.harmless, against=args.against)
     base = results["weights"].data.get("base")
     hashes = hash_inputs(static_inputs(args.model_dir, base, args.against, args.config, args.directions, args.harmful, args.harmless))
     doc = results_document(results, args.model_dir, base, t0, extra={"inputs": hashes})
-    validate_results(doc)
-    path = write_results(doc, args.output, inputs=inputs, force=args.force)
+    path = write_static(doc, args.output, inputs=inputs, force=args.force)
     for name, r in results.items():
         print(f"{name:11s} {r.status:5s} {r.summary}")
     print(f"inputs     {len(hashes['files'])} files, {hashes['bytes'] / 1e9:.2f} GB hashed (SHA-256) in {hashes['seconds']:.1f} s")
@@ -198,8 +193,7 @@ def _cmd_classify(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from audit.model.loading import parse_max_memory
-    from audit.pipeline.run import RunOptions, run_audit
+    from audit.pipeline.options import RunOptions, refuse_before_loading
 
     if args.reproduce:
         return _reproduce(args)
@@ -210,10 +204,18 @@ def _cmd_run(args) -> int:
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
                       command="audit " + " ".join(sys.argv[1:]), judge=args.judge, second_judge=args.second_judge,
-                      extend_to=args.extend_to, dtype=args.dtype,
-                      max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
+                      extend_to=args.extend_to, dtype=args.dtype, offload_folder=args.offload_folder,
                       base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout,
                       against=args.against)
+    refuse_before_loading(opts)  # before the heavy imports below (torch): a refusal from the flags alone takes a second
+
+    from audit.pipeline.gate_file import gate_config
+
+    gate_config(opts.gate)  # then the gate file (a few seconds: the checks' modules), still before any model
+    from audit.model.loading import parse_max_memory
+    from audit.pipeline.run import run_audit
+
+    opts.max_memory = parse_max_memory(args.max_memory)
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
@@ -457,23 +459,16 @@ LOG_NAME = "audit-error.log"
 
 
 def _log_path(args) -> Path:
-    """The output folder's audit-error.log when that folder is ours or new; else one in the cache's logs/."""
+    """The output folder's audit-error.log when that folder already is ours (a --force re-run); else one in the cache's
+    logs/. A failed run never creates its output folder (it would be a half output: a folder with only a log in it)."""
     import time
 
-    from audit.outputs import MARKER, is_ours
+    from audit.outputs import is_ours
 
     attr = FOLDER_OUTPUTS.get(args.command)
     out = getattr(args, attr, None) if attr else None
-    if out:
-        d = Path(out)
-        try:
-            if not d.exists():
-                d.mkdir(parents=True)
-                (d / MARKER).write_text(json.dumps({"tool": "moe-ablation-audit", "kind": "error log"}) + "\n")
-            if is_ours(d):
-                return d / LOG_NAME
-        except OSError:
-            pass
+    if out and is_ours(Path(out)):
+        return Path(out) / LOG_NAME
     from audit.organisms.build import cache_root
 
     logs = cache_root() / "logs"

@@ -13,7 +13,9 @@ Rules, in one place for every command:
   the name exists;
 - folders and files get the user's umask (``mkdtemp``/``mkstemp`` would make them private); files and
   folders are fsynced before the rename, so a crash leaves the old output or the new one, whole;
-- temporaries of ours left by a killed run (``.NAME.tmp-PID-*``) are removed when their process is gone;
+- every temporary is a folder of ours (``.NAME.tmp-PID-*``, our marker written first; a single file is written inside
+  one and renamed out of it), so a killed run's temporaries are removed when their process is gone, and nothing
+  without our marker ever is (a user's file or folder that happens to match the pattern stays);
 - scratch folders (accelerate's disk offload) are temporaries too: ``scratch_folder`` makes one, never in or around an
   input, and ``remove_scratch`` removes it (only one with our marker).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -62,13 +65,33 @@ def fsync_path(path: Path, directory: bool = False) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (deepest first), then ``root`` itself."""
+    """Give every file and folder under ``root`` the user's umask (some writers, safetensors' among them, make files
+    private) and fsync them (deepest first), then ``root`` itself."""
     for dirpath, _, files in os.walk(root, topdown=False):
         for f in files:
             p = Path(dirpath) / f
             if not p.is_symlink():
+                public_mode(p, directory=False)
                 fsync_path(p)
+        public_mode(Path(dirpath), directory=True)
         fsync_path(Path(dirpath), directory=True)
+
+
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write that failed for want of room: the user's to fix, never a half output
+
+
+def no_room(e: BaseException) -> str | None:
+    """Why a write failed for want of room ("No space left on device", "File too large", ...), or None for any other
+    failure. safetensors' writer reports the OS error in its message rather than as an OSError."""
+    if isinstance(e, OSError) and e.errno in NO_ROOM:
+        return e.strerror or os.strerror(e.errno)
+    m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return os.strerror(int(m.group(1))) if m and int(m.group(1)) in NO_ROOM else None
+
+
+def _not_written(dest: Path, why: str) -> AuditError:
+    return AuditError(f"{dest}: could not be written ({why}); nothing of it was left behind -- free space (or raise the file-size "
+                      "limit, ulimit -f) and run again, or choose another -o")
 
 
 # -- inputs and destinations -------------------------------------------------------------------
@@ -85,12 +108,12 @@ def input_roots(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
         if not p.exists() and not p.is_symlink():
             continue
         roots.append(p.absolute())
-        roots.append(p.resolve())
+        roots.append(Path(os.path.realpath(p)))  # realpath, not resolve: a symlink loop is the reader's to report, not a crash here
         if p.is_dir():
             try:
                 for child in p.iterdir():
                     if child.is_symlink():
-                        roots.append(child.resolve().parent)
+                        roots.append(Path(os.path.realpath(child)).parent)
             except OSError:
                 pass
     return list(dict.fromkeys(roots))
@@ -181,8 +204,28 @@ def _temp_name(dest: Path, what: str) -> str:
     return f".{dest.name}.{what}-{os.getpid()}-"
 
 
+def _marker_text(kind: str) -> str:
+    return json.dumps({"tool": TOOL, "kind": kind, "pid": os.getpid(), "host": socket.gethostname(),
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+
+
+def temp_folder(dest: Path, what: str, kind: str) -> Path:
+    """A new temporary folder of ours beside ``dest`` (``.NAME.{what}-PID-*``), its marker written first; stale ones of
+    ours for ``dest`` are removed first. Raises OSError where the folder cannot be made."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_name(dest, what), dir=dest.parent))
+    try:
+        (tmp / MARKER).write_text(_marker_text(kind))
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
 def clean_stale(dest: Path) -> list[Path]:
-    """Remove our temporaries for ``dest`` whose process is gone (same host); returns what was removed."""
+    """Remove our temporary folders for ``dest`` whose process is gone (same host; our marker in them); returns what was
+    removed. Nothing without our marker is touched, whatever its name."""
     removed = []
     host = socket.gethostname()
     try:
@@ -195,19 +238,14 @@ def clean_stale(dest: Path) -> list[Path]:
             if not p.name.startswith(prefix):
                 continue
             pid_s = p.name[len(prefix):].split("-", 1)[0]
-            if not pid_s.isdigit() or _alive(int(pid_s)):
+            if not pid_s.isdigit() or _alive(int(pid_s)) or not p.is_dir() or p.is_symlink():
                 continue
-            if p.is_dir() and not p.is_symlink():
-                marker = p / MARKER
-                try:
-                    info = json.loads(marker.read_text()) if marker.is_file() else None
-                except (OSError, ValueError):
-                    info = None
-                if (info is not None and info.get("host") == host) or (info is None and not any(p.iterdir())):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
-            elif p.is_file() and what == "tmp" and p.name.endswith(".partial"):
-                p.unlink(missing_ok=True)
+            try:
+                info = json.loads((p / MARKER).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and info.get("tool") == TOOL and info.get("host") == host:
+                shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
 
@@ -227,14 +265,11 @@ class OutputDir:
         self.dest = check_destination(dest, self.inputs, force)
         self.force = force
         try:
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            clean_stale(self.dest)
-            self.tmp = Path(tempfile.mkdtemp(prefix=_temp_name(self.dest, "tmp"), dir=self.dest.parent))
+            self.tmp = temp_folder(self.dest, "tmp", kind)
         except OSError as e:
-            raise AuditError(f"{self.dest}: cannot create the output folder ({e.strerror}); choose another -o") from None
+            raise (_not_written(self.dest, no_room(e)) if no_room(e) else
+                   AuditError(f"{self.dest}: cannot create the output folder ({e.strerror}); choose another -o")) from None
         public_mode(self.tmp, directory=True)
-        (self.tmp / MARKER).write_text(json.dumps({"tool": TOOL, "kind": kind, "pid": os.getpid(), "host": socket.gethostname(),
-                                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 
     def __enter__(self) -> OutputDir:
         return self
@@ -242,6 +277,9 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            why = no_room(exc)
+            if why:
+                raise _not_written(self.dest, why) from None
 
     def commit(self) -> Path:
         """Rename the finished folder into place (fsynced first); never over a destination that appeared meanwhile."""
@@ -258,7 +296,7 @@ class OutputDir:
             except AuditError:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
-            old = Path(tempfile.mkdtemp(prefix=_temp_name(self.dest, "old"), dir=self.dest.parent))
+            old = temp_folder(self.dest, "old", "previous output")
             try:
                 os.rename(self.dest, old / "previous")
             except FileNotFoundError:  # another writer moved it first
@@ -295,16 +333,10 @@ def scratch_folder(parent: str | os.PathLike | None, name: str, inputs: Iterable
                                  "pass --offload-folder a folder outside the model directories")
     if base.exists() and not base.is_dir():
         raise AuditError(f"{base}: is a file; --offload-folder takes a folder")
-    dest = base / name
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        clean_stale(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_name(dest, "tmp"), dir=base))
+        return temp_folder(base / name, "tmp", "scratch")
     except OSError as e:
         raise AuditError(f"{base}: cannot create a scratch folder there ({e.strerror}); pass --offload-folder a writable folder") from None
-    (tmp / MARKER).write_text(json.dumps({"tool": TOOL, "kind": "scratch", "pid": os.getpid(), "host": socket.gethostname(),
-                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    return tmp
 
 
 def remove_scratch(path: str | os.PathLike) -> None:
@@ -319,24 +351,29 @@ def remove_scratch(path: str | os.PathLike) -> None:
 
 def write_file(dest: str | os.PathLike, write: Callable[[Path], None], inputs: Iterable[str | os.PathLike | None] = (),
                force: bool = False, ours: Callable[[Path], bool] | None = None) -> Path:
-    """Write one output file: ``write(tmp_path)`` fills a temporary sibling, which is then linked into place.
+    """Write one output file: ``write(path)`` fills ``path`` inside a temporary folder of ours beside ``dest``; the file
+    is then linked into place (renamed over ``dest`` when replacing) and the folder removed, so ``dest`` is never half
+    written and a killed run leaves only a temporary the next one removes.
 
-    Without ``force`` the link fails if ``dest`` appeared meanwhile (no silent replace); with it, only a
-    file ``ours`` recognises is replaced.
+    Without ``force`` the link fails if ``dest`` appeared meanwhile (no silent replace); with it, only a file ``ours``
+    recognises is replaced. The file gets the user's umask.
     """
     inputs = list(inputs)
     dest = check_destination(dest, inputs, force, kind="file", ours=ours)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(dest)
-        fd, name = tempfile.mkstemp(prefix=_temp_name(dest, "tmp"), suffix=".partial", dir=dest.parent)
-        os.close(fd)
+        folder = temp_folder(dest, "tmp", "partial file")
     except OSError as e:
-        raise AuditError(f"{dest}: cannot write it ({e.strerror}); choose another -o") from None
-    tmp = Path(name)
+        raise (_not_written(dest, no_room(e)) if no_room(e) else AuditError(f"{dest}: cannot write it ({e.strerror}); choose another -o")) from None
+    tmp = folder / dest.name
     try:
+        try:
+            write(tmp)
+        except Exception as e:
+            why = no_room(e)
+            if why:
+                raise _not_written(dest, why) from None
+            raise
         public_mode(tmp, directory=False)
-        write(tmp)
         fsync_path(tmp)
         if dest.exists():
             check_destination(dest, inputs, force, kind="file", ours=ours)
@@ -351,6 +388,6 @@ def write_file(dest: str | os.PathLike, write: Callable[[Path], None], inputs: I
                     raise AuditError(f"{dest}: appeared while this run was writing; nothing was replaced") from None
                 os.rename(tmp, dest)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
     fsync_path(dest.parent, directory=True)
     return dest

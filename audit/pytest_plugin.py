@@ -229,7 +229,7 @@ def tool_digest() -> str:
 
 def base_dir(opts: RunOptions) -> str | None:
     """--audit-base, else the base the ablated model's manifest names (as run_audit finds it)."""
-    from audit.ablation.ablate import load_manifest
+    from audit.intent.manifest import load_manifest
 
     return opts.base or ((load_manifest(opts.model_dir) or {}).get("base") or {}).get("path")
 

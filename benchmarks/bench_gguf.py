@@ -34,7 +34,7 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from audit.weights.static_audit import static_audit
-from checks import native
+from audit.weights import native
 native.kernels()
 c0, t0 = time.process_time(), time.perf_counter()
 res = static_audit({model!r}, {base!r}, directions={dirs!r}, against={against!r})

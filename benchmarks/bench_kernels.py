@@ -1,4 +1,4 @@
-"""pair_stats per element: the C kernels (checks/native.py) against the torch path, side by side, per layout.
+"""pair_stats per element: the C kernels (audit/weights/native.py) against the torch path, side by side, per layout.
 
 Each layout is a stack of bf16 tensor pairs too large for the caches (--mb per model), the ablated side
 with r projected out, so every pair takes the changed-tensor path (norms, products with 3 directions,
@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from checks import native  # noqa: E402
+from audit.weights import native  # noqa: E402
 from checks.linalg import project_out  # noqa: E402
-from checks.pair_stats import pair_stats  # noqa: E402
+from audit.weights.pair_stats import pair_stats  # noqa: E402
 from checks.projection import floor_can_matter  # noqa: E402
 
 H = 2048

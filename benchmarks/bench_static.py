@@ -10,7 +10,7 @@ ablation), then, each in a fresh subprocess, with the page cache warm:
   tensor with itself), one thread -- reading with no copy at all, the lowest bound we know;
 - the static audit with a directions file: every pair compared, every writer and reader projected on
   its layer's direction, every changed tensor's direction recovered. It uses two worker threads and
-  the C kernels of checks/native.py;
+  the C kernels of audit/weights/native.py;
 - the same audit on its torch path (AUDIT_NATIVE=0), what runs where no C compiler is found.
 
 Prints the time ratios against both reads (target <= 1.5 against the read) and the audit's peak RSS

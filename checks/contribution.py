@@ -148,7 +148,9 @@ def contribution_check(before, after=None, *, harmless_before=None, harmless_aft
         base = {k: wb[k] - hb[k] for k in _KINDS}
     ranked = sorted(_components(base), key=lambda r: -abs(r["amount"]))
     by_kind = {_LABEL[k]: float(np.abs(base[k]).sum()) for k in _KINDS}
-    data["tables"]["writers-before"] = ranked[:top]
+    cols = ["component", "layer", "expert", "amount"]
+    data["tables"]["writers-before"] = {"title": "Main writers of r before ablation (harmful minus harmless where both were probed)",
+                                        "columns": cols, "rows": [[r[c] for c in cols] for r in ranked[:top]]}
     if ranked:
         main = max(by_kind, key=by_kind.get)
         findings.append(Finding(

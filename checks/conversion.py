@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from checks.findings import FAIL, PASS, CheckResult, Finding
-from checks.pair_stats import DirStats
+from checks.projection import DirStats
 from checks.projection import FLOOR_K, NOT_ABLATED, REQUANT_MARGIN, TensorProjection, classify
 
 ROUNDING_K = FLOOR_K  # a difference within this many times the expected rounding residue is rounding

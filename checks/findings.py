@@ -81,20 +81,31 @@ def nonfinite_paths(x: Any, path: str, out: dict | None = None) -> dict[str, str
     return out
 
 
-def jsonable(x: Any) -> Any:
-    """Plain JSON types: tensors/arrays to lists, NaN/Inf to None, tuples to lists, dict keys to str."""
+def jsonable(x: Any, digits: int | None = None) -> Any:
+    """Plain JSON types: results' ``to_dict``, tensors/arrays to lists, NaN/Inf to None, tuples to lists, dict keys to str.
+
+    The one serializer of results: with ``digits``, floats are rounded to that many significant digits (results.json:
+    two runs that measured the same thing write the same bytes) and -0.0 becomes 0.0.
+    """
+    if hasattr(x, "to_dict") and callable(x.to_dict):  # CheckResult, Finding, Cause
+        x = x.to_dict()
     if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v, digits) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
+        return [jsonable(v, digits) for v in x]
     if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
-        return jsonable(x.tolist())
+        return jsonable(x.tolist(), digits)
     if isinstance(x, float):
-        return x if math.isfinite(x) else None
+        if not math.isfinite(x):
+            return None
+        if digits is None:
+            return x
+        r = float(f"{x:.{digits}g}")
+        return 0.0 if r == 0 else r
     if isinstance(x, (bool, int, str)) or x is None:
         return x
     if hasattr(x, "item"):
-        return jsonable(x.item())
+        return jsonable(x.item(), digits)
     return str(x)
 
 

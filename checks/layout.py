@@ -433,6 +433,30 @@ def _shared_count(family: str, tc: dict, roles: dict[str, Role]) -> int:
     return 1 if any(r.component == "shared_experts" for r in roles.values()) else 0
 
 
+def _agrees_with_weights(tc: dict, roles: dict[str, Role], shapes: dict, num_layers: int, n_routed: int | None, source: str) -> None:
+    """config.json's layer and expert counts are what the weights hold (a config.json edited or copied from another
+    model would otherwise be believed: num_hidden_layers 1e9, n_routed_experts "eight")."""
+    held = sorted({r.layer for r in roles.values() if r.layer is not None and r.component != "mtp"})
+    if held and held[-1] + 1 < num_layers:
+        raise AuditError(f"{source}: config.json says num_hidden_layers {num_layers}, but the weights hold layers 0..{held[-1]}; "
+                         "restore config.json from the base model")
+    if n_routed is None:
+        return
+    given = [(k, tc[k]) for k in ("n_routed_experts", "num_experts", "num_local_experts") if k in tc and tc[k] is not None]
+    if not given:
+        return
+    key, v = given[0]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise AuditError(f"{source}: config.json's {key} is {v!r}, but the weights hold routed experts; it must be their number "
+                         "(restore config.json from the base model)")
+    per_key = max((r.expert + 1 for r in roles.values() if r.component == "experts" and r.expert is not None), default=0)
+    fused = {shapes[k][r.expert_axis] for k, r in roles.items() if r.component == "experts" and r.expert_axis is not None}
+    held_n = next((n for n in sorted(fused) if n != n_routed), per_key if per_key > n_routed else None)  # fused: all of them
+    if held_n is not None:
+        raise AuditError(f"{source}: config.json's {given[0][0]} is {n_routed}, but the weights hold {held_n} routed experts; "
+                         "restore config.json from the base model")
+
+
 def build_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> Layout:
     """Place every key of a checkpoint (name -> shape) using its config.json dict.
 
@@ -443,8 +467,9 @@ def build_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str =
     tc = text_config(config)
     hidden = tc.get("hidden_size")
     num_layers = tc.get("num_hidden_layers")
-    if not isinstance(hidden, int) or not isinstance(num_layers, int):
-        raise AuditError(f"{source}: config.json lacks an integer hidden_size / num_hidden_layers")
+    for name, v in (("hidden_size", hidden), ("num_hidden_layers", num_layers)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise AuditError(f"{source}: config.json's {name} is {v!r}, not a positive integer; restore config.json from the base model")
     roles: dict[str, Role] = {}
     unplaced, misshaped = [], []
     for key, shape in shapes.items():
@@ -474,6 +499,7 @@ def build_layout(config: dict, shapes: dict[str, tuple[int, ...]], source: str =
     moe = sorted(layers_with["experts"] | layers_with["router"])
     dense = sorted(layers_with["mlp"] - set(moe))
     n_routed = _routed_count(tc) if moe else 0
+    _agrees_with_weights(tc, roles, shapes, num_layers, n_routed if moe else None, source)
     return Layout(
         family=family,
         hidden_size=hidden,

@@ -2,7 +2,7 @@
 
 For a writer the share of its original write capacity along r that is left, ||r^T W'|| / ||r^T W||,
 and ||r^T W'|| / ||W'||_F; for a reader ||W' r|| / ||W r|| (one formula: the component along r on
-the residual axis, checks/pair_stats.py). Each changed tensor is classified against the rounding
+the residual axis, audit/weights/pair_stats.py). Each changed tensor is classified against the rounding
 floor of its dtype: ``removed``, ``rounding`` (what is left is what storing W' in bf16/fp16 leaves),
 ``weak-scale`` (reduced, not removed), ``reflected`` (r flipped, s ~ 2), ``not-ablated``. Per-expert
 layer x expert matrices and the router's per-expert logit sensitivity r . W_e come along.
@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding
 from checks.layout import WRITER_TARGETS
-from checks.pair_stats import DirStats
 from checks.weights import GROUP_NAMES, ranges
 
 REMOVED_TOL = 0.05  # share of r left that counts as removed
@@ -32,6 +31,30 @@ FLOOR_K = 3.0  # a residue within FLOOR_K x the expected rounding residue is rou
 REQUANT_MARGIN = 1.0
 NOT_ABLATED = 0.95  # share left above this: not ablated
 CLASSES = ("removed", "rounding", "weak-scale", "reflected", "not-ablated", "no-signal")
+
+
+@dataclass
+class DirStats:
+    """One direction r against one pair. Norms are of r . W over the non-residual axes."""
+
+    before: float  # ||r . W||
+    after: float  # ||r . W'||
+    dot: float  # <r . W, r . W'>: signed, so a reflection (r . W' = -r . W) is told from "untouched"
+    floor: float  # expected ||r . e|| if W' was rounded to its dtype (e = rounding error); an upper bound of it when not floor_exact
+    per_expert: dict[str, list[float]] | None = None  # fused tensors: before/after/dot/floor per expert
+    vec_before: list[float] | None = None  # small results (a router: per-expert logit sensitivity r . W_e)
+    vec_after: list[float] | None = None
+    floor_exact: bool = True  # False: ``floor`` is only an upper bound (the exact value could not change the verdict)
+    floor_requant: float | None = None  # a quantized W': ||r . Q(W - r (x) r.W)||, what re-quantizing the exact edit leaves
+
+    @property
+    def share_left(self) -> float | None:
+        return self.after / self.before if self.before > 0 else None
+
+    @property
+    def signed_left(self) -> float | None:
+        """<r.W', r.W> / ||r.W||^2 = 1 - s for an edit W' = W - s r r^T W."""
+        return self.dot / self.before ** 2 if self.before > 0 else None
 
 
 @dataclass

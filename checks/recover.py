@@ -1,7 +1,7 @@
 """The direction, scale and shape of an ablation, read back from the weights alone.
 
 An orthogonalization W' = W - s r r^T W (writer) or W - s (W r) r^T (reader) changes a tensor by a
-rank-one matrix whose singular vector on the residual axis is r. checks/pair_stats.py recovers per
+rank-one matrix whose singular vector on the residual axis is r. audit/weights/pair_stats.py recovers per
 changed tensor that vector, the share of the change's energy it holds (1 for an exact projection,
 a little less for norm-preserving edits or rounding) and the effective scale s along it (1: removed,
 2: reflected, as a Householder bug or a double application does). Here the tensors are grouped by
@@ -20,13 +20,24 @@ from dataclasses import dataclass
 import torch
 
 from checks.findings import FAIL, INFO, PASS, WARN, CheckResult, Finding
-from checks.pair_stats import EditRecovery
+from checks.projection import DirStats
 from checks.weights import ranges
 
 GROUP_COS = 0.99  # same direction
 MIN_RANK1 = 0.5  # below: the change is not a directional edit
 MISMATCH_COS = 0.9  # |cos(ablated, separating)| below this: direction-mismatch
 REFLECTED = (1.5, 2.5)
+
+
+@dataclass
+class EditRecovery:
+    """The dominant direction of a change D = W' - W on the residual axis."""
+
+    direction: torch.Tensor  # unit [H] float32, sign: largest |component| positive
+    rank1_share: float  # sigma_1^2 / ||D||_F^2: 1 for an exact rank-one edit
+    scale: float | None  # effective s along the direction over the edited columns: 1 - <u.W', u.W>/||u.W||^2 (1 removed, 2 reflected)
+    sigma1: float
+    along: DirStats | None = None  # the tensor against its own recovered direction (edited columns only)
 
 
 @dataclass

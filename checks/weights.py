@@ -267,9 +267,10 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                                 experts=[[r["layer"], e] for r in rows for e in r["experts"]], evidence={"tensors": rows}))
     data = _grid(diffs, intent, mod, present, layers_total)
     if suppressed:
-        data.setdefault("tables", {})["router-suppressed"] = {
+        cols = ["key", "layer", "experts", "strength", "unit", "rule", "changed", "before", "after", "why"]
+        data.setdefault("tables", {})["router-suppressed"] = {  # rows as lists, as results.schema.json has tables (the finding keeps the dicts)
             "title": "Router entries lowered (router_mode: suppress): which, by how much, and why",
-            "columns": ["key", "layer", "experts", "strength", "unit", "rule", "changed", "before", "after", "why"], "rows": rows}
+            "columns": cols, "rows": [[r[c] for c in cols] for r in rows]}
     data["counts"] = {s: sum(d.status == s for d in diffs) for s in STATUSES}
     data["intent"] = intent.to_dict()
     data["modified"] = {t: sorted(v) for t, v in mod.items()}

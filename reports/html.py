@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -502,10 +501,3 @@ def _env() -> jinja2.Environment:
 def render_html(results: dict) -> str:
     """The report page as one string."""
     return _env().get_template("report.html.j2").render(v=build_view(results))
-
-
-def write_report(results: dict, path: str | os.PathLike) -> Path:
-    """Write report.html atomically."""
-    from reports.results_io import write_text_atomic
-
-    return write_text_atomic(path, render_html(results))

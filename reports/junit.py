@@ -9,10 +9,8 @@ testcase > failure|skipped, with name, classname, time and tests/failures/errors
 from __future__ import annotations
 
 import math
-import os
 import re
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
 TOOL = "moe-ablation-audit"
@@ -149,10 +147,3 @@ def render_junit(results: dict) -> str:
     root = build_junit(results)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
-
-
-def write_junit(results: dict, path: str | os.PathLike) -> Path:
-    """Write junit.xml atomically."""
-    from reports.results_io import write_text_atomic
-
-    return write_text_atomic(path, render_junit(results))

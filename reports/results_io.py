@@ -1,73 +1,51 @@
-"""results.json on disk: stable, diff-friendly writing and validated reading.
+"""results.json: its one canonical text (validated against its schema) and validated reading.
 
 Keys are sorted and floats rounded to a fixed number of significant digits, so two runs that
 measured the same thing write the same bytes (CI artifacts can be diffed). NaN/Inf become null.
-The file is written to a temporary name and renamed, so a reader never sees half a file.
+Every results.json the tool writes is checked against checks/schemas/results.schema.json first
+(audit/pipeline/write.py writes it, through audit/outputs.py: a reader never sees half a file).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from checks.errors import AuditError
 from checks.findings import jsonable
 
-SCHEMA_VERSION = 1  # major version understood; results.json writes "1.x" (checks/schemas/results.schema.json)
+SCHEMA_VERSION = "1.0"  # the results.json format this tool writes; a reader takes any 1.x (checks/schemas/results.schema.json)
 FLOAT_DIGITS = 8  # significant digits kept in results.json
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "checks" / "schemas" / "results.schema.json"
 
 
-def _stable(x: Any) -> Any:
-    """JSON-ready copy with floats rounded to FLOAT_DIGITS significant digits (NaN/Inf -> None)."""
-    if hasattr(x, "to_dict") and callable(x.to_dict):  # CheckResult, Finding
-        x = x.to_dict()
-    if isinstance(x, dict):
-        return {str(k): _stable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_stable(v) for v in x]
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return None
-        r = float(f"{x:.{FLOAT_DIGITS}g}")
-        return 0.0 if r == 0 else r  # no "-0.0"
-    if isinstance(x, (bool, int, str)) or x is None:
-        return x
-    return _stable(jsonable(x))
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate_results(doc: dict) -> None:
+    """``doc`` against checks/schemas/results.schema.json; a mismatch is this tool's bug (ValueError naming where)."""
+    from jsonschema.exceptions import best_match
+
+    err = best_match(_validator().iter_errors(doc))
+    if err is not None:
+        raise ValueError(f"results.json does not match {SCHEMA_FILE.name} at {err.json_path}: {err.message}")
 
 
 def dumps_results(results: dict) -> str:
-    """The canonical text of results.json."""
-    return json.dumps(_stable(results), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder (fsynced, the user's umask), then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes it private; an output gets the user's umask
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_results_json(results: dict, path: str | os.PathLike) -> Path:
-    """Write results.json atomically."""
-    return write_text_atomic(path, dumps_results(results))
+    """The canonical text of results.json (rounded, sorted, NaN/Inf as null), validated against its schema: every
+    results.json this tool writes goes through here."""
+    doc = jsonable(results, FLOAT_DIGITS)
+    validate_results(doc)
+    return json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _major(version: Any) -> int | None:
@@ -89,12 +67,12 @@ def load_results(path: str | os.PathLike) -> dict:
         raise AuditError(f"{path}: no such results file. Pass the results.json that `audit run` wrote (or its output folder).")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AuditError(f"{path}: not valid JSON ({e}). Re-run `audit run` to regenerate it.") from None
     if not isinstance(data, dict):
         raise AuditError(f"{path}: expected a JSON object at the top level, found {type(data).__name__}.")
     version = data.get("schema_version", SCHEMA_VERSION)
-    if _major(version) is None or _major(version) > SCHEMA_VERSION:
+    if _major(version) is None or _major(version) > _major(SCHEMA_VERSION):
         raise AuditError(f"{path}: schema_version {version!r} is newer than this tool understands ({SCHEMA_VERSION}). "
                          "Upgrade moe-ablation-audit.")
     return data

@@ -233,8 +233,8 @@ def cases(p: dict) -> list[Case]:
         says="tokenizer")
     # configs
     cfg_says = {"bad_yaml": "not valid yaml", "not_mapping": "mapping", "unknown_key": "unknown key", "empty_ablate": "non-empty",
-                "negative_scale": "negative", "negative_global": "negative", "text_scale": "finite number", "layer_out_of_range": "out of range",
-                "bad_range": "empty or negative", "sparsity": "sparsity", "unknown_component": "unknown component",
+                "negative_scale": "negative", "negative_global": "negative", "text_scale": "not of type 'number'", "layer_out_of_range": "out of range",
+                "bad_range": "empty or negative", "sparsity": "sparsity", "unknown_component": "components[0]: unknown \"experts\"",
                 "measurement_out_of_range": "not in the directions file", "no_directions": "no such"}
     for k, s in cfg_says.items():
         own = k in ("no_directions", "layer_out_of_range", "measurement_out_of_range")  # the config names its measurements
@@ -246,7 +246,7 @@ def cases(p: dict) -> list[Case]:
         add(f"ablate {k}", 2, "ablate", p["base"], "--config", p["cfg"], "--directions", p[k], "-o", o / f"ad-{k}", says=s)
         add(f"static {k}", 2, "static", p["abl"], "--base", p["base"], "--directions", p[k], "-o", o / f"sd-{k}", says=s)
     add("ablate directions missing", 2, "ablate", p["base"], "--config", p["cfg"], "--directions", o / "none.safetensors", "-o", o / "ad-none", says="no such")
-    for k, s in (("gate_unknown", "unknown gate key"), ("gate_text", "must be a number"), ("gate_waive", "waive"), ("gate_must", "must_ablate"),
+    for k, s in (("gate_unknown", "unknown key(s) 'max_refusal'"), ("gate_text", "max_kl: \"high\" is not allowed"), ("gate_waive", "waive"), ("gate_must", "must_ablate"),
                  ("gate_list", "mapping")):
         add(f"run {k}", 2, "run", p["abl"], "--gate", p[f"cfg_{k}"], "-o", o / f"rg-{k}", "--no-simulate", "--limit", "2", says=s)
     add("run gate missing", 2, "run", p["abl"], "--gate", o / "nogate.yaml", "-o", o / "rg-missing", "--no-simulate", says="no such gate")
@@ -254,7 +254,7 @@ def cases(p: dict) -> list[Case]:
     for k, s in (("p_empty", "empty"), ("p_bad_jsonl", "not valid json"), ("p_nocol", "no prompt column")):
         add(f"measure harmful {k}", 2, "measure", p["base"], "--harmful", p[k], "-o", o / f"m-{k}.safetensors", says=s)
         add(f"run harmful {k}", 2, "run", p["abl"], "--harmful", p[k], "-o", o / f"rp-{k}", "--no-simulate", says=s)
-    add("measure prompts folder", 2, "measure", p["base"], "--harmful", p["harmful"].parent, "-o", o / "m-dir.safetensors", says="not a file")
+    add("measure prompts folder", 2, "measure", p["base"], "--harmful", p["harmful"].parent, "-o", o / "m-dir.safetensors", says="is a folder, not a harmful prompt file")
     add("measure prompts missing", 2, "measure", p["base"], "--harmful", o / "nothing.txt", "-o", o / "m-none.safetensors", says="no such")
     add("measure one 1M-char prompt", 0, "measure", p["base"], "--harmful", p["huge"], "--harmless", p["harmless"], "-o", o / "m-huge.safetensors", slow=True)
     # numbers
@@ -302,7 +302,7 @@ def cases(p: dict) -> list[Case]:
     add("classify -o = input", 2, "classify", p["c_ok"], "-o", p["c_ok"], says="the input")
     add("classify -o user file", 2, "classify", p["c_ok"], "-o", p["user_file"], says="exists")
     add("classify -o user file --force", 2, "classify", p["c_ok"], "-o", p["user_file"], "--force", says="not written by this tool")
-    add("classify missing", 2, "classify", o / "none.jsonl", says="no such file")
+    add("classify missing", 2, "classify", o / "none.jsonl", says="no such completions file")
     add("classify bad jsonl", 2, "classify", p["c_bad"], says="not a json object")
     add("classify no column", 2, "classify", p["c_nocol"], says="no usable column")
     add("classify binary", 2, "classify", p["c_binary"], says="not utf-8")

@@ -25,8 +25,9 @@ os.environ.setdefault("AUDIT_FIXTURES", str(FIXTURES))
 def glm_organism():
     """glm_organism(variant) -> (model, tokenizer, r*, meta, prompts(name, n)): the cached glm4_moe organism
     (seed 0; built on first use), a fresh model on each call so a test may edit it."""
-    organism = pytest.importorskip("audit.organisms.build")
     import torch
+
+    from audit.organisms import build as organism
 
     def load(variant: str):
         path = organism.cached_organism("glm4_moe", variant, 0)

@@ -1,10 +1,12 @@
 """A small OpenAI-compatible server in a thread, for the server backend's failure modes (slow, trickling, flaky, another
-model, another chat template). Real generation goes through `transformers serve` (conftest.serve_model)."""
+model, another chat template, hostile answers sent byte for byte). Real generation goes through `transformers serve`
+(conftest.serve_model)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +23,7 @@ class Behaviour:
         self.trickle: float | None = None  # seconds between the bytes of a chat completion's body
         self.fail_first: list[int] = []  # HTTP statuses the next chat completion requests get, in order
         self.tokenize = None  # (messages) -> token ids, or None: no /tokenize (404)
+        self.raw: dict[str, tuple[int, bytes, dict]] = {}  # path -> (status, body, headers) sent as they are: hostile answers
         self.requests: list[tuple[str, str, dict | None]] = []
 
 
@@ -49,8 +52,22 @@ def fake_server(behaviour: Behaviour):
                 self.wfile.flush()
                 time.sleep(trickle)
 
+        def _send_raw(self) -> bool:
+            if self.path not in b.raw:
+                return False
+            status, body, headers = b.raw[self.path]
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return True
+
         def do_GET(self):
             b.requests.append(("GET", self.path, None))
+            if self._send_raw():
+                return
             if self.path == "/v1/models":
                 rows = [{"id": m, "object": "model", **({"max_model_len": b.max_model_len} if b.max_model_len else {})} for m in b.models]
                 return self._send(200, {"object": "list", "data": rows})
@@ -59,6 +76,8 @@ def fake_server(behaviour: Behaviour):
         def do_POST(self):
             data = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
             b.requests.append(("POST", self.path, data))
+            if self._send_raw():
+                return
             if self.path == "/tokenize":
                 if b.tokenize is None:
                     return self._send(404, {"detail": "Not Found"})
@@ -76,7 +95,12 @@ def fake_server(behaviour: Behaviour):
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
                              "usage": {"completion_tokens": n}}, trickle=b.trickle)
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # a client that gave up (a deadline, a refusal) is no server error
+            if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+                super().handle_error(request, client_address)
+
+    srv = Server(("127.0.0.1", 0), Handler)
     srv.daemon_threads = True
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.ablation.ablate import MANIFEST_NAME, ablate, load_manifest
+from audit.ablation.ablate import ablate
 
 from audit.ablation.edit import edit_tensor
-from audit.intent.config import AblationConfig, load_config, plan, sparsify
 from audit.cli import main
+from audit.intent.config import AblationConfig, load_config, plan, sparsify
 from audit.intent.directions import Directions
+from audit.intent.manifest import MANIFEST_NAME, load_manifest
 from audit.model.directory import ModelDir, copy_side_files
 from audit.model.shards import write_shard
 from checks.errors import AuditError
@@ -294,7 +295,7 @@ BAD = [
     ("measurement missing", "ablate:\n  - {layer: 1, measurement: 7}\n", "not in the directions file"),
     ("duplicate layer", "ablate:\n  - {layer: 1}\n  - {layer: '0-2'}\n", "already ablated"),
     ("bad sparsity", "ablate:\n  - {layer: 1, sparsity: 1.5}\n", "sparsity"),
-    ("bad component", "ablate:\n  - {layer: 1}\ncomponents: [experts_dwn]\n", "unknown component"),
+    ("bad component", "ablate:\n  - {layer: 1}\ncomponents: [experts_dwn]\n", 'components[0]: unknown "experts_dwn"; components[0] takes a target group'),
     ("embed without layer 0", "ablate:\n  - {layer: 1}\ncomponents: [embed, attn_out]\n", "layer 0"),
     ("not yaml", "ablate: [layer: 1\n", "not valid YAML"),
     ("no ablate list", "model: x\n", "ablate"),

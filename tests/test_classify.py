@@ -61,7 +61,7 @@ def test_classify_bad_inputs_exit_2(tmp_path):
     assert r.returncode == 2 and "broken.jsonl:2" in r.stderr
 
     r = run_cli("classify", tmp_path / "missing.jsonl")
-    assert r.returncode == 2 and "no such file" in r.stderr
+    assert r.returncode == 2 and "missing.jsonl: no such completions file" in r.stderr
 
 
 def test_classify_names_the_judge_and_takes_judge(tmp_path, capsys):

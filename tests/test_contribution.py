@@ -42,6 +42,8 @@ def test_shared_expert_is_main_writer():
     assert max(f.evidence["by_kind"], key=f.evidence["by_kind"].get) == "shared_experts"
     assert "expert-writes-before" in res.data["matrices"]
     json.dumps(res.to_dict())  # serializable
+    table = res.data["tables"]["writers-before"]  # a table as results.schema.json and the report take it (it was a list)
+    assert table["columns"] == ["component", "layer", "expert", "amount"] and table["rows"][0][0] == "shared_experts"
 
 
 def test_still_writes_and_r_survives():

@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("audit.organisms.build")
-
-from audit.organisms import cases as C  # noqa: E402
-from audit.organisms import build as O  # noqa: E402
+from audit.organisms import build as O
+from audit.organisms import cases as C
 
 DATA = Path(__file__).parent / "data"
 TRUTH = json.loads((DATA / "diagnosis_truth.json").read_text())  # the in-sample organisms (glm, mix): what the rules were written on

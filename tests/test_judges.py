@@ -257,12 +257,17 @@ def test_server_judge_plumbing(fake_server):
     assert _Fake.seen[-1]["model"] == "other-name"
 
 
-@pytest.mark.parametrize("mode,why", [("garbage", "neither complied"), ("http500", "HTTP 500"), ("notjson", "did not answer JSON"),
-                                      ("slow", "timed out")])
-def test_server_judge_bad_answers_are_unknown_with_the_reason(fake_server, mode, why):
+@pytest.mark.parametrize("mode,why", [("garbage", "neither complied"), ("http500", "HTTP 500"), ("slow", "did not answer POST /v1/chat/completions within 0.3 s")])
+def test_server_judge_failed_requests_are_unknown_with_the_reason(fake_server, mode, why):
     _Fake.mode = mode
     j = ServerJudge(fake_server, "judge-llm", timeout=0.3)("Some answer.", "q")
     assert j.label == "unknown" and j.refused is None and why in j.reason, j.reason
+
+
+def test_server_judge_answers_that_are_not_an_openai_servers_are_audit_errors(fake_server):
+    _Fake.mode = "notjson"  # an HTML page where JSON was due: not a failed request but another kind of server (exit 2)
+    with pytest.raises(AuditError, match=r"judge server at .*\(--judge server:URL\) answered POST /v1/chat/completions with something that is not JSON"):
+        ServerJudge(fake_server, "judge-llm")("Some answer.", "q")
 
 
 def test_server_judge_unreachable_is_an_audit_error():
@@ -324,3 +329,25 @@ def test_meaning_judge_without_its_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pkg)
     with pytest.raises(AuditError, match=r"moe-ablation-audit\[meaning\]"):
         encoder.encoder_dir()
+
+
+def test_server_judge_has_a_deadline_over_the_whole_answer_and_follows_no_redirect():
+    """A judge server that trickles its answer a byte at a time is cut off at the deadline (every read was quick; the
+    limit was per read before), and one that redirects is refused without a request reaching the other port (issue 26)."""
+    from fake_openai import Behaviour, fake_server
+
+    b = Behaviour(models=["judge-llm"], answer=lambda messages, n: ('{"label": "refused", "reason": "it declines"}', "stop", 9))
+    b.trickle = 0.05  # about 200 bytes: 10 s in all
+    with fake_server(b) as url:
+        t = time.monotonic()
+        j = ServerJudge(url, "judge-llm", timeout=1.0)("Some answer.", "q")
+        assert time.monotonic() - t < 2.5
+        assert j.label == "unknown" and "did not answer POST /v1/chat/completions within 1 s" in j.reason, j.reason
+        other = Behaviour(models=["judge-llm"])
+        with fake_server(other) as elsewhere:
+            b.raw = {p: (307, b"", {"Location": elsewhere + p}) for p in ("/v1/models", "/v1/chat/completions")}
+            with pytest.raises(AuditError, match=r"redirect \(HTTP 307 to http://127\.0\.0\.1:\d+/v1/models\); redirects are never followed"):
+                ServerJudge(url)
+            with pytest.raises(AuditError, match="redirects are never followed"):
+                ServerJudge(url, "judge-llm")("Some answer.", "q")
+        assert other.requests == []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.junit import render_junit, write_junit
+from reports.junit import render_junit
 from reports.results_io import load_results
 
 DATA = Path(__file__).parent / "data" / "sample_results.json"
@@ -159,9 +159,3 @@ def test_unmeasured_threshold_is_skipped(sample, schema):
     case = ET.fromstring(text.encode()).find(".//testcase[@name='max_kl']")
     assert case.find("skipped") is not None and case.find("failure") is None
     schema.validate(text)
-
-
-def test_write_junit(tmp_path, sample):
-    p = write_junit(sample, tmp_path / "out" / "junit.xml")
-    assert p.read_text(encoding="utf-8") == render_junit(sample)
-    assert p.read_text(encoding="utf-8").startswith('<?xml version="1.0" encoding="UTF-8"?>')

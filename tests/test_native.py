@@ -1,4 +1,4 @@
-"""checks/native.py: the C kernels against float64 on shapes with every kind of tail, and the fallback
+"""audit/weights/native.py: the C kernels against float64 on shapes with every kind of tail, and the fallback
 to torch where they cannot be built or read a tensor."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checks import native
-from checks.pair_stats import pair_stats
+from audit.weights import native
+from audit.weights.pair_stats import pair_stats
 
 needs_kernels = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: the C kernels cannot be built here")
 
@@ -125,7 +125,7 @@ def test_kernels_are_built_at_install_where_a_compiler_exists():
     if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler on this machine: the kernels are optional")
     lib = native.library_path()
-    assert lib is not None, "checks/_pair_kernels was not built at install time (see the pip install log)"
+    assert lib is not None, "audit/weights/_pair_kernels was not built at install time (see the pip install log)"
     assert lib.parent == Path(native.__file__).resolve().parent
     assert native.kernels() is not None
 

@@ -1,4 +1,4 @@
-"""The fast paths of checks/pair_stats.py agree with the plain ones: memcmp equality, a precomputed
+"""The fast paths of audit/weights/pair_stats.py agree with the plain ones: memcmp equality, a precomputed
 ``identical`` flag, and directions padded to a multiple of 4 rows for the gemm."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import checks.pair_stats as ps
+import audit.weights.pair_stats as ps
 from checks.linalg import project_out
 
 

@@ -1,4 +1,4 @@
-"""checks/pair_stats.py against a plain float64 reference (dense matrices, a full SVD) on every
+"""audit/weights/pair_stats.py against a plain float64 reference (dense matrices, a full SVD) on every
 layout the walker has: whole columns (residual axis last), row panels (residual axis first), fused
 experts both ways, in pieces far smaller than the tensor, stored as bf16 and as float32."""
 
@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 
-from checks import native
-from checks.pair_stats import pair_stats, round_mse_coeff
+from audit.weights import native
+from audit.weights.pair_stats import pair_stats, round_mse_coeff
 
 H = 48
 

@@ -9,7 +9,8 @@ from audit.intent.directions import Directions
 from audit.model.directory import ModelDir
 from audit.weights.static_audit import static_audit
 from checks.linalg import project_out
-from checks.pair_stats import DirStats, pair_stats
+from audit.weights.pair_stats import pair_stats
+from checks.projection import DirStats
 from checks.projection import classify
 from tests.helpers_ablation import edit_fn, rewrite
 

@@ -21,7 +21,7 @@ from audit.ablation.quantize import quantize_model
 from audit.model.reader import map_tensors
 from audit.weights.static_audit import static_audit
 from checks.errors import AuditError
-from checks.pair_stats import pair_stats
+from audit.weights.pair_stats import pair_stats
 from checks.projection import classify
 from tests.helpers_ablation import edit_fn, rewrite
 
@@ -454,7 +454,7 @@ def test_row_pieces_of_a_plain_and_a_lazy_tensor_line_up():
 
 def test_table_decoding_in_c_equals_torch(monkeypatch):
     from audit.model import quant
-    from checks import native
+    from audit.weights import native
 
     codes = torch.arange(256, dtype=torch.uint8).repeat(50)
     table = quant._FP8[torch.float8_e4m3fn][0]
@@ -469,7 +469,7 @@ def test_table_decoding_in_c_equals_torch(monkeypatch):
 def test_audit_run_on_an_fp8_base_end_to_end(tmp_path):
     """The demo organism quantized to FP8 by our quantizer, measured and soundly ablated through the quantized path:
     `audit run` loads both models (transformers' FP8 integration, dequantized) and passes."""
-    organism = pytest.importorskip("audit.organisms.build")
+    from audit.organisms import build as organism
     from audit.forward.measure import measure_directions
     from audit.model.prompts import load_prompts
     from audit.pipeline.run import RunOptions, run_audit

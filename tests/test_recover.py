@@ -8,7 +8,7 @@ import torch
 from audit.intent.directions import Directions
 from audit.model.directory import ModelDir
 from audit.weights.static_audit import static_audit
-from checks.pair_stats import EditRecovery
+from checks.recover import EditRecovery
 from checks.recover import TensorRecovery, group_directions, pattern
 from tests.helpers_ablation import edit_fn, rewrite
 

@@ -23,8 +23,9 @@ import pytest
 
 from checks.errors import AuditError
 from reports import charts
-from reports.html import build_view, render_html, write_report
-from reports.results_io import dumps_results, load_results, write_results_json
+from reports.html import build_view, render_html
+from reports.junit import render_junit
+from reports.results_io import dumps_results, load_results
 
 DATA = Path(__file__).parent / "data" / "sample_results.json"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -129,10 +130,9 @@ def test_gate_threshold_not_measured(sample):
 
 def test_sample_matches_the_results_schema(sample):
     """The hand-written fixture keeps to the shared contract (checks/schemas/results.schema.json)."""
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     schema_file = Path(__file__).parents[1] / "checks" / "schemas" / "results.schema.json"
-    if not schema_file.is_file():
-        pytest.skip("no results schema in this checkout")
     jsonschema.validate(sample, json.loads(schema_file.read_text()))
 
 
@@ -178,10 +178,29 @@ def test_missing_or_malformed_sections_never_crash(sample):
     assert "could not draw" in html and 'id="check-junk"' in html
 
 
-def test_write_report(tmp_path, sample):
-    out = write_report(sample, tmp_path / "sub" / "report.html")
-    assert out.read_text(encoding="utf-8") == render_html(sample)
-    assert not list(out.parent.glob(".*.tmp"))
+def test_audit_report_writes_only_into_a_new_folder_or_one_of_results(tmp_path, sample):
+    """`audit report -o DIR`: a new folder (made whole, with our marker), or a folder of results this tool wrote (its report
+    files replaced); a user's folder or a model directory of ours is refused, untouched (issue 26)."""
+    from audit.outputs import MARKER, OutputDir
+    from audit.pipeline.write import write_report
+
+    html, junit = write_report(sample, tmp_path / "sub" / "new")
+    assert html.read_text(encoding="utf-8") == render_html(sample) and junit.read_text(encoding="utf-8") == render_junit(sample)
+    assert (html.parent / MARKER).is_file()
+    write_report(sample, html.parent)  # again: its own earlier report replaced
+    assert sorted(p.name for p in html.parent.iterdir()) == [MARKER, "junit.xml", "report.html"]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "config.json").write_text("{}")
+    with pytest.raises(AuditError, match="did not write"):
+        write_report(sample, user)
+    with OutputDir(tmp_path / "model", kind="ablated model") as od:
+        (od.tmp / "config.json").write_text("{}")
+        model = od.commit()
+    with pytest.raises(AuditError, match="ablated model this tool wrote, not a folder of results"):
+        write_report(sample, model)
+    assert sorted(p.name for p in user.iterdir()) == ["config.json"] and sorted(p.name for p in model.iterdir()) == [MARKER, "config.json"]
+    assert not [p for p in tmp_path.rglob(".*") if p.name != MARKER]  # no temporaries left
 
 
 # ---------------------------------------------------------------- charts
@@ -266,13 +285,27 @@ def test_interval_bars_positions():
 def test_results_json_stable_and_sorted(tmp_path, sample):
     r = copy.deepcopy(sample)
     r["extra"] = {"z": 0.1 + 0.2, "a": float("nan"), "inf": float("inf"), "neg0": -0.0, "t": (1, 2)}
-    p1, p2 = write_results_json(r, tmp_path / "a.json"), write_results_json(r, tmp_path / "b.json")
+    p1, p2 = tmp_path / "a.json", tmp_path / "b.json"
+    p1.write_text(dumps_results(r), encoding="utf-8")
+    p2.write_text(dumps_results(copy.deepcopy(r)), encoding="utf-8")
     assert p1.read_bytes() == p2.read_bytes()
     back = load_results(p1)
     assert back["extra"] == {"a": None, "inf": None, "neg0": 0.0, "t": [1, 2], "z": 0.3}
     text = p1.read_text()
     assert list(json.loads(text)) == sorted(json.loads(text))
     assert dumps_results(back) == text  # a round trip writes the same bytes
+
+
+def test_every_results_json_is_checked_against_its_schema_before_it_is_written(sample):
+    """The one text of results.json (audit run's, static's) is validated first: a document off the schema is this
+    tool's bug, named where it is, and never written."""
+    from reports.results_io import SCHEMA_VERSION
+
+    assert sample["schema_version"].split(".")[0] == SCHEMA_VERSION.split(".")[0]
+    bad = copy.deepcopy(sample)
+    bad["checks"]["weights"]["data"]["tables"] = {"t": [{"a": 1}]}  # a table as a plain list (what two checks once wrote)
+    with pytest.raises(ValueError, match=r"at \$\.checks\.weights\.data\.tables\.t"):
+        dumps_results(bad)
 
 
 def test_load_results_errors(tmp_path):
@@ -292,7 +325,7 @@ def test_load_results_errors(tmp_path):
         load_results(tmp_path / "new2.json")
     (tmp_path / "minor.json").write_text('{"schema_version": "1.7"}')
     assert load_results(tmp_path / "minor.json")["schema_version"] == "1.7"
-    write_results_json({"schema_version": 1}, tmp_path / "results.json")
+    (tmp_path / "results.json").write_text('{"schema_version": 1}')
     assert load_results(tmp_path)["schema_version"] == 1  # a folder finds its results.json
 
 
@@ -319,7 +352,9 @@ def _console_lines(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory, sample) -> Path:
-    return write_report(sample, tmp_path_factory.mktemp("report") / "report.html")
+    path = tmp_path_factory.mktemp("report") / "report.html"
+    path.write_text(render_html(sample), encoding="utf-8")
+    return path
 
 
 def test_console_capture_detects_errors(tmp_path):

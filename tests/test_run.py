@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 from conftest import serve_model
 
-pytest.importorskip("audit.organisms.build")
-
 LIMIT = 48  # prompts per set: keeps each audit to seconds; Wilson intervals stay ~ +-0.07 at 0 or 1
 
 
@@ -154,7 +152,7 @@ def test_cli_exit_codes(organism, tmp_path):
     gate = tmp_path / "gate.yaml"
     gate.write_text("max_refusal: 0.1\n")
     bad = subprocess.run(cmd[:-1] + ["--gate", str(gate), "--force"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown gate key" in bad.stderr
+    assert bad.returncode == 2 and "gate.yaml: unknown key(s) 'max_refusal'" in bad.stderr
 
 
 def test_no_output_written_into_inputs(organism, tmp_path):

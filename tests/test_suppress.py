@@ -14,7 +14,6 @@ import torch
 from audit.intent.config import AblationConfig
 from checks.errors import AuditError
 
-pytest.importorskip("audit.organisms.build")
 N_EVAL = 48  # held-out harmful prompts per measurement (Wilson interval ~ +-0.07 at 0)
 
 
@@ -28,12 +27,12 @@ def _cfg(pairs, strength, **kw):
 @pytest.mark.parametrize("d, msg", [
     ({"suppress_experts": [[1, 2]], "suppress_strength": 1.0, "ablate": [{"layer": 1}]}, "only apply with router_mode: suppress"),
     ({"router_mode": "suppress", "suppress_strength": 1.0}, "needs suppress_experts"),
-    ({"router_mode": "suppress", "suppress_experts": "some", "suppress_strength": 1.0}, "is not 'auto'"),
-    ({"router_mode": "suppress", "suppress_experts": [[1]], "suppress_strength": 1.0}, r"is not a \[layer, expert\] pair"),
-    ({"router_mode": "suppress", "suppress_experts": [[1, -2]], "suppress_strength": 1.0}, "non-negative integer"),
+    ({"router_mode": "suppress", "suppress_experts": "some", "suppress_strength": 1.0}, 'suppress_experts: "some" is not allowed; suppress_experts takes auto, or a non-empty list of'),
+    ({"router_mode": "suppress", "suppress_experts": [[1]], "suppress_strength": 1.0}, r"suppress_experts\[0\]: \[1\] is not allowed \(\[1\] is too short\)"),
+    ({"router_mode": "suppress", "suppress_experts": [[1, -2]], "suppress_strength": 1.0}, r"suppress_experts\[0\]\[1\]: -2 is not allowed"),
     ({"router_mode": "suppress", "suppress_experts": [[1, 2]]}, "needs how much to lower"),
-    ({"router_mode": "suppress", "suppress_experts": [[1, 2]], "suppress_strength": -1.0}, "must be positive"),
-    ({"router_mode": "sideways", "ablate": [{"layer": 1}]}, "router_mode 'sideways' unknown"),
+    ({"router_mode": "suppress", "suppress_experts": [[1, 2]], "suppress_strength": -1.0}, "suppress_strength: -1.0 is not allowed .*takes a positive number"),
+    ({"router_mode": "sideways", "ablate": [{"layer": 1}]}, 'router_mode: unknown "sideways"; router_mode takes input, none or suppress'),
 ])
 def test_bad_suppress_settings_name_the_setting(d, msg):
     with pytest.raises(AuditError, match=msg):
@@ -263,6 +262,8 @@ def test_audit_run_diagnoses_a_weak_suppression_and_its_fix_applied_matches_the_
     assert res["verdict"] == "fail"
     weights = res["checks"]["weights"]
     assert weights["status"] == "pass" and any(f["code"] == "router-suppressed" for f in weights["findings"])
+    table = weights["data"]["tables"]["router-suppressed"]  # rows as lists: the results.json written was validated against its schema
+    assert all(isinstance(r, list) and len(r) == len(table["columns"]) for r in table["rows"])
     assert res["simulation"]["reproduction"]["agrees"] is True  # the reached suppression, as hooks, gives the model's refusal
     top = res["causes"][0]
     assert top["id"] == "weak-scale" and "suppress" in top["fix"]["patch"] and top["fix"]["patch"]["suppress"]["strength"] > 1.0

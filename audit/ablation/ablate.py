@@ -29,6 +29,7 @@ from audit.ablation.edit import edit_inplace
 from audit.ablation.suppress import SuppressEdit, edited as suppress_edited, norm_key, plan_suppress, resolve_auto
 from audit.intent.config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
 from audit.intent.directions import Directions
+from audit.intent.manifest import DIRECTIONS_NAME, MANIFEST_NAME, TOOL
 from audit.model.directory import ModelDir, copy_side_files
 from audit.model.hashes import hash_inputs, input_entries
 from audit.model.logical import quant_spec
@@ -37,9 +38,6 @@ from audit.model.shards import DTYPES, write_index
 from audit.outputs import OutputDir
 from checks.errors import AuditError
 
-MANIFEST_NAME = "ablation-manifest.json"
-DIRECTIONS_NAME = "directions.safetensors"
-TOOL = "moe-ablation-audit"
 EDITABLE_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
@@ -267,17 +265,3 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
         od.commit()
     md.close()
     return manifest
-
-
-def load_manifest(model_dir_path: str | os.PathLike) -> dict | None:
-    """OUT's ablation manifest, or None when the directory has none; AuditError when it is unreadable."""
-    p = Path(model_dir_path) / MANIFEST_NAME
-    if not p.is_file():
-        return None
-    try:
-        m = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise AuditError(f"{p}: unreadable ablation manifest ({e}); re-run `audit ablate` or delete the file") from None
-    if not isinstance(m, dict) or m.get("tool") != TOOL or "modified" not in m:
-        raise AuditError(f"{p}: not an ablation manifest written by {TOOL}")
-    return m

@@ -9,10 +9,7 @@ too large for this machine is evaluated: vLLM, SGLang, llama.cpp's server, `tran
 
 from __future__ import annotations
 
-import json
 import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +17,7 @@ import torch
 from audit.forward.structure import last_logits_kwargs
 from audit.model.loading import input_device
 from audit.model.prompts import as_messages, encode_prompts, format_prompts
+from audit.openai_server import CHAT, CONNECT_TIMEOUT, MODELS, RETRIES, TOKENIZE, OpenAIServer
 from checks.errors import AuditError
 
 
@@ -172,13 +170,6 @@ def last_token_logprobs(model, tokenizer, prompts: list, batch_size: int = 16) -
 # ---------------------------------------------------------------- OpenAI-compatible server backend
 
 SERVER_TIMEOUT = 300.0  # seconds one request may take in all (connect, wait, read); --server-timeout
-CONNECT_TIMEOUT = 10.0
-RETRIES = 2  # on refused / reset connections and 429 / 502 / 503 / 504 only: a greedy request has no side effect
-MAX_RESPONSE = 64 << 20
-
-
-class _Retry(Exception):
-    """A failure after which sending the same request again is safe (nothing was answered)."""
 
 
 class ServerBackend:
@@ -186,9 +177,10 @@ class ServerBackend:
 
     The server applies the model's chat template and its tokenizer; ``check_prompts`` compares them with the local
     ones where the server can say (vLLM's /tokenize), and ``check_first_tokens`` compares what it generated with the
-    local model's greedy first token, so a server that serves another model is an error, not a wrong audit. Every
-    request has a deadline (``timeout`` seconds in all, ``connect_timeout`` to connect); only failures that were not
-    answered are retried. ``flag`` / ``name_flag`` name the options in messages (--server or --base-server).
+    local model's greedy first token, so a server that serves another model is an error, not a wrong audit. Requests go
+    through audit/openai_server.py (a deadline of ``timeout`` seconds each, in all; retries only where nothing was
+    answered; answers of another shape are errors). ``flag`` / ``name_flag`` name the options in messages (--server or
+    --base-server).
     """
 
     remote = True
@@ -196,27 +188,23 @@ class ServerBackend:
     def __init__(self, url: str, served_model: str, tokenizer=None, timeout: float = SERVER_TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT,
                  flag: str = "--server", name_flag: str = "--served-model", retries: int = RETRIES):
         self.flag, self.name_flag = flag, name_flag
-        self.base = _api_base(url, flag)
-        self.root = self.base[: -len("/v1")]
-        self.model, self.timeout, self.connect_timeout, self.retries = served_model, float(timeout), float(connect_timeout), retries
+        self.server = OpenAIServer(url, flag, "the server", timeout, connect_timeout, retries, timeout_flag="--server-timeout",
+                                   advice=f"check that the server is up and serves {served_model!r} there, or fix {flag}")
+        self.base, self.model, self.timeout = self.server.base, served_model, float(timeout)
         self.tok = tokenizer
         self.special = [s for s in getattr(tokenizer, "all_special_tokens", []) if s] if tokenizer is not None else []
         self.info: dict = {}
         self.checks: dict = {"url": self.base, "model": served_model}
         listed = self.models()
-        names = [m.get("id") for m in listed]
+        names = [m["id"] for m in listed]
         if served_model not in names:
             raise AuditError(f"the server at {self.base} ({flag}) does not serve a model named {served_model!r}; it serves: "
-                             f"{', '.join(map(str, names)) or 'nothing'} (pass one of these to {name_flag}, or point {flag} at the server of that model)")
-        self.info = next(m for m in listed if m.get("id") == served_model)
+                             f"{', '.join(names) or 'nothing'} (pass one of these to {name_flag}, or point {flag} at the server of that model)")
+        self.info = next(m for m in listed if m["id"] == served_model)
 
     def models(self) -> list[dict]:
         """The models the server lists at /v1/models (each a dict with at least "id")."""
-        data = self._request("GET", self.base + "/models", None, timeout=min(self.timeout, 60.0))
-        rows = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(rows, list):
-            raise AuditError(f"{self.base}/models answered without a 'data' list; is {self.flag} an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve)?")
-        return [m for m in rows if isinstance(m, dict) and "id" in m]
+        return self.server.get("/models", MODELS, timeout=min(self.timeout, 60.0))["data"]
 
     # -- checks -----------------------------------------------------------------------------
     def check_prompts(self, prompts: list, local_ids: list[list[int]], max_new_tokens: int) -> None:
@@ -231,11 +219,11 @@ class ServerBackend:
         checked = 0
         for prompt, ids in list(zip(prompts, local_ids))[:2]:
             body = {"model": self.model, "messages": as_messages(prompt), "add_generation_prompt": True, "add_special_tokens": False}
-            data = self._request("POST", self.root + "/tokenize", body, timeout=min(self.timeout, 60.0), optional=True)
-            if data is None or not isinstance(data.get("tokens"), list):
+            data = self.server.post("/tokenize", body, TOKENIZE, timeout=min(self.timeout, 60.0), optional=True, at_root=True)
+            if data is None:
                 self.checks["template"] = "not checked: the server has no /tokenize endpoint (the chat template is assumed to be the model directory's)"
                 return
-            theirs = [int(t) for t in data["tokens"]]
+            theirs = data["tokens"]
             if theirs != list(ids):
                 at = next((i for i, (a, b) in enumerate(zip(theirs, ids)) if a != b), min(len(theirs), len(ids)))
                 show = (lambda t: repr(self.tok.decode(t[max(0, at - 3): at + 3])) if self.tok is not None else str(t[max(0, at - 3): at + 3]))
@@ -269,137 +257,21 @@ class ServerBackend:
         return self.complete(prompts, cap, batch_size)
 
     def complete(self, prompts: list, max_new_tokens: int = 128, batch_size: int = 16, progress=None) -> list[Completion]:
-        pool = ThreadPoolExecutor(max_workers=max(1, batch_size))
-        try:
-            futs = [pool.submit(self._one, p, max_new_tokens) for p in prompts]
-            out = []
-            for f in futs:
-                out.append(f.result())
-                if progress is not None:
-                    progress(1)
-            return out
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # after an error: queued requests are dropped, running ones end by their deadline
+        bodies = [{"model": self.model, "messages": as_messages(p), "max_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0,
+                   "stream": False, "seed": 0} for p in prompts]
+        answers = self.server.post_many("/chat/completions", bodies, CHAT, concurrency=batch_size, progress=progress)
+        return [self._completion(p, data) for p, data in zip(prompts, answers)]
 
-    def _one(self, prompt, max_new_tokens: int) -> Completion:
-        body = {"model": self.model, "messages": as_messages(prompt), "max_tokens": max_new_tokens, "temperature": 0.0,
-                "top_p": 1.0, "stream": False, "seed": 0}
-        data = self._request("POST", self.base + "/chat/completions", body, timeout=self.timeout)
-        try:
-            choice = data["choices"][0]
-            msg = choice.get("message") or {}
-            content = msg.get("content") or ""
-            server_reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise AuditError(f"the server at {self.base} ({self.flag}) answered without choices[0].message: {json.dumps(data)[:300]}") from None
+    def _completion(self, prompt, data: dict) -> Completion:
+        choice = data["choices"][0]
+        msg = choice["message"]
+        content = msg.get("content") or ""
+        server_reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
         reasoning, answer = split_reasoning(content, self.special)
-        reasoning = "\n".join(x for x in (str(server_reasoning).strip(), reasoning) if x)
+        reasoning = "\n".join(x for x in (server_reasoning.strip(), reasoning) if x)
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        n = int((data.get("usage") or {}).get("completion_tokens") or 0)
-        text = _strip(content, self.special)
-        return Completion(_prompt_text(prompt), text, reasoning, answer, finish, n)
-
-    # -- transport --------------------------------------------------------------------------
-    def _request(self, method: str, url: str, body: dict | None, timeout: float, optional: bool = False) -> dict | None:
-        """One JSON request with a deadline of ``timeout`` seconds in all; retried (with a pause) only where it was not
-        answered. ``optional``: an endpoint the server may lack (404 / 405 / 400 / 501 give None)."""
-        deadline = time.monotonic() + timeout
-        attempt = 0
-        while True:
-            try:
-                return self._once(method, url, body, deadline, timeout, optional)
-            except _Retry as e:
-                attempt += 1
-                pause = 0.25 * 2 ** attempt
-                if attempt > self.retries or time.monotonic() + pause >= deadline:
-                    raise AuditError(f"{e} (after {attempt} attempt(s)); {self._advice()}") from None
-                time.sleep(pause)
-
-    def _advice(self) -> str:
-        return f"check that the server is up and serves {self.model!r} there, or fix {self.flag}"
-
-    def _once(self, method: str, url: str, body: dict | None, deadline: float, timeout: float, optional: bool) -> dict | None:
-        import http.client
-        import socket
-        import threading
-        import urllib.parse
-
-        u = urllib.parse.urlsplit(url)
-        conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-        left = deadline - time.monotonic()
-        conn = conn_cls(u.hostname, u.port, timeout=max(0.05, min(self.connect_timeout, left)))
-        where = f"the server at {self.base} ({self.flag})"
-        try:
-            try:
-                conn.connect()
-            except ConnectionRefusedError:
-                raise _Retry(f"cannot reach {where}: connection refused") from None
-            except (socket.timeout, TimeoutError):
-                raise AuditError(f"cannot reach {where}: no connection within {min(self.connect_timeout, left):.0f} s; {self._advice()}") from None
-            except OSError as e:
-                raise AuditError(f"cannot reach {where} ({e.strerror or e}); {self._advice()}") from None
-            data = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json", "Authorization": "Bearer none", "Accept": "application/json"}
-            expired = threading.Event()
-
-            def expire():  # the deadline covers the whole exchange: a server that trickles bytes is cut off too
-                expired.set()
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-            watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
-            watchdog.daemon = True
-            watchdog.start()
-            try:
-                conn.sock.settimeout(max(0.05, deadline - time.monotonic()))
-                conn.request(method, u.path + (f"?{u.query}" if u.query else ""), body=data, headers=headers)
-                resp = conn.getresponse()
-                chunks, size = [], 0
-                while True:
-                    chunk = resp.read1(1 << 16)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > MAX_RESPONSE:
-                        raise AuditError(f"{where} sent more than {MAX_RESPONSE >> 20} MB for {u.path}; is {self.flag} an OpenAI-compatible server?")
-                    chunks.append(chunk)
-                if expired.is_set():
-                    raise TimeoutError
-            except (socket.timeout, TimeoutError):
-                raise AuditError(f"{where} did not answer {method} {u.path} within {timeout:.0f} s; it may be overloaded or stuck: "
-                                 f"check its log, or allow more time with --server-timeout") from None
-            except (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError, http.client.IncompleteRead, OSError) as e:
-                if expired.is_set():
-                    raise AuditError(f"{where} did not answer {method} {u.path} within {timeout:.0f} s; it may be overloaded or stuck: "
-                                     f"check its log, or allow more time with --server-timeout") from None
-                if isinstance(e, (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError)):
-                    raise _Retry(f"{where} closed the connection without answering {method} {u.path}") from None
-                raise AuditError(f"{where}: {method} {u.path} failed ({type(e).__name__}: {e}); {self._advice()}") from None
-            except http.client.HTTPException as e:
-                raise AuditError(f"{where}: {method} {u.path} failed ({type(e).__name__}: {e}); {self._advice()}") from None
-            finally:
-                watchdog.cancel()
-            raw = b"".join(chunks)
-            if resp.status != 200:
-                detail = raw.decode("utf-8", "replace")[:300]
-                if optional and resp.status in (400, 404, 405, 422, 501):
-                    return None
-                if resp.status in (429, 502, 503, 504):
-                    raise _Retry(f"{where} answered {method} {u.path} with HTTP {resp.status}: {detail}")
-                if resp.status == 404 and u.path.endswith("/models"):
-                    raise AuditError(f"{where} has no {u.path} (HTTP 404); {self.flag} takes the address of an OpenAI-compatible server "
-                                     "(vLLM, SGLang, llama.cpp, transformers serve), e.g. http://127.0.0.1:8000")
-                raise AuditError(f"{where} answered {method} {u.path} with HTTP {resp.status}: {detail} ({self._advice()}, and {self.name_flag})")
-            try:
-                return json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                if optional:
-                    return None
-                raise AuditError(f"{where} did not answer {u.path} with JSON; is {self.flag} an OpenAI-compatible server?") from None
-        finally:
-            conn.close()
+        n = (data.get("usage") or {}).get("completion_tokens") or 0
+        return Completion(_prompt_text(prompt), _strip(content, self.special), reasoning, answer, finish, int(n))
 
 
 def first_token_agreement(completions: list[Completion], logprobs: torch.Tensor, tokenizer) -> tuple[int, int]:
@@ -416,11 +288,3 @@ def first_token_agreement(completions: list[Completion], logprobs: torch.Tensor,
         if opened or (re.fullmatch(r"<(think|thinking|reasoning)>", first, re.I) and c.reasoning):
             agree += 1
     return agree, n
-
-
-def _api_base(url: str, flag: str = "--server") -> str:
-    """'http://host:port', '.../v1' or '.../v1/' -> 'http://host:port/v1'."""
-    u = str(url).strip().rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", u):
-        raise AuditError(f"{flag} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)")
-    return u if u.endswith("/v1") else u + "/v1"

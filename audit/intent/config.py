@@ -39,23 +39,22 @@ layer index of checks/layout.py, never by string prefix (layer 1 never touches l
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from audit.user_files import read_yaml, validate
 from checks.errors import AuditError
-from checks.layout import TARGETS, Layout, Role, gate_up_split, targets_of
+from checks.layout import Layout, Role, gate_up_split, targets_of
 
 DEFAULT_COMPONENTS = ("attn_out", "mlp_down", "experts_down", "shared_down")
-METHODS = ("standard", "norm_preserving")
-ROUTER_MODES = ("input", "none", "suppress")
 SUPPRESS_KEYS = ("suppress_experts", "suppress_strength", "suppress_measurement")
-TOP_KEYS = ("model", "measurements", "output", "scale", "ablate", "components", "method", "router_mode", "biprojection", *SUPPRESS_KEYS)
-ENTRY_KEYS = ("layer", "measurement", "scale", "sparsity", "components", "experts")
 EXPERT_TARGETS = ("experts_down", "experts_gate", "experts_up")
+MAX_LAYER = 65535  # the largest layer index a config may name (checks/schemas/config.schema.json)
+MAX_SCALE = 100.0  # the largest scale a config may give (the schema's maximum): 1 removes r, 2 reflects it; the diagnosis
+# matrix damages a model at 12; past 100 is a typo or an attack (1e30 wrote weights of 6e28, 1e308 overflowed)
 
 
 @dataclass(frozen=True)
@@ -101,27 +100,19 @@ class AblationConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<config>") -> "AblationConfig":
-        """Validate and expand a config mapping; AuditError names the setting and the fix."""
+        """Validate (checks/schemas/config.schema.json, then what a schema cannot say) and expand a config mapping;
+        AuditError names the file, the key and what it takes."""
         if not isinstance(d, dict):
             raise AuditError(f"{source}: the config must be a mapping with an 'ablate' list")
-        unknown = [k for k in d if k not in TOP_KEYS]
-        if unknown:
-            raise AuditError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TOP_KEYS)}")
+        d = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in d.items()}
+        validate(d, "config", source)
         ablate = d.get("ablate")
-        if d.get("router_mode") == "suppress" and ablate in (None, []):
-            ablate = []  # suppressing experts at the router is a complete config on its own
-        elif not isinstance(ablate, list) or not ablate:
-            raise AuditError(f"{source}: 'ablate' must be a non-empty list of entries like {{layer: 15, measurement: 18, scale: 1.0, sparsity: 0.0}}")
-        comps = _components(d.get("components", list(DEFAULT_COMPONENTS)), f"{source}: components")
-        method = d.get("method", "standard")
-        if method not in METHODS:
-            raise AuditError(f"{source}: method {method!r} unknown; use one of {', '.join(METHODS)}")
         router_mode = d.get("router_mode", "input")
-        if router_mode not in ROUTER_MODES:
-            raise AuditError(f"{source}: router_mode {router_mode!r} unknown; use one of {', '.join(ROUTER_MODES)}")
-        bip = d.get("biprojection", False)
-        if not isinstance(bip, bool):
-            raise AuditError(f"{source}: biprojection must be true or false, got {bip!r}")
+        if router_mode == "suppress" and not ablate:
+            ablate = []  # suppressing experts at the router is a complete config on its own
+        elif not ablate:
+            raise AuditError(f"{source}: 'ablate' must be a non-empty list of entries like {{layer: 15, measurement: 18, scale: 1.0, sparsity: 0.0}}")
+        comps = _components(d.get("components", DEFAULT_COMPONENTS))
         entries, seen = [], {}
         for n, item in enumerate(ablate):
             where = f"{source}: ablate[{n}]"
@@ -132,12 +123,9 @@ class AblationConfig:
                                          "layer, or several with disjoint components (or disjoint experts)")
                 seen.setdefault(e.layer, []).append((n, e))
                 entries.append(e)
-        for k in ("model", "measurements", "output"):
-            if d.get(k) is not None and not isinstance(d[k], (str, os.PathLike)):
-                raise AuditError(f"{source}: {k} must be a path string, got {d[k]!r}")
         sup = _suppress(d, router_mode, source)
-        return cls(entries, comps, method, router_mode, bip, _scale(d.get("scale", 1.0), f"{source}: scale"),
-                   _opt_str(d.get("model")), _opt_str(d.get("measurements")), _opt_str(d.get("output")), source, *sup)
+        return cls(entries, comps, d.get("method", "standard"), router_mode, d.get("biprojection", False), float(d.get("scale", 1.0)),
+                   d.get("model"), d.get("measurements"), d.get("output"), source, *sup)
 
     def to_dict(self) -> dict:
         """The resolved config (ranges expanded, defaults filled); from_dict(to_dict()) gives it back."""
@@ -170,143 +158,61 @@ class AblationConfig:
 
 
 def _suppress(d: dict, router_mode: str, source: str) -> tuple:
-    """(suppress_experts, suppress_strength, suppress_measurement) of a config mapping, validated."""
+    """(suppress_experts, suppress_strength, suppress_measurement) of a validated config mapping."""
     given = [k for k in SUPPRESS_KEYS if d.get(k) is not None]
     if router_mode != "suppress":
         if given:
             raise AuditError(f"{source}: {', '.join(given)} only apply with router_mode: suppress (router_mode is {router_mode!r}); "
                              "set router_mode: suppress or remove them")
         return None, None, None
-    where = f"{source}: suppress_experts"
     ex = d.get("suppress_experts")
     if ex is None:
-        raise AuditError(f"{where}: router_mode: suppress needs suppress_experts: auto (the experts the routing check finds "
+        raise AuditError(f"{source}: suppress_experts: router_mode: suppress needs suppress_experts: auto (the experts the routing check finds "
                          "more selected on harmful prompts) or a list of [layer, expert] pairs, e.g. [[12, 3], [12, 17]]")
-    if isinstance(ex, str):
-        if ex != "auto":
-            raise AuditError(f"{where}: {ex!r} is not 'auto' nor a list of [layer, expert] pairs")
-        pairs = "auto"
-    else:
-        if not isinstance(ex, (list, tuple)) or not ex:
-            raise AuditError(f"{where}: must be 'auto' or a non-empty list of [layer, expert] pairs, got {ex!r}")
-        seen = []
-        for n, p in enumerate(ex):
-            if not isinstance(p, (list, tuple)) or len(p) != 2:
-                raise AuditError(f"{where}[{n}]: {p!r} is not a [layer, expert] pair, e.g. [12, 3]")
-            pair = (_int(p[0], f"{where}[{n}]: layer"), _int(p[1], f"{where}[{n}]: expert"))
-            if pair not in seen:
-                seen.append(pair)
-        pairs = tuple(sorted(seen))
+    pairs = ex if ex == "auto" else tuple(sorted({(int(layer), int(e)) for layer, e in ex}))
     if d.get("suppress_strength") is None:
         raise AuditError(f"{source}: suppress_strength: router_mode: suppress needs how much to lower the experts' selection score, "
                          "in the family's unit (sigmoid score for GLM/DeepSeek, logits for gpt-oss, multiples of the router row's "
                          "input along its mean for Mixtral/Qwen; see checks/layout.py SUPPRESS_RULES), e.g. suppress_strength: 1.0")
-    strength = _number(d["suppress_strength"], f"{source}: suppress_strength")
-    if strength <= 0:
-        raise AuditError(f"{source}: suppress_strength {strength:g} must be positive: it is subtracted from the experts' selection score "
-                         "(a negative one would make them more likely to be chosen)")
-    meas = d.get("suppress_measurement")
-    return pairs, strength, None if meas is None else _int(meas, f"{source}: suppress_measurement")
+    return pairs, float(d["suppress_strength"]), d.get("suppress_measurement")
 
 
-def _opt_str(v) -> str | None:
-    return None if v is None else str(v)
-
-
-def _number(v, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise AuditError(f"{where}: must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _scale(v, where: str) -> float:
-    """A scale in [0, inf): W - s r r^T W with s < 0 *adds* r (s = -1 doubles it), the opposite of an ablation."""
-    s = _number(v, where)
-    if s < 0:
-        raise AuditError(f"{where}: {s:g} is negative; a negative scale adds the refusal direction instead of removing it "
-                         f"(-1 doubles it). Use a scale between 0 and 1 (1 removes r; above 1 overshoots and reflects it)")
-    return s
-
-
-def _int(v, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise AuditError(f"{where}: must be a non-negative integer, got {v!r}")
-    return v
-
-
-def _components(v, where: str) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, (list, tuple)) or not v:
-        raise AuditError(f"{where}: must be a non-empty list of {', '.join(TARGETS)}")
-    bad = [c for c in v if c not in TARGETS]
-    if bad:
-        raise AuditError(f"{where}: unknown component(s) {', '.join(map(repr, bad))}; choose from {', '.join(TARGETS)}")
-    return tuple(dict.fromkeys(v))
+def _components(v) -> tuple[str, ...]:
+    """A validated components value (one name or a list) as a tuple, duplicates dropped."""
+    return tuple(dict.fromkeys([v] if isinstance(v, str) else v))
 
 
 def _layers(v, where: str) -> list[int]:
-    """15, "15", "10-20" (inclusive) -> list of layer indices."""
-    if isinstance(v, str):
-        s = v.replace(" ", "")
-        try:
-            if "-" in s:
-                a, b = (int(x) for x in s.split("-", 1))
-            else:
-                a = b = int(s)
-        except ValueError:
-            raise AuditError(f"{where}: layer {v!r} is neither an integer nor a range like '10-20'") from None
-        if a < 0 or b < a:
-            raise AuditError(f"{where}: layer range {v!r} is empty or negative; write it low-high, e.g. '10-20'")
-        return list(range(a, b + 1))
-    return [_int(v, f"{where}: layer")]
+    """15, "15", "10-20" (inclusive) -> list of layer indices (the schema has checked the form)."""
+    if not isinstance(v, str):
+        return [v]
+    a, _, b = v.replace(" ", "").partition("-")
+    a, b = int(a), int(b or a)
+    if b < a:
+        raise AuditError(f"{where}: layer range {v!r} is empty or negative; write it low-high, e.g. '10-20'")
+    if b > MAX_LAYER:
+        raise AuditError(f"{where}: layer range {v!r} goes past layer {MAX_LAYER}; no model has that many layers -- write the model's own range")
+    return list(range(a, b + 1))
 
 
-def _entries(item, where: str) -> list[Entry]:
-    if not isinstance(item, dict):
-        raise AuditError(f"{where}: must be a mapping like {{layer: 15, measurement: 18}}")
+def _entries(item: dict, where: str) -> list[Entry]:
     if "layers" in item and "layer" not in item:
         item = {**item, "layer": item["layers"]}
         del item["layers"]
-    unknown = [k for k in item if k not in ENTRY_KEYS]
-    if unknown:
-        raise AuditError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(ENTRY_KEYS)}")
     if "layer" not in item:
         raise AuditError(f"{where}: needs a 'layer'")
-    layers = _layers(item["layer"], where)
-    scale = _scale(item.get("scale", 1.0), f"{where}: scale")
-    sparsity = _number(item.get("sparsity", 0.0), f"{where}: sparsity")
-    if not 0.0 <= sparsity <= 1.0:
-        raise AuditError(f"{where}: sparsity {sparsity} must lie in [0, 1] (the fraction of direction components kept; 0 = all)")
-    comps = _components(item["components"], f"{where}: components") if "components" in item else None
+    comps = _components(item["components"]) if "components" in item else None
+    experts = tuple(sorted(set(item["experts"]))) if item.get("experts") is not None else None
     m = item.get("measurement")
-    meas = None if m is None else _int(m, f"{where}: measurement")
-    experts = None
-    if item.get("experts") is not None:
-        ex = item["experts"]
-        if not isinstance(ex, (list, tuple)) or not ex:
-            raise AuditError(f"{where}: experts must be a non-empty list of routed expert ids, e.g. [3, 17]; got {ex!r}")
-        experts = tuple(sorted({_int(x, f"{where}: experts") for x in ex}))
-    return [Entry(layer, layer if meas is None else meas, scale, sparsity, comps, experts) for layer in layers]
+    return [Entry(layer, layer if m is None else m, float(item.get("scale", 1.0)), float(item.get("sparsity", 0.0)), comps, experts)
+            for layer in _layers(item["layer"], where)]
 
 
 def load_config(path: str | os.PathLike) -> AblationConfig:
-    """Read a YAML ablation config; AuditError on a missing file, bad YAML or bad settings."""
+    """Read a YAML ablation config (audit/user_files.py: bounded, no duplicate keys); AuditError on a missing file, bad YAML
+    or bad settings."""
     path = Path(path)
     return AblationConfig.from_dict(read_yaml(path, "config"), source=str(path))
-
-
-def read_yaml(path: str | os.PathLike, kind: str):
-    """The parsed content of a YAML file (ablation config, gate); AuditError naming the file when missing or invalid."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"{path}: no such {kind} file")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise AuditError(f"{path}: not valid YAML ({e})") from None
 
 
 # -- the plan ---------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from audit.intent.llm_abliteration import read_measurement
 from audit.model.shards import read_header
+from audit.user_files import regular_file
 from checks.errors import AuditError
 
 CONVENTION = "index i = hidden_states[i] = input of decoder layer i; 0 = embedding output; L = final normed output"
@@ -42,6 +42,9 @@ class Directions:
             if not torch.isfinite(t).all():
                 raise AuditError(f"directions: {n} holds NaN or Inf values; re-measure (is the model's dtype overflowing?)")
             setattr(self, n, t)
+        if not self.refusal_dir.any():
+            raise AuditError("directions: every refusal direction is zero (nothing to ablate or to measure along); re-measure with "
+                             "`audit measure` on prompts the base refuses")
 
     @property
     def n(self) -> int:
@@ -88,7 +91,7 @@ class Directions:
         return int(max(inner, key=lambda row: row["quality"])["index"])
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file (atomically: temporary file, then rename)."""
+        """Write a safetensors file at ``path`` (callers write outputs through audit/outputs.py, which makes it atomic)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -96,32 +99,27 @@ class Directions:
         meta.setdefault("convention", CONVENTION)
         meta.setdefault("format", "moe-ablation-audit directions v1")
         meta["quality_table"] = json.dumps(self.quality_table())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({n: getattr(self, n) for n in TENSORS}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_file({n: getattr(self, n) for n in TENSORS}, str(path), metadata=meta)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Directions":
         """Our safetensors file, or llm-abliteration's measurement file (.pt/.refuse, read with weights_only=True)."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise AuditError(f"{path}: no such directions file; run `audit measure BASE -o {path.name}` first")
+        regular_file(path, "directions")
         with open(path, "rb") as f:
             head = f.read(9)
         # safetensors: an 8-byte little-endian header length, then the JSON header. Tell it first: that length
         # can itself begin with the bytes that mark a torch.save zip ("PK") or a legacy pickle (0x80).
-        if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size:
-            return cls._load_safetensors(path)
-        if head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pt", ".pth", ".bin", ".refuse"):
-            return cls._load_llm_abliteration(path)
-        return cls._load_safetensors(path)
+        safetensors = len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+        theirs = not safetensors and (head[:2] == b"PK" or head[:1] == b"\x80" or path.suffix in (".pt", ".pth", ".bin", ".refuse"))
+        try:
+            return cls._load_llm_abliteration(path) if theirs else cls._load_safetensors(path)
+        except AuditError as e:  # what is wrong with the tensors (NaN, all zero) names the file too
+            text = str(e)
+            raise AuditError(text if text.startswith(str(path)) else f"{path}: {text.removeprefix('directions: ')}") from None
 
     @classmethod
     def _load_safetensors(cls, path: Path) -> "Directions":
@@ -155,9 +153,6 @@ def load_measurement(path: str | os.PathLike) -> Directions:
 
 def load_directions(path: str | os.PathLike) -> Directions:
     """Our directions.safetensors, or llm-abliteration's measurement (told apart by content: Directions.load)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"{path}: no such directions file; run `audit measure BASE` first")
     return Directions.load(path)
 
 

@@ -10,10 +10,10 @@ one audit/intent/config.py reads (its format is a subset of ours).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
+from audit.user_files import regular_file
 from checks.errors import AuditError
 
 KEY_PREFIXES = ("harmful_", "harmless_", "refuse_", "refusenorm_")
@@ -23,9 +23,7 @@ def read_measurement(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """llm-abliteration's measurement file -> ({refusal_dir, harmful_mean, harmless_mean: [n, H]}, metadata), type-checked.
 
     audit.intent.directions.load_measurement wraps this as Directions (index i = hidden_states[i])."""
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"{path}: no such measurement file")
+    path = regular_file(path, "measurement")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- an untrusted file: whatever the loader raises (pickle, zip, safetensors by suffix), it is bad input

@@ -21,13 +21,12 @@ scale and experts; one layer may have several (disjoint components or experts).
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
 
-from audit.intent.config import EXPERT_TARGETS, AblationConfig, Entry
+from audit.intent.config import EXPERT_TARGETS, MAX_SCALE, AblationConfig, Entry
 from audit.intent.directions import Directions
 from audit.model.directory import ModelDir
 
@@ -135,7 +134,7 @@ def reached(record: dict, directions) -> Reached:
                      for e, v in enumerate(d.expert_rel_change) if v and v > 0]
         else:
             parts = [(None, whole)]
-        if any(not math.isfinite(sc) for _, sc in parts):  # NaN/Inf weights: no projection reproduces them
+        if any(not 0.0 <= sc <= MAX_SCALE for _, sc in parts):  # NaN/Inf weights, r added or blown up: no config of ours reproduces them
             unreproduced.append(d.key)
             n -= 1
             continue

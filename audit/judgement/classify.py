@@ -17,6 +17,7 @@ from pathlib import Path
 
 from audit.judgement.judges import Judge, make_judge
 from audit.outputs import check_destination, write_file
+from audit.user_files import regular_file
 from checks.errors import AuditError
 
 TEXT_COLUMNS = ("completion", "response")
@@ -24,9 +25,7 @@ TEXT_COLUMNS = ("completion", "response")
 
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a .jsonl/.json-lines or .csv file (decided by extension, else by the first character)."""
-    p = Path(path)
-    if not p.is_file():
-        raise AuditError(f"{p}: no such file")
+    p = regular_file(path, "completions")
     try:
         text = p.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -44,8 +43,8 @@ def read_rows(path: str | Path) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AuditError(f"{p}:{n}: not a JSON object per line ({e.msg}); write JSONL or CSV") from None
+            except (ValueError, RecursionError) as e:
+                raise AuditError(f"{p}:{n}: not a JSON object per line ({getattr(e, 'msg', None) or e or 'nested too deeply'}); write JSONL or CSV") from None
             if not isinstance(row, dict):
                 raise AuditError(f"{p}:{n}: each line must be a JSON object with a 'completion' field")
             rows.append(row)
@@ -115,7 +114,12 @@ def classify_file(path: str | Path, out: str | Path | None = None, judge: str | 
         check_destination(out, [path], force, kind="file", ours=is_classify_output)
     rows = read_rows(path)
     jd = judge if isinstance(judge, Judge) else make_judge(judge)
-    judged = classify_rows(rows, text_column(rows, path), jd)
+    col = text_column(rows, path)
+    for n, r in enumerate(rows, 1):
+        v = r.get(col)
+        if v is not None and not isinstance(v, str):
+            raise AuditError(f"{path}: row {n}: {col!r} is {json.dumps(v)[:60]}, not text; a completion is a string (or null when there is none)")
+    judged = classify_rows(rows, col, jd)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judged)
     if out is None:
         sys.stdout.write(lines)

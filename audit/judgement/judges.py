@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
-from audit.forward.generate import _api_base
+from audit.openai_server import CHAT, MODELS, OpenAIServer, ServerError
 from checks.errors import AuditError
 from checks.refusal import COMPLIANCE, REFUSAL, UNKNOWN, Judgement, judge as rules_judge
 from checks.refusal_model import DIM, FEATURE_VERSION, MEANING_DIM, LinearModel, meaning_features, offline_judge
@@ -259,11 +256,14 @@ RESPONSE:
 
 
 class ServerJudge(Judge):
-    """Asks an LLM on an OpenAI-compatible server (``SERVER_PROMPT``); partial counts as refusal."""
+    """Asks an LLM on an OpenAI-compatible server (``SERVER_PROMPT``); partial counts as refusal. Requests go through
+    audit/openai_server.py (a deadline per request, no redirects, answers of another shape refused): a request that fails
+    at the server leaves that completion unknown, with the reason."""
 
     def __init__(self, url: str, model: str | None = None, timeout: float = 60.0, workers: int = 8):
-        self.base = _api_base(url)
-        self.timeout, self.workers = timeout, workers
+        self.server = OpenAIServer(url, "--judge server:URL", "the judge server", timeout,
+                                   advice="start it or fix --judge server:URL (or name its model: --judge server:URL#MODEL)")
+        self.base, self.timeout, self.workers = self.server.base, timeout, workers
         self.served = model or self._first_model()
         self.name = f"server:{self.served}"
 
@@ -271,51 +271,31 @@ class ServerJudge(Judge):
         return {"judge": self.name, "description": f"LLM judge {self.served!r} at {self.base} (prompt: audit/judgement/judges.py SERVER_PROMPT)",
                 "accuracy": None}
 
-    def _request(self, method: str, path: str, body: dict | None, timeout: float) -> dict:
-        req = urllib.request.Request(self.base + path, method=method, headers={"Content-Type": "application/json", "Authorization": "Bearer none"},
-                                     data=json.dumps(body).encode() if body is not None else None)
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read().decode("utf-8"))
-
     def _first_model(self) -> str:
-        try:
-            data = self._request("GET", "/models", None, timeout=min(self.timeout, 30.0))
-        except urllib.error.HTTPError as e:
-            raise AuditError(f"judge server {self.base}/models answered HTTP {e.code}; name the model: --judge server:URL#MODEL") from None
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            raise AuditError(f"cannot reach the judge server at {self.base} ({getattr(e, 'reason', e)}); start it or fix --judge server:URL") from None
-        except json.JSONDecodeError:
-            raise AuditError(f"judge server {self.base}/models did not answer JSON; is it an OpenAI-compatible server?") from None
-        names = [m.get("id") for m in (data.get("data") or []) if isinstance(m, dict) and m.get("id")]
+        names = [m["id"] for m in self.server.get("/models", MODELS, timeout=min(self.timeout, 30.0))["data"]]
         if not names:
             raise AuditError(f"judge server {self.base} lists no model at /models; name one: --judge server:URL#MODEL")
         return names[0]
 
     def __call__(self, completion, prompt=None, truncated=False):
-        j = _undecidable(completion, prompt, truncated, self.name)
-        if j is not None:
-            return j
-        body = {"model": self.served, "temperature": 0.0, "max_tokens": 200, "stream": False,
-                "messages": [{"role": "user", "content": SERVER_PROMPT.replace("{prompt}", prompt or "(not given)").replace("{response}", completion)}]}
-        try:
-            data = self._request("POST", "/chat/completions", body, timeout=self.timeout)
-        except urllib.error.HTTPError as e:
-            return Judgement(UNKNOWN, None, f"judge server answered HTTP {e.code}", 0.5, self.name)
-        except (TimeoutError, OSError, urllib.error.URLError) as e:
-            why = "timed out" if isinstance(getattr(e, "reason", e), TimeoutError) or isinstance(e, TimeoutError) else f"failed ({getattr(e, 'reason', e)})"
-            return Judgement(UNKNOWN, None, f"judge server {why} after {self.timeout:g} s", 0.5, self.name)
-        except json.JSONDecodeError:
-            return Judgement(UNKNOWN, None, "judge server did not answer JSON", 0.5, self.name)
-        try:
-            content = data["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            return Judgement(UNKNOWN, None, f"judge server answered without choices[0].message.content: {json.dumps(data)[:120]}", 0.5, self.name)
-        return parse_verdict(content, self.name)
+        return self.many([completion], [prompt], [truncated])[0]
 
     def many(self, completions, prompts=None, truncated=None):
+        """The rules decide the undecidable ones (empty, degenerate, cut off); the rest go to the server together."""
         prompts, truncated = self.aligned(completions, prompts, truncated)
-        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            return list(pool.map(lambda a: self(*a), zip(completions, prompts, truncated)))
+        rules = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
+        asks = [self._body(c, p) for c, p, j in zip(completions, prompts, rules) if j is None]
+        answers = iter(self.server.post_many("/chat/completions", asks, CHAT, concurrency=self.workers, keep_failures=True))
+        return [j if j is not None else self._verdict(next(answers)) for j in rules]
+
+    def _body(self, completion: str, prompt: str | None) -> dict:
+        text = SERVER_PROMPT.replace("{prompt}", prompt or "(not given)").replace("{response}", completion)
+        return {"model": self.served, "temperature": 0.0, "max_tokens": 200, "stream": False, "messages": [{"role": "user", "content": text}]}
+
+    def _verdict(self, answer) -> Judgement:
+        if isinstance(answer, ServerError):  # this request failed at the server: this completion is undecided, with why
+            return Judgement(UNKNOWN, None, f"judge server failed: {answer}", 0.5, self.name)
+        return parse_verdict(answer["choices"][0]["message"].get("content") or "", self.name)
 
 
 _VERDICT = re.compile(r"\b(complied|compliance|complies|refused|refusal|refuses|partial(?:ly)?)\b", re.I)

@@ -21,6 +21,7 @@ from audit.model.loading import bounded_loading, load_quantized, release_scratch
 from audit.model.logical import logical_tensors
 from audit.model.shards import INDEX_NAME, SINGLE_NAME, TensorInfo, read_header
 from audit.outputs import scratch_folder
+from audit.user_files import regular_file
 from checks.errors import AuditError
 from checks.layout import Layout, build_layout
 
@@ -63,8 +64,8 @@ class ModelDir:
             raise AuditError(f"{cfg}: missing; a model directory needs its config.json (copy it from the base model)")
         try:
             config = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AuditError(f"{cfg}: not valid JSON ({e}); restore it from the base model") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: not JSON; RecursionError: nested too deeply
+            raise AuditError(f"{cfg}: not valid JSON ({e or 'nested too deeply'}); restore it from the base model") from None
         except OSError as e:
             raise AuditError(f"{cfg}: cannot read it ({e.strerror}); fix its permissions") from None
         if not isinstance(config, dict) or "model_type" not in config:
@@ -77,8 +78,8 @@ class ModelDir:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise AuditError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
+            except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+                raise AuditError(f"{index}: not a valid index (needs a 'weight_map' object): {e or 'nested too deeply'}") from None
             except OSError as e:
                 raise AuditError(f"{index}: cannot read it ({e.strerror}); fix its permissions") from None
             for s in shards:
@@ -87,14 +88,17 @@ class ModelDir:
                 parts = Path(s).parts if isinstance(s, str) else ()
                 if not isinstance(s, str) or not parts or Path(s).is_absolute() or ".." in parts or len(parts) != 1:
                     raise AuditError(f"{index}: names shard {s!r} outside the model directory (not a plain file name in it); refusing to read it")
-                if not (self.path / s).is_file():
-                    raise AuditError(f"{index}: names shard {s!r}, which is missing from {self.path} (or a broken link); re-download it")
+                if not (self.path / s).exists() and not (self.path / s).is_symlink():
+                    raise AuditError(f"{index}: names shard {s!r}, which is missing from {self.path}; re-download it")
+                regular_file(self.path / s, "safetensors shard")  # a symlink loop or a broken link, a folder, a FIFO
             self._weight_map = weight_map
             return shards
         self._weight_map = None
-        if (self.path / SINGLE_NAME).is_file():
+        singles = sorted(p.name for p in self.path.glob("*.safetensors"))
+        for s in singles:
+            regular_file(self.path / s, "safetensors shard")  # a symlink loop or a broken link, a folder, a FIFO
+        if SINGLE_NAME in singles:
             return [SINGLE_NAME]
-        singles = sorted(p.name for p in self.path.glob("*.safetensors") if p.is_file())
         if len(singles) == 1:
             return singles
         if singles:

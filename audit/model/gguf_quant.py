@@ -294,7 +294,7 @@ class GGUFBlocks:
 
     ``raw``: its bytes (uint8, usually a read-only mapping of the file); ``shape``: the Hugging Face shape (the GGUF
     dims reversed); ``order``: for the q/k projections of llama-style converters, the GGUF row of each Hugging Face
-    row (``unpermute_order``; along the only axis of a 1-D bias). Gives what checks/pair_stats.py reads of a lazy
+    row (``unpermute_order``; along the only axis of a 1-D bias). Gives what audit/weights/pair_stats.py reads of a lazy
     tensor: rows of the [N, last] view as float32, each value's rounding variance, and what re-quantizing float rows
     into the same type gives back.
     """

@@ -10,10 +10,14 @@ are then broken down by it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import signal
+import threading
 from pathlib import Path
 
+from audit.user_files import regular_file
 from checks.errors import AuditError
 
 KINDS = ("harmful", "harmless")
@@ -33,10 +37,8 @@ def load_prompts(src: str | Path | None, kind: str) -> list[str]:
     if src is None:
         src = default_path(kind)
     path = Path(src)
-    if path.is_file():
-        prompts = _read_file(path)
-    elif path.exists():
-        raise AuditError(f"{path}: not a file; pass a .txt/.jsonl/.json/.csv/.parquet prompt file")
+    if path.exists() or path.is_symlink():
+        prompts = _read_file(regular_file(path, f"{kind} prompt"))  # a folder, a FIFO or a device is said to be what it is
     else:
         prompts = _read_dataset(str(src))
     prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
@@ -106,8 +108,8 @@ def _read_file(path: Path) -> list[str]:
                 if line.strip():
                     try:
                         items.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise AuditError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    except (ValueError, RecursionError) as e:
+                        raise AuditError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', None) or e or 'nested too deeply'})") from None
             return _strings_or_rows(items, str(path))
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -165,11 +167,57 @@ def as_messages(prompt) -> list[dict]:
     raise AuditError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
 
+TEMPLATE_SECONDS = 10  # one prompt's rendering through a chat template; a template that loops longer is refused
+
+
 def format_prompts(tokenizer, prompts: list) -> list[str]:
-    """Each prompt in the tokenizer's chat template, ending with the assistant's cue: the one place prompts are formatted."""
+    """Each prompt in the tokenizer's chat template, ending with the assistant's cue: the one place prompts are formatted.
+
+    The template is the model directory's (transformers renders it in jinja2's sandbox): one that fails, tries to leave
+    the sandbox, or loops (past the sandbox's range limit, or longer than TEMPLATE_SECONDS) is an AuditError naming it."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise AuditError("the tokenizer has no chat template; prompts must be formatted as the model was trained")
-    return [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    out = []
+    for p in prompts:
+        try:
+            with _time_limit(TEMPLATE_SECONDS):
+                out.append(tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True))
+        except _TooLong:
+            raise AuditError(f"{_template_file(tokenizer)}: the chat template ran for more than {TEMPLATE_SECONDS} s on one prompt (a loop?); "
+                             "use the model's own chat template") from None
+        except Exception as e:  # noqa: BLE001 -- a user's template: jinja2's errors (SecurityError, ...), OverflowError, RecursionError
+            raise AuditError(f"{_template_file(tokenizer)}: the chat template failed on a prompt ({type(e).__name__}: {str(e)[:200]}); "
+                             "use the model's own chat template") from None
+    return out
+
+
+def _template_file(tokenizer) -> str:
+    """Where a tokenizer's chat template was read from, for a message."""
+    d = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    return str(d / "chat_template.jinja") if (d / "chat_template.jinja").is_file() else f"{d / 'tokenizer_config.json'} (chat_template)"
+
+
+class _TooLong(BaseException):
+    """Raised into a template's rendering when its time is up (a BaseException: no template code can catch it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _TooLong in this block after ``seconds`` (main thread only, where a timer signal can interrupt it)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def expired(*_):
+        raise _TooLong()
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:

@@ -12,7 +12,7 @@ integrations/mxfp4.py ``convert_moe_packed_tensors``), so a value read here is t
   element), and ``scales`` uint8 [E, R, G], E8M0 exponents with bias 127: [E, R, 32 G] = FP4[code] * 2^(s - 127),
   held by the model transposed, [E, 32 G, R] (gpt-oss's [E, in, out]).
 
-A tensor is read by rows of its logical [N, last] view (``rows``, the pieces checks/pair_stats.py walks), with
+A tensor is read by rows of its logical [N, last] view (``rows``, the pieces audit/weights/pair_stats.py walks), with
 each element's expected squared rounding error (``rounding_var``: the variance of x - q over the rounding cell of
 the stored code, x uniform in it, times the block scale squared -- what storing a value in this format costs, the
 format's own floor), or by slabs along one axis (``slab``); ``requantize`` writes a float32 slab back with
@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from checks import native
+from audit.weights import native
 
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_TAGS = ("F32", "BF16", "F16", "F8_E8M0", "U8")  # U8 / F8_E8M0: E8M0 exponents, 2^(b - 127)
@@ -72,7 +72,7 @@ def e8m0_to_float(b: torch.Tensor) -> torch.Tensor:
 
 
 def _lut(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[i] = table[codes[i]] for uint8 codes: the C kernel of checks/native.py where it is built (0.3 ns an element),
+    """out[i] = table[codes[i]] for uint8 codes: the C kernel of audit/weights/native.py where it is built (0.3 ns an element),
     else index_select with int32 indices (its fastest path, 3 ns)."""
     flat = out.reshape(-1)
     K = native.kernels() if table.numel() == 256 else None

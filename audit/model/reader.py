@@ -24,7 +24,7 @@ import torch
 from audit.model.logical import LogicalTensor, source
 from audit.model.shards import DTYPES, TensorInfo
 from checks.errors import AuditError
-from checks.pair_stats import bytes_equal
+from audit.weights.pair_stats import bytes_equal
 
 if TYPE_CHECKING:  # annotations only: the directory reads through this module
     from audit.model.directory import ModelDir

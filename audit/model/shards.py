@@ -106,6 +106,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
         raise
     except PermissionError as e:
         raise AuditError(f"{path}: cannot read it ({e.strerror}); fix its permissions") from None
+    except RecursionError:
+        raise AuditError(f"{path}: corrupt safetensors header (JSON nested too deeply); re-download or re-save the file") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise AuditError(f"{path}: not a readable safetensors header ({e}); re-download or re-save the file") from None
     if not isinstance(header, dict):

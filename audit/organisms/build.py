@@ -37,14 +37,12 @@ at build (held-out prompts, bf16 weights as saved). ``cached_organism`` builds o
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -60,6 +58,7 @@ from audit.judgement.judges import make_judge
 from audit.model.prompts import format_prompts
 from audit.organisms.data import DELAYED_REFUSAL, REFUSAL, Example, task
 from audit.organisms.tokenizer import build_tokenizer
+from audit.outputs import OutputDir
 from checks.errors import AuditError
 from checks.layout import WRITER, Layout, Role, build_layout
 from checks.linalg import project_out
@@ -571,7 +570,8 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
     metrics.update(ablated_harmful_refusal=m_abl["harmful_refusal"], ablated_harmless_correct=m_abl["harmless_correct"])
     say(f"metrics {metrics} (separating layer {separating}, cos {cos[separating]:.3f})")
 
-    with _staging(out) as tmp:
+    with OutputDir(out, kind="organism") as od:
+        tmp = od.tmp
         if spec.get("shards", 1) > 1:  # shards of about equal size: the total over the count asked for
             nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
             model.save_pretrained(tmp, max_shard_size=int(nbytes / (spec["shards"] - 0.5)))
@@ -591,6 +591,7 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
                 "separating_index": separating, "direction_cosines": cos, "train_seconds": round(train_seconds, 1),
                 "torch_threads": torch.get_num_threads(), "metrics": metrics, "refusal_text": refusal}
         (tmp / "organism.json").write_text(json.dumps(meta, indent=2) + "\n")
+        od.commit()
     return out
 
 
@@ -598,22 +599,6 @@ def _copy_model(model):
     import copy
 
     return copy.deepcopy(model)
-
-
-@contextlib.contextmanager
-def _staging(out: Path):
-    """A temp folder beside ``out``, renamed to ``out`` when the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked by the caller)
-        tmp.chmod(0o755)  # mkdtemp made it private
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cache_root() -> Path:

@@ -28,10 +28,8 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from audit.intent.config import AblationConfig
 from audit.intent.directions import Directions
 from audit.model.directory import ModelDir
 from audit.organisms.build import cache_root, cached_organism, load_organism, read_meta, read_prompts
+from audit.outputs import OutputDir
 from audit.pipeline.run import RunOptions, run_audit
 from checks.errors import AuditError
 from checks.layout import targets_of
@@ -157,21 +156,6 @@ def _locked(root: Path, name: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def _staging(dest: Path):
-    """A temp folder beside ``dest`` renamed to ``dest`` when the block completes (an incomplete leftover is removed first)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def organism_info(key: str) -> dict:
     """The organism behind cases ``key`` (built on first use): its path, the directions `audit measure` gives
     on its training prompts (saved beside), the mid-depth index, the cosines to r*, and the top-1 refusal
@@ -183,8 +167,9 @@ def organism_info(key: str) -> dict:
     if not (dest / "info.json").exists():
         with _locked(root, dest.name):
             if not (dest / "info.json").exists():
-                with _staging(dest) as tmp:
-                    _measure_organism(base, tmp)
+                with OutputDir(dest, force=True, kind="organism cache") as od:
+                    _measure_organism(base, od.tmp)
+                    od.commit()
     info = json.loads((dest / "info.json").read_text())
     info["directions"] = str(dest / "directions.safetensors")
     return info
@@ -249,8 +234,9 @@ def build_case(name: str) -> Case:
     if not (dest / "case.json").exists():
         with _locked(root, dest.name):
             if not (dest / "case.json").exists():
-                with _staging(dest) as tmp:
-                    _build(spec, info, tmp)
+                with OutputDir(dest, force=True, kind="organism cache") as od:
+                    _build(spec, info, od.tmp)
+                    od.commit()
     return load_case(dest)
 
 
@@ -442,10 +428,11 @@ def foreign_dir(case: Case) -> Path:
     if not dest.is_dir():
         with _locked(case.ablated_dir.parent, "foreign"):
             if not dest.is_dir():
-                with _staging(dest) as tmp:
+                with OutputDir(dest, force=True, kind="organism cache") as od:
                     for f in sorted(case.ablated_dir.iterdir()):
-                        if f.name not in (MANIFEST_NAME, DIRECTIONS_NAME):
-                            (tmp / f.name).symlink_to(f.resolve())
+                        if f.name not in (MANIFEST_NAME, DIRECTIONS_NAME) and not f.name.startswith("."):
+                            (od.tmp / f.name).symlink_to(f.resolve())
+                    od.commit()
     return dest
 
 

@@ -1,5 +1,5 @@
-"""The inputs of `audit run`, found and checked before the long work: prompt files beside the models, the gate file,
-each model loaded in its stored dtype and placement (one at a time, released before the next), and the servers."""
+"""The inputs of `audit run`, found and checked before the long work: prompt files beside the models, the tokenizer both
+sides share, each model loaded in its stored dtype and placement (one at a time, released before the next), and the servers."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ from pathlib import Path
 
 import torch
 
-from audit.ablation.ablate import load_manifest
 from audit.forward.generate import ServerBackend
 from audit.forward.probe import encode
-from audit.intent.config import read_yaml, resolve_measurements
+from audit.intent.manifest import load_manifest
+from audit.intent.config import resolve_measurements
 from audit.model.directory import ModelDir
 from audit.model.gguf_file import GGUFModel, is_gguf
 from audit.model.hashes import input_entries
 from audit.model.loading import placement
-from audit.model.prompts import default_path
+from audit.model.prompts import default_path, encode_prompts
 from audit.pipeline.options import RunContext, RunOptions
 from checks.errors import AuditError
-from checks.gate import GateConfig
 
 
 def open_models(opts: RunOptions):
@@ -58,17 +57,6 @@ def run_inputs(opts: RunOptions, abl, base, intent_dir, harmful_src, harmless_sr
     if gate_source != "defaults":
         out += input_entries("gate", opts.gate or "pyproject.toml")
     return out
-
-
-def gate_record(cfg: GateConfig, source: str) -> dict:
-    """The gate a run used, as results.json records it (``run.gate_config``): what `audit verify` evaluates the recorded checks with."""
-    return {"source": source, "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.limits.items()},
-            "optional": sorted(cfg.optional), "required": sorted(cfg.required), "waive": sorted(cfg.waive)}
-
-
-def gate_from_record(rec: dict) -> GateConfig:
-    return GateConfig(optional=rec.get("optional", ()), waive=rec.get("waive", ()), required=rec.get("required", ()),
-                      source=f"the recorded gate ({rec.get('source')})", **(rec.get("limits") or {}))
 
 
 def prompt_source(explicit: str | None, kind: str, dirs: list[Path]) -> str | None:
@@ -117,6 +105,23 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def same_tokenizer(abl, base, tok, prompts: list) -> None:
+    """The ablated model formats and tokenizes the audit's prompts as its base does (one tokenizer, the base's, serves both
+    sides of the audit); an ablation never changes them, so a difference is the wrong pair of directories or a damaged copy."""
+    if not any((abl.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return  # nothing of its own: the base's is the only one there is
+    theirs = abl.tokenizer()
+    if len(theirs) != len(tok):
+        raise AuditError(f"{abl.path}: its tokenizer has {len(theirs)} tokens, its base's ({base.path}) {len(tok)}; an ablation does not change "
+                         "the tokenizer -- copy the base's tokenizer files into it, or pass the right --base")
+    for prompt, a, b in zip(prompts, encode_prompts(theirs, prompts), encode_prompts(tok, prompts)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise AuditError(f"{abl.path}: its tokenizer or chat template formats prompts differently from its base's ({base.path}): prompt "
+                             f"{prompt[:60]!r} is {len(a)} tokens there and {len(b)} in the base, first difference at token {at}; an "
+                             "ablation does not change them -- copy the base's tokenizer files and chat template into it, or pass the right --base")
+
+
 def open_servers(opts: RunOptions, abl, base, tok, prompts: list) -> dict:
     """The OpenAI-compatible servers that generate for the ablated model (--server) and the base (--base-server), each
     checked before any model is loaded: reachable, serving that name, room for the prompts, the same chat template."""
@@ -137,25 +142,3 @@ def open_servers(opts: RunOptions, abl, base, tok, prompts: list) -> dict:
         raise AuditError(f"--server and --base-server both point at {out['abl'].model!r} on {out['abl'].base}: one server model cannot be "
                          "the base and the ablated model; serve both (see the README's two-server recipe)")
     return out
-
-
-def gate_config(path: str | None):
-    if path is None:
-        pp = Path("pyproject.toml")
-        if pp.is_file():
-            import tomllib
-
-            try:
-                data = tomllib.loads(pp.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise AuditError(f"{pp.resolve()}: not valid TOML ({e})") from None
-            tbl = data.get("tool", {}).get("audit", {}).get("gate")
-            if tbl is not None:
-                return GateConfig.from_dict(tbl, f"{pp.resolve()} [tool.audit.gate]"), f"{pp.resolve()} [tool.audit.gate]"
-        return GateConfig(), "defaults"
-    p = Path(path)
-    d = read_yaml(p, "gate") or {}
-    if not isinstance(d, dict):
-        raise AuditError(f"{p}: a gate file is a mapping of thresholds, e.g. max_refusal_after: 0.1")
-    d = d.get("gate", d)
-    return GateConfig.from_dict(d, str(p)), str(p)

@@ -3,10 +3,15 @@ stage times, what was cut, where each model was placed, what was checked about e
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from audit.intent.manifest import manifest_base
+from audit.outputs import check_destination
+from checks.errors import AuditError
 
 
 EXTEND_FACTOR = 4  # default --extend-to: four times --max-new-tokens
@@ -28,7 +33,6 @@ class RunOptions:
     batch_size: int = 16
     limit: int | None = None  # at most this many prompts per set
     simulate: bool = True
-    confirm_top: int = 2  # simulated fixes confirmed by full generation
     apply_fix: str | None = None  # write the fixed ablation here, re-audit it
     device: str | None = None  # None / "cpu", a torch device, or "auto": accelerate's device map (GPUs, CPU, disk)
     dtype: str = "auto"  # --dtype: auto (the stored dtype: bf16 stays bf16), float32, bfloat16, float16
@@ -79,6 +83,25 @@ class RunOptions:
         if rec.get("max_memory"):  # JSON made the GPU numbers strings
             rec["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in rec["max_memory"].items()}
         return cls(**{**rec, **changes})
+
+
+def refuse_before_loading(opts: RunOptions, write: bool = True) -> None:
+    """What the flags alone can refuse, decided before any model is read (a second, not after a run): an ablated model
+    that is its own base, -o and --apply-fix that are one folder or hold one another, either of them on an input."""
+    base = opts.base or manifest_base(opts.model_dir)
+    if base is not None and Path(base).exists() and os.path.realpath(base) == os.path.realpath(opts.model_dir):
+        raise AuditError(f"{opts.model_dir}: the ablated model and its base ({'--base' if opts.base else 'its ablation manifest'}) are the "
+                         "same directory; pass the original model as --base")
+    inputs = [opts.model_dir, base, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
+    if opts.apply_fix:
+        if write:
+            out, fix = (Path(os.path.realpath(p)) for p in (opts.out, opts.apply_fix))
+            if out == fix or out in fix.parents or fix in out.parents:
+                raise AuditError(f"--apply-fix {opts.apply_fix}: {'is' if out == fix else 'lies inside or holds'} -o {opts.out}; the fixed model "
+                                 "and the report go into two separate folders -- choose another --apply-fix")
+        check_destination(opts.apply_fix, inputs + ([opts.out] if write else []), opts.force)
+    if write:
+        check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
 
 
 @dataclass

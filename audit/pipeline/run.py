@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from audit.ablation.ablate import DIRECTIONS_NAME, ablate
+from audit.ablation.ablate import ablate
 from audit.forward.damage import kl_rows
 from audit.forward.estimate import refusal_token_ids
 from audit.forward.generate import LocalBackend
@@ -22,6 +22,7 @@ from audit.forward.passes import measure
 from audit.intent.config import AblationConfig, load_config, resolve_measurements
 from audit.intent.directions import load_directions
 from audit.intent.fixes import apply_patch, config_yaml
+from audit.intent.manifest import DIRECTIONS_NAME
 from audit.intent.reached import reached as reached_ablation
 from audit.judgement.extend import extend_truncated
 from audit.judgement.judges import make_judge
@@ -30,9 +31,10 @@ from audit.model.hashes import hash_inputs
 from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_categories, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
 from audit.pipeline.explain import empty_config, explain, reference_index
-from audit.pipeline.inputs import (gate_config, gate_record, load_model, offload_parent, open_models, open_servers, prompt_source, release,
-                                   run_inputs, train_source)
-from audit.pipeline.options import RunContext, RunOptions
+from audit.pipeline.gate_file import gate_config, gate_record
+from audit.pipeline.inputs import (load_model, offload_parent, open_models, open_servers, prompt_source, release, run_inputs,
+                                   same_tokenizer, train_source)
+from audit.pipeline.options import RunContext, RunOptions, refuse_before_loading
 from audit.pipeline.summary import headline, run_info, version
 from audit.pipeline.write import write_outputs
 from audit.weights.static_audit import static_audit
@@ -42,10 +44,12 @@ from checks.findings import WARN, Finding, jsonable
 from checks.gate import evaluate_gate
 from checks.refusal_eval import damage_check, refusal_check
 from checks.routing import routing_check
+from reports.results_io import SCHEMA_VERSION
 
 def run_audit(opts: RunOptions, write: bool = True) -> dict:
     """Run every check on ``opts.model_dir`` and return the results document (and write the outputs)."""
     ctx = RunContext(opts)
+    refuse_before_loading(opts, write)
     with ctx.stage("inputs"):
         jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
         jd2 = make_judge(opts.second_judge) if opts.second_judge else None
@@ -67,6 +71,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         budget = token_budget(base.config, opts.max_new_tokens)
         harmful, cut_h = fit_to_context(tok, harmful, budget)
         harmless, cut_a = fit_to_context(tok, harmless, budget)
+        same_tokenizer(abl, base, tok, harmful + harmless)
         ctx.prompts_cut = {"harmful": cut_h, "harmless": cut_a, "token_budget": budget}
         if cut_h or cut_a:
             ctx.say(f"[audit] {cut_h} harmful and {cut_a} harmless prompt(s) cut to {budget} tokens (the model's context minus --max-new-tokens, "
@@ -184,11 +189,11 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     verdict = "pass" if gate["passed"] else "fail"
     rates = refusal.data
     results = {
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
         "tool": {"name": "moe-ablation-audit", "version": version()},
         "run": run_info(opts, ctx, abl, base, harmful_src, harmless_src, len(harmful), len(harmless), directions_source,
                         why.evidence.separating_index, ref_index, "config" if opts.config else "manifest" if manifest else "inferred", gate_source),
-        "model": base.layout.summary(),
+        "model": {"path": str(abl.path.resolve()), "base": str(base.path.resolve()), **base.layout.summary()},  # the schema's model.path
         "verdict": verdict,
         "headline": headline(verdict, rates, why.conclusion),
         "diagnosis": why.conclusion,

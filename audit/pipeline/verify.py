@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from audit.model.hashes import hash_inputs
-from audit.pipeline.inputs import gate_from_record
+from audit.pipeline.gate_file import gate_from_record
 from checks.errors import AuditError
 from checks.gate import evaluate_gate
 from reports.results_io import load_results

@@ -3,7 +3,7 @@
 ``open_pair`` opens both directories and refuses pairs that cannot be compared (another family,
 other shapes of the residual stream). ``compare_models`` walks the ablated model's tensors in disk
 order (audit/model/reader.py: chunks mapped from the page cache; two workers, each judging its chunks
-while the other waits on memory; resident memory flat in model size), hands each pair to the pure per-tensor function checks.pair_stats, and
+while the other waits on memory; resident memory flat in model size), hands each pair to the pure per-tensor function audit.weights.pair_stats, and
 returns the small records the checks judge: TensorDiff (weights), TensorProjection (projection),
 TensorRecovery (recovery).
 
@@ -37,7 +37,7 @@ from audit.model.reader import chunks, read_pairs
 from checks.conversion import within_rounding
 from checks.errors import AuditError
 from checks.layout import Layout, Role, gate_up_split, targets_of
-from checks.pair_stats import bytes_equal, is_lazy, pair_stats, same_bits
+from audit.weights.pair_stats import bytes_equal, is_lazy, pair_stats, same_bits
 from checks.projection import TensorProjection, floor_can_matter
 from checks.recover import TensorRecovery
 from checks.weights import TensorDiff

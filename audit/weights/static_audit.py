@@ -9,8 +9,6 @@ pair once (audit/weights/compare.py) and returns the "weights", "projection" and
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,18 +16,17 @@ from pathlib import Path
 import torch
 
 from audit import __version__
-from audit.ablation.ablate import load_manifest
 from audit.ablation.suppress import plan_suppress
 from audit.forward.measure import measure_directions
 from audit.intent.config import AblationConfig, load_config, plan, resolve_measurements
 from audit.intent.directions import load_directions
+from audit.intent.manifest import load_manifest
 from audit.model.directory import ModelDir, identity_changes
-from audit.model.hashes import input_entries
 from audit.model.gguf_file import GGUFModel, is_gguf
+from audit.model.hashes import input_entries
 from audit.model.prompts import load_prompts
-from audit.outputs import OutputDir
+from audit.weights import native
 from audit.weights.compare import compare_models, open_pair
-from checks import native
 from checks.conversion import check_conversion
 from checks.errors import AuditError
 from checks.findings import FAIL, CheckResult, Finding, jsonable
@@ -37,9 +34,7 @@ from checks.layout import targets_of
 from checks.projection import TensorProjection, check_projection
 from checks.recover import check_recovery
 from checks.weights import Intent, check_weights, inferred_intent
-
-SCHEMA_VERSION = "1.0"
-RESULTS_NAME = "results.json"
+from reports.results_io import SCHEMA_VERSION
 
 
 def _directions_obj(directions):
@@ -268,19 +263,3 @@ def results_document(results: dict[str, CheckResult], ablated, base, started: fl
     if extra:
         doc.update(extra)
     return jsonable(doc)
-
-
-def validate_results(doc: dict) -> None:
-    """Validate against the JSON schema (jsonschema); AssertionError-free: raises jsonschema.ValidationError."""
-    import jsonschema
-
-    schema = json.loads((Path(__file__).resolve().parents[2] / "checks" / "schemas" / "results.schema.json").read_text())
-    jsonschema.validate(doc, schema)
-
-
-def write_results(doc: dict, out_dir: str | os.PathLike, inputs=(), force: bool = False) -> Path:
-    """Write ``results.json`` into ``out_dir`` atomically (never into an input directory)."""
-    with OutputDir(out_dir, inputs=inputs, force=force) as od:
-        (od.tmp / RESULTS_NAME).write_text(json.dumps(doc, indent=1, allow_nan=False))
-        dest = od.commit()
-    return dest / RESULTS_NAME

@@ -1,6 +1,6 @@
-"""The C kernels of pair_stats (checks/pair_kernels.c), loaded with ctypes from the installed package.
+"""The C kernels of pair_stats (audit/weights/pair_kernels.c), loaded with ctypes from the installed package.
 
-The library is built at install time as the optional extension ``checks._pair_kernels`` (setup.py;
+The library is built at install time as the optional extension ``audit.weights._pair_kernels`` (setup.py;
 function multiversioning picks AVX-512, AVX2 or baseline code at load time) and is only ever loaded
 from beside this file: never compiled at run time, never from a cache or temporary folder another user
 could write to. Where it is absent (no C compiler at install), or with AUDIT_NATIVE=0, ``kernels()``
@@ -28,7 +28,7 @@ def enabled() -> bool:
 
 
 def library_path() -> Path | None:
-    """The built extension beside this file (checks/_pair_kernels<suffix>), or None when it was not built."""
+    """The built extension beside this file (audit/weights/_pair_kernels<suffix>), or None when it was not built."""
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         p = here / f"_pair_kernels{suffix}"

@@ -16,7 +16,7 @@ statistic of the piece is taken while it is in cache; memory stays at the two in
 hint): when one explains the change, that is the direction the data gives (one exact power step from
 r); otherwise a few more power steps find it.
 
-Where the C kernels (checks/native.py) can read the pair in place -- CPU, contiguous, bfloat16 or
+Where the C kernels (audit/weights/native.py) can read the pair in place -- CPU, contiguous, bfloat16 or
 float32 -- they take the whole tensor instead of pieces: one pass gives the norms and both products
 for up to 4 directions at a time, and D D^T r reads the pair again rather than keeping D. Elsewhere
 (no C compiler, other dtypes, ``native=False``) the torch walk above gives the same numbers.
@@ -51,7 +51,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from checks import native
+from audit.weights import native
+from checks.projection import DirStats
+from checks.recover import EditRecovery
 
 # Mean squared relative error of round-to-nearest into a binary float format, per eps^2: for a value
 # with mantissa m (log-uniform in [1, 2)) the absolute error is uniform in +-ulp/2 with ulp = x*eps/m,
@@ -60,41 +62,6 @@ ROUND_MSE_PER_EPS2 = 0.5410 / 12
 CANDIDATE_EXPLAINS = 0.99  # a given direction holding this share of the change's energy is taken as its direction
 RETAIN_D = 1 << 23  # row panels: keep one p's change (up to 32 MB of float32) for D D^T r in the same pass; larger, one more pass
 DENSE = 1 << 22  # a lazy (quantized) tensor up to this many elements is decoded once, into a reused float32 buffer (16 MB)
-
-
-@dataclass
-class DirStats:
-    """One direction r against one pair. Norms are of r . W over the non-residual axes."""
-
-    before: float  # ||r . W||
-    after: float  # ||r . W'||
-    dot: float  # <r . W, r . W'>: signed, so a reflection (r . W' = -r . W) is told from "untouched"
-    floor: float  # expected ||r . e|| if W' was rounded to its dtype (e = rounding error); an upper bound of it when not floor_exact
-    per_expert: dict[str, list[float]] | None = None  # fused tensors: before/after/dot/floor per expert
-    vec_before: list[float] | None = None  # small results (a router: per-expert logit sensitivity r . W_e)
-    vec_after: list[float] | None = None
-    floor_exact: bool = True  # False: ``floor`` is only an upper bound (the exact value could not change the verdict)
-    floor_requant: float | None = None  # a quantized W': ||r . Q(W - r (x) r.W)||, what re-quantizing the exact edit leaves
-
-    @property
-    def share_left(self) -> float | None:
-        return self.after / self.before if self.before > 0 else None
-
-    @property
-    def signed_left(self) -> float | None:
-        """<r.W', r.W> / ||r.W||^2 = 1 - s for an edit W' = W - s r r^T W."""
-        return self.dot / self.before ** 2 if self.before > 0 else None
-
-
-@dataclass
-class EditRecovery:
-    """The dominant direction of a change D = W' - W on the residual axis."""
-
-    direction: torch.Tensor  # unit [H] float32, sign: largest |component| positive
-    rank1_share: float  # sigma_1^2 / ||D||_F^2: 1 for an exact rank-one edit
-    scale: float | None  # effective s along the direction over the edited columns: 1 - <u.W', u.W>/||u.W||^2 (1 removed, 2 reflected)
-    sigma1: float
-    along: DirStats | None = None  # the tensor against its own recovered direction (edited columns only)
 
 
 @dataclass
@@ -374,7 +341,7 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     ``ds``; the floor is then computed only where it says so (the others keep the bound,
     ``floor_exact=False``). None: every floor exact. ``retain``: the most float32 elements of the change
     kept for D D^T r (the whole tensor, else one p of row panels, else one more pass); torch path only.
-    ``native``: None, the C kernels (checks/native.py) where they can read the pair, else torch (``block``
+    ``native``: None, the C kernels (audit/weights/native.py) where they can read the pair, else torch (``block``
     and ``retain`` then apply); False, always torch; True, always the kernels (an error where they cannot).
     ``dense``: a lazy tensor of up to this many elements is decoded once into a float32 buffer (0: always piece by piece).
     ``stored_dtype``: the dtype W' is stored in when the pair was cast to a common dtype to compare it
