@@ -180,7 +180,9 @@ def _cmd_run(args) -> int:
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
                       command="audit " + " ".join(sys.argv[1:]), judge=args.judge, dtype=args.dtype,
                       max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
-                      base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout)
+                      base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout,
+                      capability=args.capability, capability_format=args.capability_format, capability_limit=args.capability_limit,
+                      multi_turn=args.multi_turn, controls=args.controls, control=args.control)
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
@@ -245,6 +247,17 @@ def _positive(text: str) -> int:
     return v
 
 
+def _non_negative(text: str) -> int:
+    """argparse type: an integer >= 0 (0 switches a count-driven stage off)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
 def _positive_seconds(text: str) -> float:
     """argparse type: a number of seconds > 0."""
     try:
@@ -297,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
                    help="seconds one server request may take in all (default 300)")
     s.add_argument("--judge", default="rules", help=JUDGE_HELP)
+    s.add_argument("--capability", metavar="ITEMS", help="multiple-choice items scored by log-likelihood before and after: a JSONL file "
+                   "(question, choices, answer), lm-eval:TASK (lm-evaluation-harness, where installed and its data loads), or none; "
+                   "default: 150 embedded MMLU test items")
+    s.add_argument("--capability-format", default="chat", choices=["chat", "plain"],
+                   help="chat: the question as a user turn in the model's chat template (default); plain: 'Question: ...\\nAnswer:'")
+    s.add_argument("--capability-limit", type=_positive, metavar="N", help="score at most N items per capability task")
+    s.add_argument("--multi-turn", type=_non_negative, default=16, metavar="N",
+                   help="ask N prompts per set again as a second user turn after a benign first exchange (0: off; default 16)")
+    s.add_argument("--no-controls", dest="controls", action="store_false", help="skip the random-direction control")
+    s.add_argument("--control", action="store_true", help="MODEL_DIR is the base itself (pass --base BASE too): a no-op control that "
+                   "must show zero changed tensors, KL 0 and unchanged answers")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")

@@ -38,6 +38,12 @@ class RunOptions:
     quiet: bool = False
     command: str = "audit run"
     judge: str = "rules"  # --judge: rules (default, offline), rules-only, classifier:DIR, server:URL[#MODEL] (audit/judgement/judges.py)
+    capability: str | None = None  # --capability: JSONL items, lm-eval:TASK, or none (default: the embedded MMLU sample)
+    capability_format: str = "chat"  # --capability-format: chat (the directory's template) or plain (lm-evaluation-harness's cloze text)
+    capability_limit: int | None = None  # --capability-limit: at most this many items per task
+    multi_turn: int = 16  # --multi-turn: prompts per set asked again as a second user turn (0: off)
+    controls: bool = True  # --no-controls: skip the random-direction control (it also follows --no-simulate)
+    control: bool = False  # --control: MODEL_DIR is the base itself (a no-op control); judged by checks/controls.py noop_check
 
 
 @dataclass

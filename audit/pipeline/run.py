@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from audit.ablation.ablate import DIRECTIONS_NAME, ablate, load_manifest
+from audit.forward.capability import CapabilitySpec
 from audit.forward.damage import kl_rows
 from audit.forward.estimate import refusal_token_ids
 from audit.forward.generate import LocalBackend
@@ -25,18 +26,23 @@ from audit.intent.fixes import apply_patch, config_yaml
 from audit.intent.reached import reached as reached_ablation
 from audit.judgement.judges import make_judge
 from audit.model.directory import ModelDir
-from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_prompts, token_budget
+from audit.model.prompts import MAX_PROMPT_TOKENS, context_length, fit_to_context, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
+from audit.pipeline.controls import run_controls
 from audit.pipeline.explain import empty_config, explain, reference_index
 from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
 from audit.pipeline.options import RunContext, RunOptions
 from audit.pipeline.summary import headline, run_info, version
 from audit.pipeline.write import write_outputs
 from audit.weights.static_audit import static_audit
+from checks.capability import capability_check
 from checks.contribution import contribution_check
+from checks.controls import control_gate, noop_check
 from checks.errors import AuditError
 from checks.findings import WARN, Finding, jsonable
 from checks.gate import evaluate_gate
+from checks.generation_health import health_check
+from checks.multiturn import multiturn_check
 from checks.refusal_eval import damage_check, refusal_check
 from checks.routing import routing_check
 
@@ -51,6 +57,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if base_path is None:
             raise AuditError(f"{abl.path}: no ablation-manifest.json names its base; pass --base BASE (the model it was ablated from)")
         base = ModelDir(base_path)
+        same_model(abl, base, opts.control)
         inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
         if write:
             check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
@@ -82,6 +89,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         elif opts.max_memory or opts.offload_folder:
             raise AuditError("--max-memory and --offload-folder place the models through accelerate's device map: pass --device auto with them")
         servers = open_servers(opts, abl, base, tok, harmful + harmless)
+        # damage beyond KL (issue 29): the capability items are read now, so a bad --capability fails before any model loads
+        capability = CapabilitySpec.from_flag(opts.capability, opts.capability_format, context_length(base.config), opts.capability_limit)
     with ctx.stage("directions"):
         directions = None
         cfg_meas = resolve_measurements(intent_cfg) if opts.config and intent_cfg is not None else None
@@ -120,14 +129,15 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         m_abl = load_model(abl, opts, ctx, inputs)
     gen_a = servers.get("abl") or LocalBackend(m_abl, tok)
     pa = measure(m_abl, tok, prompts, r, gen_a, opts.max_new_tokens, opts.batch_size, refusal_ids, keep_answer_dists=True,
-                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total))
+                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total), capability=capability, multi_turn=opts.multi_turn)
     del m_abl, gen_a  # one model resident at a time: what the base side needs is in pa, sized by prompts
     release()
     with ctx.stage("base model: load"):
         m_base = load_model(base, opts, ctx, inputs)
     gen_b = servers.get("base") or LocalBackend(m_base, tok)
     pb = measure(m_base, tok, prompts, r, gen_b, opts.max_new_tokens, opts.batch_size, refusal_ids,
-                 against=(pa.completions["harmless"], pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total))
+                 against=(pa.completions["harmless"], pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total),
+                 capability=capability, multi_turn=opts.multi_turn)
     del gen_b
     ctx.servers = {side: be.checks for side, be in servers.items()}
     probes = {(side, k): ps.probes[k] for side, ps in (("base", pb), ("abl", pa)) for k in prompts}
@@ -154,15 +164,22 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     kl1 = kl_rows(pb.first_logprobs_harmless, pa.first_logprobs_harmless).tolist()
     damage = damage_check(kl1, pb.kl_tf, judged["abl", "harmless"] + judged["abl", "harmful"])
 
-    checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage}
+    checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage,
+              **damage_beyond_kl(pb, pa, completions, judged, jd, capability, gate_cfg)}
     checks_d = {name: cr.to_dict() for name, cr in checks.items()}  # the gate reads what results.json will hold (NaN included)
     gate = evaluate_gate({"checks": checks_d}, gate_cfg, gate_source)
+    if opts.control:  # the no-op control: nothing was meant to be removed; the noop check decides (checks/controls.py)
+        checks_d["noop"] = noop_check(checks_d["weights"], checks_d["damage"], checks_d["refusal"]).to_dict()
+        gate = control_gate(gate, checks_d["noop"])
 
     done = reached_ablation(weights_record, directions)  # what really reached the weights, as a config
     scores = torch.cat([ps.refusal_scores[k] for ps in (pb, pa) for k in prompts])
     why = explain(ctx, opts, checks_d, gate, gate_cfg, done, directions, base.layout, base.layout.summary(), ref_index, m_base, tok, prompts,
                   judged, scores, jd, refusal_ids, pb.first_logprobs_harmless)
     causes = why.causes
+    # the random-direction control: the reached edits with a direction orthogonal to r, as hooks on the base (issue 29)
+    checks_d["controls"] = run_controls(ctx, opts, done, directions, base.layout, m_base, tok, prompts, judged, scores, jd, refusal_ids,
+                                        pb.first_logprobs_harmless, checks_d["refusal"], checks_d["damage"]).to_dict()
     verdict = "pass" if gate["passed"] else "fail"
     rates = refusal.data
     results = {
@@ -210,5 +227,42 @@ def _apply_fix(cause, config, directions, base, opts, results) -> dict:
     return applied
 
 
+def same_model(abl, base, control: bool) -> None:
+    """MODEL_DIR and --base being one folder is a no-op control, and only that: without --control it is a mistake."""
+    same = abl.path.resolve() == base.path.resolve()
+    if same and not control:
+        raise AuditError(f"{abl.path} is both the model to audit and its --base: there is no ablation to audit. Point MODEL_DIR at the "
+                         "ablated model, or pass --control to audit the base against itself as a no-op control (it must show no change)")
 
+
+def damage_beyond_kl(pb, pa, completions: dict, judged: dict, jd, capability, gate_cfg) -> dict:
+    """The capability, generation-health and multi-turn checks from both models' passes (issue 29)."""
+    out = {}
+    tasks = {}
+    for name, b in (pb.capability or {}).items():
+        a = (pa.capability or {})[name]
+        if b["scored"] != a["scored"]:
+            raise AuditError(f"capability task {name}: the two models scored different items ({len(b['scored'])} and {len(a['scored'])}); "
+                             "they must share a tokenizer and context length")
+        tasks[name] = {"before": b["correct"], "after": a["correct"], "chance": b["chance"], "source": capability.source if capability else None,
+                       "skipped": b["skipped"], "skipped_why": "longer than the model's context", "questions": b["questions"]}
+    limit = gate_cfg.limits.get("max_capability_drop")  # the check's own fail line follows the gate's limit where one is set
+    out["capability"] = capability_check(tasks, {"drop": limit} if limit is not None else None,
+                                         why_not=None if capability is not None else "no capability items (--capability none)")
+    if capability is not None and not any(t["before"]["acc"] for t in tasks.values()):
+        out["capability"].summary = f"no item fits the model's context ({sum(t['skipped'] for t in tasks.values())} items not scored)"
+    answers = {(side, k): [{"prompt": x.prompt, "answer": x.answer, "finish_reason": x.finish_reason, "refused": j.refused}
+                           for x, j in zip(completions[side, k], judged[side, k])] for side, k in completions}
+    out["health"] = health_check(answers)
+    turn2 = {}
+    for side, ps in (("base", pb), ("abl", pa)):
+        for k, comps in (ps.second_turn or {}).items():
+            turn2[side, k] = jd.many([x.answer for x in comps], [x.prompt for x in comps], [x.finish_reason == "length" for x in comps])
+    out["multiturn"] = multiturn_check(turn2, gate_cfg.limits.get("max_refusal_after") or 0.10, gate_cfg.limits.get("max_over_refusal") or 0.10)
+    if turn2:
+        out["multiturn"].data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "reasoning": x.reasoning, "label": jm.label,
+                                             "reason": jm.reason, "when": "before" if side == "base" else "after", "set": f"{k}, turn 2"}
+                                            for side, ps in (("base", pb), ("abl", pa)) for k, comps in (ps.second_turn or {}).items()
+                                            for x, jm in zip(comps, turn2[side, k])]
+    return out
 
