@@ -100,7 +100,8 @@ def noop_check(weights: dict, damage: dict, refusal: dict) -> CheckResult:
                       f"answers that changed: {differ} of {len(pairs)}; refusal judgements that changed: {moved}",
                       value=float(differ), threshold=0.0, evidence={"refusal_changed": moved}))
     status = FAIL if any(f.severity == FAIL for f in fs) else PASS
-    summary = "no-op control: " + ("nothing changed" if status == PASS else "; ".join(f.message for f in fs if f.severity == FAIL))
+    summary = (f"No-op control passes: {changed} tensors changed, largest first-token KL {kl_max!r} nats, {differ} of {len(pairs)} answers changed"
+               if status == PASS else "No-op control fails: " + "; ".join(f.message for f in fs if f.severity == FAIL))
     return CheckResult("noop", status, summary, fs, {"changed_tensors": changed, "kl_max": kl_max, "answers_changed": differ})
 
 

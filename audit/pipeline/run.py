@@ -112,7 +112,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
         weights_record: dict = {}
-        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record)
+        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record, same_ok=opts.control)
     weights = static["weights"].to_dict()
     for f in weights["findings"]:
         if f["code"] == "base-changed":
@@ -200,6 +200,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     }
     if opts.apply_fix and why.conclusion["status"] == "explained" and causes[0].fix.get("config_yaml"):
         results["applied_fix"] = _apply_fix(causes[0], done.config if done.config is not None else empty_config(), done.directions, base, opts, results)
+    if opts.control:  # the headline of a no-op control says what a control shows, not how much refusal an ablation removed
+        results["headline"], results["run"]["control"] = checks_d["noop"]["summary"], "noop"
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)

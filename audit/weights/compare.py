@@ -51,10 +51,11 @@ class Comparison:
     seconds: float = 0.0
 
 
-def open_pair(ablated: str | os.PathLike, base: str | os.PathLike) -> tuple[ModelDir, ModelDir]:
-    """Open both model directories; AuditError when they are not two versions of one architecture."""
+def open_pair(ablated: str | os.PathLike, base: str | os.PathLike, same_ok: bool = False) -> tuple[ModelDir, ModelDir]:
+    """Open both model directories; AuditError when they are not two versions of one architecture (or are one directory,
+    unless ``same_ok``: `audit run --control`, the base audited against itself)."""
     md_a, md_b = ModelDir(ablated), ModelDir(base)
-    if md_a.path.resolve() == md_b.path.resolve():
+    if md_a.path.resolve() == md_b.path.resolve() and not same_ok:
         raise AuditError(f"{md_a.path}: the ablated model and --base are the same directory; pass the original model as --base")
     la, lb = md_a.layout, md_b.layout
     if la.family != lb.family:
