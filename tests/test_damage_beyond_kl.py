@@ -73,6 +73,13 @@ def test_a_damaged_ablation_loses_points_and_its_control_keeps_refusal(organism,
     assert ctl["refusal_removed_by_r"] >= 0.9 and ctl["specificity"] >= 0.7
     assert ctl["kl_control"] < ctl["kl_ablated"] and ctl["kl_beyond_control"] == pytest.approx(ctl["kl_ablated"] - ctl["kl_control"])
     assert (tmp_path / "report" / "report.html").read_text().count("Random-direction control") >= 1
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__import__("checks").__file__).parent / "schemas" / "results.schema.json").read_text())
+    for name in ("capability", "health", "multiturn", "controls"):  # each new check is a check as results.json defines one
+        jsonschema.validate(res["checks"][name], {"$defs": schema["$defs"], **schema["$defs"]["check"]})
 
 
 def test_a_sound_ablation_keeps_its_points_and_the_effect_is_r_s(organism, tmp_path):
