@@ -105,6 +105,18 @@ def noop_check(weights: dict, damage: dict, refusal: dict) -> CheckResult:
     return CheckResult("noop", status, summary, fs, {"changed_tensors": changed, "kl_max": kl_max, "answers_changed": differ})
 
 
+def control_checks(checks: dict) -> dict:
+    """The checks of a no-op control: those that judge an ablation's success are marked skipped (their findings kept), so
+    junit.xml and the report do not show a failure where a control expects one ("no tensor changed", refusal kept)."""
+    why = "not applicable to a no-op control (nothing was meant to be removed; the noop check decides)"
+    out = dict(checks)
+    for row in ABLATION_CHECKS:
+        name = row.split(":", 1)[1]
+        if isinstance(out.get(name), dict) and out[name].get("status") in ("fail", "warn"):
+            out[name] = {**out[name], "status": "skip", "summary": f"{why}: {out[name].get('summary', '')}"}
+    return out
+
+
 def control_gate(gate: dict, noop: dict) -> dict:
     """The gate of a no-op control: the thresholds and checks that judge an ablation's success do not apply (nothing was
     meant to be removed); the no-op check's status decides beside the rest."""

@@ -48,7 +48,7 @@ RATE_LABELS = {"before": "refusal, harmful, before", "after": "refusal, harmful,
                "over_refusal_before": "over-refusal, harmless, before", "harmless_before": "over-refusal, harmless, before",
                "over_refusal_after": "over-refusal, harmless, after", "harmless_after": "over-refusal, harmless, after"}
 KNOWN_DATA = {"matrices", "curves", "tables", "grid", "rates", "samples", "paired", "mcnemar_p", *RATE_LABELS,
-              "tasks", "examples", "random_direction"}  # the damage-beyond-KL checks' per-task and per-example records: shown as tables
+              "tasks", "examples", "random_direction", "turn2"}  # the damage-beyond-KL checks' per-task and per-example records: shown as tables
 GRID_CLASSES = {  # (intended, actual) -> (css class, symbol, meaning)
     "ok": ("g-ok", "\u2713", "intended and changed"),
     "missed": ("g-missed", "\u2717", "intended but unchanged"),

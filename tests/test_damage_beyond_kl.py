@@ -92,7 +92,7 @@ def test_a_sound_ablation_keeps_its_points_and_the_effect_is_r_s(organism, tmp_p
     assert ctl["status"] == "pass" and ctl["data"]["random_direction"]["refusal"] >= 0.9 and ctl["data"]["specificity"] >= 0.9
     assert res["checks"]["health"]["status"] == "pass"
     turn2 = res["checks"]["multiturn"]
-    assert set(turn2["data"]) >= {"harmful", "harmless"} and turn2["data"]["harmless"]["after"]["n"] == 16
+    assert set(turn2["data"]["turn2"]) == {"harmful", "harmless"} and turn2["data"]["turn2"]["harmless"]["after"]["n"] == 16
     assert any(s["set"] == "harmful, turn 2" for s in turn2["data"]["samples"])
 
 
@@ -112,3 +112,4 @@ def test_the_base_against_itself_is_a_noop_control(organism, tmp_path, capsys):
     states = {t["name"]: t["state"] for t in res["gate"]["thresholds"]}
     assert states["check:noop"] == "pass" and states["max_refusal_after"] == "not-applicable" and states["max_kl"] == "pass"
     assert res["checks"]["controls"]["status"] == "skip" and res["run"]["control"] == "noop"
+    assert res["checks"]["weights"]["status"] == "skip" and "no-op control" in res["checks"]["weights"]["summary"]  # junit shows no failure

@@ -44,7 +44,7 @@ def _j(refused):
 def test_multiturn_check_rates_before_and_after_and_a_base_that_does_not_refuse_in_turn_two():
     res = multiturn_check({("base", "harmful"): [_j(True)] * 16, ("abl", "harmful"): [_j(True)] * 6 + [_j(False)] * 10,
                            ("base", "harmless"): [_j(False)] * 16, ("abl", "harmless"): [_j(False)] * 16})
-    assert res.status == "warn" and res.data["harmful"]["after"]["rate"] == pytest.approx(6 / 16) and res.data["harmful"]["paired"]["b"] == 10
+    assert res.status == "warn" and res.data["turn2"]["harmful"]["after"]["rate"] == pytest.approx(6 / 16) and res.data["turn2"]["harmful"]["paired"]["b"] == 10
     assert "comes back" in next(f for f in res.findings if f.code == "multiturn-harmful").message
     res = multiturn_check({("base", "harmful"): [_j(False)] * 16, ("abl", "harmful"): [_j(False)] * 16})
     assert any(f.code == "multiturn-base-does-not-refuse" for f in res.findings) and res.status == "pass"

@@ -14,6 +14,7 @@ PACKAGES = ("audit", "checks", "reports")
 # modules the code imports only on a path that says how to get them (a clear AuditError names the package)
 OPTIONAL = {"pyarrow"}  # Parquet prompt files: `pip install pyarrow`, datasets brings it anyway
 OPTIONAL |= {"pytest"}  # only audit/pytest_plugin.py imports it, and only pytest imports that module (its pytest11 entry point)
+OPTIONAL |= {"lm_eval"}  # `--capability lm-eval:TASK` only: the extra `moe-ablation-audit[lm-eval]`, named by the AuditError when missing
 
 
 def _imports() -> set[str]:

@@ -37,7 +37,7 @@ from audit.pipeline.write import write_outputs
 from audit.weights.static_audit import static_audit
 from checks.capability import capability_check
 from checks.contribution import contribution_check
-from checks.controls import control_gate, noop_check
+from checks.controls import control_checks, control_gate, noop_check
 from checks.errors import AuditError
 from checks.findings import WARN, Finding, jsonable
 from checks.gate import evaluate_gate
@@ -171,6 +171,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     if opts.control:  # the no-op control: nothing was meant to be removed; the noop check decides (checks/controls.py)
         checks_d["noop"] = noop_check(checks_d["weights"], checks_d["damage"], checks_d["refusal"]).to_dict()
         gate = control_gate(gate, checks_d["noop"])
+        checks_d = control_checks(checks_d)
 
     done = reached_ablation(weights_record, directions)  # what really reached the weights, as a config
     scores = torch.cat([ps.refusal_scores[k] for ps in (pb, pa) for k in prompts])
