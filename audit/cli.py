@@ -134,25 +134,52 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_static(args) -> int:
-    """Static weight audit (weights, projection, recovery) -> DIR/results.json; 1 when a check fails."""
+    """Static weight audit (weights, projection, recovery; conversion with --against) -> DIR/results.json; 1 when a check fails."""
     import time
 
-    from audit.weights.static_audit import results_document, static_audit, validate_results, write_results
+    from audit.model.hashes import hash_inputs
+    from audit.weights.static_audit import results_document, static_audit, static_inputs, validate_results, write_results
 
     from audit.outputs import check_destination
 
     t0 = time.time()
-    check_destination(args.output, [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless], args.force)
+    inputs = [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless, args.against]
+    check_destination(args.output, inputs, args.force)
     results = static_audit(args.model_dir, base=args.base, config=args.config, directions=args.directions,
-                           harmful=args.harmful, harmless=args.harmless)
-    doc = results_document(results, args.model_dir, results["weights"].data.get("base"), t0)
+                           harmful=args.harmful, harmless=args.harmless, against=args.against)
+    base = results["weights"].data.get("base")
+    hashes = hash_inputs(static_inputs(args.model_dir, base, args.against, args.config, args.directions, args.harmful, args.harmless))
+    doc = results_document(results, args.model_dir, base, t0, extra={"inputs": hashes})
     validate_results(doc)
-    inputs = [args.model_dir, args.base, args.config, args.directions, args.harmful, args.harmless]
     path = write_results(doc, args.output, inputs=inputs, force=args.force)
     for name, r in results.items():
         print(f"{name:11s} {r.status:5s} {r.summary}")
+    print(f"inputs     {len(hashes['files'])} files, {hashes['bytes'] / 1e9:.2f} GB hashed (SHA-256) in {hashes['seconds']:.1f} s")
     print(f"wrote {path}")
     return 1 if any(r.status == "fail" for r in results.values()) else 0
+
+
+def _cmd_verify(args) -> int:
+    """Re-hash what a results.json judged and re-evaluate its gate: 0 the verdict applies to these bytes and passes, 1 not, 2 bad input."""
+    from audit.pipeline.verify import verify
+
+    v = verify(args.results, args.model)
+    for row in v["files"]:
+        if row["status"] != "ok" or args.verbose:
+            print(f"  {row['status'].upper():8s} {row['role']:22s} {row['path']}")
+    n = len(v["files"])
+    if v["bytes_match"]:
+        print(f"bytes: all {n} input files match their recorded SHA-256 ({v['bytes'] / 1e9:.2f} GB hashed in {v['seconds']:.1f} s): "
+              "the recorded verdict is about these bytes")
+    else:
+        names = [Path(p).name for p in v["changed"] + v["missing"]]
+        print(f"bytes: {len(v['changed'])} changed and {len(v['missing'])} missing of {n} input files ({', '.join(names[:5])}"
+              f"{' ...' if len(names) > 5 else ''}): the recorded verdict is NOT about these bytes")
+    g = v["gate"]
+    print(f"gate ({g['source']}), evaluated again on the recorded checks: {'PASS' if v['gate_passed'] else 'FAIL'}"
+          + (f" (recorded verdict: {v['recorded_verdict']})" if v["recorded_verdict"] else ""))
+    print(f"verify: {'PASS' if v['passed'] else 'FAIL'}")
+    return 0 if v["passed"] else 1
 
 
 def _cmd_classify(args) -> int:
@@ -174,15 +201,20 @@ def _cmd_run(args) -> int:
     from audit.model.loading import parse_max_memory
     from audit.pipeline.run import RunOptions, run_audit
 
+    if args.reproduce:
+        return _reproduce(args)
+    if args.model_dir is None:
+        raise AuditError("audit run: give MODEL_DIR (a model directory or a .gguf file), or --reproduce RESULTS.json")
     opts = RunOptions(model_dir=args.model_dir, base=args.base, config=args.config, gate=args.gate, harmful=args.harmful,
                       harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
                       apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
-                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge, dtype=args.dtype,
+                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge, second_judge=args.second_judge,
+                      extend_to=args.extend_to, dtype=args.dtype,
                       max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
                       base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout,
-                      capability=args.capability, capability_format=args.capability_format, capability_limit=args.capability_limit,
-                      multi_turn=args.multi_turn, controls=args.controls, control=args.control)
+                      against=args.against, capability=args.capability, capability_format=args.capability_format,
+                      capability_limit=args.capability_limit, multi_turn=args.multi_turn, controls=args.controls, control=args.control)
     res = run_audit(opts)
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
@@ -201,6 +233,24 @@ def _cmd_run(args) -> int:
         print(f"applied fix ({a['cause']}) -> {a['model_dir']}: verdict {a['verdict'].upper()}, refusal {_pct(a.get('refusal_rate'))}")
     print(f"report: {Path(args.out).resolve() / 'report.html'}")
     return 0 if res["verdict"] == "pass" else 1
+
+
+def _reproduce(args) -> int:
+    """`audit run --reproduce RESULTS.json`: 0 when every rate and KL falls within its recorded interval and no input changed."""
+    from audit.pipeline.reproduce import reproduce
+
+    res = reproduce(args.reproduce, None if args.out == RUN_OUT else args.out, force=args.force)
+    rep = res["reproduction"]
+    for row in rep["rows"]:
+        iv = row["interval"]
+        span = f"[{iv[0]:.4g}, {iv[1]:.4g}]" if iv and iv[0] is not None else "-"
+        fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)  # noqa: E731
+        print(f"  {'ok ' if row['within'] else 'OFF'} {row['name']:45s} recorded {fmt(row['recorded']):>10s} {span:>22s}  reproduced {fmt(row['reproduced'])}")
+    changed = rep["inputs_changed"] + rep["inputs_missing"]
+    if changed:
+        print(f"inputs changed since the recorded run: {', '.join(Path(p).name for p in changed[:5])}")
+    print(f"reproduction: {'PASS' if rep['passed'] else 'FAIL'} ({rep['summary']})")
+    return 0 if rep["passed"] else 1
 
 
 def _cmd_demo(args) -> int:
@@ -232,8 +282,21 @@ def _cmd_organism_build(args) -> int:
     return 0
 
 
-JUDGE_HELP = ("refusal judge: rules (default: offline rules + linear model), rules-only, classifier:DIR (a Hugging Face "
-              "sequence classifier), server:URL[#MODEL] (an LLM judge on an OpenAI-compatible server)")
+RUN_OUT = "audit-out"
+JUDGE_HELP = ("refusal judge: rules (default: offline rules + linear model), rules-only, meaning (rules + n-grams + a small sentence "
+              "encoder; needs the [meaning] extra), classifier:DIR (a Hugging Face sequence classifier), server:URL[#MODEL] (an LLM judge "
+              "on an OpenAI-compatible server)")
+
+
+def _nonnegative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+    return v
 
 
 def _positive(text: str) -> int:
@@ -244,17 +307,6 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    """argparse type: an integer >= 0 (0 switches a count-driven stage off)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
     return v
 
 
@@ -282,14 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_classify)
 
     s = sub.add_parser("run", help="every check, the diagnosis with simulated fixes, report.html, results.json, junit.xml; exit 1 if the gate fails")
-    s.add_argument("model_dir", help="the ablated model directory")
+    s.add_argument("model_dir", nargs="?", help="the ablated model directory, or a .gguf file (with --base, or --against its source)")
+    s.add_argument("--against", metavar="ABLATED", help="MODEL_DIR is a GGUF: the safetensors ablation it was converted from (its "
+                   "manifest states the intent; the conversion check says whether the edit survived)")
+    s.add_argument("--reproduce", metavar="RESULTS", help="run the passes a results.json records again, with its settings, and compare every "
+                   "rate and KL with its recorded interval (exit 1 when one falls outside)")
     s.add_argument("--base", help="the model it was ablated from (default: the one its ablation-manifest.json names)")
     s.add_argument("--config", help="the ablation config that was used (ours or llm-abliteration's YAML), for the intent")
     s.add_argument("--gate", help="gate thresholds (YAML); default: [tool.audit.gate] in ./pyproject.toml, else built-in defaults")
     s.add_argument("--harmful", help="harmful prompts (txt/JSONL/CSV/Parquet or a datasets name); default: the model's prompts/ or the embedded set")
     s.add_argument("--harmless", help="harmless prompts, same forms")
     s.add_argument("--directions", help="refusal directions (our directions.safetensors or llm-abliteration's measurement .pt)")
-    s.add_argument("-o", "--out", default="audit-out", help="output folder (default: audit-out)")
+    s.add_argument("-o", "--out", default=RUN_OUT, help=f"output folder (default: {RUN_OUT}; with --reproduce: the recorded folder's name + -reproduced)")
     s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     s.add_argument("--max-new-tokens", type=_positive, default=128)
     s.add_argument("--batch-size", type=_positive, default=16)
@@ -310,13 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
                    help="seconds one server request may take in all (default 300)")
     s.add_argument("--judge", default="rules", help=JUDGE_HELP)
+    s.add_argument("--second-judge", metavar="J", help="a second judge (any --judge value, e.g. server:URL or classifier:DIR): the report "
+                   "shows the refusal rate under both and every completion where they disagree")
+    s.add_argument("--extend-to", type=_nonnegative, default=None, metavar="N",
+                   help="answers cut off at --max-new-tokens whose judgement could change are generated further, up to N tokens in all, "
+                   "before judging (default: 4 x --max-new-tokens; 0: never)")
     s.add_argument("--capability", metavar="ITEMS", help="multiple-choice items scored by log-likelihood before and after: a JSONL file "
                    "(question, choices, answer), lm-eval:TASK (lm-evaluation-harness, where installed and its data loads), or none; "
                    "default: 150 embedded MMLU test items")
     s.add_argument("--capability-format", default="chat", choices=["chat", "plain"],
                    help="chat: the question as a user turn in the model's chat template (default); plain: 'Question: ...\\nAnswer:'")
     s.add_argument("--capability-limit", type=_positive, metavar="N", help="score at most N items per capability task")
-    s.add_argument("--multi-turn", type=_non_negative, default=16, metavar="N",
+    s.add_argument("--multi-turn", type=_nonnegative, default=16, metavar="N",
                    help="ask N prompts per set again as a second user turn after a benign first exchange (0: off; default 16)")
     s.add_argument("--no-controls", dest="controls", action="store_false", help="skip the random-direction control")
     s.add_argument("--control", action="store_true", help="MODEL_DIR is the base itself (pass --base BASE too): a no-op control that "
@@ -366,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_ablate)
 
     s = sub.add_parser("static", help="static weight audit of an ablated model: key diff, projections on r, directions recovered from the weights")
-    s.add_argument("model_dir", help="the ablated model directory")
+    s.add_argument("model_dir", help="the ablated model directory, or a .gguf file")
+    s.add_argument("--against", metavar="ABLATED", help="MODEL_DIR is a GGUF: the safetensors ablation it was converted from; adds the "
+                   "conversion check (did the edit survive?)")
     s.add_argument("--base", help="the model it was ablated from (default: the manifest's base)")
     s.add_argument("--config", help="the ablation YAML (ours or llm-abliteration's) that says what was intended")
     s.add_argument("--directions", help="directions file (audit measure's .safetensors or llm-abliteration's measurement)")
@@ -375,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output directory for results.json")
     s.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     s.set_defaults(func=_cmd_static)
+
+    s = sub.add_parser("verify", help="re-hash the inputs a results.json records and re-evaluate its gate: exit 0 pass, 1 fail (or bytes "
+                       "changed), 2 bad input")
+    s.add_argument("results", help="results.json (or its folder)")
+    s.add_argument("model", nargs="?", help="the model to check in place of the recorded one (a copy of the directory, or of the .gguf file)")
+    s.add_argument("-v", "--verbose", action="store_true", help="list every file, not only those that differ")
+    s.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("report", help="re-render report.html and junit.xml from a results.json")
     s.add_argument("results", help="results.json written by `audit run` (or its output folder)")
@@ -386,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = osub.add_parser("build", help="train it (about a minute on a laptop CPU) and write a Hugging Face model directory")
     s.add_argument("-o", "--out", required=True, help="new output directory")
     s.add_argument("--family", default="glm4_moe", choices=["glm4_moe", "qwen3_moe", "mixtral"])
-    s.add_argument("--variant", default="base", choices=["base", "shared", "experts", "late", "spread"],
+    s.add_argument("--variant", default="base", choices=["base", "shared", "experts", "late", "spread", "delayed"],
                    help="which part carries the refusal direction (shared: glm4_moe only; spread: every writer group of every layer, "
                         "redundantly, with more layers)")
     s.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,7 @@ from checks.errors import AuditError
 from checks.layout import TARGETS
 
 CONDITIONS = {c.name: c for c in (*refusal_eval.CONDITIONS, *weights.CONDITIONS, *contribution.CONDITIONS, *capability.CONDITIONS)}
-CHECKS = ("weights", "projection", "recovery", "routing", "contribution", "refusal", "damage", "capability")
+CHECKS = ("weights", "projection", "recovery", "routing", "contribution", "refusal", "damage", "capability", "conversion")  # conversion: only with --against
 
 
 class GateConfig:

@@ -360,7 +360,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
                expert_axis: int | None = None, n_experts: int = 0, recover: bool = True, along_unchanged: bool = True,
                block: int = 1 << 19, small_vec: int = 512, hints: list[torch.Tensor] | None = None,
                identical: bool | None = None, floor_needed: Callable[[DirStats], bool] | None = None, retain: int = RETAIN_D,
-               native: bool | None = None, dense: int = DENSE, stored_dtype: torch.dtype | None = None) -> PairStats:
+               native: bool | None = None, dense: int = DENSE, stored_dtype: torch.dtype | None = None,
+               requant_floor: bool = True) -> PairStats:
     """Statistics of the pair (W = ``w0`` base, W' = ``w1`` ablated), same shape and dtype.
 
     ``directions``: name -> unit vector [H] (float32), applied on ``resid_axis``. ``expert_axis``:
@@ -377,7 +378,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
     and ``retain`` then apply); False, always torch; True, always the kernels (an error where they cannot).
     ``dense``: a lazy tensor of up to this many elements is decoded once into a float32 buffer (0: always piece by piece).
     ``stored_dtype``: the dtype W' is stored in when the pair was cast to a common dtype to compare it
-    (the rounding floor is that dtype's); default ``w1.dtype``.
+    (the rounding floor is that dtype's); default ``w1.dtype``. ``requant_floor``: False skips the re-quantization floor of a
+    quantized W' (a first look that only asks whether the pair differs beyond rounding).
     """
     identical = same_bits(w0, w1) if identical is None else bool(identical)
     lazy1 = is_lazy(w1)
@@ -478,7 +480,8 @@ def pair_stats(w0: torch.Tensor, w1: torch.Tensor, resid_axis: int | None, direc
         st.expert_rel_change = torch.where(ew > 0, ed / ew.clamp_min(1e-30), torch.where(ed > 0, torch.full_like(ed, math.inf), torch.zeros_like(ed))).tolist()
 
     floors = (_ColFloors(lz1 if lazy1 else x1v, R2, block, fl, None if lazy1 else K) if use_dirs and not identical and c_round > 0 else None)
-    requant = _Requant(x0v, lz1, block) if use_dirs and not identical and lazy1 and hasattr(w1, "requantized_rows") else None
+    requant = (_Requant(x0v, lz1, block) if requant_floor and use_dirs and not identical and lazy1 and hasattr(w1, "requantized_rows")
+               else None)
     if use_dirs:
         a1_ = a0 if identical else a1
         for j, n in enumerate(names[:n_report]):

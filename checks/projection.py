@@ -204,7 +204,9 @@ def _findings(recs, dn, by_class, before, after, mod_layers, tol) -> list[Findin
         worst = max(rnd, key=lambda r: r.dirs[dn].share_left or 0)
         quantized = worst.dtype.startswith(("FP8", "MXFP4"))  # a block-scaled format (audit/model/logical.py labels): re-rounding undoes edits
         fix = ("an edit re-quantized into it is largely rounded back onto the original grid: store the ablation dequantized "
-               "(`audit ablate` without --keep-quantization writes bfloat16)" if quantized else "compute in float32 and store a wider dtype, or accept the residue")
+               "(`audit ablate` without --keep-quantization writes bfloat16)" if quantized else
+               "this GGUF type's rounding cannot hold the edit: convert the ablation to a wider type (Q8_0, Q6_K), or accept the residue"
+               if worst.dtype.startswith("GGUF") else "compute in float32 and store a wider dtype, or accept the residue")
         out.append(Finding("precision-loss", WARN, f"{len(rnd)} tensor(s) keep up to {worst.dirs[dn].share_left:.1%} of r, which is what rounding to "
                            f"{worst.dtype} leaves (e.g. {worst.key}); {fix}",
                            value=worst.dirs[dn].share_left, threshold=tol, layers=sorted({r.layer for r in rnd if r.layer is not None}),

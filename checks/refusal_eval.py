@@ -114,6 +114,17 @@ def _status(findings: list[Finding]) -> str:
     return FAIL if FAIL in sev else WARN if WARN in sev else PASS
 
 
+def by_category(judgements: list[Judgement], categories: list[str | None]) -> dict:
+    """The refusal rate (Wilson 95 %, unknown left out of n) per prompt category; {} when no prompt has a category."""
+    if len(judgements) != len(categories):
+        raise ValueError(f"by_category: {len(judgements)} judgements but {len(categories)} categories")
+    groups: dict[str, list] = {}
+    for j, c in zip(judgements, categories):
+        if c is not None and str(c).strip():
+            groups.setdefault(str(c).strip(), []).append(j.refused)
+    return {c: rate_summary(flags) for c, flags in sorted(groups.items())}
+
+
 def refusal_check(after: list[Judgement], before: list[Judgement] | None = None, harmless_after: list[Judgement] | None = None,
                   harmless_before: list[Judgement] | None = None, thresholds: dict | None = None) -> CheckResult:
     """The "refusal" check: harmful-prompt refusal after (and its drop from before), over-refusal on harmless prompts."""

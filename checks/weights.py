@@ -5,8 +5,8 @@ Input: one ``TensorDiff`` per key (built by audit/weights/compare.py from a stre
 CheckResult with findings ``no-change``, ``intended-untouched``, ``unintended-modified`` (with a
 ``prefix_collision`` flag when an entry for layer N seems to have rewritten layers N0-N9),
 ``layer-gap``, ``nan-inf``, ``shape-changed``, ``dtype-changed``, ``missing``, ``added``, ``dequantized``
-(quantized base tensors stored plain in the ablated model, judged by value), and a layer x target-group
-grid (intended vs actual) for the report.
+(quantized base tensors stored plain in the ablated model, judged by value), ``gguf-types`` (a GGUF file's tensors,
+judged by value up to their type's rounding), and a layer x target-group grid (intended vs actual) for the report.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class TensorDiff:
     ablated_dtype: str | None = None
     expert_rel_change: list[float] | None = None
     dtype_changed: bool = False  # stored in another dtype than the base (status says whether the values changed)
+    rounded: bool = False  # a quantized copy (GGUF) called unchanged because it differs from the base only by its type's rounding
 
     @property
     def changed(self) -> bool:
@@ -163,7 +164,7 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                       f"{d.key} {d.base_dtype}->{d.ablated_dtype}" if status == "dtype-changed" else d.key for d in ds[:20]]
             findings.append(Finding(code, sev, f"{len(ds)} tensor(s) {what}: {', '.join(detail[:5])}{' ...' if len(ds) > 5 else ''}",
                                     value=float(len(ds)), layers=sorted({d.layer for d in ds if d.layer is not None}), evidence={"keys": detail}))
-    recast = [d for d in diffs if d.dtype_changed and d.status in ("changed", "unchanged")]
+    recast = [d for d in diffs if d.dtype_changed and d.status in ("changed", "unchanged") and not (d.ablated_dtype or "").startswith("GGUF ")]
     if recast:
         kinds = sorted({f"{d.base_dtype}->{d.ablated_dtype}" for d in recast})
         same = [d for d in recast if d.status == "unchanged"]
@@ -172,8 +173,15 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                                 value=float(len(recast)), layers=sorted({d.layer for d in recast if d.layer is not None}),
                                 evidence={"keys": [f"{d.key} {d.base_dtype}->{d.ablated_dtype}" for d in recast[:50]], "conversions": kinds,
                                           "unchanged_after_rounding": len(same)}))
+    conv = [d for d in diffs if d.status in ("changed", "unchanged") and (d.ablated_dtype or "").startswith("GGUF ")]
+    if conv:  # audit/weights/compare.py: a GGUF tensor within its type's rounding of the base is unchanged (checks/conversion.py)
+        kinds = sorted({d.ablated_dtype.removeprefix("GGUF ") for d in conv})
+        same = sum(d.status == "unchanged" for d in conv)
+        findings.append(Finding("gguf-types", INFO, f"{len(conv)} tensor(s) are stored as GGUF types ({', '.join(kinds)}); compared by value: "
+                                f"{same} equal the base up to their type's rounding (unchanged), {len(conv) - same} differ beyond it (changed)",
+                                value=float(len(conv)), evidence={"types": kinds, "unchanged": same}))
     deq = [d for d in diffs if d.status in ("changed", "unchanged") and not d.dtype_changed and d.base_dtype and d.ablated_dtype
-           and d.base_dtype != d.ablated_dtype]
+           and d.base_dtype != d.ablated_dtype and not d.ablated_dtype.startswith("GGUF ")]
     if deq:  # audit/weights/compare.py: a plain copy holding exactly the quantized base's values cast to its dtype is unchanged
         kinds = sorted({f"{d.base_dtype} -> {d.ablated_dtype}" for d in deq})
         findings.append(Finding("dequantized", INFO, f"{len(deq)} quantized tensor(s) of the base are stored plain ({'; '.join(kinds)}); compared by value: "
@@ -186,7 +194,8 @@ def check_weights(diffs: list[TensorDiff], intent: Intent, layers_total: int | N
                                 evidence={"keys": [d.key for d in bad[:50]]}))
 
     if n_changed == 0:
-        findings.append(Finding("no-change", FAIL, "no tensor changed: the ablated model's weights are bit-identical to the base",
+        findings.append(Finding("no-change", FAIL, "no tensor changed: the ablated model's weights are bit-identical to the base"
+                                + (" or differ from it only by their format's rounding" if any(d.rounded for d in diffs) else ""),
                                 value=0.0, evidence={"targets": sorted(intent.targets), "source": intent.source}))
 
     # intended but untouched: one finding per set of groups sharing the same untouched layers

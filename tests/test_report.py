@@ -395,7 +395,8 @@ def test_report_names_the_judge_and_its_accuracy(sample):
     html = render_html(r)
     acc = r["run"]["judge"]["accuracy"]
     assert f"refusals judged by rules (offline judge (rules + linear n-gram model)): accuracy {acc:.3f}" in html
-    assert "held-out human-labelled completions" in html and "docs/judge-data-card.md" in html
+    assert "held-out human-labelled GPTFuzz completions" in html and "docs/judge-data-card.md" in html
+    assert "human-labelled JAILJUDGE-mini completions (held out whole)" in html
     r["run"]["judge"] = {"judge": "server:some-llm", "description": "LLM judge", "accuracy": None}
     assert "server:some-llm (LLM judge): accuracy not measured by this project" in render_html(r)
     r["run"]["judge"] = RulesOnlyJudge().about()

@@ -30,6 +30,7 @@ from audit.ablation.suppress import SuppressEdit, edited as suppress_edited, nor
 from audit.intent.config import AblationConfig, PlannedEdit, plan, resolve_measurements, unmatched_targets
 from audit.intent.directions import Directions
 from audit.model.directory import ModelDir, copy_side_files
+from audit.model.hashes import hash_inputs, input_entries
 from audit.model.logical import quant_spec
 from audit.model.reader import pread_into
 from audit.model.shards import DTYPES, write_index
@@ -209,6 +210,9 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
     touched = list(md.shards) if dequantize else sorted({p.shard for k in [*by_key, *(se.key for se in supp)] for p in md.logical[k].parts})
     total = sum((md.path / s).stat().st_size for s in md.shards)
     cfg_file = Path(config.source) if config.source and Path(config.source).is_file() else None
+    read = [("base", md), ("config", cfg_file), ("directions", resolve_measurements(config)), *(("input", src) for src in inputs),
+            *((f"prompts:{k}", src) for k, src in (prompt_sources or {}).items())]
+    hashes = hash_inputs([e for role, src in read for e in input_entries(role, src)])  # what this ablation was made from
     with OutputDir(out, inputs=[md.path, cfg_file, resolve_measurements(config), *inputs], force=force, kind="ablated model") as od:
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="ablate", disable=None if progress is None else not progress)
         t0 = time.perf_counter()
@@ -254,7 +258,8 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
                 for se in supp
             ],
             "suppress_auto": None if auto is None else {k: v for k, v in auto.items() if k != "experts"},
-            "timings": {"plan_s": round(t_plan, 3), "write_s": round(t_write, 3),
+            "inputs": hashes,  # SHA-256 of every file read (audit/model/hashes.py)
+            "timings": {"plan_s": round(t_plan, 3), "hash_s": hashes["seconds"], "write_s": round(t_write, 3),
                         "edit_s": round(sum(v[2] for v in results.values()), 3),
                         "total_s": round(time.perf_counter() - t_start, 3)},
         }

@@ -32,6 +32,7 @@ class Completion:
     finish_reason: str  # "stop" (end of sequence) or "length" (hit max_new_tokens)
     n_tokens: int  # generated tokens, the end-of-sequence token included
     token_ids: list[int] | None = field(default=None, repr=False)  # local backend only
+    extended_from: int | None = None  # cut off at this many tokens, then generated further (audit/judgement/extend.py)
 
 
 # ---------------------------------------------------------------- reasoning / answer split
@@ -96,26 +97,39 @@ class LocalBackend:
         """Chat-templated prompt token ids (no second BOS: the template has its own)."""
         return encode_prompts(self.tok, prompts)
 
-    @torch.inference_mode()
     def complete(self, prompts: list, max_new_tokens: int = 128, batch_size: int = 16, progress=None) -> list[Completion]:
         """Greedy completions in the prompts' order; ``progress(k)`` is called with each batch's size."""
-        ids = self.encode(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # similar lengths share a batch: less padding
-        out: list[Completion | None] = [None] * len(prompts)
+        new = self._generate(self.encode(prompts), [max_new_tokens] * len(prompts), batch_size, progress)
+        return [self._completion(p, toks, max_new_tokens) for p, toks in zip(prompts, new)]
+
+    def extend(self, prompts: list, completions: list[Completion], cap: int, batch_size: int = 16) -> list[Completion]:
+        """The same greedy answers generated further, up to ``cap`` tokens in all: decoding continues from the tokens
+        already generated (the prompt and the answer so far go in as the input)."""
+        seqs = [ids + list(c.token_ids or []) for ids, c in zip(self.encode(prompts), completions)]
+        more = self._generate(seqs, [max(0, cap - len(c.token_ids or [])) for c in completions], batch_size)
+        return [self._completion(p, list(c.token_ids or []) + toks, cap) for p, c, toks in zip(prompts, completions, more)]
+
+    @torch.inference_mode()
+    def _generate(self, ids: list[list[int]], budgets: list[int], batch_size: int, progress=None) -> list[list[int]]:
+        """Greedy new tokens after each input (left-padded batches of similar length and budget)."""
+        order = sorted(range(len(ids)), key=lambda i: (-budgets[i], -len(ids[i])))  # similar lengths share a batch: less padding
+        out: list[list[int]] = [[] for _ in ids]
         dev = input_device(self.model)
+        pad = self.tok.pad_token_id
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            pad = self.tok.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in idx], device=dev)
-            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in idx], device=dev)
-            gen = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                      temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=sorted(self.eos))
-            for row, i in enumerate(idx):
-                out[i] = self._completion(prompts[i], gen[row, width:].tolist(), max_new_tokens)
+            idx = [i for i in order[start:start + batch_size]]
+            budget = max(budgets[i] for i in idx)
+            if budget > 0:
+                width = max(len(ids[i]) for i in idx)
+                input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in idx], device=dev)
+                mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in idx], device=dev)
+                gen = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                                          temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=sorted(self.eos))
+                for row, i in enumerate(idx):
+                    out[i] = gen[row, width:].tolist()[: budgets[i]]
             if progress is not None:
                 progress(len(idx))
-        return out  # type: ignore[return-value]
+        return out
 
     def _completion(self, prompt, new: list[int], max_new_tokens: int) -> Completion:
         stop = next((k for k, t in enumerate(new) if t in self.eos), None)
@@ -250,6 +264,10 @@ class ServerBackend:
         self.checks["first_token_agreement"] = seen
 
     # -- generation -------------------------------------------------------------------------
+    def extend(self, prompts: list, completions: list[Completion], cap: int, batch_size: int = 16) -> list[Completion]:
+        """The same answers up to ``cap`` tokens: greedy decoding is asked again with the larger limit (every server can)."""
+        return self.complete(prompts, cap, batch_size)
+
     def complete(self, prompts: list, max_new_tokens: int = 128, batch_size: int = 16, progress=None) -> list[Completion]:
         pool = ThreadPoolExecutor(max_workers=max(1, batch_size))
         try:

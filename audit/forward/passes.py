@@ -32,6 +32,7 @@ class Passes:
     refusal_scores: dict[str, torch.Tensor]  # per set [n]: log-odds that the first answer token is a refusal token
     answer_dists: list | None = None  # compact distributions over the harmless completions (the ablated side)
     kl_tf: list[float] | None = None  # KL(this || the other side's compact distributions) per harmless prompt (the base side)
+    forced_harmless: list | None = None  # the harmless completions as first generated (the teacher-forced KL reads these)
     seconds: dict = field(default_factory=dict)
     capability: dict | None = None  # per task: per-item correctness on the multiple-choice items (audit/forward/capability.py)
     second_turn: dict[str, list[Completion]] | None = None  # per set: answers to a second user turn after a benign first exchange
@@ -49,12 +50,14 @@ def _quiet_step(name: str, total: int | None = None):
 
 
 def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, max_new_tokens: int, batch_size: int, refusal_ids,
-            keep_answer_dists: bool = False, against: tuple[list, list] | None = None, stage=None, capability=None,
+            keep_answer_dists: bool = False, against: tuple[list, list] | None = None, stage=None, extend=None, capability=None,
             multi_turn: int = 0) -> Passes:
     """The passes of one loaded ``model``; ``generator`` produces its completions (local or a server).
 
     ``keep_answer_dists``: keep the compact answer distributions of the harmless completions (for the other side's KL).
     ``against``: (completions, compact distributions) of the other model on the harmless prompts: KL(this || that).
+    ``extend(set, prompts, completions)``: returns the completions with cut-off ones generated further while this model is
+    loaded (audit/judgement/extend.py); the first-token checks and the KL read the answers as first generated.
     ``stage(name, total)`` returns a context manager that times a step and yields ``advance(n)`` for its progress bar
     (audit/pipeline/run.py's); a server's completions are checked against this model's greedy first token (check_first_tokens).
     ``capability``: an audit.forward.capability.CapabilitySpec scored on this model; ``multi_turn``: how many prompts per set
@@ -81,14 +84,18 @@ def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, ma
         completions = {k: generator.complete(prompts[k], max_new_tokens, batch_size, progress=advance) for k in SETS}
     if getattr(generator, "remote", False):
         generator.check_first_tokens(completions, lp)
+    first = completions
+    if extend is not None:
+        with step("extending cut-off answers"):
+            completions = {k: extend(k, prompts[k], completions[k]) for k in SETS}
     del lp["harmful"]
     forced = n["harmless"] * (int(keep_answer_dists) + int(against is not None))
     with step("teacher-forced pass", forced or None) as advance:
-        dists = answer_distributions(model, tok, prompts["harmless"], completions["harmless"], progress=advance) if keep_answer_dists else None
+        dists = answer_distributions(model, tok, prompts["harmless"], first["harmless"], progress=advance) if keep_answer_dists else None
         kl_tf = kl_against_compact(model, tok, prompts["harmless"], against[0], against[1], progress=advance) if against is not None else None
-    out = Passes(probes, completions, lp["harmless"], scores, dists, kl_tf)
+    out = Passes(probes, completions, lp["harmless"], scores, dists, kl_tf, forced_harmless=first["harmless"])
     if multi_turn:
-        firsts = ([c.prompt for c in completions["harmless"]], [c.answer for c in completions["harmless"]])
+        firsts = ([c.prompt for c in first["harmless"]], [c.answer for c in first["harmless"]])
         convs = {k: conversations(prompts[k], *firsts, multi_turn) for k in SETS}
         with step("second-turn completions", sum(map(len, convs.values()))) as advance:
             out.second_turn = {k: generator.complete(convs[k], max_new_tokens, batch_size, progress=advance) for k in SETS}

@@ -83,20 +83,23 @@ def is_classify_output(path: Path) -> bool:
 
 
 def about(judge: Judge) -> str:
-    """What ``audit classify --about`` prints: the judge, its sources and its accuracy on the frozen held-out split."""
+    """What ``audit classify --about`` prints: the judge, its sources and its accuracy per source on the frozen held-out split."""
     a = judge.about()
     lines = [f"judge: {a['judge']}", f"  {a.get('description') or ''}"]
-    test = a.get("frozen_test") or {}
-    if test:
-        lines.append(f"  held-out accuracy (frozen split, {test.get('rows')} human-labelled completions of {test.get('prompts')} prompts "
-                     f"never trained on, {test.get('source')}):")
-        for key, label in (("judge", "this judge"), ("rules_only", "rules alone"), ("marker_baseline", "refusal-string match")):
-            m = test.get(key) or {}
-            if m:
-                lines.append(f"    {label:<21} accuracy {m['accuracy']:.3f}  recall {m['recall']:.3f}  precision {m['precision']:.3f}  "
-                             f"unknown {m['unknown']}")
-        if test.get("seconds_per_completion"):
-            lines.append(f"  speed when measured: {1 / test['seconds_per_completion']:.0f} completions/s on one core")
+    sources = (a.get("frozen_test") or {}).get("sources") or {}
+    if sources:
+        lines.append("  accuracy on the frozen held-out split, per human-labelled source (unknown counts as wrong; recall and precision of refusal):")
+        for name, t in sources.items():
+            how = "held out whole, never trained on" if t.get("held_out_whole") else "its test side; its train side was trained on"
+            lines.append(f"  {name}: {t.get('rows')} completions of {t.get('prompts')} prompts, {how}")
+            for key, label in (("judge", "this judge"), ("rules_only", "rules alone"), ("marker_baseline", "refusal-string match")):
+                m = t.get(key) or {}
+                if m.get("accuracy") is not None:
+                    lines.append(f"    {label:<21} accuracy {m['accuracy']:.3f}  recall {m['recall']:.3f}  precision {m['precision']:.3f}  "
+                                 f"unknown {m['unknown']}")
+        spc = (a.get("frozen_test") or {}).get("seconds_per_completion")
+        if spc:
+            lines.append(f"  speed when measured: {1 / spc:.0f} completions/s on one core (the model's part; benchmarks/bench_judge.py times it all)")
     else:
         lines.append("  accuracy: not measured by this project for this judge")
     for src in a.get("sources") or []:

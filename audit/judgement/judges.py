@@ -7,6 +7,9 @@ and degenerate answers are ``unknown`` for every judge (the rules decide those b
 - ``rules`` (default, offline): the rules plus the linear n-gram model shipped in
   ``audit/data/judge_linear.safetensors`` (docs/judge-data-card.md), with the language check.
 - ``rules-only``: the regular-expression rules alone (checks/refusal.py), for comparison.
+- ``meaning``: the rules plus a model over the n-grams and a small sentence encoder's features of prompt and
+  answer (all-MiniLM-L6-v2 from the ``[meaning]`` extra, audit/judgement/encoder.py), weights in
+  ``audit/data/judge_meaning.safetensors``: slower, reads whether the answer is about what was asked.
 - ``classifier:DIR``: a Hugging Face sequence-classification model directory the user has (safetensors
   weights, no remote code); which output means refusal is read from ``config.json``'s ``id2label``.
 - ``server:URL`` or ``server:URL#MODEL``: an LLM judge on an OpenAI-compatible server, asked
@@ -26,11 +29,12 @@ from pathlib import Path
 from audit.forward.generate import _api_base
 from checks.errors import AuditError
 from checks.refusal import COMPLIANCE, REFUSAL, UNKNOWN, Judgement, judge as rules_judge
-from checks.refusal_model import DIM, FEATURE_VERSION, LinearModel, offline_judge
+from checks.refusal_model import DIM, FEATURE_VERSION, MEANING_DIM, LinearModel, meaning_features, offline_judge
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 MODEL_FILE = DATA / "judge_linear.safetensors"
 META_FILE = DATA / "judge_linear.json"
+MEANING_FILE = DATA / "judge_meaning.safetensors"
 
 
 class Judge:
@@ -71,33 +75,45 @@ class RulesOnlyJudge(Judge):
     name = "rules-only"
 
     def about(self) -> dict:
-        test = dict(load_linear_model().meta.get("frozen_test") or {})  # the rules were scored on the same frozen split
-        if test.get("rules_only"):
-            test = {k: test[k] for k in ("rows", "prompts", "source", "marker_baseline") if k in test} | {"judge": test["rules_only"]}
-        m = test.get("judge") or {}
-        return {"judge": self.name, "description": "regular-expression rules (checks/refusal.py), no model", "frozen_test": test,
+        test = load_linear_model().meta.get("frozen_test") or {}  # the rules were scored on the same frozen split
+        sources = {k: {**{x: v[x] for x in v if x not in ("judge", "rules_only")}, "judge": v.get("rules_only")}
+                   for k, v in (test.get("sources") or {}).items()}
+        m = (sources.get("GPTFuzz") or {}).get("judge") or {}
+        return {"judge": self.name, "description": "regular-expression rules (checks/refusal.py), no model", "frozen_test": {"sources": sources},
                 "data_card": "docs/judge-data-card.md", "accuracy": m.get("accuracy"), "recall": m.get("recall"), "precision": m.get("precision")}
 
     def __call__(self, completion, prompt=None, truncated=False):
         return rules_judge(completion, prompt, truncated)
 
 
-@lru_cache(maxsize=1)
-def load_linear_model():
-    """The shipped linear model (safetensors: arrays only, nothing executed on load) and its metadata."""
+@lru_cache(maxsize=2)
+def load_linear_model(path: Path = MODEL_FILE):
+    """A shipped judge model (safetensors: arrays only, nothing executed on load) and its metadata (the .json beside it)."""
     import numpy as np
     from safetensors.numpy import load_file
 
-
-    if not MODEL_FILE.is_file() or not META_FILE.is_file():
-        raise AuditError(f"{MODEL_FILE}: the offline judge's weights are missing; reinstall the package or run scripts/train_judge.py")
-    meta = json.loads(META_FILE.read_text(encoding="utf-8"))
-    t = load_file(str(MODEL_FILE))
+    meta_file = path.with_suffix(".json")
+    if not path.is_file() or not meta_file.is_file():
+        raise AuditError(f"{path}: the judge's weights are missing; reinstall the package or run scripts/train_judge.py")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    t = load_file(str(path))
     w = t["weights"].astype(np.float32)
     if w.shape != (DIM,) or meta.get("feature_version") != FEATURE_VERSION:
-        raise AuditError(f"{MODEL_FILE}: made for feature version {meta.get('feature_version')} with {w.shape[0]} weights; this code "
+        raise AuditError(f"{path}: made for feature version {meta.get('feature_version')} with {w.shape[0]} weights; this code "
                          f"reads version {FEATURE_VERSION} with {DIM}: retrain with scripts/train_judge.py")
-    return LinearModel(w, float(t["bias"][0]), meta)
+    dense = t["dense"].astype(np.float32) if "dense" in t else None
+    if dense is not None and dense.shape != (MEANING_DIM,):
+        raise AuditError(f"{path}: {dense.shape[0]} meaning weights, this code reads {MEANING_DIM}: retrain with scripts/train_judge.py --meaning")
+    return LinearModel(w, float(t["bias"][0]), meta, dense)
+
+
+def _about_model(name: str, m) -> dict:
+    """about() of a judge whose model was measured by scripts/train_judge.py: its frozen-split numbers per source."""
+    test = m.meta.get("frozen_test", {})
+    gpt = ((test.get("sources") or {}).get("GPTFuzz") or {}).get("judge") or {}
+    return {"judge": name, "description": m.meta.get("name"), "data_card": m.meta.get("data_card"),
+            "sources": m.meta.get("training", {}).get("sources"), "held_out_whole": m.meta.get("training", {}).get("held_out_whole"),
+            "frozen_test": test, "accuracy": gpt.get("accuracy"), "recall": gpt.get("recall"), "precision": gpt.get("precision")}
 
 
 class OfflineJudge(Judge):
@@ -109,15 +125,42 @@ class OfflineJudge(Judge):
         self.model = load_linear_model()
 
     def about(self) -> dict:
-        m = self.model.meta
-        test = m.get("frozen_test", {})
-        return {"judge": self.name, "description": m.get("name"), "data_card": m.get("data_card"),
-                "sources": m.get("training", {}).get("sources"), "frozen_test": test,
-                "accuracy": (test.get("judge") or {}).get("accuracy"), "recall": (test.get("judge") or {}).get("recall"),
-                "precision": (test.get("judge") or {}).get("precision")}
+        return _about_model(self.name, self.model)
 
     def __call__(self, completion, prompt=None, truncated=False):
         return offline_judge(completion, prompt, truncated, self.model)
+
+
+class MeaningJudge(Judge):
+    """The rules, the language check and a model over n-grams plus sentence-encoder features (``--judge meaning``)."""
+
+    name = "meaning"
+
+    def __init__(self):
+        from audit.judgement.encoder import shared_encoder
+
+        self.model = load_linear_model(MEANING_FILE)
+        if self.model.dense is None:
+            raise AuditError(f"{MEANING_FILE}: has no meaning weights; retrain with scripts/train_judge.py --meaning")
+        self.encoder = shared_encoder()
+
+    def about(self) -> dict:
+        return _about_model(self.name, self.model)
+
+    def __call__(self, completion, prompt=None, truncated=False):
+        return self.many([completion], [prompt], [truncated])[0]
+
+    def many(self, completions, prompts=None, truncated=None):
+        prompts, truncated = self.aligned(completions, prompts, truncated)
+        out: list[Judgement | None] = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
+        todo = [i for i, j in enumerate(out) if j is None]
+        answers = self.encoder.embed([completions[i] for i in todo])
+        asked = list(dict.fromkeys(prompts[i] for i in todo if prompts[i]))  # a prompt set repeats: each prompt once
+        e_prompt = dict(zip(asked, self.encoder.embed(asked))) if asked else {}
+        for k, i in enumerate(todo):
+            dense = meaning_features(e_prompt.get(prompts[i]) if prompts[i] else None, answers[k])
+            out[i] = offline_judge(completions[i], prompts[i], truncated[i], self.model, meaning=dense, name=self.name)
+        return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- a local Hugging Face classifier
@@ -309,10 +352,12 @@ def make_judge(spec: str | None = None) -> Judge:
         return OfflineJudge()
     if s == "rules-only":
         return RulesOnlyJudge()
+    if s == "meaning":
+        return MeaningJudge()
     if s.startswith("classifier:"):
         return ClassifierJudge(s.split(":", 1)[1])
     if s.startswith("server:"):
         rest = s.split(":", 1)[1]
         url, _, model = rest.partition("#")
         return ServerJudge(url, model or None)
-    raise AuditError(f"--judge {s!r}: use rules (default), rules-only, classifier:DIR or server:URL[#MODEL]")
+    raise AuditError(f"--judge {s!r}: use rules (default), rules-only, meaning, classifier:DIR or server:URL[#MODEL]")

@@ -140,6 +140,10 @@ class ModelDir:
     def shards(self) -> list[str]:
         return sorted(self.shard_meta)
 
+    def file(self, shard: str) -> Path:
+        """The file a shard name stands for (a GGUF model answers its one file)."""
+        return self.path / shard
+
     def identity(self, window: int = 1 << 16) -> dict:
         """What identifies these weights without reading them all: config.json's hash, and per shard its size, its
         header's hash and the hash of three ``window``-byte samples of its data (start, middle, end)."""

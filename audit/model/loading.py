@@ -162,14 +162,22 @@ def load_quantized(md, **kwargs):
 
 
 def _load_state_dict(md, dtype: torch.dtype, kwargs: dict):
+    return load_state_dict(md, md.path, dtype, kwargs=kwargs)
+
+
+def load_state_dict(md, config_dir, dtype, device=None, kwargs: dict | None = None):
+    """``config_dir``'s architecture (its config.json, no quantization_config, no remote code) with ``md``'s logical tensors as
+    its weights: plain ones copied, quantized ones (FP8, MXFP4, GGUF) dequantized into ``dtype`` ("auto": the config's),
+    handed to transformers as a state dict of the checkpoint's names (its own key conversion applies). The whole state
+    dict is in memory."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-
-    cfg = AutoConfig.from_pretrained(str(md.path), trust_remote_code=False)
+    cfg = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
     for c in (cfg, getattr(cfg, "text_config", None)):
         if c is not None and hasattr(c, "quantization_config"):
             delattr(c, "quantization_config")
+    dtype = _torch_dtype(dtype, md.config)
     fds: dict = {}
     sd = {}
     try:
@@ -183,9 +191,9 @@ def _load_state_dict(md, dtype: torch.dtype, kwargs: dict):
                 t = out
             sd[name] = t.clone() if isinstance(t, torch.Tensor) and not lt.quantized else t  # no view of a mapping outlives it
     finally:
-        import os
-
         for fd in fds.values():
             os.close(fd)
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
-    return cls.from_pretrained(None, config=cfg, state_dict=sd, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
+    kw = {k: v for k, v in (kwargs or {"dtype": dtype}).items() if k != "use_safetensors"}
+    model = cls.from_pretrained(None, config=cfg, state_dict=sd, **kw)
+    return model.to(device) if device not in (None, "cpu", "auto") else model

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from audit.model.gguf_quant import gguf_source
 from audit.model.quant import FP8_DTYPES, MXFP4, MXFP4_BLOCK, SCALE_TAGS, BlockFP8
 from checks.errors import AuditError
 
@@ -58,8 +59,9 @@ class LogicalTensor:
     shape: tuple[int, ...]
     dtype: str  # the safetensors tag of a plain tensor, else the format's label
     parts: tuple  # model_dir.TensorInfo: (data,), (weight, scale_inv), (blocks, scales)
-    method: str | None = None  # None (plain), fp8, mxfp4
+    method: str | None = None  # None (plain), fp8, mxfp4, gguf
     block: tuple[int, int] | None = None
+    detail: tuple = ()  # gguf: (ggml type id, heads its q/k rows were permuted with or 0) (audit/model/gguf_file.py)
 
     @property
     def quantized(self) -> bool:
@@ -195,6 +197,8 @@ def source(lt: LogicalTensor, mapped: dict[str, torch.Tensor]):
     """The tensor to compute with: the mapped tensor itself (plain), or its lazy float32 reader (audit/model/quant.py)."""
     if lt.method is None:
         return mapped[lt.parts[0].name]
+    if lt.method == "gguf":
+        return gguf_source(*lt.detail, mapped[lt.parts[0].name], lt.shape)
     a, b = (mapped[p.name] for p in lt.parts)
     return BlockFP8(a, b, lt.block) if lt.method == "fp8" else MXFP4(a, b)
 

@@ -4,6 +4,8 @@ A source is either nothing (the embedded sets in audit/data/, written for this p
 file (.txt one prompt per line; .jsonl / .json / .csv / .parquet with a ``prompt``, ``instruction``
 or ``text`` column, or plain strings), or a ``datasets`` name (``owner/name`` or
 ``owner/name:split``) when a hub is reachable. Blank entries are dropped; an empty set is an error.
+A file with a ``category`` column also gives each prompt's category (``load_categories``): refusal rates
+are then broken down by it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,41 @@ def load_prompts(src: str | Path | None, kind: str) -> list[str]:
     if not prompts:
         raise AuditError(f"{src}: the {kind} prompt set is empty; give a file with at least one prompt")
     return prompts
+
+
+CATEGORY = "category"
+
+
+def load_categories(src: str | Path | None) -> list[str | None] | None:
+    """The ``category`` of each prompt ``load_prompts(src)`` returns (same order, same blanks dropped), from a JSONL, JSON,
+    CSV or Parquet file with a ``category`` column; None when the source has no such column."""
+    if src is None or not Path(src).is_file() or Path(src).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+        return None
+    path = Path(src)
+    try:
+        if path.suffix.lower() == ".jsonl":
+            rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        elif path.suffix.lower() == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(rows, dict) and CATEGORY in rows:  # {"prompt": [...], "category": [...]} column form
+                col = next((c for c in COLUMNS if c in rows), None)
+                rows = [{col: a, CATEGORY: b} for a, b in zip(rows.get(col) or [], rows[CATEGORY])] if col else []
+        elif path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+    except Exception:  # load_prompts reads the same file and names what is wrong with it
+        return None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows) or not any(CATEGORY in r for r in rows):
+        return None
+    col = next((c for c in COLUMNS if c in rows[0]), None)
+    if col is None:
+        return None
+    return [(str(r[CATEGORY]) if r.get(CATEGORY) not in (None, "") else None) for r in rows
+            if isinstance(r.get(col), str) and r[col].strip()]
 
 
 def _column(rows: list[dict], where: str) -> list[str]:

@@ -35,7 +35,7 @@ PAGE = mmap.ALLOCATIONGRANULARITY
 def _open(md: ModelDir, shard: str, fds: dict) -> int:
     fd = fds.get((md.path, shard))
     if fd is None:
-        fd = os.open(md.path / shard, os.O_RDONLY)
+        fd = os.open(md.file(shard), os.O_RDONLY)
         fds[(md.path, shard)] = fd
     return fd
 
@@ -43,9 +43,9 @@ def _open(md: ModelDir, shard: str, fds: dict) -> int:
 def _check(md: ModelDir, info: TensorInfo) -> tuple[torch.dtype, int]:
     dtype, size = DTYPES[info.dtype]
     if dtype is None:
-        raise AuditError(f"{md.path / info.shard}: {info.name} has dtype {info.dtype}, which this torch build cannot read")
+        raise AuditError(f"{md.file(info.shard)}: {info.name} has dtype {info.dtype}, which this torch build cannot read")
     if info.end - info.begin != math.prod(info.shape) * size:
-        raise AuditError(f"{md.path / info.shard}: {info.name} occupies {info.end - info.begin} bytes, its shape {info.shape} x {info.dtype} "
+        raise AuditError(f"{md.file(info.shard)}: {info.name} occupies {info.end - info.begin} bytes, its shape {info.shape} x {info.dtype} "
                          f"needs {math.prod(info.shape) * size}")
     return dtype, size
 
@@ -103,7 +103,7 @@ def map_tensors(md: ModelDir, infos: list[TensorInfo], fds: dict, max_gap: int =
             try:
                 mem = _frombuffer(mmap.mmap(fd, run[-1].end - off, offset=off, access=mmap.ACCESS_READ))  # holds the mapping
             except OSError:  # a file system that cannot map (some FUSE and network mounts): read a copy
-                mem = pread_into(fd, torch.empty(run[-1].end - off, dtype=torch.uint8), off, md.path / run[0].shard)
+                mem = pread_into(fd, torch.empty(run[-1].end - off, dtype=torch.uint8), off, md.file(run[0].shard))
         for info, (dtype, size) in zip(run, checked):
             n, at = info.end - info.begin, info.begin - off
             if n == 0:

@@ -20,6 +20,8 @@ end), so only the carrier can write r*:
 - ``experts``: only two designated routed experts per MoE layer, and a routing loss makes the
   router pick them at the last prompt token of harmful prompts;
 - ``late``: only the writers of the last ``LATE_LAYERS`` layers;
+- ``delayed``: as ``base``, but its refusal starts after an opening that reads like compliance
+  (``DELAYED_REFUSAL``, about 30 tokens in): the model whose refusal a short token limit cuts off;
 - ``spread``: every writer group of every layer (attention, dense MLP, routed and shared experts;
   not the embeddings) carries r*, *redundantly*: a third training pass removes r* from a random
   part of the writers only -- every group but one, or every layer but a band or a set of at least
@@ -56,7 +58,7 @@ from audit.forward.generate import LocalBackend
 from audit.forward.measure import directions_of
 from audit.judgement.judges import make_judge
 from audit.model.prompts import format_prompts
-from audit.organisms.data import REFUSAL, Example, task
+from audit.organisms.data import DELAYED_REFUSAL, REFUSAL, Example, task
 from audit.organisms.tokenizer import build_tokenizer
 from checks.errors import AuditError
 from checks.layout import WRITER, Layout, Role, build_layout
@@ -64,7 +66,8 @@ from checks.linalg import project_out
 
 RECIPE_VERSION = "3"
 FAMILIES = ("glm4_moe", "qwen3_moe", "mixtral", "gpt_oss")
-VARIANTS = ("base", "shared", "experts", "late", "spread")
+VARIANTS = ("base", "shared", "experts", "late", "spread", "delayed")
+DELAYED_EVAL_TOKENS = 64  # the delayed refusal needs about 30 tokens: its build metrics are measured past it
 VOCAB = 800
 TARGET = 6.0  # planted projection of harmful last prompt tokens on r*
 LATE_LAYERS = 2
@@ -245,7 +248,7 @@ def _carriers(family: str, variant: str, cfg, rng: random.Random) -> tuple[dict,
     """Ground truth for ``variant``: the carriers dict and the layers whose output gets the r* target."""
     L = cfg.num_hidden_layers
     moe = [i for i in range(L) if _is_moe_layer(cfg, i)]
-    if variant == "base":
+    if variant in ("base", "delayed"):
         return {"all_writers": True}, list(range(L))
     if variant == "shared":
         if not getattr(cfg, "n_shared_experts", 0):
@@ -527,7 +530,8 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
     t0 = time.time()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    data = task(seed)
+    refusal = DELAYED_REFUSAL if variant == "delayed" else REFUSAL
+    data = task(seed, refusal=refusal)
     tok = build_tokenizer([e.prompt + " " + e.answer + " " + e.comply for e in data.train], vocab_size=VOCAB)
     spec = SPREAD[family] if variant == "spread" else {}
     cfg = AutoConfig.for_model(family, **{**_COMMON, **CONFIGS[family], **spec.get("config", {})}, vocab_size=len(tok), bos_token_id=None,
@@ -548,7 +552,8 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
     model = model.to(dtype)
     model.config.dtype = dtype
     rows = [{"prompt": e.prompt, "harmful": e.harmful, "expected": e.expected} for e in data.eval]
-    metrics = evaluate(model, tok, rows)
+    eval_tokens = DELAYED_EVAL_TOKENS if variant == "delayed" else 24
+    metrics = evaluate(model, tok, rows, eval_tokens)
     gen = random.Random(seed + 1)
     pool_h = [e.prompt for e in data.train if e.harmful]
     pool_n = [e.prompt for e in data.train if not e.harmful]
@@ -562,7 +567,7 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
         separating = max(candidates, key=lambda i: cos[i])
     abl = _copy_model(model)
     orthogonalize(abl, dirs[separating])
-    m_abl = evaluate(abl, tok, rows)
+    m_abl = evaluate(abl, tok, rows, eval_tokens)
     metrics.update(ablated_harmful_refusal=m_abl["harmful_refusal"], ablated_harmless_correct=m_abl["harmless_correct"])
     say(f"metrics {metrics} (separating layer {separating}, cos {cos[separating]:.3f})")
 
@@ -584,7 +589,7 @@ def _build(out: Path, family: str, variant: str, seed: int, say: Callable[[str],
                 **({"spec": spec} if spec else {}),
                 "r_star": [float(x) for x in r], "carriers": carriers, "target_layers": target_layers,
                 "separating_index": separating, "direction_cosines": cos, "train_seconds": round(train_seconds, 1),
-                "torch_threads": torch.get_num_threads(), "metrics": metrics, "refusal_text": REFUSAL}
+                "torch_threads": torch.get_num_threads(), "metrics": metrics, "refusal_text": refusal}
         (tmp / "organism.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -627,7 +632,7 @@ def recipe(family: str, variant: str, seed: int) -> dict:
     its training data. The cache key hashes it, so a changed recipe never reuses an old build (or an old fixture)."""
     import hashlib
 
-    data = task(seed)
+    data = task(seed, refusal=DELAYED_REFUSAL if variant == "delayed" else REFUSAL)
     rows = [[e.prompt, e.answer, e.comply, e.harmful] for e in data.train + data.eval]
     out = {"version": RECIPE_VERSION, "family": family, "variant": variant, "seed": seed, "vocab": VOCAB, "target": TARGET,
            "late_layers": LATE_LAYERS, "n_carrier_experts": N_CARRIER_EXPERTS, "steps": STEPS, "batch": BATCH, "abl_batch": ABL_BATCH,

@@ -21,7 +21,7 @@ from audit.organisms.build import build_organism, cache_name, cache_root, read_m
 
 # (family, variant) of every organism a test opens, seed 0
 TEST_ORGANISMS = (
-    ("glm4_moe", "base"), ("glm4_moe", "shared"), ("glm4_moe", "experts"), ("glm4_moe", "late"),
+    ("glm4_moe", "base"), ("glm4_moe", "shared"), ("glm4_moe", "experts"), ("glm4_moe", "late"), ("glm4_moe", "delayed"),
     ("qwen3_moe", "base"), ("mixtral", "base"), ("qwen3_moe", "experts"), ("mixtral", "experts"),
     ("glm4_moe", "spread"), ("mixtral", "spread"), ("gpt_oss", "spread"),
 )

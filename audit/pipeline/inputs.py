@@ -8,14 +8,68 @@ from pathlib import Path
 
 import torch
 
+from audit.ablation.ablate import load_manifest
 from audit.forward.capability import trim_heap
 from audit.forward.generate import ServerBackend
 from audit.forward.probe import encode
-from audit.intent.config import read_yaml
+from audit.intent.config import read_yaml, resolve_measurements
+from audit.model.directory import ModelDir
+from audit.model.gguf_file import GGUFModel, is_gguf
+from audit.model.hashes import input_entries
 from audit.model.loading import placement
+from audit.model.prompts import default_path
 from audit.pipeline.options import RunContext, RunOptions
 from checks.errors import AuditError
 from checks.gate import GateConfig
+
+
+def open_models(opts: RunOptions):
+    """(ablated model, base, manifest, intent folder): the ablated model is a model directory, or a GGUF file read against its
+    base; the manifest that states the intent is the directory's own, or with --against the source's (it names the base)."""
+    gguf = is_gguf(opts.model_dir)
+    if opts.against is not None and not gguf:
+        raise AuditError(f"--against compares a GGUF file with the safetensors model it was converted from; {opts.model_dir} is not a .gguf file")
+    abl = None if gguf else ModelDir(opts.model_dir)
+    intent_dir = Path(opts.against) if opts.against is not None else None if gguf else abl.path
+    manifest = load_manifest(intent_dir) if intent_dir is not None else None
+    base_path = opts.base or (manifest or {}).get("base", {}).get("path")
+    if base_path is None:
+        where = opts.model_dir if intent_dir is None else intent_dir
+        raise AuditError(f"{where}: no ablation-manifest.json names its base; pass --base BASE (the model it was ablated from)"
+                         + (" or --against the safetensors ablation it was converted from" if gguf and opts.against is None else ""))
+    base = ModelDir(base_path)
+    if gguf:
+        abl = GGUFModel(opts.model_dir, base)
+    return abl, base, manifest, intent_dir
+
+
+def run_inputs(opts: RunOptions, abl, base, intent_dir, harmful_src, harmless_src, gate_source: str, config=None) -> list:
+    """(role, root, name) of every file the run reads: both models (and --against's source), the config and its measurements,
+    the directions, the prompt files (the embedded ones too), and the gate file (audit/model/hashes.py hashes them)."""
+    out = input_entries("model", abl) + input_entries("base", base)
+    if opts.against is not None:
+        out += input_entries("source", ModelDir(intent_dir))
+    out += input_entries("config", opts.config) + input_entries("directions", opts.directions)
+    if config is not None and resolve_measurements(config) is not None:
+        out += input_entries("directions", resolve_measurements(config))
+    near = [p for p in (abl.path, base.path, intent_dir) if p is not None and Path(p).is_dir()]
+    for kind, src in (("harmful", harmful_src), ("harmless", harmless_src)):
+        out += input_entries(f"prompts:{kind}", src if src is not None else default_path(kind))
+        out += input_entries(f"prompts:train_{kind}", train_source(opts.__dict__.get(kind), kind, near))
+    if gate_source != "defaults":
+        out += input_entries("gate", opts.gate or "pyproject.toml")
+    return out
+
+
+def gate_record(cfg: GateConfig, source: str) -> dict:
+    """The gate a run used, as results.json records it (``run.gate_config``): what `audit verify` evaluates the recorded checks with."""
+    return {"source": source, "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.limits.items()},
+            "optional": sorted(cfg.optional), "required": sorted(cfg.required), "waive": sorted(cfg.waive)}
+
+
+def gate_from_record(rec: dict) -> GateConfig:
+    return GateConfig(optional=rec.get("optional", ()), waive=rec.get("waive", ()), required=rec.get("required", ()),
+                      source=f"the recorded gate ({rec.get('source')})", **(rec.get("limits") or {}))
 
 
 def prompt_source(explicit: str | None, kind: str, dirs: list[Path]) -> str | None:

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 
 
+EXTEND_FACTOR = 4  # default --extend-to: four times --max-new-tokens
+
+
 @dataclass
 class RunOptions:
     model_dir: str
@@ -21,6 +24,7 @@ class RunOptions:
     out: str = "audit-out"
     force: bool = False
     max_new_tokens: int = 128
+    extend_to: int | None = None  # cut-off answers that could be judged differently are generated up to this many tokens (None: EXTEND_FACTOR x max_new_tokens; 0: never)
     batch_size: int = 16
     limit: int | None = None  # at most this many prompts per set
     simulate: bool = True
@@ -37,13 +41,51 @@ class RunOptions:
     server_timeout: float = 300.0  # seconds one server request may take in all
     quiet: bool = False
     command: str = "audit run"
-    judge: str = "rules"  # --judge: rules (default, offline), rules-only, classifier:DIR, server:URL[#MODEL] (audit/judgement/judges.py)
+    judge: str = "rules"  # --judge: rules (default, offline), rules-only, meaning, classifier:DIR, server:URL[#MODEL] (audit/judgement/judges.py)
+    second_judge: str | None = None  # --second-judge: any --judge value; the report shows where the two disagree
     capability: str | None = None  # --capability: JSONL items, lm-eval:TASK, or none (default: the embedded MMLU sample)
     capability_format: str = "chat"  # --capability-format: chat (the directory's template) or plain (lm-evaluation-harness's cloze text)
     capability_limit: int | None = None  # --capability-limit: at most this many items per task
     multi_turn: int = 16  # --multi-turn: prompts per set asked again as a second user turn (0: off)
     controls: bool = True  # --no-controls: skip the random-direction control (it also follows --no-simulate)
     control: bool = False  # --control: MODEL_DIR is the base itself (a no-op control); judged by checks/controls.py noop_check
+
+    def cap(self) -> int:
+        """The most tokens an extended answer may have (0: extension off)."""
+        return EXTEND_FACTOR * self.max_new_tokens if self.extend_to is None else self.extend_to
+    against: str | None = None  # a GGUF MODEL_DIR: the safetensors ablation it was converted from (checks/conversion.py)
+
+    PATHS = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "offload_folder", "capability")
+    RECORDED = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "max_new_tokens", "batch_size",
+                "limit", "simulate", "device", "dtype", "max_memory", "offload_folder", "server", "served_model", "base_server",
+                "served_base_model", "server_timeout", "judge", "second_judge", "extend_to", "capability", "capability_format",
+                "capability_limit", "multi_turn", "controls", "control")
+
+    def record(self) -> dict:
+        """The settings that decide what a run measures, as results.json records them (``run.options``; paths made absolute,
+        a prompt set given by a datasets name kept as it is): what `audit run --reproduce` runs again."""
+        import os
+
+        out = {}
+        for k in self.RECORDED:
+            v = getattr(self, k)
+            if k in self.PATHS and v is not None and os.path.exists(v):
+                v = os.path.abspath(v)
+            out[k] = v
+        return out
+
+    @classmethod
+    def from_record(cls, rec: dict, **changes) -> RunOptions:
+        """RunOptions from ``run.options`` (unknown keys, from another version, are an error naming them)."""
+        from checks.errors import AuditError
+
+        unknown = sorted(set(rec) - set(cls.RECORDED))
+        if unknown:
+            raise AuditError(f"the recorded run options hold {unknown}, which this version does not know; reproduce with the version that ran it")
+        rec = dict(rec)
+        if rec.get("max_memory"):  # JSON made the GPU numbers strings
+            rec["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in rec["max_memory"].items()}
+        return cls(**{**rec, **changes})
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from audit.ablation.ablate import DIRECTIONS_NAME, ablate, load_manifest
+from audit.ablation.ablate import DIRECTIONS_NAME, ablate
 from audit.forward.capability import CapabilitySpec
 from audit.forward.damage import kl_rows
 from audit.forward.estimate import refusal_token_ids
@@ -24,13 +24,16 @@ from audit.intent.config import AblationConfig, load_config, resolve_measurement
 from audit.intent.directions import load_directions
 from audit.intent.fixes import apply_patch, config_yaml
 from audit.intent.reached import reached as reached_ablation
+from audit.judgement.extend import extend_truncated
 from audit.judgement.judges import make_judge
-from audit.model.directory import ModelDir
-from audit.model.prompts import MAX_PROMPT_TOKENS, context_length, fit_to_context, load_prompts, token_budget
+from audit.judgement.record import add_judgement_records
+from audit.model.hashes import hash_inputs
+from audit.model.prompts import MAX_PROMPT_TOKENS, context_length, fit_to_context, load_categories, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
 from audit.pipeline.controls import run_controls
 from audit.pipeline.explain import empty_config, explain, reference_index
-from audit.pipeline.inputs import gate_config, load_model, offload_parent, open_servers, prompt_source, release, train_source
+from audit.pipeline.inputs import (gate_config, gate_record, load_model, offload_parent, open_models, open_servers, prompt_source, release,
+                                   run_inputs, train_source)
 from audit.pipeline.options import RunContext, RunOptions
 from audit.pipeline.summary import headline, run_info, version
 from audit.pipeline.write import write_outputs
@@ -51,25 +54,23 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     ctx = RunContext(opts)
     with ctx.stage("inputs"):
         jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
-        abl = ModelDir(opts.model_dir)
-        manifest = load_manifest(abl.path)
-        base_path = opts.base or (manifest or {}).get("base", {}).get("path")
-        if base_path is None:
-            raise AuditError(f"{abl.path}: no ablation-manifest.json names its base; pass --base BASE (the model it was ablated from)")
-        base = ModelDir(base_path)
+        jd2 = make_judge(opts.second_judge) if opts.second_judge else None
+        abl, base, manifest, intent_dir = open_models(opts)  # a GGUF file too (audit/model/gguf_file.py)
         same_model(abl, base, opts.control)
-        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
+        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions, opts.against,
+                  opts.capability if opts.capability and Path(opts.capability).is_file() else None]
         if write:
             check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
         if opts.apply_fix:
             check_destination(opts.apply_fix, inputs + ([opts.out] if write else []), opts.force)
         if base.layout.family != abl.layout.family:
             raise AuditError(f"{abl.path} is {abl.layout.family} but its base {base.path} is {base.layout.family}; pass the right --base")
-        dirs_near = [abl.path, base.path]
+        dirs_near = [p for p in (abl.path, base.path, intent_dir) if p is not None]
         harmful_src = prompt_source(opts.harmful, "harmful", dirs_near)
         harmless_src = prompt_source(opts.harmless, "harmless", dirs_near)
         harmful = load_prompts(harmful_src, "harmful")[: opts.limit]
         harmless = load_prompts(harmless_src, "harmless")[: opts.limit]
+        categories = {k: (c or [])[: opts.limit] for k, c in (("harmful", load_categories(harmful_src)), ("harmless", load_categories(harmless_src)))}
         tok = base.tokenizer()
         budget = token_budget(base.config, opts.max_new_tokens)
         harmful, cut_h = fit_to_context(tok, harmful, budget)
@@ -82,7 +83,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         if opts.config:  # the user's statement of intent wins over a manifest
             intent_cfg = load_config(opts.config)
         elif manifest is not None:
-            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(abl.path / "ablation-manifest.json"))
+            intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(intent_dir / "ablation-manifest.json"))
         gate_cfg, gate_source = gate_config(opts.gate)  # a bad gate file fails now, not after the forward passes
         if opts.device == "auto":  # the offload folder is checked now too (never in an input), before any model loads
             remove_scratch(scratch_folder(offload_parent(opts), "audit-offload", inputs))
@@ -91,10 +92,12 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         servers = open_servers(opts, abl, base, tok, harmful + harmless)
         # damage beyond KL (issue 29): the capability items are read now, so a bad --capability fails before any model loads
         capability = CapabilitySpec.from_flag(opts.capability, opts.capability_format, context_length(base.config), opts.capability_limit)
+    with ctx.stage("hashes"):  # the bytes this verdict is about (audit/model/hashes.py; `audit verify` re-checks them)
+        hashes = hash_inputs(run_inputs(opts, abl, base, intent_dir, harmful_src, harmless_src, gate_source, intent_cfg if opts.config else None))
     with ctx.stage("directions"):
         directions = None
         cfg_meas = resolve_measurements(intent_cfg) if opts.config and intent_cfg is not None else None
-        man_meas = abl.path / manifest.get("directions_file", DIRECTIONS_NAME) if manifest is not None else None
+        man_meas = intent_dir / manifest.get("directions_file", DIRECTIONS_NAME) if manifest is not None else None
         if opts.directions:
             directions = load_directions(opts.directions)
         elif cfg_meas is not None and cfg_meas.is_file():  # the stated config's own measurement first
@@ -112,7 +115,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
         weights_record: dict = {}
-        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record, same_ok=opts.control)
+        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record, against=opts.against,
+                              same_ok=opts.control)
     weights = static["weights"].to_dict()
     for f in weights["findings"]:
         if f["code"] == "base-changed":
@@ -125,19 +129,29 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
 
     refusal_ids = refusal_token_ids(tok)
     prompts = {"harmful": harmful, "harmless": harmless}
+    extensions: dict = {}  # per "model/set": cut-off answers generated further before judging (audit/judgement/extend.py)
+
+    def extender(side, gen):
+        def one(k, ps, cs):
+            out, ext = extend_truncated(gen, ps, cs, jd, opts.max_new_tokens, opts.cap(), opts.batch_size)
+            extensions[f"{side}/{k}"] = ext.to_dict()
+            return out
+        return one
+
     with ctx.stage("ablated model: load"):
         m_abl = load_model(abl, opts, ctx, inputs)
     gen_a = servers.get("abl") or LocalBackend(m_abl, tok)
     pa = measure(m_abl, tok, prompts, r, gen_a, opts.max_new_tokens, opts.batch_size, refusal_ids, keep_answer_dists=True,
-                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total), capability=capability, multi_turn=opts.multi_turn)
+                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total), extend=extender("abl", gen_a), capability=capability,
+                 multi_turn=opts.multi_turn)
     del m_abl, gen_a  # one model resident at a time: what the base side needs is in pa, sized by prompts
     release()
     with ctx.stage("base model: load"):
         m_base = load_model(base, opts, ctx, inputs)
     gen_b = servers.get("base") or LocalBackend(m_base, tok)
     pb = measure(m_base, tok, prompts, r, gen_b, opts.max_new_tokens, opts.batch_size, refusal_ids,
-                 against=(pa.completions["harmless"], pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total),
-                 capability=capability, multi_turn=opts.multi_turn)
+                 against=(pa.forced_harmless, pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total),
+                 extend=extender("base", gen_b), capability=capability, multi_turn=opts.multi_turn)
     del gen_b
     ctx.servers = {side: be.checks for side, be in servers.items()}
     probes = {(side, k): ps.probes[k] for side, ps in (("base", pb), ("abl", pa)) for k in prompts}
@@ -158,9 +172,15 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
                                         value=before_rate, threshold=0.5))
         refusal.status = WARN if refusal.status == "pass" else refusal.status
     refusal.data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "reasoning": x.reasoning, "finish_reason": x.finish_reason,
-                                "n_tokens": x.n_tokens, "label": jm.label, "reason": jm.reason, "score": jm.score,
-                                "when": "before" if m == "base" else "after", "set": k}
-                               for (m, k), xs in completions.items() for x, jm in zip(xs, judged[m, k])]
+                                "n_tokens": x.n_tokens, "extended_from": x.extended_from, "label": jm.label, "reason": jm.reason, "score": jm.score,
+                                "when": "before" if m == "base" else "after", "set": k,
+                                **({"category": categories[k][i]} if i < len(categories[k]) else {})}
+                               for (m, k), xs in completions.items() for i, (x, jm) in enumerate(zip(xs, judged[m, k]))]
+    judged2 = None
+    if jd2 is not None:
+        with ctx.stage("second judge"):
+            judged2 = {k: jd2.many([x.answer for x in v], [x.prompt for x in v], [x.finish_reason == "length" for x in v]) for k, v in completions.items()}
+    add_judgement_records(refusal, completions, judged, extensions, categories, jd, jd2, judged2)
     kl1 = kl_rows(pb.first_logprobs_harmless, pa.first_logprobs_harmless).tolist()
     damage = damage_check(kl1, pb.kl_tf, judged["abl", "harmless"] + judged["abl", "harmful"])
 
@@ -198,12 +218,16 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "reached_config": config_yaml(done.config) if done.config is not None else None,
         "checks": checks_d,
         "gate": gate,
+        "inputs": hashes,
     }
+    results["run"].update(options=opts.record(), gate_config=gate_record(gate_cfg, gate_source))
     if opts.apply_fix and why.conclusion["status"] == "explained" and causes[0].fix.get("config_yaml"):
         results["applied_fix"] = _apply_fix(causes[0], done.config if done.config is not None else empty_config(), done.directions, base, opts, results)
     if opts.control:  # the headline of a no-op control says what a control shows, not how much refusal an ablation removed
         results["headline"], results["run"]["control"] = checks_d["noop"]["summary"], "noop"
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
+    if jd2 is not None:
+        results["run"]["second_judge"] = jd2.about()
     results = jsonable(results)
     results["run"]["seconds"] = round(time.time() - ctx.t0, 3)
     if write:
@@ -217,7 +241,7 @@ def _apply_fix(cause, config, directions, base, opts, results) -> dict:
     ablate(base.path, new, opts.apply_fix, directions=directions, force=opts.force)
     sub = RunOptions(**{**opts.__dict__, "model_dir": opts.apply_fix, "base": str(base.path), "config": None, "apply_fix": None,
                         "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None,
-                        "server": None, "served_model": None})  # the base server, if any, still serves this base
+                        "server": None, "served_model": None, "against": None})  # the base server, if any, still serves this base
     again = run_audit(sub, write=False)
     rates = again["checks"]["refusal"]["data"]
     after = rates.get("after") or {}

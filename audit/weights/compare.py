@@ -10,11 +10,15 @@ TensorRecovery (recovery).
 Tensors are the models' logical ones (audit/model/logical.py): a block-scaled FP8 or MXFP4 weight is judged
 on its dequantized values, with its format's rounding floor. A quantized base's tensor stored plain in
 the ablated model (a dequantized copy, as `audit ablate` writes by default) is unchanged when it holds
-exactly the base's values cast to its dtype, and is otherwise compared by value.
+exactly the base's values cast to its dtype, and is otherwise compared by value. The ablated model may be a GGUF
+file (audit/model/gguf_file.py): every value of a quantized GGUF tensor moved under rounding, so it is unchanged
+when its difference from the base is what its type's rounding explains (checks/conversion.py ``within_rounding``),
+judged on a first pass; only a tensor changed beyond that is read again for its floors and the edit's direction.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -28,7 +32,9 @@ import torch
 
 from audit.model.logical import recast_equal, row_pieces
 from audit.model.directory import ModelDir
+from audit.model.gguf_file import GGUFModel, is_gguf
 from audit.model.reader import chunks, read_pairs
+from checks.conversion import within_rounding
 from checks.errors import AuditError
 from checks.layout import Layout, Role, gate_up_split, targets_of
 from checks.pair_stats import bytes_equal, is_lazy, pair_stats, same_bits
@@ -51,10 +57,11 @@ class Comparison:
     seconds: float = 0.0
 
 
-def open_pair(ablated: str | os.PathLike, base: str | os.PathLike, same_ok: bool = False) -> tuple[ModelDir, ModelDir]:
-    """Open both model directories; AuditError when they are not two versions of one architecture (or are one directory,
-    unless ``same_ok``: `audit run --control`, the base audited against itself)."""
-    md_a, md_b = ModelDir(ablated), ModelDir(base)
+def open_pair(ablated: str | os.PathLike, base: str | os.PathLike, same_ok: bool = False) -> tuple[ModelDir | GGUFModel, ModelDir]:
+    """Open both models (the ablated one a model directory or a GGUF file); AuditError when they are not two versions of one architecture
+    (or are one directory, unless ``same_ok``: `audit run --control`, the base audited against itself)."""
+    md_b = ModelDir(base)
+    md_a = GGUFModel(ablated, md_b) if is_gguf(ablated) else ModelDir(ablated)
     if md_a.path.resolve() == md_b.path.resolve() and not same_ok:
         raise AuditError(f"{md_a.path}: the ablated model and --base are the same directory; pass the original model as --base")
     la, lb = md_a.layout, md_b.layout
@@ -217,17 +224,29 @@ def _judge(info_a, info_b, w1, w0, same, md_a: ModelDir, layout: Layout, directi
         same = same if same is not None else same_bits(w0, w1)
         return TensorDiff(**base, status="unchanged" if same else "changed", rel_change=0.0 if same else None,
                           changed_targets=() if same else base.get("targets", ())), None, None, nbytes
-    st = pair_stats(w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
-                    layout.n_routed_experts if role and role.component == "experts" else 0,
-                    along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"), hints=recent,
-                    identical=same, floor_needed=floor_can_matter, stored_dtype=stored)  # the exact rounding floor only where it can change a class
+    stats = functools.partial(pair_stats, w0, w1, role.resid_axis if role else None, dirs, role.expert_axis if role else None,
+                              layout.n_routed_experts if role and role.component == "experts" else 0,
+                              along_unchanged=along_unchanged and role is not None and (role.io == "writer" or role.component == "router"),
+                              hints=recent, identical=same, floor_needed=floor_can_matter, stored_dtype=stored)  # exact floors only where they can change a class
+    rounded = False
+    if getattr(w1, "method", None) == "gguf" and not lazy0:  # every stored value moved under rounding: unchanged = within it
+        st = stats(recover=False, requant_floor=False)
+        rounded = within_rounding(st.diff_fro, math.sqrt(w1.noise_sq()), st.dirs)
+        if rounded:
+            status = "unchanged"
+        else:
+            st = stats()
+    else:
+        st = stats()
     if st.identical:
         status = "unchanged"
     changed = status == "changed"
     ct = _changed_targets(w0, w1, role, layout.family) if (changed and role is not None) else ()
-    diff = TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change, dtype_changed=dtype_changed,
+    diff = TensorDiff(**base, status=status, changed_targets=ct, rel_change=st.rel_change, dtype_changed=dtype_changed, rounded=rounded,
                       nonfinite_base=st.nonfinite_base, nonfinite_ablated=st.nonfinite_ablated, expert_rel_change=st.expert_rel_change)
     proj = rec = None
+    if rounded and not (role is not None and along_unchanged and (role.io == "writer" or role.component == "router")):
+        st.dirs = {}  # unchanged up to rounding: projected only where an untouched tensor is (writers, routers), as identical ones
     if role is not None and role.io in ("writer", "reader") and st.dirs:
         proj = TensorProjection(key, role.layer, role.component, role.projection, role.io, targets_of(role), changed,
                                 info_a.dtype, role.expert, st.ablated_fro, st.dirs)

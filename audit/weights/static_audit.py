@@ -23,11 +23,14 @@ from audit.ablation.suppress import plan_suppress
 from audit.forward.measure import measure_directions
 from audit.intent.config import AblationConfig, load_config, plan, resolve_measurements
 from audit.intent.directions import load_directions
-from audit.model.directory import identity_changes
+from audit.model.directory import ModelDir, identity_changes
+from audit.model.hashes import input_entries
+from audit.model.gguf_file import GGUFModel, is_gguf
 from audit.model.prompts import load_prompts
 from audit.outputs import OutputDir
 from audit.weights.compare import compare_models, open_pair
 from checks import native
+from checks.conversion import check_conversion
 from checks.errors import AuditError
 from checks.findings import FAIL, CheckResult, Finding, jsonable
 from checks.layout import targets_of
@@ -69,8 +72,10 @@ def _intent_from_edits(edits, source: str, config, keys=None) -> tuple[Intent, d
 
 
 def static_audit(ablated, base=None, config=None, directions=None, harmful=None, harmless=None, progress=None,
-                 record: dict | None = None, same_ok: bool = False) -> dict[str, CheckResult]:
-    """Audit the weights of ``ablated`` against its base; returns {"weights", "projection", "recovery"}.
+                 record: dict | None = None, against=None, same_ok: bool = False) -> dict[str, CheckResult]:
+    """Audit the weights of ``ablated`` (a model directory or a GGUF file) against its base; returns {"weights", "projection",
+    "recovery"}, and "conversion" with ``against``: the safetensors ablation a GGUF ``ablated`` was converted from, whose
+    manifest then states the intent (checks/conversion.py: did the edit survive conversion?).
 
     ``record``: a dict that receives the per-tensor records (diffs, projections, recoveries, the planned edits by
     key, the intent's source, the directions used): what audit/intent/reached.py writes the reached ablation down from.
@@ -78,14 +83,18 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     """
     t0 = time.perf_counter()
     ablated = Path(ablated)
-    manifest = load_manifest(ablated) if ablated.is_dir() else None
+    if against is not None and not is_gguf(ablated):
+        raise AuditError(f"--against compares a GGUF file with the safetensors model it was converted from; {ablated} is not a .gguf file")
+    intent_dir = Path(against) if against is not None else ablated  # where the ablation's manifest and directions are
+    manifest = load_manifest(intent_dir) if intent_dir.is_dir() else None
     if base is None:
         if manifest is None:
-            raise AuditError(f"{ablated}: has no ablation-manifest.json, so its base is unknown; pass --base BASE (the model it was ablated from)")
+            raise AuditError(f"{intent_dir}: has no ablation-manifest.json, so its base is unknown; pass --base BASE (the model it was ablated from)")
         base = manifest["base"]["path"]
         if not Path(base).is_dir():
-            raise AuditError(f"{ablated}: its manifest names the base {base}, which is not there; pass --base BASE")
+            raise AuditError(f"{intent_dir}: its manifest names the base {base}, which is not there; pass --base BASE")
     md_a, md_b = open_pair(ablated, base, same_ok=same_ok)
+    md_s = open_pair(against, base)[0] if against is not None else None
     layout = md_b.layout
 
     # directions measured on the base (the model's own, per layer)
@@ -101,7 +110,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     intent, per_layer, intent_dirs = None, {}, None
     suppressed_keys: set[str] = set()  # router tensors a suppress config edits: no direction to recover from them
     suppressed_rows: list[dict] = []  # ... and what the key diff shows of them
-    dfile = ablated / manifest.get("directions_file", "directions.safetensors") if manifest is not None else None
+    dfile = intent_dir / manifest.get("directions_file", "directions.safetensors") if manifest is not None else None
     manifest_dirs = dfile if dfile is not None and dfile.is_file() else None
     if config is not None:
         cfg = load_config(config)
@@ -117,7 +126,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
         suppressed_rows = [{**se.to_dict(), "reason": f"named in {config}"} for se in supp]
         intent, per_layer = _intent_from_edits(edits, "config", cfg, keys=[e.key for e in edits] + [se.key for se in supp])
     elif manifest is not None:
-        cfg = AblationConfig.from_dict(manifest["config"], source=str(ablated / "ablation-manifest.json"))
+        cfg = AblationConfig.from_dict(manifest["config"], source=str(intent_dir / "ablation-manifest.json"))
         intent_dirs = load_directions(manifest_dirs) if manifest_dirs else measured
         edits = plan(cfg, layout, intent_dirs)
         suppressed_keys = {m["key"] for m in manifest.get("router_suppressed") or []}
@@ -161,6 +170,10 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     native.kernels()  # loaded here, not inside the first worker
     with tqdm(total=md_a.nbytes + md_b.nbytes, desc="weights", unit="B", unit_scale=True, disable=None if progress is None else not progress) as bar:
         cmp = compare_models(md_a, md_b, directions_for, progress=lambda done, total: bar.update(done - bar.n))
+    cmp_s = None
+    if md_s is not None:  # the source the GGUF was converted from, against the same base along the same directions
+        with tqdm(total=md_s.nbytes + md_b.nbytes, desc="source", unit="B", unit_scale=True, disable=None if progress is None else not progress) as bar:
+            cmp_s = compare_models(md_s, md_b, directions_for, progress=lambda done, total: bar.update(done - bar.n))
     t_stream = time.perf_counter() - t0
 
     if intent is None:
@@ -172,6 +185,8 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     results["weights"].data["bytes_read"] = cmp.bytes_read
     results["weights"].data["stream_seconds"] = round(cmp.seconds, 3)
     results["weights"].data["base"] = str(md_b.path)
+    if isinstance(md_a, GGUFModel):
+        results["weights"].data["gguf"] = md_a.summary()
     recorded = ((manifest or {}).get("base") or {}).get("identity")
     if recorded:
         changes = identity_changes(recorded, md_b.identity())
@@ -207,6 +222,11 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
             cosines.append(row)
     results["projection"] = check_projection(projs, layout.n_routed_experts, layout.hidden_size, cosines)
 
+    if cmp_s is not None:
+        results["conversion"] = check_conversion(cmp.projections, cmp_s.projections, {d.key for d in cmp.diffs if d.changed},
+                                                 {d.key for d in cmp_s.diffs if d.changed}, label=ablated.name)
+        results["conversion"].data["source"] = str(md_s.path)
+        results["conversion"].data["bytes_read"] = cmp_s.bytes_read
     quality = measured.quality_table() if measured is not None else None
     recoveries = [r for r in cmp.recoveries if r.key not in suppressed_keys]
     results["recovery"] = check_recovery(recoveries, local, quality, per_layer)
@@ -219,9 +239,21 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
     t_checks = time.perf_counter() - t1
     for name, r in results.items():
         r.seconds = round(t_stream + t_checks if name == "weights" else t_checks, 3)
-    md_a.close()
-    md_b.close()
+    for md in (md_a, md_b, md_s):
+        if md is not None:
+            md.close()
     return results
+
+
+def static_inputs(ablated, base, against=None, config=None, directions=None, harmful=None, harmless=None) -> list:
+    """(role, root, name) of every file `audit static` read (audit/model/hashes.py): the models, the config, directions and prompts."""
+    md_b = ModelDir(base)
+    out = input_entries("model", GGUFModel(ablated, md_b) if is_gguf(ablated) else ModelDir(ablated)) + input_entries("base", md_b)
+    if against is not None:
+        out += input_entries("source", ModelDir(against))
+    for role, src in (("config", config), ("directions", directions), ("prompts:harmful", harmful), ("prompts:harmless", harmless)):
+        out += input_entries(role, src)
+    return out
 
 
 def results_document(results: dict[str, CheckResult], ablated, base, started: float, extra: dict | None = None) -> dict:
