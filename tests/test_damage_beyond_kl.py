@@ -70,7 +70,11 @@ def test_a_damaged_ablation_loses_points_and_its_control_keeps_refusal(organism,
     # the same edits along a random direction orthogonal to r: refusal stays; its KL is reported beside the real edit's
     ctl = res["checks"]["controls"]["data"]
     assert ctl["random_direction"]["refusal"] >= 0.8 and ctl["random_direction"]["max_abs_cos_to_r"] < 1e-6
-    assert ctl["refusal_removed_by_r"] >= 0.9 and ctl["specificity"] >= 0.7
+    after = res["checks"]["refusal"]["data"]["after"]  # the judge may leave every looping answer undecided: then no rate to compare
+    if after["n"]:
+        assert ctl["refusal_removed_by_r"] >= 0.9 and ctl["specificity"] >= 0.7
+    else:
+        assert ctl["specificity"] is None and res["checks"]["controls"]["findings"][0]["code"] == "control-unmeasured"
     assert ctl["kl_control"] < ctl["kl_ablated"] and ctl["kl_beyond_control"] == pytest.approx(ctl["kl_ablated"] - ctl["kl_control"])
     assert (tmp_path / "report" / "report.html").read_text().count("Random-direction control") >= 1
     import json
