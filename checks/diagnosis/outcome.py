@@ -56,7 +56,8 @@ def conclude(passed: bool, causes: list[Cause], gate: dict, bypass: dict | None 
     if top is not None and not top.demoted:
         sim = top.simulated or {}
         proven = bool(sim.get("reaches_target"))
-        how = ("its fix, simulated, removes refusal" if proven else
+        how = (("its fix, simulated, removes refusal" if top.explains_refusal else "its fix, simulated, keeps refusal removed without the harm")
+               if proven else
                "its fix was simulated and lowers refusal, short of the target" if sim.get("refusal_rate") is not None else
                "named on its evidence" + ("" if top.explains_refusal else ": a soundness problem, not what keeps refusal"))
         return {"status": "explained", "cause": top.id, "proven": proven, "statement": f"{top.title} ({how})"}
