@@ -206,7 +206,8 @@ def _cmd_run(args) -> int:
                       command="audit " + " ".join(sys.argv[1:]), judge=args.judge, second_judge=args.second_judge,
                       extend_to=args.extend_to, dtype=args.dtype, offload_folder=args.offload_folder,
                       base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout,
-                      against=args.against)
+                      against=args.against, capability=args.capability, capability_format=args.capability_format,
+                      capability_limit=args.capability_limit, multi_turn=args.multi_turn, controls=args.controls, control=args.control)
     refuse_before_loading(opts)  # before the heavy imports below (torch): a refusal from the flags alone takes a second
 
     from audit.pipeline.gate_file import gate_config
@@ -372,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--extend-to", type=_nonnegative, default=None, metavar="N",
                    help="answers cut off at --max-new-tokens whose judgement could change are generated further, up to N tokens in all, "
                    "before judging (default: 4 x --max-new-tokens; 0: never)")
+    s.add_argument("--capability", metavar="ITEMS", help="multiple-choice items scored by log-likelihood before and after: a JSONL file "
+                   "(question, choices, answer), lm-eval:TASK (lm-evaluation-harness, where installed and its data loads), or none; "
+                   "default: 150 embedded MMLU test items")
+    s.add_argument("--capability-format", default="chat", choices=["chat", "plain"],
+                   help="chat: the question as a user turn in the model's chat template (default); plain: 'Question: ...\\nAnswer:'")
+    s.add_argument("--capability-limit", type=_positive, metavar="N", help="score at most N items per capability task")
+    s.add_argument("--multi-turn", type=_nonnegative, default=16, metavar="N",
+                   help="ask N prompts per set again as a second user turn after a benign first exchange (0: off; default 16)")
+    s.add_argument("--no-controls", dest="controls", action="store_false", help="skip the random-direction control")
+    s.add_argument("--control", action="store_true", help="MODEL_DIR is the base itself (pass --base BASE too): a no-op control that "
+                   "must show zero changed tensors, KL 0 and unchanged answers")
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")

@@ -15,7 +15,12 @@ child processes, one after the other on the same files:
 
 Goal (issue 18): peak RSS <= 1.3 x checkpoint + 1 GB at both sizes, forward stages <= 1.3 x the plain passes.
 
-    python benchmarks/bench_run_memory.py [--layers 13,27] [--prompts 8] [--new-tokens 8] [--workdir DIR] [--keep]
+The run includes the capability check (issue 29: the embedded MMLU items, ``--capability-items`` per run, four choices
+each, scored by log-likelihood on each model in its own pass), so its peak RSS is inside the same bound; the table
+adds its CPU seconds per item (both models). The second-turn conversations are off (``--multi-turn 0``): they are
+greedy generation like the completions, which the plain passes already stand for.
+
+    python benchmarks/bench_run_memory.py [--layers 13,27] [--prompts 8] [--new-tokens 8] [--capability-items 20] [--workdir DIR] [--keep]
 
 One torch thread everywhere (AUDIT_THREADS=1): on a shared CPU more threads only add noise.
 """
@@ -176,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per set")
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--capability-items", type=int, default=20, help="embedded MMLU items the run scores (4 choices each; 0: off)")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary folder, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--plain", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)  # internal: the plain passes in a child
@@ -238,7 +244,8 @@ def one_size(work: Path, layers: int, harmful: list[str], harmless: list[str], a
     print(f"[bench] ablated in {wall:.0f} s", file=sys.stderr, flush=True)
     cmd = [py, "-m", "audit.cli", "run", str(abl), "-o", str(out), "--no-simulate", "--limit", str(len(harmful)),
            "--max-new-tokens", str(args.new_tokens), "--batch-size", str(args.batch_size),
-           "--harmful", str(work / "harmful.txt"), "--harmless", str(work / "harmless.txt")]
+           "--harmful", str(work / "harmful.txt"), "--harmless", str(work / "harmless.txt"), "--multi-turn", "0"]
+    cmd += ["--capability-limit", str(args.capability_items)] if args.capability_items else ["--capability", "none"]
     wall, rss, tail = _child(cmd)
     res = json.loads((out / "results.json").read_text())
     stages = res["run"]["stages"]
@@ -264,6 +271,11 @@ def one_size(work: Path, layers: int, harmful: list[str], harmless: list[str], a
             sums["plain_cpu"] += plain_t[d][pk][1]
         detail.append(f"{side.split()[0]}: " + ", ".join(f"{k.split()[0]} {cpu.get(f'{side}: {k}', 0.0):.1f}/{plain_t[d][pk][1]:.1f}"
                                                          for k, pk in names.items()))
+    cap_cpu = sum(cpu.get(f"{side}: capability items", 0.0) for side in ("ablated model", "base model"))
+    task = next(iter(((res["checks"].get("capability") or {}).get("data") or {}).get("tasks", {}).values()), {})
+    n_items = task.get("n", 0)
+    detail.append(f"capability: {n_items} items ({task.get('skipped', 0)} not scored), {cap_cpu:.1f} CPU s for both models, "
+                  f"{cap_cpu / max(1, 2 * n_items):.2f} CPU s per item per model")
     return {"layers": layers, "ckpt": ckpt, "rss": rss, "ablate_rss": ablate_rss, **sums, "ratio": sums["audit_cpu"] / sums["plain_cpu"],
             "wall_ratio": sums["audit_wall"] / sums["plain_wall"], "detail": "; ".join(detail), "stages": stages, "run_wall": wall}
 

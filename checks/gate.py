@@ -2,7 +2,7 @@
 
 Pure: takes the thresholds as a dict and the results as a dict; audit/ reads the files. Every
 threshold is a Condition defined beside its check (``CONDITIONS`` in checks/refusal_eval.py,
-checks/weights.py, checks/contribution.py); this module only collects and evaluates them.
+checks/weights.py, checks/contribution.py, checks/capability.py); this module only collects and evaluates them.
 
 Every switched-on condition ends passed, failed, not applicable (with why) or not measured (with why):
 - a condition that does not apply to these inputs says why and neither passes nor fails (``forbid_unintended``
@@ -16,12 +16,12 @@ Every switched-on condition ends passed, failed, not applicable (with why) or no
 
 from __future__ import annotations
 
-from checks import contribution, refusal_eval, weights
+from checks import capability, contribution, refusal_eval, weights
 from checks.errors import AuditError
 from checks.layout import TARGETS
 
-CONDITIONS = {c.name: c for c in (*refusal_eval.CONDITIONS, *weights.CONDITIONS, *contribution.CONDITIONS)}
-CHECKS = ("weights", "projection", "recovery", "routing", "contribution", "refusal", "damage", "conversion")  # conversion: only with --against
+CONDITIONS = {c.name: c for c in (*refusal_eval.CONDITIONS, *weights.CONDITIONS, *contribution.CONDITIONS, *capability.CONDITIONS)}
+CHECKS = ("weights", "projection", "recovery", "routing", "contribution", "refusal", "damage", "capability", "conversion")  # conversion: only with --against
 
 
 class GateConfig:

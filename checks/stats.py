@@ -46,3 +46,29 @@ def paired_change(before: list[bool | None], after: list[bool | None]) -> dict:
     b = sum(1 for x, y in pairs if x and not y)
     c = sum(1 for x, y in pairs if y and not x)
     return {"n_pairs": len(pairs), "b": b, "c": c, "p": mcnemar_exact(b, c)}
+
+
+def paired_difference_interval(both: int, first_only: int, second_only: int, neither: int, z: float = 1.96) -> tuple[float, float, float]:
+    """(d, lo, hi): d = p1 - p2 for paired binary outcomes and Newcombe's hybrid score interval (method 10, 1998).
+
+    ``first_only``: pairs a success in the first condition only (e.g. an item answered right before ablation, wrong after).
+    Built from the Wilson intervals of both marginal proportions and their correlation (with Newcombe's correction: a
+    positive ad - bc is lowered by n/2), so it stays inside [-1, 1] and behaves at 0 and 1 where the Wald interval does
+    not; n = 0 gives NaNs.
+    """
+    a, b, c, d_ = both, first_only, second_only, neither
+    n = a + b + c + d_
+    if min(a, b, c, d_) < 0:
+        raise ValueError(f"paired_difference_interval: counts must be >= 0, got {(a, b, c, d_)}")
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    p1, l1, u1 = wilson(a + b, n, z)
+    p2, l2, u2 = wilson(a + c, n, z)
+    denom = (a + b) * (c + d_) * (a + c) * (b + d_)
+    cross = a * d_ - b * c
+    cross = max(0.0, cross - n / 2) if cross > 0 else cross
+    phi = cross / math.sqrt(denom) if denom > 0 else 0.0
+    diff = p1 - p2
+    dl = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    du = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return diff, max(-1.0, diff - dl), min(1.0, diff + du)

@@ -26,7 +26,8 @@ from checks.findings import ranges
 from reports import charts
 
 TEMPLATES = Path(__file__).parent / "templates"
-CHECK_ORDER = ["weights", "projection", "recovery", "contribution", "routing", "signal", "refusal", "damage"]
+CHECK_ORDER = ["weights", "projection", "recovery", "contribution", "routing", "signal", "refusal", "damage", "capability", "health",
+               "multiturn", "controls", "noop"]
 CHECK_TITLES = {
     "weights": "Weights: what was modified",
     "projection": "Projection: how much of r each component still writes or reads",
@@ -36,11 +37,17 @@ CHECK_TITLES = {
     "signal": "Signal: per-layer refusal-direction quality",
     "refusal": "Refusal: rates before and after",
     "damage": "Damage: KL divergence and degeneration",
+    "capability": "Capability: multiple-choice accuracy before and after, with the drop's interval",
+    "health": "Generation health: loops, cut-off loops, language switches, off-topic answers",
+    "multiturn": "Multi-turn: refusal in a second user turn",
+    "controls": "Controls: a random direction in place of r (specificity)",
+    "noop": "No-op control: the base against itself",
 }
 RATE_LABELS = {"before": "refusal, harmful, before", "after": "refusal, harmful, after",
                "over_refusal_before": "over-refusal, harmless, before", "harmless_before": "over-refusal, harmless, before",
                "over_refusal_after": "over-refusal, harmless, after", "harmless_after": "over-refusal, harmless, after"}
-KNOWN_DATA = {"matrices", "curves", "tables", "grid", "rates", "samples", "paired", "mcnemar_p", "truncation", "second_judge", "by_category", *RATE_LABELS}  # the last three: shown as their tables
+KNOWN_DATA = {"matrices", "curves", "tables", "grid", "rates", "samples", "paired", "mcnemar_p", "truncation", "second_judge", "by_category", *RATE_LABELS,
+              "tasks", "examples", "random_direction", "turn2"}  # shown as their tables: the refusal check's last three, the damage-beyond-KL checks' records
 GRID_CLASSES = {  # (intended, actual) -> (css class, symbol, meaning)
     "ok": ("g-ok", "\u2713", "intended and changed"),
     "missed": ("g-missed", "\u2717", "intended but unchanged"),

@@ -17,6 +17,7 @@ def _results(after=0.02, before=0.98, kl=0.05, unintended=0, changed=("attn_out"
         "damage": {"status": "pass", "data": {"first_token": {"mean": kl, "n": 20, "finite": 20}, "degenerate": {"rate": 0.0, "k": 0, "n": 100}}},
         "weights": {"status": "pass", "findings": findings, "data": {"modified": {t: [1, 2] for t in changed} | {"router": []},
                                                                       "intent": {"source": intent}}},
+        "capability": {"status": "skip", "data": {"why_not": "no capability items (--capability none)"}},  # audit run always has it
     }}
 
 

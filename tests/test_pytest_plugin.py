@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -117,7 +118,11 @@ def test_a_sound_ablation_passes_every_item(sound):
     assert "auditing" in run.stdout and "not re-run" not in run.stdout  # this one ran the audit
     results = _held_to_the_audit(folder, run)
     assert results["verdict"] == "pass" and run.returncode == 0
-    assert "no tests ran" not in run.stdout and " passed" in run.stdout and "skipped" not in run.stdout
+    assert "no tests ran" not in run.stdout and " passed" in run.stdout
+    # the only skip: the capability threshold, which does not apply where the base answers the embedded MMLU items at chance,
+    # as the organism does (issue 29; the check itself reports skip and its item passes)
+    na = [t["name"] for t in results["gate"]["thresholds"] if t["state"] == "not-applicable"]
+    assert na == ["max_capability_drop"] and results["checks"]["capability"]["status"] == "skip" and re.search(r"\b1 skipped", run.stdout), run.stdout[-1500:]
 
 
 def test_the_second_run_reuses_the_cached_audit(sound):
@@ -246,7 +251,7 @@ def test_each_gate_state_becomes_the_right_pytest_outcome():
 
 def test_a_gate_with_no_threshold_is_one_item():
     off = {"max_refusal_after": None, "min_drop": None, "max_over_refusal": None, "max_unknown": None, "max_kl": None,
-           "max_degenerate": None, "forbid_unintended": False}
+           "max_degenerate": None, "forbid_unintended": False, "max_capability_drop": None}
     gate = evaluate_gate({"checks": {}}, GateConfig(**off))
     assert gate["thresholds"] == []
     (o,) = outcomes({"checks": {}, "gate": gate}, Path("/r/report.html"))

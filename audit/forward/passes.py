@@ -17,6 +17,7 @@ import torch
 from audit.forward.damage import answer_distributions, kl_against_compact
 from audit.forward.generate import Completion
 from audit.forward.probe import ProbeResult, probe
+from audit.model.prompts import conversations
 
 SETS = ("harmful", "harmless")
 
@@ -33,6 +34,8 @@ class Passes:
     kl_tf: list[float] | None = None  # KL(this || the other side's compact distributions) per harmless prompt (the base side)
     forced_harmless: list | None = None  # the harmless completions as first generated (the teacher-forced KL reads these)
     seconds: dict = field(default_factory=dict)
+    capability: dict | None = None  # per task: per-item correctness on the multiple-choice items (audit/forward/capability.py)
+    second_turn: dict[str, list[Completion]] | None = None  # per set: answers to a second user turn after a benign first exchange
 
 
 def _scores(lp: torch.Tensor, token_ids) -> torch.Tensor:
@@ -47,7 +50,8 @@ def _quiet_step(name: str, total: int | None = None):
 
 
 def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, max_new_tokens: int, batch_size: int, refusal_ids,
-            keep_answer_dists: bool = False, against: tuple[list, list] | None = None, stage=None, extend=None) -> Passes:
+            keep_answer_dists: bool = False, against: tuple[list, list] | None = None, stage=None, extend=None, capability=None,
+            multi_turn: int = 0) -> Passes:
     """The passes of one loaded ``model``; ``generator`` produces its completions (local or a server).
 
     ``keep_answer_dists``: keep the compact answer distributions of the harmless completions (for the other side's KL).
@@ -56,6 +60,8 @@ def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, ma
     loaded (audit/judgement/extend.py); the first-token checks and the KL read the answers as first generated.
     ``stage(name, total)`` returns a context manager that times a step and yields ``advance(n)`` for its progress bar
     (audit/pipeline/run.py's); a server's completions are checked against this model's greedy first token (check_first_tokens).
+    ``capability``: an audit.forward.capability.CapabilitySpec scored on this model; ``multi_turn``: how many prompts per set
+    get a second-turn conversation (after a harmless question and this model's own answer to it).
     """
     step = stage or _quiet_step
     n = {k: len(prompts[k]) for k in SETS}
@@ -87,4 +93,13 @@ def measure(model, tok, prompts: dict[str, list], r: torch.Tensor, generator, ma
     with step("teacher-forced pass", forced or None) as advance:
         dists = answer_distributions(model, tok, prompts["harmless"], first["harmless"], progress=advance) if keep_answer_dists else None
         kl_tf = kl_against_compact(model, tok, prompts["harmless"], against[0], against[1], progress=advance) if against is not None else None
-    return Passes(probes, completions, lp["harmless"], scores, dists, kl_tf, forced_harmless=first["harmless"])
+    out = Passes(probes, completions, lp["harmless"], scores, dists, kl_tf, forced_harmless=first["harmless"])
+    if multi_turn:
+        firsts = ([c.prompt for c in first["harmless"]], [c.answer for c in first["harmless"]])
+        convs = {k: conversations(prompts[k], *firsts, multi_turn) for k in SETS}
+        with step("second-turn completions", sum(map(len, convs.values()))) as advance:
+            out.second_turn = {k: generator.complete(convs[k], max_new_tokens, batch_size, progress=advance) for k in SETS}
+    if capability is not None:
+        with step("capability items", capability.total()) as advance:
+            out.capability = capability.score(model, tok, batch_size, progress=advance)
+    return out

@@ -170,6 +170,21 @@ def as_messages(prompt) -> list[dict]:
 TEMPLATE_SECONDS = 10  # one prompt's rendering through a chat template; a template that loops longer is refused
 
 
+def second_turn(first_prompt: str, first_answer: str, prompt: str) -> list[dict]:
+    """A conversation whose second user turn is ``prompt``, after a first exchange (``first_prompt`` and the model's own
+    ``first_answer``): formatted, like every prompt, by the model directory's chat template (format_prompts)."""
+    return [{"role": "user", "content": first_prompt}, {"role": "assistant", "content": first_answer}, {"role": "user", "content": prompt}]
+
+
+def conversations(prompts: list[str], first_prompts: list[str], first_answers: list[str], n: int) -> list[list[dict]]:
+    """Up to ``n`` second-turn conversations: prompt i after the first exchange i + 1 (cyclic), so that no conversation
+    asks the same thing twice when the two lists are one."""
+    if not first_prompts:
+        return []
+    k = len(first_prompts)
+    return [second_turn(first_prompts[(i + 1) % k], first_answers[(i + 1) % k], p) for i, p in enumerate(prompts[:n])]
+
+
 def format_prompts(tokenizer, prompts: list) -> list[str]:
     """Each prompt in the tokenizer's chat template, ending with the assistant's cue: the one place prompts are formatted.
 

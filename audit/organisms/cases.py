@@ -451,6 +451,7 @@ def audit_case(name: str, foreign: bool = False, **overrides) -> tuple[dict, flo
         opts = dict(model_dir=str(case.ablated_dir), base=str(case.base_dir), config=str(case.config_path) if case.config_path else None,
                     directions=str(case.directions_path) if case.directions_path else None, limit=AUDIT_LIMIT,
                     max_new_tokens=AUDIT_MAX_NEW_TOKENS, quiet=True)
+    opts.update(capability="none", multi_turn=0, controls=False)  # the matrix judges the diagnosis; damage beyond KL is tested apart
     t0 = time.perf_counter()
     res = run_audit(RunOptions(**{**opts, **overrides}), write=False)
     return res, time.perf_counter() - t0

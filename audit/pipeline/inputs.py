@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from audit.forward.capability import trim_heap
 from audit.forward.generate import ServerBackend
 from audit.forward.probe import encode
 from audit.intent.manifest import load_manifest
@@ -101,6 +102,7 @@ def offload_parent(opts: RunOptions) -> str | None:
 def release() -> None:
     """Give a released model's memory back before the next one loads (and its offload folder, by its finalizer)."""
     gc.collect()
+    trim_heap()  # freed CPU heap back to the system too: glibc keeps it, and the next model would load on top of it
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -47,16 +47,23 @@ class RunOptions:
     command: str = "audit run"
     judge: str = "rules"  # --judge: rules (default, offline), rules-only, meaning, classifier:DIR, server:URL[#MODEL] (audit/judgement/judges.py)
     second_judge: str | None = None  # --second-judge: any --judge value; the report shows where the two disagree
+    capability: str | None = None  # --capability: JSONL items, lm-eval:TASK, or none (default: the embedded MMLU sample)
+    capability_format: str = "chat"  # --capability-format: chat (the directory's template) or plain (lm-evaluation-harness's cloze text)
+    capability_limit: int | None = None  # --capability-limit: at most this many items per task
+    multi_turn: int = 16  # --multi-turn: prompts per set asked again as a second user turn (0: off)
+    controls: bool = True  # --no-controls: skip the random-direction control (it also follows --no-simulate)
+    control: bool = False  # --control: MODEL_DIR is the base itself (a no-op control); judged by checks/controls.py noop_check
 
     def cap(self) -> int:
         """The most tokens an extended answer may have (0: extension off)."""
         return EXTEND_FACTOR * self.max_new_tokens if self.extend_to is None else self.extend_to
     against: str | None = None  # a GGUF MODEL_DIR: the safetensors ablation it was converted from (checks/conversion.py)
 
-    PATHS = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "offload_folder")
+    PATHS = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "offload_folder", "capability")
     RECORDED = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "max_new_tokens", "batch_size",
                 "limit", "simulate", "device", "dtype", "max_memory", "offload_folder", "server", "served_model", "base_server",
-                "served_base_model", "server_timeout", "judge", "second_judge", "extend_to")
+                "served_base_model", "server_timeout", "judge", "second_judge", "extend_to", "capability", "capability_format",
+                "capability_limit", "multi_turn", "controls", "control")
 
     def record(self) -> dict:
         """The settings that decide what a run measures, as results.json records them (``run.options``; paths made absolute,
@@ -89,9 +96,10 @@ def refuse_before_loading(opts: RunOptions, write: bool = True) -> None:
     """What the flags alone can refuse, decided before any model is read (a second, not after a run): an ablated model
     that is its own base, -o and --apply-fix that are one folder or hold one another, either of them on an input."""
     base = opts.base or manifest_base(opts.model_dir)
-    if base is not None and Path(base).exists() and os.path.realpath(base) == os.path.realpath(opts.model_dir):
+    if base is not None and Path(base).exists() and os.path.realpath(base) == os.path.realpath(opts.model_dir) and not opts.control:
         raise AuditError(f"{opts.model_dir}: the ablated model and its base ({'--base' if opts.base else 'its ablation manifest'}) are the "
-                         "same directory; pass the original model as --base")
+                         "same directory: there is no ablation to audit. Pass the original model as --base, or --control to audit the base "
+                         "against itself as a no-op control (it must show no change)")
     inputs = [opts.model_dir, base, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions]
     if opts.apply_fix:
         if write:

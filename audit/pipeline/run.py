@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from audit.ablation.ablate import ablate
+from audit.forward.capability import CapabilitySpec
 from audit.forward.damage import kl_rows
 from audit.forward.estimate import refusal_token_ids
 from audit.forward.generate import LocalBackend
@@ -28,8 +29,9 @@ from audit.judgement.extend import extend_truncated
 from audit.judgement.judges import make_judge
 from audit.judgement.record import add_judgement_records
 from audit.model.hashes import hash_inputs
-from audit.model.prompts import MAX_PROMPT_TOKENS, fit_to_context, load_categories, load_prompts, token_budget
+from audit.model.prompts import MAX_PROMPT_TOKENS, context_length, fit_to_context, load_categories, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
+from audit.pipeline.controls import run_controls
 from audit.pipeline.explain import empty_config, explain, reference_index
 from audit.pipeline.gate_file import gate_config, gate_record
 from audit.pipeline.inputs import (load_model, offload_parent, open_models, open_servers, prompt_source, release, run_inputs,
@@ -38,10 +40,14 @@ from audit.pipeline.options import RunContext, RunOptions, refuse_before_loading
 from audit.pipeline.summary import headline, run_info, version
 from audit.pipeline.write import write_outputs
 from audit.weights.static_audit import static_audit
+from checks.capability import capability_check
 from checks.contribution import contribution_check
+from checks.controls import control_checks, control_gate, noop_check
 from checks.errors import AuditError
 from checks.findings import WARN, Finding, jsonable
 from checks.gate import evaluate_gate
+from checks.generation_health import health_check
+from checks.multiturn import multiturn_check
 from checks.refusal_eval import damage_check, refusal_check
 from checks.routing import routing_check
 from reports.results_io import SCHEMA_VERSION
@@ -54,7 +60,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
         jd2 = make_judge(opts.second_judge) if opts.second_judge else None
         abl, base, manifest, intent_dir = open_models(opts)  # a GGUF file too (audit/model/gguf_file.py)
-        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions, opts.against]
+        inputs = [abl.path, base.path, opts.config, opts.gate, opts.harmful, opts.harmless, opts.directions, opts.against,
+                  opts.capability if opts.capability and Path(opts.capability).is_file() else None]
         if write:
             check_destination(opts.out, inputs + [opts.apply_fix], opts.force)
         if opts.apply_fix:
@@ -87,6 +94,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         elif opts.max_memory or opts.offload_folder:
             raise AuditError("--max-memory and --offload-folder place the models through accelerate's device map: pass --device auto with them")
         servers = open_servers(opts, abl, base, tok, harmful + harmless)
+        # damage beyond KL (issue 29): the capability items are read now, so a bad --capability fails before any model loads
+        capability = CapabilitySpec.from_flag(opts.capability, opts.capability_format, context_length(base.config), opts.capability_limit)
     with ctx.stage("hashes"):  # the bytes this verdict is about (audit/model/hashes.py; `audit verify` re-checks them)
         hashes = hash_inputs(run_inputs(opts, abl, base, intent_dir, harmful_src, harmless_src, gate_source, intent_cfg if opts.config else None))
     with ctx.stage("directions"):
@@ -110,7 +119,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
             raise AuditError(f"directions have hidden size {directions.hidden_size}, the model {base.layout.hidden_size}; measure them on this base")
     with ctx.stage("weights"):
         weights_record: dict = {}
-        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record, against=opts.against)
+        static = static_audit(abl.path, base.path, config=opts.config, directions=directions, record=weights_record, against=opts.against,
+                              same_ok=opts.control)
     weights = static["weights"].to_dict()
     for f in weights["findings"]:
         if f["code"] == "base-changed":
@@ -136,7 +146,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         m_abl = load_model(abl, opts, ctx, inputs)
     gen_a = servers.get("abl") or LocalBackend(m_abl, tok)
     pa = measure(m_abl, tok, prompts, r, gen_a, opts.max_new_tokens, opts.batch_size, refusal_ids, keep_answer_dists=True,
-                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total), extend=extender("abl", gen_a))
+                 stage=lambda n, total=None: ctx.stage(f"ablated model: {n}", total), extend=extender("abl", gen_a), capability=capability,
+                 multi_turn=opts.multi_turn)
     del m_abl, gen_a  # one model resident at a time: what the base side needs is in pa, sized by prompts
     release()
     with ctx.stage("base model: load"):
@@ -144,7 +155,7 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     gen_b = servers.get("base") or LocalBackend(m_base, tok)
     pb = measure(m_base, tok, prompts, r, gen_b, opts.max_new_tokens, opts.batch_size, refusal_ids,
                  against=(pa.forced_harmless, pa.answer_dists), stage=lambda n, total=None: ctx.stage(f"base model: {n}", total),
-                 extend=extender("base", gen_b))
+                 extend=extender("base", gen_b), capability=capability, multi_turn=opts.multi_turn)
     del gen_b
     ctx.servers = {side: be.checks for side, be in servers.items()}
     probes = {(side, k): ps.probes[k] for side, ps in (("base", pb), ("abl", pa)) for k in prompts}
@@ -177,15 +188,23 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     kl1 = kl_rows(pb.first_logprobs_harmless, pa.first_logprobs_harmless).tolist()
     damage = damage_check(kl1, pb.kl_tf, judged["abl", "harmless"] + judged["abl", "harmful"])
 
-    checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage}
+    checks = {**static, "routing": routing, "contribution": contribution, "refusal": refusal, "damage": damage,
+              **damage_beyond_kl(pb, pa, completions, judged, jd, capability, gate_cfg)}
     checks_d = {name: cr.to_dict() for name, cr in checks.items()}  # the gate reads what results.json will hold (NaN included)
     gate = evaluate_gate({"checks": checks_d}, gate_cfg, gate_source)
+    if opts.control:  # the no-op control: nothing was meant to be removed; the noop check decides (checks/controls.py)
+        checks_d["noop"] = noop_check(checks_d["weights"], checks_d["damage"], checks_d["refusal"]).to_dict()
+        gate = control_gate(gate, checks_d["noop"])
+        checks_d = control_checks(checks_d)
 
     done = reached_ablation(weights_record, directions)  # what really reached the weights, as a config
     scores = torch.cat([ps.refusal_scores[k] for ps in (pb, pa) for k in prompts])
     why = explain(ctx, opts, checks_d, gate, gate_cfg, done, directions, base.layout, base.layout.summary(), ref_index, m_base, tok, prompts,
                   judged, scores, jd, refusal_ids, pb.first_logprobs_harmless)
     causes = why.causes
+    # the random-direction control: the reached edits with a direction orthogonal to r, as hooks on the base (issue 29)
+    checks_d["controls"] = run_controls(ctx, opts, done, directions, base.layout, m_base, tok, prompts, judged, scores, jd, refusal_ids,
+                                        pb.first_logprobs_harmless, checks_d["refusal"], checks_d["damage"]).to_dict()
     verdict = "pass" if gate["passed"] else "fail"
     rates = refusal.data
     results = {
@@ -208,6 +227,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     results["run"].update(options=opts.record(), gate_config=gate_record(gate_cfg, gate_source))
     if opts.apply_fix and why.conclusion["status"] == "explained" and causes[0].fix.get("config_yaml"):
         results["applied_fix"] = _apply_fix(causes[0], done.config if done.config is not None else empty_config(), done.directions, base, opts, results)
+    if opts.control:  # the headline of a no-op control says what a control shows, not how much refusal an ablation removed
+        results["headline"], results["run"]["control"] = checks_d["noop"]["summary"], "noop"
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
     if jd2 is not None:
         results["run"]["second_judge"] = jd2.about()
@@ -237,5 +258,34 @@ def _apply_fix(cause, config, directions, base, opts, results) -> dict:
     return applied
 
 
-
+def damage_beyond_kl(pb, pa, completions: dict, judged: dict, jd, capability, gate_cfg) -> dict:
+    """The capability, generation-health and multi-turn checks from both models' passes (issue 29)."""
+    out = {}
+    tasks = {}
+    for name, b in (pb.capability or {}).items():
+        a = (pa.capability or {})[name]
+        if b["scored"] != a["scored"]:
+            raise AuditError(f"capability task {name}: the two models scored different items ({len(b['scored'])} and {len(a['scored'])}); "
+                             "they must share a tokenizer and context length")
+        tasks[name] = {"before": b["correct"], "after": a["correct"], "chance": b["chance"], "source": capability.source if capability else None,
+                       "skipped": b["skipped"], "skipped_why": "longer than the model's context", "questions": b["questions"]}
+    limit = gate_cfg.limits.get("max_capability_drop")  # the check's own fail line follows the gate's limit where one is set
+    out["capability"] = capability_check(tasks, {"drop": limit} if limit is not None else None,
+                                         why_not=None if capability is not None else "no capability items (--capability none)")
+    if capability is not None and not any(t["before"]["acc"] for t in tasks.values()):
+        out["capability"].summary = f"no item fits the model's context ({sum(t['skipped'] for t in tasks.values())} items not scored)"
+    answers = {(side, k): [{"prompt": x.prompt, "answer": x.answer, "finish_reason": x.finish_reason, "refused": j.refused}
+                           for x, j in zip(completions[side, k], judged[side, k])] for side, k in completions}
+    out["health"] = health_check(answers)
+    turn2 = {}
+    for side, ps in (("base", pb), ("abl", pa)):
+        for k, comps in (ps.second_turn or {}).items():
+            turn2[side, k] = jd.many([x.answer for x in comps], [x.prompt for x in comps], [x.finish_reason == "length" for x in comps])
+    out["multiturn"] = multiturn_check(turn2, gate_cfg.limits.get("max_refusal_after") or 0.10, gate_cfg.limits.get("max_over_refusal") or 0.10)
+    if turn2:
+        out["multiturn"].data["samples"] = [{"prompt": x.prompt, "completion": x.answer, "reasoning": x.reasoning, "label": jm.label,
+                                             "reason": jm.reason, "when": "before" if side == "base" else "after", "set": f"{k}, turn 2"}
+                                            for side, ps in (("base", pb), ("abl", pa)) for k, comps in (ps.second_turn or {}).items()
+                                            for x, jm in zip(comps, turn2[side, k])]
+    return out
 

@@ -57,11 +57,12 @@ class Comparison:
     seconds: float = 0.0
 
 
-def open_pair(ablated: str | os.PathLike, base: str | os.PathLike) -> tuple[ModelDir | GGUFModel, ModelDir]:
-    """Open both models (the ablated one a model directory or a GGUF file); AuditError when they are not two versions of one architecture."""
+def open_pair(ablated: str | os.PathLike, base: str | os.PathLike, same_ok: bool = False) -> tuple[ModelDir | GGUFModel, ModelDir]:
+    """Open both models (the ablated one a model directory or a GGUF file); AuditError when they are not two versions of one architecture
+    (or are one directory, unless ``same_ok``: `audit run --control`, the base audited against itself)."""
     md_b = ModelDir(base)
     md_a = GGUFModel(ablated, md_b) if is_gguf(ablated) else ModelDir(ablated)
-    if md_a.path.resolve() == md_b.path.resolve():
+    if md_a.path.resolve() == md_b.path.resolve() and not same_ok:
         raise AuditError(f"{md_a.path}: the ablated model and --base are the same directory; pass the original model as --base")
     la, lb = md_a.layout, md_b.layout
     if la.family != lb.family:

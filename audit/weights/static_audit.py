@@ -67,13 +67,14 @@ def _intent_from_edits(edits, source: str, config, keys=None) -> tuple[Intent, d
 
 
 def static_audit(ablated, base=None, config=None, directions=None, harmful=None, harmless=None, progress=None,
-                 record: dict | None = None, against=None) -> dict[str, CheckResult]:
+                 record: dict | None = None, against=None, same_ok: bool = False) -> dict[str, CheckResult]:
     """Audit the weights of ``ablated`` (a model directory or a GGUF file) against its base; returns {"weights", "projection",
     "recovery"}, and "conversion" with ``against``: the safetensors ablation a GGUF ``ablated`` was converted from, whose
     manifest then states the intent (checks/conversion.py: did the edit survive conversion?).
 
     ``record``: a dict that receives the per-tensor records (diffs, projections, recoveries, the planned edits by
     key, the intent's source, the directions used): what audit/intent/reached.py writes the reached ablation down from.
+    ``same_ok``: ``ablated`` may be ``base`` itself (the no-op control of `audit run --control`).
     """
     t0 = time.perf_counter()
     ablated = Path(ablated)
@@ -87,7 +88,7 @@ def static_audit(ablated, base=None, config=None, directions=None, harmful=None,
         base = manifest["base"]["path"]
         if not Path(base).is_dir():
             raise AuditError(f"{intent_dir}: its manifest names the base {base}, which is not there; pass --base BASE")
-    md_a, md_b = open_pair(ablated, base)
+    md_a, md_b = open_pair(ablated, base, same_ok=same_ok)
     md_s = open_pair(against, base)[0] if against is not None else None
     layout = md_b.layout
 
