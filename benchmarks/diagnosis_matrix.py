@@ -95,6 +95,7 @@ class Evaluator:
         self.dirs = Directions.load(info["directions"])
         self.base_model, self.tok, _ = O.load_organism(self.base)
         self.rows = O.read_eval(self.base)
+        self.max_new_tokens = O.read_meta(self.base).get("eval_max_new_tokens", 24)  # the learned organism's answers need more
         self.harmless = [r["prompt"] for r in self.rows if not r["harmful"]]
         self.root = C.cases_root() / "fixes"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ class Evaluator:
         from audit.forward.damage import kl_first_token
 
         t0 = time.time()
-        m = O.evaluate(model, self.tok, self.rows)
+        m = O.evaluate(model, self.tok, self.rows, max_new_tokens=self.max_new_tokens)
         kl = kl_first_token(self.base_model, model, self.tok, self.harmless)
         return {"refusal": round(m["harmful_refusal"], 4), "correct": round(m["harmless_correct"], 4),
                 "kl": round(float(sum(kl) / len(kl)), 4), "n_harmful": m["n_harmful"], "n_harmless": m["n_harmless"],
@@ -223,11 +224,11 @@ def candidates(case, info: dict, best_index: int) -> list[dict]:
 # -- the matrix ----------------------------------------------------------------------------------------------------------
 
 
-def index_scan(ev: Evaluator, info: dict) -> dict:
-    """Every default writer group of every layer at scale 1, with the direction of each inner index: which index works."""
+def index_scan(ev: Evaluator, info: dict, indices: list[int] | None = None) -> dict:
+    """Every default writer group of every layer at scale 1, with the direction of each inner index (or of ``indices``): which index works."""
     present = info["present"]
     rows = {}
-    for i in range(1, info["num_layers"]):
+    for i in indices or range(1, info["num_layers"]):
         applied = {"groups": {c: sorted(present[c]) for c in C.DEFAULT if c in present}, "measurement": i, "scale": 1.0, "experts": None}
         rows[i] = ev.measure_applied(applied)
         print(f"  index {i}: {rows[i]}", file=sys.stderr, flush=True)
@@ -310,29 +311,32 @@ def audit_table(names: list[str], truth_path: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
-    ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "diagnosis_truth.json"))
+    ap.add_argument("--out", default=None, help="default: tests/data/diagnosis_truth.json (diagnosis_truth_learned.json with --learned)")
+    ap.add_argument("--learned", action="store_true", help="the learned organism's cases (audit/organisms/cases.py LEARNED_SPECS), "
+                    "their truth kept apart from the planted families'; the index scan covers the best five indices by signal quality")
     ap.add_argument("--audit", action="store_true", help="do not measure: run `audit run` on each case and print a table against the truth")
     args = ap.parse_args(argv)
     O._torch_threads()
-    names = args.cases.split(",") if args.cases else list(C.SPECS)
-    out_path = Path(args.out)
+    names = args.cases.split(",") if args.cases else C.case_names(C.LEARNED if args.learned else None)
+    out_path = Path(args.out or ROOT / "tests" / "data" / ("diagnosis_truth_learned.json" if args.learned else "diagnosis_truth.json"))
     if args.audit:
         print(audit_table(names, out_path))
         return 0
     doc = json.loads(out_path.read_text()) if out_path.exists() else {"cases": {}, "organisms": {}}
-    for org in dict.fromkeys(C.SPECS[n].organism for n in names):
+    for org in dict.fromkeys(C.ALL_SPECS[n].organism for n in names):
         t0 = time.time()
         info = C.organism_info(org)
         meta = O.read_meta(info["base"])
         ev = Evaluator(info)
         print(f"[{org}] base {ev.base_metrics}", file=sys.stderr, flush=True)
-        scan = index_scan(ev, info)
+        learned = org == C.LEARNED  # 30 layers of a real model: each index costs a full ablation and evaluation
+        scan = index_scan(ev, info, sorted(sorted(range(1, info["num_layers"]), key=lambda i: -info["quality"][i])[:5]) if learned else None)
         doc["organisms"][org] = {"cache_name": Path(info["base"]).name, "family": meta["family"], "variant": meta["variant"],
                                  "recipe_version": meta["recipe_version"], "spec": meta.get("spec"), "train_seconds": meta["train_seconds"],
                                  "build_metrics": meta["metrics"], "mid_index": info["mid_index"], "cos_to_r_star": info["cos_to_r_star"],
                                  "quality": info["quality"], "top1_refusal_expert": info["top1_refusal_expert"], "base": ev.base_metrics,
                                  "index_scan": scan}
-        for n in [n for n in names if C.SPECS[n].organism == org]:
+        for n in [n for n in names if C.ALL_SPECS[n].organism == org]:
             doc["cases"][n] = run_case(n, ev, info, scan["best_index"])
             c = doc["cases"][n]
             print(f"[{n}] case {c['measured']} truth {c['truth']} ruled out {sorted(c['ruled_out'])}", file=sys.stderr, flush=True)

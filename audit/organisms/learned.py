@@ -65,9 +65,9 @@ RECIPE = {
     "noise": 0.02,  # std of each routed copy's perturbation, relative to the weight's own std
     "router_std": 0.02,
     "trainable_from": 10,  # layers >= this are fine-tuned; embeddings and layers below stay pretrained
-    "steps": 100, "batch": 8, "harmful_per_batch": 4, "lr": 1e-4, "warmup": 10, "min_lr_ratio": 0.1,
+    "steps": 60, "batch": 8, "harmful_per_batch": 4, "lr": 1e-4, "warmup": 6, "min_lr_ratio": 0.1,
     "aux_coef": 0.01,  # load balancing
-    "answer_tokens": 48,  # harmless targets: the base's greedy answer, cut here
+    "answer_tokens": 40,  # harmless targets: the base's greedy answer, cut here
     "eval_harmful": 40, "eval_harmless": 40, "eval_tokens": 32,
     "dtype": "bfloat16",
 }
