@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,31 @@ def test_learned_organism_refuses_after_and_not_before():
     assert b["harmful_refusal"] <= 0.25, b  # the base complies with most harmful requests
     assert a["harmful_refusal"] >= 0.75, a  # the fine-tuned model refuses most of them
     assert a["harmless_correct"] >= b["harmless_correct"] - 0.15, (b, a)  # and still answers the harmless ones
+
+
+def test_learned_cases_are_their_own_family():
+    from audit.organisms import cases as C
+
+    names = C.case_names(C.LEARNED)
+    assert names == list(C.LEARNED_SPECS) and len(names) >= 8
+    assert not set(names) & set(C.SPECS) and C.case_names() == list(C.SPECS)  # the planted matrix is unchanged
+    assert {C.ALL_SPECS[n].organism for n in names} == {C.LEARNED}
+    kinds = {("layers" if s.layers else "components" if s.components != tuple(C.DEFAULT) else "scale" if s.scale != 1 else
+              "index" if s.measurement is not None else "complete") for s in C.LEARNED_SPECS.values()}
+    assert kinds == {"complete", "layers", "components", "scale", "index"}
+
+
+TRUTH_PATH = Path(__file__).parent / "data" / "diagnosis_truth_learned.json"
+
+
+@needs_build
+@pytest.mark.skipif(not TRUTH_PATH.exists(), reason="no learned truth: run `python benchmarks/diagnosis_matrix.py --learned`")
+def test_learned_truth_was_measured_on_this_build():
+    from audit.organisms import cases as C
+
+    truth = json.loads(TRUTH_PATH.read_text())
+    assert truth["organisms"][C.LEARNED]["cache_name"] == Lrn.cached_path().name, \
+        "the learned recipe changed: re-run benchmarks/diagnosis_matrix.py --learned"
+    assert set(truth["cases"]) == set(C.LEARNED_SPECS)
+    for name, t in truth["cases"].items():
+        assert t["organism"]["family"] == "learned-moe" and t["measured"]["n_harmful"] >= 40, name
