@@ -41,7 +41,7 @@ MAX_REFUSAL = 0.10
 MAX_CORRECT_DROP = 0.10
 MAX_KL = 1.0  # the gate's default: above it a model counts as damaged
 SOUNDNESS = ("model-damaged", "unintended-modification")  # causes that name a harm, not why refusal stayed
-LEARNED_SCAN = (17, 20, 22, 24, 26)  # the learned organism's index scan (with its best-quality index)
+LEARNED_SCAN = (20, 24, 26)  # the learned organism's index scan (with its best-quality index)
 
 
 # -- building what a fix describes ---------------------------------------------------------------------------------------

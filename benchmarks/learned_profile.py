@@ -12,9 +12,14 @@ On the cached learned organism (audit/organisms/learned.py), with its training p
 4. the fine-tuned model against the upcycled one before fine-tuning (the same probes on the weights the build started
    from are not kept, so 4 is the build's own numbers from organism.json).
 
-Whether removing the direction from every writer of every layer removes refusal is measured by
-``benchmarks/diagnosis_matrix.py --learned`` (its index scan and the ``lrn-complete`` case), not here.
-Run: ``AUDIT_THREADS=1 python benchmarks/learned_profile.py [--json OUT]`` (a few minutes on one thread).
+5. with ``--ablations``: held-out harmful refusal (the organism's 40 eval prompts, 32 tokens, the suite's judge) after
+   removing, in memory (audit/organisms/build.py ``orthogonalize``, float32), one direction from every writer of every
+   layer for each index of ``ABLATION_INDICES``; the same with the embeddings too; and each layer's own direction
+   (index layer + 1, llm-abliteration's per-layer ``measurement``) from that layer's writers, over the fine-tuned layers.
+
+The matrix's ground truth (`audit ablate`, both prompt sets, KL) is ``benchmarks/diagnosis_matrix.py --learned``.
+Run: ``AUDIT_THREADS=1 python benchmarks/learned_profile.py [--ablations] [--json OUT]`` (minutes; --ablations about a
+minute per row on one thread).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from audit.forward.measure import directions_of  # noqa: E402
 from audit.forward.probe import probe  # noqa: E402
 from audit.organisms import build as O  # noqa: E402
 from audit.organisms.learned import cached_learned  # noqa: E402
+from checks.linalg import project_out  # noqa: E402
+
+ABLATION_INDICES = (10, 14, 17, 20, 22, 24, 26, 28)
 from checks.contribution import contribution_check, writes  # noqa: E402
 from checks.routing import routing_check  # noqa: E402
 
@@ -86,9 +94,42 @@ def profile(path: Path) -> dict:
             "build": {k: meta.get(k) for k in ("before", "after", "ablated_every_writer_at_best", "best_index", "build_seconds", "torch_threads")}}
 
 
+def ablations(path: Path) -> list[dict]:
+    """Held-out harmful refusal after in-memory ablations: one index for every writer; with embeddings; per-layer directions."""
+    model, tok, meta = O.load_organism(path)
+    rows = [r for r in O.read_eval(path) if r["harmful"]]
+    d = directions_of(model, tok, O.read_prompts(path, "train_harmful"), O.read_prompts(path, "train_harmless"), batch_size=32,
+                      progress=False).refusal_dir
+    n_tok = meta["eval_max_new_tokens"]
+
+    def per_layer(m, lo):
+        with torch.no_grad():
+            for role in O.writer_roles(m):
+                if role.layer is not None and role.layer >= lo:
+                    p = m.get_parameter(role.key)
+                    p.data.copy_(project_out(p.data, d[role.layer + 1], role.resid_axis).to(p.dtype))
+
+    plans = [(f"index {i}, every writer of every layer", lambda m, i=i: O.orthogonalize(m, d[i], lambda ro: ro.layer is not None))
+             for i in ABLATION_INDICES]
+    plans += [(f"index {i}, every writer and the embeddings", lambda m, i=i: O.orthogonalize(m, d[i])) for i in (22, 24)]
+    t = meta["recipe"]["trainable_from"]
+    plans += [(f"each layer's own index (layer + 1), layers {lo}-{len(d) - 2}", lambda m, lo=lo: per_layer(m, lo)) for lo in (t, 15)]
+    out = []
+    for name, edit in plans:
+        m = O._copy_model(model)
+        edit(m)
+        r = O.evaluate(m, tok, rows, max_new_tokens=n_tok, samples=1)
+        out.append({"ablation": name, "harmful_refusal": r["harmful_refusal"], "undecided": r["unknown"], "n": r["n_harmful"],
+                    "sample": r["samples"]["harmful"][0]["answer"][:100]})
+        print(f"  {name}: refused {r['harmful_refusal']:.0%} of {r['n_harmful']} (undecided {r['unknown']})", flush=True)
+        del m
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--ablations", action="store_true", help="also measure refusal after in-memory ablations (about a minute each)")
     args = ap.parse_args(argv)
     O._torch_threads()
     res = profile(cached_learned())
@@ -101,6 +142,9 @@ def main(argv=None) -> int:
     for pos, r in res["routing"].items():
         print(f"routing ({pos}): {r['refusal_associated_cells']} of {r['tested_cells']} layer x expert cells chosen more on harmful prompts "
               f"(BH q < 0.05), layers {r['layers']}; top: {r['top'][:4]}")
+    if args.ablations:
+        print("held-out harmful refusal after ablation:")
+        res["ablations"] = ablations(cached_learned())
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0

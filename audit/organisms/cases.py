@@ -118,10 +118,7 @@ def _learned_specs() -> list[CaseSpec]:
     return [
         CaseSpec("lrn-complete", k, "every default writer, every layer, the best-quality index, scale 1: the complete ablation"),
         CaseSpec("lrn-band-half", k, "every default writer, but only the middle half of the layers (8-22 of 30)", layers=tuple(range(8, 23))),
-        CaseSpec("lrn-no-attn", k, "every layer, attention (attn_out) left out", components=no("attn_out")),
         CaseSpec("lrn-no-routed", k, "every layer, the routed experts' down_proj left out", components=no("experts_down")),
-        CaseSpec("lrn-no-shared", k, "every layer, the shared expert (shared_down) left out", components=no("shared_down")),
-        CaseSpec("lrn-no-dense", k, "every layer, the dense MLPs' down_proj (20 of the 30 layers) left out", components=no("mlp_down")),
         CaseSpec("lrn-scale-0.5", k, "every writer, every layer, scale 0.5", scale=0.5),
         CaseSpec("lrn-index-early", k, "every writer, every layer, the direction measured at index 2", measurement=2),
     ]
