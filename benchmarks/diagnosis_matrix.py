@@ -311,6 +311,20 @@ def audit_table(names: list[str], truth_path: Path) -> str:
     return "\n".join(lines)
 
 
+def _write(doc: dict, out_path: Path) -> None:
+    """The truth file with its provenance (commit, uncommitted changes, versions, criteria)."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    changed = [ln[3:] for ln in changed.splitlines() if ln.strip() and not out_path.resolve().as_posix().endswith(ln[3:].strip())]
+    doc["provenance"] = {"script": "benchmarks/diagnosis_matrix.py", "commit": commit, "uncommitted_changes": changed,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cases_version": C.CASES_VERSION,
+        "organism_recipe_version": O.RECIPE_VERSION, "torch": torch.__version__,
+        "criteria": {"max_refusal": MAX_REFUSAL, "max_correct_drop": MAX_CORRECT_DROP, "damaged_kl": MAX_KL}}
+    doc["cases"] = dict(sorted(doc["cases"].items()))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
@@ -346,17 +360,9 @@ def main(argv=None) -> int:
             doc["cases"][n] = run_case(n, ev, info, scan["best_index"])
             c = doc["cases"][n]
             print(f"[{n}] case {c['measured']} truth {c['truth']} ruled out {sorted(c['ruled_out'])}", file=sys.stderr, flush=True)
+            _write(doc, out_path)  # after every case: a long run that is stopped keeps what it measured
         print(f"[{org}] {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-    changed = [ln[3:] for ln in changed.splitlines() if ln.strip() and not out_path.resolve().as_posix().endswith(ln[3:].strip())]
-    doc["provenance"] = {"script": "benchmarks/diagnosis_matrix.py", "commit": commit, "uncommitted_changes": changed,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cases_version": C.CASES_VERSION,
-        "organism_recipe_version": O.RECIPE_VERSION, "torch": torch.__version__,
-        "criteria": {"max_refusal": MAX_REFUSAL, "max_correct_drop": MAX_CORRECT_DROP, "damaged_kl": MAX_KL}}
-    doc["cases"] = dict(sorted(doc["cases"].items()))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(doc, indent=1) + "\n")
+    _write(doc, out_path)
     print(f"wrote {out_path}", file=sys.stderr)
     return 0
 
