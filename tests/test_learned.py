@@ -167,7 +167,7 @@ def test_learned_truth_was_measured_on_this_build():
         "the learned recipe changed: re-run benchmarks/diagnosis_matrix.py --learned"
     assert set(truth["cases"]) == set(C.LEARNED_SPECS)
     for name, t in truth["cases"].items():
-        assert t["organism"]["family"] == "learned-moe" and t["measured"]["n_harmful"] >= 40, name
+        assert t["organism"]["family"] == "learned-moe" and t["measured"]["n_harmful"] == C.AUDIT_LIMIT, name
 
 
 @needs_build
