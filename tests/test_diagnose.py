@@ -215,3 +215,17 @@ def test_evidence_is_built_from_check_results_alone():
     assert ev.refusal_after != ev.refusal_after and not ev.refusal_gone  # NaN stays NaN: never "gone"
     assert ev.damaged == "all degenerate" and ev.damage_first and ev.refusal_target == 0.2 and ev.max_kl == float("inf")
     assert ev.suppress_strengths and ev.quality == {1: 0.3}
+
+
+def test_routing_compensation_blames_experts_only_when_they_can_still_write_r():
+    """Harmful prompts moved to other refusal-associated experts after the ablation: a cause only if those experts can still write r.
+    With every routed expert of every layer ablated and writing no r, the move is a symptom (found on the out-of-sample gpt_oss
+    family, where the direction was the cause; issue 25)."""
+    full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}
+    ev = _ev(full, _zeros(), refusal_experts=((1, 2), (2, 3)), compensation=True)
+    assert not any(c.id == "redundant-refusal-experts" for c in run(ev)["causes"])
+    part = {**full, "experts_down": [0, 3]}  # the refusal experts' layers 1, 2 left out
+    assert any(c.id == "redundant-refusal-experts" for c in run(_ev(part, _zeros(), refusal_experts=((1, 2), (2, 3)), compensation=True))["causes"])
+    wa = _zeros()
+    wa["experts_down"] = [0.0, 0.5, 0.0, 0.0]  # ablated, but still writing r at layer 1
+    assert any(c.id == "redundant-refusal-experts" for c in run(_ev(full, wa, refusal_experts=((1, 2), (2, 3)), compensation=True))["causes"])

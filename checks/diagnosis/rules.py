@@ -236,13 +236,22 @@ def _redundant_experts(ev: Evidence) -> Outcome:
                       + ([cite("routing", f"refusal-associated experts left unedited (layer, expert): {moved[:12]}")] if moved else []),
                       experts=[[l, e] for l in pl for e in partial[l]][:200], layers=pl, links=["#check-weights", "#check-routing"],
                       fix={"summary": f"ablate every routed expert of layers {ranges(pl)}, not a subset", "patch": cands[0]["patch"], "candidates": cands})], []
-    if len(rexp) >= 2 and ev.compensation:
+    # routing that moved to other refusal-associated experts explains refusal only if those experts can still write r: their
+    # layer's down projections were not ablated, or the routed experts there still write r (out-of-sample gpt_oss, issue 25:
+    # with every expert of every layer ablated along a wrong direction, routing moved and the cause was the direction)
+    ablated_layers = set(ev.modified.get("experts_down", []))
+    wa = ev.writes_after.get("experts_down") or []
+    can_write = [e for e in rexp if e[0] not in ablated_layers
+                 or (e[0] < len(wa) and total_before and _pos(wa[e[0]]) / total_before >= WRITE_TOL / 4)]
+    if len(rexp) >= 2 and ev.compensation and can_write:
         cands = _cands(("ablate every routed expert's down_proj in every MoE layer", {"add": [{"targets": ["experts_down"], "layers": list(ev.moe_layers)}]}),
                        *_suppress_cands(ev, rexp))
         return [Cause("redundant-refusal-experts", 0.55, f"{len(rexp)} experts are significantly more often chosen for harmful prompts, and after "
                       "ablation routing moves to other such experts.",
                       evidence=[cite("routing", f"refusal-associated experts (layer, expert): {rexp[:12]}"),
-                                cite("routing", "after ablation harmful prompts moved to other refusal-associated experts (BH-corrected shifts)")],
+                                cite("routing", "after ablation harmful prompts moved to other refusal-associated experts (BH-corrected shifts)"),
+                                cite("contribution" if any(e[0] in ablated_layers for e in can_write) else "weights",
+                                     f"refusal-associated experts that can still write r (down_proj not ablated, or still writing r): {can_write[:12]}")],
                       experts=rexp, links=["#check-routing"],
                       fix={"summary": "ablate every routed expert's down_proj in the MoE layers, not a subset", "patch": cands[0]["patch"], "candidates": cands})], []
     return [], []
