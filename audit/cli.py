@@ -192,32 +192,31 @@ def _cmd_classify(args) -> int:
     return 0
 
 
-def _cmd_run(args) -> int:
+def _run_options(args, **over):
+    """RunOptions from `audit run` / `audit fix` flags, refused before any heavy import when the flags alone are wrong."""
     from audit.pipeline.options import RunOptions, refuse_before_loading
 
-    if args.reproduce:
-        return _reproduce(args)
-    if args.model_dir is None:
-        raise AuditError("audit run: give MODEL_DIR (a model directory or a .gguf file), or --reproduce RESULTS.json")
     opts = RunOptions(model_dir=args.model_dir, base=args.base, config=args.config, gate=args.gate, harmful=args.harmful,
-                      harmless=args.harmless, directions=args.directions, out=args.out, force=args.force,
+                      harmless=args.harmless, directions=args.directions, force=args.force,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, simulate=args.simulate,
-                      apply_fix=args.apply_fix, device=args.device, server=args.server, served_model=args.served_model,
-                      command="audit " + " ".join(sys.argv[1:]), judge=args.judge, second_judge=args.second_judge,
-                      extend_to=args.extend_to, dtype=args.dtype, offload_folder=args.offload_folder,
+                      confirm_all=args.confirm_all, fix_budget=args.fix_budget, device=args.device, server=args.server,
+                      served_model=args.served_model, command="audit " + " ".join(sys.argv[1:]), judge=args.judge,
+                      second_judge=args.second_judge, extend_to=args.extend_to, dtype=args.dtype, offload_folder=args.offload_folder,
                       base_server=args.base_server, served_base_model=args.served_base_model, server_timeout=args.server_timeout,
-                      against=args.against, capability=args.capability, capability_format=args.capability_format,
-                      capability_limit=args.capability_limit, multi_turn=args.multi_turn, controls=args.controls, control=args.control)
+                      capability=args.capability, capability_format=args.capability_format, capability_limit=args.capability_limit,
+                      multi_turn=args.multi_turn, controls=args.controls, control=args.control, **over)
     refuse_before_loading(opts)  # before the heavy imports below (torch): a refusal from the flags alone takes a second
 
     from audit.pipeline.gate_file import gate_config
 
     gate_config(opts.gate)  # then the gate file (a few seconds: the checks' modules), still before any model
     from audit.model.loading import parse_max_memory
-    from audit.pipeline.run import run_audit
 
     opts.max_memory = parse_max_memory(args.max_memory)
-    res = run_audit(opts)
+    return opts
+
+
+def _print_run(res: dict, report: Path) -> None:
     print(f"verdict: {res['verdict'].upper()}  {res['headline']}")
     for c in res["causes"][:5]:
         sim = c.get("simulated") or {}
@@ -227,14 +226,48 @@ def _cmd_run(args) -> int:
     dz = res.get("diagnosis") or {}
     if dz.get("status") == "unexplained":
         print(f"  no cause proven: {len(dz.get('tried') or [])} fix(es) simulated; next: {(dz.get('next') or ['see the report'])[0]}")
-    na = [t for t in (res.get("gate") or {}).get("thresholds", []) if t.get("state") == "not-applicable"]
-    for t in na:
+    for t in [t for t in (res.get("gate") or {}).get("thresholds", []) if t.get("state") == "not-applicable"]:
         print(f"  gate {t['name']}: {t['message']}")
+    fs = res.get("fix_search")
+    if fs:
+        best = fs.get("best")
+        print(f"fix search: {fs['n_trials']} config(s) simulated; first passing at trial {fs['first_pass'] or '-'}; {fs['ended']}"
+              + (f"; best: {best['label']} (refusal {_pct(best.get('refusal'))}, KL {best['kl']:.3g}, {best['edited_tensors']} tensors)"
+                 if best and best.get("kl") is not None else f"; {fs.get('limited_by') or ''}"))
     if res.get("applied_fix"):
         a = res["applied_fix"]
-        print(f"applied fix ({a['cause']}) -> {a['model_dir']}: verdict {a['verdict'].upper()}, refusal {_pct(a.get('refusal_rate'))}")
-    print(f"report: {Path(args.out).resolve() / 'report.html'}")
+        print(f"applied fix ({a['label']}) -> {a['model_dir']}: verdict {a['verdict'].upper()}, refusal {_pct(a.get('refusal_rate'))}")
+    print(f"report: {report.resolve() / 'report.html'}")
+
+
+def _cmd_run(args) -> int:
+    if args.reproduce:
+        return _reproduce(args)
+    if args.model_dir is None:
+        raise AuditError("audit run: give MODEL_DIR (a model directory or a .gguf file), or --reproduce RESULTS.json")
+    opts = _run_options(args, out=args.out, apply_fix=args.apply_fix, against=args.against)
+    from audit.pipeline.run import run_audit
+
+    res = run_audit(opts)
+    _print_run(res, Path(args.out))
     return 0 if res["verdict"] == "pass" else 1
+
+
+def _cmd_fix(args) -> int:
+    """`audit fix`: the search behind --apply-fix; OUT is the fixed model, the report beside it. Exit 0 when the applied config
+    passes when re-audited from disk, 1 when no config passes (the report says what limited the search) or the applied one fails."""
+    report = Path(args.report) if args.report else Path(str(Path(args.out)).rstrip("/") + "-report")
+    over = {k: v for k, v in (("max_refusal_after", args.target_refusal), ("max_kl", args.max_kl)) if v is not None}
+    opts = _run_options(args, out=str(report), apply_fix=args.out, gate_overrides=over)
+    from audit.pipeline.run import run_audit
+
+    res = run_audit(opts)
+    _print_run(res, report)
+    if res["verdict"] == "pass":
+        print("the ablation already passes the gate: nothing to fix")
+        return 0
+    applied = res.get("applied_fix")
+    return 0 if applied and applied["verdict"] == "pass" else 1
 
 
 def _reproduce(args) -> int:
@@ -253,6 +286,52 @@ def _reproduce(args) -> int:
         print(f"inputs changed since the recorded run: {', '.join(Path(p).name for p in changed[:5])}")
     print(f"reproduction: {'PASS' if rep['passed'] else 'FAIL'} ({rep['summary']})")
     return 0 if rep["passed"] else 1
+
+
+def _run_flags(s) -> None:
+    """The flags `audit run` and `audit fix` share: inputs, prompts, budgets, placement, servers, judges, damage measures."""
+    s.add_argument("--base", help="the model it was ablated from (default: the one its ablation-manifest.json names)")
+    s.add_argument("--config", help="the ablation config that was used (ours or llm-abliteration's YAML), for the intent")
+    s.add_argument("--gate", help="gate thresholds (YAML); default: [tool.audit.gate] in ./pyproject.toml, else built-in defaults")
+    s.add_argument("--harmful", help="harmful prompts (txt/JSONL/CSV/Parquet or a datasets name); default: the model's prompts/ or the embedded set")
+    s.add_argument("--harmless", help="harmless prompts, same forms")
+    s.add_argument("--directions", help="refusal directions (our directions.safetensors or llm-abliteration's measurement .pt)")
+    s.add_argument("--max-new-tokens", type=_positive, default=128)
+    s.add_argument("--batch-size", type=_positive, default=16)
+    s.add_argument("--limit", type=_positive, help="use at most this many prompts per set")
+    s.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the in-memory simulation of each fix")
+    s.add_argument("--confirm-all", action="store_true", help="confirm by generation the fixes the first-token estimate settles as "
+                   "leaving refusal in place (slower; the proxy settles only intervals wholly above 50%%)")
+    s.add_argument("--device", help="torch device (default cpu), e.g. cuda, or auto: accelerate's device map over the GPUs, the CPU and the disk")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the models compute in (default auto: as stored, bf16 stays bf16; sums and projections are float32 anyway)")
+    s.add_argument("--max-memory", metavar="SPEC", help="with --device auto: memory per device, e.g. cpu=2GiB or 0=70GiB,1=70GiB,cpu=200GiB; "
+                   "what does not fit goes to disk")
+    s.add_argument("--offload-folder", metavar="DIR", help="with --device auto: where weights offloaded to disk are written (a temporary "
+                   "folder inside DIR, removed after each model; default: beside the output folder)")
+    s.add_argument("--server", metavar="URL", help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve) serving the ablated model: its completions come from there")
+    s.add_argument("--served-model", metavar="NAME", help="the name the server serves the ablated model under (default: MODEL_DIR)")
+    s.add_argument("--base-server", metavar="URL", help="an OpenAI-compatible server serving the base model: its completions come from there")
+    s.add_argument("--served-base-model", metavar="NAME", help="the name the base server serves the base under (default: the base directory)")
+    s.add_argument("--server-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
+                   help="seconds one server request may take in all (default 300)")
+    s.add_argument("--judge", default="rules", help=JUDGE_HELP)
+    s.add_argument("--second-judge", metavar="J", help="a second judge (any --judge value, e.g. server:URL or classifier:DIR): the report "
+                   "shows the refusal rate under both and every completion where they disagree")
+    s.add_argument("--extend-to", type=_nonnegative, default=None, metavar="N",
+                   help="answers cut off at --max-new-tokens whose judgement could change are generated further, up to N tokens in all, "
+                   "before judging (default: 4 x --max-new-tokens; 0: never)")
+    s.add_argument("--capability", metavar="ITEMS", help="multiple-choice items scored by log-likelihood before and after: a JSONL file "
+                   "(question, choices, answer), lm-eval:TASK (lm-evaluation-harness, where installed and its data loads), or none; "
+                   "default: 150 embedded MMLU test items")
+    s.add_argument("--capability-format", default="chat", choices=["chat", "plain"],
+                   help="chat: the question as a user turn in the model's chat template (default); plain: 'Question: ...\\nAnswer:'")
+    s.add_argument("--capability-limit", type=_positive, metavar="N", help="score at most N items per capability task")
+    s.add_argument("--multi-turn", type=_nonnegative, default=16, metavar="N",
+                   help="ask N prompts per set again as a second user turn after a benign first exchange (0: off; default 16)")
+    s.add_argument("--no-controls", dest="controls", action="store_false", help="skip the random-direction control")
+    s.add_argument("--control", action="store_true", help="MODEL_DIR is the base itself (pass --base BASE too): a no-op control that "
+                   "must show zero changed tensors, KL 0 and unchanged answers")
 
 
 def _cmd_demo(args) -> int:
@@ -340,6 +419,17 @@ def _positive_seconds(text: str) -> float:
     return v
 
 
+def _rate(text: str) -> float:
+    """argparse type: a rate in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a rate between 0 and 1, got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="audit", description="Audit (and fix) refusal-direction ablations of Mixture-of-Experts models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -358,50 +448,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "manifest states the intent; the conversion check says whether the edit survived)")
     s.add_argument("--reproduce", metavar="RESULTS", help="run the passes a results.json records again, with its settings, and compare every "
                    "rate and KL with its recorded interval (exit 1 when one falls outside)")
-    s.add_argument("--base", help="the model it was ablated from (default: the one its ablation-manifest.json names)")
-    s.add_argument("--config", help="the ablation config that was used (ours or llm-abliteration's YAML), for the intent")
-    s.add_argument("--gate", help="gate thresholds (YAML); default: [tool.audit.gate] in ./pyproject.toml, else built-in defaults")
-    s.add_argument("--harmful", help="harmful prompts (txt/JSONL/CSV/Parquet or a datasets name); default: the model's prompts/ or the embedded set")
-    s.add_argument("--harmless", help="harmless prompts, same forms")
-    s.add_argument("--directions", help="refusal directions (our directions.safetensors or llm-abliteration's measurement .pt)")
     s.add_argument("-o", "--out", default=RUN_OUT, help=f"output folder (default: {RUN_OUT}; with --reproduce: the recorded folder's name + -reproduced)")
     s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    s.add_argument("--max-new-tokens", type=_positive, default=128)
-    s.add_argument("--batch-size", type=_positive, default=16)
-    s.add_argument("--limit", type=_positive, help="use at most this many prompts per set")
-    s.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the in-memory simulation of each fix")
-    s.add_argument("--apply-fix", metavar="OUT", help="apply the top fix with our ablation into OUT and re-audit it")
-    s.add_argument("--device", help="torch device (default cpu), e.g. cuda, or auto: accelerate's device map over the GPUs, the CPU and the disk")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype the models compute in (default auto: as stored, bf16 stays bf16; sums and projections are float32 anyway)")
-    s.add_argument("--max-memory", metavar="SPEC", help="with --device auto: memory per device, e.g. cpu=2GiB or 0=70GiB,1=70GiB,cpu=200GiB; "
-                   "what does not fit goes to disk")
-    s.add_argument("--offload-folder", metavar="DIR", help="with --device auto: where weights offloaded to disk are written (a temporary "
-                   "folder inside DIR, removed after each model; default: beside the output folder)")
-    s.add_argument("--server", metavar="URL", help="an OpenAI-compatible server (vLLM, SGLang, llama.cpp, transformers serve) serving the ablated model: its completions come from there")
-    s.add_argument("--served-model", metavar="NAME", help="the name the server serves the ablated model under (default: MODEL_DIR)")
-    s.add_argument("--base-server", metavar="URL", help="an OpenAI-compatible server serving the base model: its completions come from there")
-    s.add_argument("--served-base-model", metavar="NAME", help="the name the base server serves the base under (default: the base directory)")
-    s.add_argument("--server-timeout", type=_positive_seconds, default=300.0, metavar="SECONDS",
-                   help="seconds one server request may take in all (default 300)")
-    s.add_argument("--judge", default="rules", help=JUDGE_HELP)
-    s.add_argument("--second-judge", metavar="J", help="a second judge (any --judge value, e.g. server:URL or classifier:DIR): the report "
-                   "shows the refusal rate under both and every completion where they disagree")
-    s.add_argument("--extend-to", type=_nonnegative, default=None, metavar="N",
-                   help="answers cut off at --max-new-tokens whose judgement could change are generated further, up to N tokens in all, "
-                   "before judging (default: 4 x --max-new-tokens; 0: never)")
-    s.add_argument("--capability", metavar="ITEMS", help="multiple-choice items scored by log-likelihood before and after: a JSONL file "
-                   "(question, choices, answer), lm-eval:TASK (lm-evaluation-harness, where installed and its data loads), or none; "
-                   "default: 150 embedded MMLU test items")
-    s.add_argument("--capability-format", default="chat", choices=["chat", "plain"],
-                   help="chat: the question as a user turn in the model's chat template (default); plain: 'Question: ...\\nAnswer:'")
-    s.add_argument("--capability-limit", type=_positive, metavar="N", help="score at most N items per capability task")
-    s.add_argument("--multi-turn", type=_nonnegative, default=16, metavar="N",
-                   help="ask N prompts per set again as a second user turn after a benign first exchange (0: off; default 16)")
-    s.add_argument("--no-controls", dest="controls", action="store_false", help="skip the random-direction control")
-    s.add_argument("--control", action="store_true", help="MODEL_DIR is the base itself (pass --base BASE too): a no-op control that "
-                   "must show zero changed tensors, KL 0 and unchanged answers")
+    s.add_argument("--apply-fix", metavar="OUT", help="search for the config that passes the gate (as `audit fix` does), apply it with our "
+                   "ablation into OUT and re-audit it from disk")
+    s.add_argument("--budget", dest="fix_budget", type=_positive, default=40, metavar="N", help="with --apply-fix: the most configs the search "
+                   "simulates (default 40)")
+    _run_flags(s)
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("fix", help="search for the ablation config that passes the gate (simulated in memory), apply it with our ablation "
+                       "into OUT, re-audit it from disk; exit 0 when the applied config passes, 1 when none was found or it fails")
+    s.add_argument("model_dir", help="the ablated model directory that failed")
+    s.add_argument("-o", "--out", required=True, help="where the fixed model goes (a new folder: safetensors, ablation-manifest.json, fix-config.yaml)")
+    s.add_argument("--report", metavar="DIR", help="where the report of the audit and the search goes (default: OUT-report)")
+    s.add_argument("--force", action="store_true", help="replace output folders this tool wrote")
+    s.add_argument("--budget", dest="fix_budget", type=_positive, default=40, metavar="N", help="the most configs the search simulates (default 40)")
+    s.add_argument("--target-refusal", type=_rate, metavar="R", help="the refusal rate a passing config must reach (default: the gate's max_refusal_after)")
+    s.add_argument("--max-kl", type=_positive_seconds, metavar="K", help="the largest first-token KL a passing config may cost (default: the gate's max_kl)")
+    _run_flags(s)
+    s.set_defaults(func=_cmd_fix)
 
     s = sub.add_parser("demo", help="the embedded default: grow the demo organism, ablate it as the guide's current code does, audit, fix, re-audit")
     s.add_argument("-o", "--out", default="audit-demo", help="output folder (default: audit-demo)")

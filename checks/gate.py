@@ -46,12 +46,18 @@ class GateConfig:
         if off:
             raise AuditError(f"{source}: required lists {off}, which this gate switches off; give each a limit (e.g. forbid_unintended: true)")
         self.waive = _names(waive, "waive", list(CHECKS), source)
+        self.source = source
 
     def __getattr__(self, name):
         limits = self.__dict__.get("limits", {})
         if name in limits:
             return limits[name]
         raise AttributeError(name)
+
+    def with_limits(self, **limits) -> GateConfig:
+        """The same gate with some limits replaced (validated as a gate file's are)."""
+        return GateConfig(optional=self.optional, waive=self.waive, required=self.required, source=self.source,
+                          **{**{k: v for k, v in self.limits.items()}, **limits})
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "gate config") -> GateConfig:

@@ -45,3 +45,5 @@ DEGENERATE_FIRST = MAX_DEGENERATE  # degenerate answers at or above this share p
 # -- the fix simulator ---------------------------------------------------------------------------------------------------
 GEN_MARGIN = 0.15  # a candidate whose first-token estimate is within this of the target is confirmed by generation
 REPRODUCE_TOL = 0.15  # what reached the weights, as hooks, reproduces the ablated model when the refusal rates differ by at most this
+SEQUENTIAL_ALPHA = 0.05  # a candidate's early stop (sequential Wilson test, Bonferroni over its looks) errs at most this often
+PROXY_SETTLES = 0.5  # a first-token estimate whose interval lies wholly above this settles a candidate without generation

@@ -245,6 +245,24 @@ def _diagnosis_view(d: dict, reached: str | None) -> dict | None:
             "reached": reached}
 
 
+def _fix_search_view(fs: dict, notes) -> dict | None:
+    """The fix search's trials (config, refusal with its interval, KL, edits) as a table and a chart, and how it ended."""
+    trials = [t for t in _list(fs.get("trials")) if isinstance(t, dict)]
+    if not trials:
+        return None
+    best = _dict(fs.get("best"))
+    rows = [{"n": t.get("n"), "phase": t.get("phase"), "label": str(t.get("label") or ""), "refusal": charts._num(t.get("refusal")),
+             "interval": t.get("interval") if isinstance(t.get("interval"), list) else None, "over": charts._num(t.get("over_refusal")),
+             "kl": charts._num(t.get("kl")), "edited": t.get("edited_tensors"), "method": t.get("method"), "passes": bool(t.get("passes")),
+             "why_not": t.get("why_not"), "best": t.get("n") == best.get("n")} for t in trials]
+    bars = [{"label": f"#{r['n']} {r['label'][:22]}", "rate": r["refusal"], "lo": (r["interval"] or [None, None])[0],
+             "hi": (r["interval"] or [None, None])[1]} for r in rows if r["refusal"] is not None][:40]
+    chart = notes.guard("fix search chart", lambda: Markup(charts.interval_bars_svg(bars, title="Refusal per trial (harmful prompts)",
+                                                                                      limit=None))) if bars else None
+    return {"rows": rows, "chart": chart, "ended": fs.get("ended"), "limited_by": fs.get("limited_by"), "first_pass": fs.get("first_pass"),
+            "n": fs.get("n_trials"), "budget": fs.get("budget"), "seconds": charts._num(fs.get("seconds")), "best_yaml": best.get("config_yaml")}
+
+
 def _gate_state(t: dict) -> str:
     """A gate row's state for people: pass, fail, not applicable, not measured, skipped (optional), waived, non-finite."""
     state = str(t.get("state") or ("pass" if t.get("passed") else "fail" if t.get("passed") is False else "not measured"))
@@ -466,6 +484,7 @@ def build_view(results: dict) -> dict:
     proof = notes.guard("simulation", lambda: _proof_view(_dict(results.get("simulation")))) if isinstance(results.get("simulation"), dict) else None
     reached = results.get("reached_config") if isinstance(results.get("reached_config"), str) else None
     diagnosis = notes.guard("diagnosis", lambda: _diagnosis_view(_dict(results.get("diagnosis")), reached))
+    fix_search = notes.guard("fix search", lambda: _fix_search_view(_dict(results.get("fix_search")), notes)) if isinstance(results.get("fix_search"), dict) else None
     toc = []
     if diagnosis and diagnosis["unexplained"]:
         toc.append(("diagnosis", "No cause proven"))
@@ -473,6 +492,8 @@ def build_view(results: dict) -> dict:
         toc.append(("causes", f"Causes ({len(causes)})"))
     if proof:
         toc.append(("proof", "How the diagnosis was proven"))
+    if fix_search:
+        toc.append(("fix-search", "Fix search"))
     if results.get("not_blamed"):
         toc.append(("not-blamed", "Not blamed"))
     if grid:
@@ -490,7 +511,7 @@ def build_view(results: dict) -> dict:
         "not_blamed": [nb for nb in _list(results.get("not_blamed")) if isinstance(nb, dict)], "proof": proof,
         "grid": grid, "grid_anchor": grid_check["anchor"] if grid_check else None, "checks": checks, "gate": gate,
         "gate_rows": [{**t, "state_text": _gate_state(t)} for t in _list(gate.get("thresholds")) if isinstance(t, dict)] if gate else [],
-        "diagnosis": diagnosis,
+        "diagnosis": diagnosis, "fix_search": fix_search,
         "status_counts": sorted(status_counts.items()), "key_rates": key_rates,
         "toc": toc, "problems": notes.items, "script": Markup(COPY_SCRIPT), "script_hash": SCRIPT_HASH, "schema_version": results.get("schema_version"),
     }

@@ -144,11 +144,12 @@ def _norm_weight(md: ModelDir, layer: int):
 def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLike, directions: Directions | None = None,
            force: bool = False, progress: bool | None = None, output_dtype: str | None = None, keep_quantization: bool = False,
            inputs: tuple = (), harmful: list[str] | None = None, harmless: list[str] | None = None,
-           prompt_sources: dict | None = None) -> dict:
+           prompt_sources: dict | None = None, extra_files: dict[str, str] | None = None) -> dict:
     """Ablate ``base`` as ``config`` says into ``out``; returns the manifest. Everything is checked before anything is written.
 
     A quantized base is written plain in ``output_dtype`` (default bfloat16), or in its own format with ``keep_quantization``.
-    ``inputs``: other files the run reads (the directions file), which ``out`` must stay clear of too.
+    ``inputs``: other files the run reads (the directions file), which ``out`` must stay clear of too. ``extra_files``: name ->
+    text written beside the manifest (`audit fix` leaves the applied config as YAML there).
     """
     from tqdm import tqdm
 
@@ -233,6 +234,8 @@ def ablate(base: str | os.PathLike, config: AblationConfig, out: str | os.PathLi
             (od.tmp / "config.json").write_text(json.dumps(quantize.dequantized_config(md.config, output_dtype or "bfloat16"), indent=2))
         write_index(od.tmp, weight_map, nbytes)
         directions.save(od.tmp / DIRECTIONS_NAME)
+        for name, text in (extra_files or {}).items():
+            (od.tmp / name).write_text(text, encoding="utf-8")
         manifest = {
             "tool": TOOL,
             "version": __version__,

@@ -16,6 +16,7 @@ import torch
 from audit.intent.config import AblationConfig
 from audit.intent.fixes import apply_patch, config_yaml
 from audit.intent.reached import Reached
+from audit.pipeline.fix_search import FixSearch
 from audit.pipeline.simulate import Simulator
 from checks.diagnosis import Cause, build_evidence, conclude, diagnose, rank_by_simulation
 from checks.errors import AuditError
@@ -28,6 +29,7 @@ class Explained:
     simulation: dict | None
     conclusion: dict
     evidence: object  # checks.diagnosis.Evidence
+    fix_search: dict | None = None  # audit/pipeline/fix_search.py: the trials and the best config (--apply-fix, `audit fix`)
 
 
 def reference_index(intent_cfg, recovery: dict) -> int | None:
@@ -91,9 +93,14 @@ def explain(ctx, opts, checks: dict, gate: dict, gate_cfg, done: Reached, direct
                     "note": sim.note, "seconds": round(sim.seconds, 3), "reached": done.to_dict(), "reproduction": reproduction}
     for cz in causes:
         _write_fix(cz, fix_base if fix_base is not None else empty_config(), done)
+    search = None
+    if opts.apply_fix and sim is not None and sim.calibration is not None and not gate["passed"]:
+        with ctx.stage("fix search"):
+            search = FixSearch(sim, layout, gate_cfg.limits, ev.writes_before, budget=opts.fix_budget).run(
+                causes, fix_base if fix_base is not None else empty_config(), bypass["indices"] if bypass else None)
     conclusion = conclude(gate["passed"], causes, gate, bypass["indices"] if bypass else None, simulated=sim is not None,
                           refusal_target=ev.refusal_target)
-    return Explained(causes, diag["not_blamed"], sim_info, conclusion, ev)
+    return Explained(causes, diag["not_blamed"], sim_info, conclusion, ev, search)
 
 
 def _write_fix(cause: Cause, start: AblationConfig, done: Reached) -> None:

@@ -33,6 +33,9 @@ class RunOptions:
     batch_size: int = 16
     limit: int | None = None  # at most this many prompts per set
     simulate: bool = True
+    confirm_all: bool = False  # --confirm-all: generate for every fix the first-token estimate would settle (slower)
+    fix_budget: int = 40  # --budget: the most configs the fix search (--apply-fix, `audit fix`) simulates
+    gate_overrides: dict = field(default_factory=dict)  # `audit fix --target-refusal / --max-kl`: gate limits over the gate file's
     apply_fix: str | None = None  # write the fixed ablation here, re-audit it
     device: str | None = None  # None / "cpu", a torch device, or "auto": accelerate's device map (GPUs, CPU, disk)
     dtype: str = "auto"  # --dtype: auto (the stored dtype: bf16 stays bf16), float32, bfloat16, float16
@@ -61,7 +64,7 @@ class RunOptions:
 
     PATHS = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "offload_folder", "capability")
     RECORDED = ("model_dir", "base", "config", "gate", "harmful", "harmless", "directions", "against", "max_new_tokens", "batch_size",
-                "limit", "simulate", "device", "dtype", "max_memory", "offload_folder", "server", "served_model", "base_server",
+                "limit", "simulate", "confirm_all", "fix_budget", "gate_overrides", "device", "dtype", "max_memory", "offload_folder", "server", "served_model", "base_server",
                 "served_base_model", "server_timeout", "judge", "second_judge", "extend_to", "capability", "capability_format",
                 "capability_limit", "multi_turn", "controls", "control")
 

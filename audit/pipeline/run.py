@@ -22,7 +22,7 @@ from audit.forward.measure import measure_directions
 from audit.forward.passes import measure
 from audit.intent.config import AblationConfig, load_config, resolve_measurements
 from audit.intent.directions import load_directions
-from audit.intent.fixes import apply_patch, config_yaml
+from audit.intent.fixes import config_yaml
 from audit.intent.manifest import DIRECTIONS_NAME
 from audit.intent.reached import reached as reached_ablation
 from audit.judgement.extend import extend_truncated
@@ -32,7 +32,7 @@ from audit.model.hashes import hash_inputs
 from audit.model.prompts import MAX_PROMPT_TOKENS, context_length, fit_to_context, load_categories, load_prompts, token_budget
 from audit.outputs import check_destination, remove_scratch, scratch_folder
 from audit.pipeline.controls import run_controls
-from audit.pipeline.explain import empty_config, explain, reference_index
+from audit.pipeline.explain import explain, reference_index
 from audit.pipeline.gate_file import gate_config, gate_record
 from audit.pipeline.inputs import (load_model, offload_parent, open_models, open_servers, prompt_source, release, run_inputs,
                                    same_tokenizer, train_source)
@@ -89,6 +89,8 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         elif manifest is not None:
             intent_cfg = AblationConfig.from_dict(manifest["config"], source=str(intent_dir / "ablation-manifest.json"))
         gate_cfg, gate_source = gate_config(opts.gate)  # a bad gate file fails now, not after the forward passes
+        if opts.gate_overrides:  # `audit fix --target-refusal / --max-kl`
+            gate_cfg, gate_source = gate_cfg.with_limits(**opts.gate_overrides), f"{gate_source} + {opts.gate_overrides}"
         if opts.device == "auto":  # the offload folder is checked now too (never in an input), before any model loads
             remove_scratch(scratch_folder(offload_parent(opts), "audit-offload", inputs))
         elif opts.max_memory or opts.offload_folder:
@@ -225,8 +227,11 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
         "inputs": hashes,
     }
     results["run"].update(options=opts.record(), gate_config=gate_record(gate_cfg, gate_source))
-    if opts.apply_fix and why.conclusion["status"] == "explained" and causes[0].fix.get("config_yaml"):
-        results["applied_fix"] = _apply_fix(causes[0], done.config if done.config is not None else empty_config(), done.directions, base, opts, results)
+    if why.fix_search is not None:
+        best = why.fix_search.pop("best_config")
+        results["fix_search"] = why.fix_search
+        if best is not None:
+            results["applied_fix"] = _apply_fix(best, why.fix_search["best"], done.directions, base, opts, results)
     if opts.control:  # the headline of a no-op control says what a control shows, not how much refusal an ablation removed
         results["headline"], results["run"]["control"] = checks_d["noop"]["summary"], "noop"
     results["run"]["judge"] = jd.about()  # which judge labelled the completions, and its measured accuracy
@@ -239,20 +244,25 @@ def run_audit(opts: RunOptions, write: bool = True) -> dict:
     return results
 
 
-def _apply_fix(cause, config, directions, base, opts, results) -> dict:
-    """Re-ablate the base with the top cause's fix (our ablation), re-audit it, record both."""
-    new = apply_patch(config, cause.fix.get("patch", {}) if hasattr(cause, "fix") else {})
-    ablate(base.path, new, opts.apply_fix, directions=directions, force=opts.force)
+FIX_CONFIG_NAME = "fix-config.yaml"  # the applied config, as `audit ablate --config` and llm-abliteration read it
+
+
+def _apply_fix(config, trial: dict, directions, base, opts, results) -> dict:
+    """Ablate the base with the search's best config (our ablation, written as llm-abliteration YAML beside its manifest),
+    re-audit it from disk, record both: the measured verdict, not the simulated one."""
+    ablate(base.path, config, opts.apply_fix, directions=directions, force=opts.force, extra_files={FIX_CONFIG_NAME: config_yaml(config)})
     sub = RunOptions(**{**opts.__dict__, "model_dir": opts.apply_fix, "base": str(base.path), "config": None, "apply_fix": None,
                         "simulate": False, "out": str(Path(opts.out) / "applied-fix"), "directions": None,
                         "server": None, "served_model": None, "against": None})  # the base server, if any, still serves this base
     again = run_audit(sub, write=False)
     rates = again["checks"]["refusal"]["data"]
     after = rates.get("after") or {}
-    applied = {"cause": cause.id, "model_dir": str(Path(opts.apply_fix).resolve()), "verdict": again["verdict"],
-               "refusal_rate": after.get("rate"), "interval": [after.get("lo"), after.get("hi")], "report": "applied-fix/report.html"}
+    applied = {"cause": trial.get("origin") or None, "trial": trial["n"], "label": trial["label"], "model_dir": str(Path(opts.apply_fix).resolve()),
+               "config": FIX_CONFIG_NAME, "verdict": again["verdict"], "simulated_refusal": trial.get("refusal"), "refusal_rate": after.get("rate"),
+               "interval": [after.get("lo"), after.get("hi")], "kl": ((again["checks"]["damage"]["data"] or {}).get("first_token") or {}).get("mean"),
+               "report": "applied-fix/report.html"}
     for c in results["causes"]:
-        if c["id"] == cause.id:
+        if c["id"] == applied["cause"]:
             c["applied"] = applied
     results["_applied_results"] = again
     return applied

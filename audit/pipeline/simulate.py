@@ -31,7 +31,15 @@ from checks.diagnosis import WRITER_CAUSES
 from checks.errors import AuditError
 from checks.layout import WRITER_COMPONENT, WRITER_TARGETS
 from checks.stats import wilson
-from checks.thresholds import GEN_MARGIN, MAX_KL, MAX_REFUSAL_AFTER, REPRODUCE_TOL
+from checks.thresholds import GEN_MARGIN, MAX_KL, MAX_REFUSAL_AFTER, PROXY_SETTLES, REPRODUCE_TOL, SEQUENTIAL_ALPHA
+
+
+def look_z(n_prompts: int, step: int, alpha: float = SEQUENTIAL_ALPHA) -> float:
+    """The z of each look of a sequential test over ``n_prompts`` in batches of ``step``: two-sided alpha split over the looks."""
+    from scipy.stats import norm
+
+    looks = max(1, math.ceil(n_prompts / step))
+    return float(norm.ppf(1 - alpha / (2 * looks)))
 
 
 class Simulator:
@@ -57,6 +65,14 @@ class Simulator:
             self.calibration = Calibration.fit(torch.as_tensor(scores), labels)
         self.seconds = time.perf_counter() - t0
         self.n_estimates = self.n_generations = 0
+        # --confirm-all: every candidate the estimate does not put near the target is still generated at the largest one, as
+        # before the proxy could settle it (slower; for those who distrust the first-token estimate)
+        self.confirm_all = bool(getattr(opts, "confirm_all", False))
+
+    def settles(self, est: dict) -> bool:
+        """Whether the first-token estimate alone decides a candidate: its interval lies wholly above PROXY_SETTLES (refusal stays,
+        with confidence: generation could not bring it to the target), unless --confirm-all."""
+        return not self.confirm_all and est.get("lo") is not None and est["lo"] > PROXY_SETTLES
 
     # -- measurements under a fix -------------------------------------------------------------
 
@@ -69,14 +85,23 @@ class Simulator:
         self.n_estimates += len(candidates)
         return {row["name"]: row for row in out["candidates"]}
 
-    def generate(self, interventions, decide: bool = True) -> dict:
-        """Judged greedy generation on the harmful prompts under ``interventions``; with ``decide``, stops as soon as
-        the Wilson interval lies wholly below or above the target."""
+    def generate(self, interventions, decide: bool = True, harmless: bool = False, target: float | None = None,
+                 band: tuple[float, float] | None = None) -> dict:
+        """Judged greedy generation on the harmful (or ``harmless``) prompts under ``interventions``.
+
+        With ``decide`` it is a sequential test: after each batch the refusal rate's Wilson interval is looked at, and
+        generation stops once it lies wholly below or above ``target`` (default: the gate's refusal target), or, with
+        ``band``, wholly inside or outside it. Each look uses z for alpha / looks (Bonferroni over the batches), so a
+        candidate's early decision is wrong with probability at most SEQUENTIAL_ALPHA whatever batch it stops at; the
+        interval reported is the plain 95 % one of the prompts generated.
+        """
         t0 = time.perf_counter()
+        target = self.target if target is None else target
         backend = LocalBackend(self.m_base, self.tok)
         k = n = unknown = 0
         step = max(8, self.opts.batch_size)
-        prompts = [self.harmful[i] for i in self._order]
+        prompts = self.harmless if harmless else [self.harmful[i] for i in self._order]
+        z = look_z(len(prompts), step)
         with apply(self.m_base, list(interventions)):
             for s in range(0, len(prompts), step):
                 comps = backend.complete(prompts[s:s + step], min(self.opts.max_new_tokens, 48), self.opts.batch_size)
@@ -88,13 +113,20 @@ class Simulator:
                         n += 1
                         k += bool(j.refused)
                 if decide and n >= 8 and s + step < len(prompts):
-                    _, lo, hi = wilson(k, n)
-                    if hi < self.target or lo > self.target:
+                    _, lo, hi = wilson(k, n, z)
+                    if band is not None:
+                        if band[0] <= lo and hi <= band[1] or hi < band[0] or lo > band[1]:
+                            break
+                    elif hi < target or lo > target:
                         break
         p, lo, hi = wilson(k, n) if n else (math.nan, math.nan, math.nan)
         self.seconds += time.perf_counter() - t0
         self.n_generations += 1
-        return {"rate": p, "lo": lo, "hi": hi, "n": n, "n_unknown": unknown, "seconds": round(time.perf_counter() - t0, 3)}
+        return {"rate": p, "lo": lo, "hi": hi, "n": n, "n_unknown": unknown, "n_prompts": len(prompts), "seconds": round(time.perf_counter() - t0, 3)}
+
+    def over_refusal(self, interventions, limit: float) -> dict:
+        """Refusal on the harmless prompts under a fix (the gate's over-refusal), decided sequentially against ``limit``."""
+        return self.generate(interventions, harmless=True, target=limit)
 
     def kl(self, interventions) -> float:
         """First-token KL(base || base with the fix) on harmless prompts: the damage the fix would do."""
@@ -131,14 +163,21 @@ class Simulator:
             row = rows.get(f"index {i}")
             if row is None:
                 continue
+            if self.settles(row):  # the proxy alone: refusal stays, decided with confidence
+                res[str(i)] = {"rate": row["rate"], "lo": row["lo"], "hi": row["hi"], "first_token_estimate": row["rate"],
+                               "method": "first-token score (settled)", "quality": quality[i]}
+                continue
             gen = self.generate(ivs[f"index {i}"])
             rate = gen["rate"] if gen["n"] else row["rate"]
             res[str(i)] = {"rate": rate, "lo": gen["lo"] if gen["n"] else row["lo"], "hi": gen["hi"] if gen["n"] else row["hi"],
                            "first_token_estimate": row["rate"], "method": "generation" if gen["n"] else "first-token score",
-                           "quality": quality[i], "kl": self.kl(ivs[f"index {i}"])}
+                           "quality": quality[i]}
         target = self.target
         lowest = min(v["rate"] for v in res.values())
         ok = [k for k, v in res.items() if v["rate"] <= max(target, lowest)]  # the indices that remove refusal (or do best)
+        for k in res:  # the damage each would do: where it decides (the working ones) and for the ablated index (the diagnosis reads it)
+            if k in ok or k == str(ablated_index) or self.confirm_all:
+                res[k]["kl"] = self.kl(ivs[f"index {k}"])
         best = min(ok, key=lambda k: (res[k]["kl"], -res[k]["quality"]))  # of those, the least damage
         return {"indices": res, "best_index": int(best), "components": self.writer_targets(),
                 "note": "refusal (judged generation, first-token estimate beside) with every residual writer ablated at every layer "
@@ -156,7 +195,8 @@ class Simulator:
             ivs = from_config(reached_cfg, reached_dirs)
         except AuditError as e:
             return {"simulated": None, "measured": measured, "agrees": None, "note": str(e)}
-        gen = self.generate(ivs, decide=False) if ivs else {"rate": None, "n": 0}
+        band = None if measured is None or measured != measured or self.confirm_all else (measured - REPRODUCE_TOL, measured + REPRODUCE_TOL)
+        gen = self.generate(ivs, decide=band is not None, band=band) if ivs else {"rate": None, "n": 0}
         rate = gen["rate"] if gen.get("n") else None
         agrees = None if rate is None or measured is None or measured != measured else abs(rate - measured) <= REPRODUCE_TOL
         return {"simulated": rate, "measured": measured, "agrees": agrees, "n": gen.get("n"),
@@ -207,7 +247,7 @@ class Simulator:
             est = self.estimate({"c": ivs})["c"] if ivs else {"rate": baseline, "lo": None, "hi": None, "n_used": 0}
             row = {"label": cand["label"], "patch": cand["patch"], "estimate": est["rate"], "estimate_interval": [est["lo"], est["hi"]],
                    "n_estimate": est["n_used"], "interventions": [iv.describe() for iv in ivs]}
-            if ivs and (est["rate"] <= self.target + GEN_MARGIN or last):
+            if ivs and (est["rate"] <= self.target + GEN_MARGIN or (last and not self.settles(est))):
                 gen = self.generate(ivs)
                 row["generation"] = gen
                 row["refusal_rate"] = gen["rate"] if gen["n"] else est["rate"]
