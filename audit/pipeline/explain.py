@@ -96,8 +96,9 @@ def explain(ctx, opts, checks: dict, gate: dict, gate_cfg, done: Reached, direct
     search = None
     if opts.apply_fix and sim is not None and sim.calibration is not None and not gate["passed"]:
         with ctx.stage("fix search"):
-            search = FixSearch(sim, layout, gate_cfg.limits, ev.writes_before, budget=opts.fix_budget).run(
-                causes, fix_base if fix_base is not None else empty_config(), bypass["indices"] if bypass else None)
+            searcher = FixSearch(sim, layout, gate_cfg.limits, ev.writes_before, budget=opts.fix_budget)
+            search = searcher.run(causes, fix_base if fix_base is not None else empty_config(), bypass["indices"] if bypass else None)
+            ctx.kept.update(simulator=sim, searcher=searcher)
     conclusion = conclude(gate["passed"], causes, gate, bypass["indices"] if bypass else None, simulated=sim is not None,
                           refusal_target=ev.refusal_target)
     return Explained(causes, diag["not_blamed"], sim_info, conclusion, ev, search)

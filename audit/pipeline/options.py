@@ -124,6 +124,7 @@ class RunContext:
     prompts_cut: dict = field(default_factory=dict)  # prompts cut to the token budget, per set
     placement: dict = field(default_factory=dict)  # per model loaded: its dtype and accelerate's device map by device
     servers: dict = field(default_factory=dict)  # per side served ("abl", "base"): what was checked about its server
+    kept: dict = field(default_factory=dict)  # the diagnosis stage's simulator and search, for a caller that passed this context
 
     def say(self, msg: str) -> None:
         if not self.opts.quiet:

@@ -52,9 +52,9 @@ from checks.refusal_eval import damage_check, refusal_check
 from checks.routing import routing_check
 from reports.results_io import SCHEMA_VERSION
 
-def run_audit(opts: RunOptions, write: bool = True) -> dict:
+def run_audit(opts: RunOptions, write: bool = True, ctx: RunContext | None = None) -> dict:
     """Run every check on ``opts.model_dir`` and return the results document (and write the outputs)."""
-    ctx = RunContext(opts)
+    ctx = ctx or RunContext(opts)  # a caller may pass its own to look at what the run kept (ctx.kept: benchmarks/bench_fix.py)
     refuse_before_loading(opts, write)
     with ctx.stage("inputs"):
         jd = make_judge(opts.judge)  # a bad --judge fails before any model is read
