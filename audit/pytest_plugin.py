@@ -273,7 +273,7 @@ def _say(config: pytest.Config, text: str) -> None:
 def _load(state: AuditState, config: pytest.Config) -> None:
     """The results for these inputs: from pytest's cache when the inputs hash matches (the output folder re-written if it
     no longer holds them), else from a fresh run_audit, which writes report.html, results.json and junit.xml."""
-    from audit.pipeline.inputs import gate_config
+    from audit.pipeline.gate_file import gate_config
     from audit.pipeline.run import run_audit
     from audit.pipeline.write import write_outputs
 

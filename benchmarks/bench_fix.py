@@ -13,7 +13,8 @@ the ratio of trials to the first pass. Ours is also applied with `audit ablate` 
     AUDIT_THREADS=1 python benchmarks/bench_fix.py [--organisms glm,mix,oss] [--cases a,b] [--seeds 0,1,2] [--tpe-budget 200]
         [--json out.json]
 
-Cached per case in $AUDIT_CACHE/bench_fix (delete it to measure again).
+Cached in $AUDIT_CACHE/bench_fix: ours per case and per version of the search's code; TPE per organism and seed (TPE
+samples absolute configs of the base, so every case of one organism poses it the same problem).
 """
 
 from __future__ import annotations
@@ -68,31 +69,59 @@ def tpe_run(searcher_args, layout, seed: int, budget: int) -> dict:
             "best": None if best is None else {"refusal": best.refusal, "kl": best.kl, "edited_tensors": best.edited_tensors, "label": best.label}}
 
 
-def bench_case(name: str, seeds, tpe_budget: int, budget: int) -> dict:
+def _code_digest() -> str:
+    """What ours is measured with (the search and the simulator): a changed search is measured again, an unchanged one is not."""
+    import hashlib
+
+    files = [ROOT / "audit" / "pipeline" / f for f in ("fix_search.py", "simulate.py", "explain.py")] + [ROOT / "checks" / "diagnosis" / "rules.py"]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:10]
+
+
+def bench_case(name: str, seeds, tpe_budget: int, budget: int, cache: Path) -> dict:
+    """Ours on the case (cached by the search's code), and TPE on the case's organism (cached per organism and seed: TPE samples
+    absolute configs of the base, so every case of one organism gives it the same problem)."""
     case = C.build_case(name)
-    with tempfile.TemporaryDirectory(prefix="bench-fix-") as tmp:
-        opts = RunOptions(model_dir=str(case.ablated_dir), base=str(case.base_dir), config=str(case.config_path) if case.config_path else None,
-                          directions=str(case.directions_path) if case.directions_path else None, limit=C.AUDIT_LIMIT,
-                          max_new_tokens=C.AUDIT_MAX_NEW_TOKENS, quiet=True, capability="none", multi_turn=0, controls=False,
-                          apply_fix=str(Path(tmp) / "fixed"), fix_budget=budget, out=str(Path(tmp) / "report"))
-        ctx = RunContext(opts)
-        t0 = time.process_time()
-        res = run_audit(opts, write=False, ctx=ctx)
-        ours_cpu = time.process_time() - t0
-    fs = res.get("fix_search") or {}
-    applied = res.get("applied_fix") or {}
-    best = fs.get("best") or {}
-    out = {"case": name, "verdict": res["verdict"], "top": (res["causes"] or [{}])[0].get("id"),
-           "ours": {"first_pass": fs.get("first_pass"), "trials": fs.get("n_trials"), "ended": fs.get("ended"), "limited_by": fs.get("limited_by"),
-                    "best": {k: best.get(k) for k in ("refusal", "kl", "edited_tensors", "label")} if best else None,
-                    "applied": {k: applied.get(k) for k in ("verdict", "refusal_rate", "kl")} if applied else None,
-                    "cpu_s_whole_audit": round(ours_cpu, 1)}}
-    searcher = ctx.kept.get("searcher")
-    if searcher is None:  # the gate passed, or the simulation could not calibrate: nothing to search
-        out["tpe"] = []
-        return out
-    args = (searcher.sim, searcher.layout, {"max_over_refusal": searcher.max_over}, {})
-    out["tpe"] = [tpe_run(args, searcher.layout, s, tpe_budget) for s in seeds]
+    f_ours = cache / f"ours-{name}-b{budget}-{_code_digest()}.json"
+    searcher = None
+    if f_ours.exists():
+        out = json.loads(f_ours.read_text())
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-fix-") as tmp:
+            opts = RunOptions(model_dir=str(case.ablated_dir), base=str(case.base_dir), config=str(case.config_path) if case.config_path else None,
+                              directions=str(case.directions_path) if case.directions_path else None, limit=C.AUDIT_LIMIT,
+                              max_new_tokens=C.AUDIT_MAX_NEW_TOKENS, quiet=True, capability="none", multi_turn=0, controls=False,
+                              apply_fix=str(Path(tmp) / "fixed"), fix_budget=budget, out=str(Path(tmp) / "report"))
+            ctx = RunContext(opts)
+            t0 = time.process_time()
+            res = run_audit(opts, write=False, ctx=ctx)
+            ours_cpu = time.process_time() - t0
+        fs = res.get("fix_search") or {}
+        applied = res.get("applied_fix") or {}
+        best = fs.get("best") or {}
+        out = {"case": name, "verdict": res["verdict"], "top": (res["causes"] or [{}])[0].get("id"),
+               "ours": {"first_pass": fs.get("first_pass"), "trials": fs.get("n_trials"), "ended": fs.get("ended"), "limited_by": fs.get("limited_by"),
+                        "best": {k: best.get(k) for k in ("refusal", "kl", "edited_tensors", "label")} if best else None,
+                        "applied": {k: applied.get(k) for k in ("verdict", "refusal_rate", "kl")} if applied else None,
+                        "cpu_s_whole_audit": round(ours_cpu, 1)}}
+        searcher = ctx.kept.get("searcher")
+        f_ours.write_text(json.dumps(out, indent=1))
+    out["tpe"] = []
+    for seed in seeds:
+        f_tpe = cache / f"tpe-{C.ALL_SPECS[name].organism}-s{seed}-b{tpe_budget}.json"
+        if not f_tpe.exists():
+            if searcher is None:  # ours came from the cache: run the case's audit once more for its simulator
+                with tempfile.TemporaryDirectory(prefix="bench-fix-") as tmp:
+                    opts = RunOptions(model_dir=str(case.ablated_dir), base=str(case.base_dir), limit=C.AUDIT_LIMIT,
+                                      max_new_tokens=C.AUDIT_MAX_NEW_TOKENS, quiet=True, capability="none", multi_turn=0, controls=False,
+                                      apply_fix=str(Path(tmp) / "fixed"), fix_budget=1, out=str(Path(tmp) / "report"))
+                    ctx = RunContext(opts)
+                    run_audit(opts, write=False, ctx=ctx)
+                    searcher = ctx.kept.get("searcher")
+            if searcher is None:
+                continue
+            args = (searcher.sim, searcher.layout, {"max_over_refusal": searcher.max_over}, {})
+            f_tpe.write_text(json.dumps(tpe_run(args, searcher.layout, seed, tpe_budget), indent=1))
+        out["tpe"].append(json.loads(f_tpe.read_text()))
     return out
 
 
@@ -119,12 +148,7 @@ def main(argv=None) -> int:
     print("| case | ours: trials to 1st pass | TPE: trials to 1st pass (per seed) | ratio | ours: refusal / KL / tensors | TPE best: refusal / KL / tensors | ours applied |")
     print("|---|---|---|---|---|---|---|")
     for n in names:
-        f = cache / f"{n}-s{args.seeds.replace(',', '_')}-b{args.tpe_budget}-{args.budget}.json"
-        if f.exists():
-            r = json.loads(f.read_text())
-        else:
-            r = bench_case(n, seeds, args.tpe_budget, args.budget)
-            f.write_text(json.dumps(r, indent=1))
+        r = bench_case(n, seeds, args.tpe_budget, args.budget, cache)
         rows.append(r)
         o = r["ours"]
         tf = [t["first_pass"] for t in r["tpe"]]

@@ -23,7 +23,7 @@ from audit.intent.config import AblationConfig
 from audit.model.directory import ModelDir
 from audit.model.prompts import load_prompts
 from audit.organisms.build import cached_organism, read_meta
-from audit.pipeline.inputs import gate_config
+from audit.pipeline.gate_file import gate_config
 from audit.pipeline.options import RunOptions
 from audit.pytest_plugin import inputs_hash, outcomes
 from checks.gate import GateConfig, evaluate_gate

@@ -7,9 +7,10 @@ reached the weights (audit/intent/reached.py) and uses what the audit measured:
    the walk the simulator already made for the diagnosis (audit/pipeline/simulate.py), each candidate a trial;
 2. **bypass**: when no cause's family passes, every residual writer at every layer with each candidate index (the bypass
    test, also already measured) -- it bounds what any single-direction ablation can do;
-3. **refine**: from the passing config with the least KL, fewer edits: keep the layers in order of their write of r
-   before the ablation (bisection on how many), then drop writer groups one by one (least r written first), then bisect
-   the scale below 1 -- keeping a change only when it still passes and costs less.
+3. **refine**: from the passing config with the least KL: the other measurement indices the bypass test found working
+   (least KL first), then fewer edits: keep the layers in order of their write of r before the ablation (bisection on how
+   many), drop writer groups one by one (least r written first), bisect the scale below 1 -- keeping a change only when
+   it still passes (and, for the index, costs less).
 
 A trial passes when it meets the gate: refusal on harmful prompts <= ``max_refusal_after``, refusal on harmless prompts <=
 ``max_over_refusal`` (when the gate has it), first-token KL <= ``max_kl``, degenerate answers at most half; among passing
@@ -181,6 +182,7 @@ class FixSearch:
     def run(self, causes, start: AblationConfig, bypass: dict | None) -> dict:
         """Phases 1-3 (module docstring); returns the history, the best config (or None) and why the search ended."""
         t0 = time.perf_counter()
+        self.bypass = bypass or {}
         self.from_walk(causes, start)
         for t in [t for t in self.trials if t.passes]:
             self.confirm(t.n)
@@ -214,6 +216,16 @@ class FixSearch:
         """Fewer layers, fewer groups, a lower scale: each kept only while the config still passes with less KL or fewer tensors."""
         start = self.best()
         cfg, origin = self.configs[start.n], start.origin
+        # the direction: the other indices the bypass test found removing refusal, least damage first (one trial each)
+        current = {e.measurement for e in cfg.entries}
+        working = sorted((int(k) for k, v in getattr(self, "bypass", {}).items() if v.get("rate") is not None and v["rate"] <= self.sim.target),
+                         key=lambda i: (self.bypass[str(i)].get("kl") or 0.0, i))
+        for i in [i for i in working if {i} != current]:
+            if not self._room():
+                break
+            t = self.evaluate(apply_patch(cfg, {"measurement": i}), f"measure at index {i}", origin=origin)
+            if t.passes and (t.kl or 0.0) < (self.trials[start.n - 1].kl or 0.0):
+                cfg = self.configs[t.n]
         # layers, in order of how much r they wrote: the smallest number of the top ones that still passes (bisection)
         layers = sorted({e.layer for e in cfg.entries}, key=lambda l: -self.layer_write.get(l, 0.0))
         lo, hi = 1, len(layers)
