@@ -8,9 +8,10 @@ reached the weights (audit/intent/reached.py) and uses what the audit measured:
 2. **bypass**: when no cause's family passes, every residual writer at every layer with each candidate index (the bypass
    test, also already measured) -- it bounds what any single-direction ablation can do;
 3. **refine**: from the passing config with the least KL: the other measurement indices the bypass test found working
-   (least KL first), then fewer edits: keep the layers in order of their write of r before the ablation (bisection on how
-   many), drop writer groups one by one (least r written first), bisect the scale below 1 -- keeping a change only when
-   it still passes (and, for the index, costs less).
+   (least KL first); then fewer layers: the layers in order of their write of r before the ablation, bisecting how many
+   are kept, at the current scale and at stronger ones (r reflected in the layers kept can make up for the ones left out:
+   a scale above 1 passes the gate when behaviour says so); then fewer writer groups (least r written first); then the
+   scale bisected below the one chosen -- keeping a change only when it still passes (the cheapest option by KL).
 
 A trial passes when it meets the gate: refusal on harmful prompts <= ``max_refusal_after``, refusal on harmless prompts <=
 ``max_over_refusal`` (when the gate has it), first-token KL <= ``max_kl``, degenerate answers at most half; among passing
@@ -32,6 +33,9 @@ from audit.intent.config import AblationConfig
 from audit.intent.fixes import apply_patch, config_yaml
 from checks.errors import AuditError
 from checks.layout import targets_of
+
+
+REFINE_SCALES = (1.25, 1.5)  # stronger scales the refinement tries with fewer layers (r reflected in some makes up for others left out)
 
 
 @dataclass
@@ -226,17 +230,33 @@ class FixSearch:
             t = self.evaluate(apply_patch(cfg, {"measurement": i}), f"measure at index {i}", origin=origin)
             if t.passes and (t.kl or 0.0) < (self.trials[start.n - 1].kl or 0.0):
                 cfg = self.configs[t.n]
-        # layers, in order of how much r they wrote: the smallest number of the top ones that still passes (bisection)
+        # layers, in order of how much r they wrote: per scale (the current one, then stronger ones, which can make up for the
+        # layers left out by reflecting r in the rest), the smallest number of the top layers that still passes (bisection);
+        # the cheapest passing (layers, scale) is kept
         layers = sorted({e.layer for e in cfg.entries}, key=lambda l: -self.layer_write.get(l, 0.0))
-        lo, hi = 1, len(layers)
-        while lo < hi and self._room():
-            mid = (lo + hi) // 2
-            keep = set(layers[:mid])
-            t = self.evaluate(_only_layers(cfg, keep), f"keep the {mid} layers that wrote most r ({sorted(keep)})", origin=origin)
-            if t.passes:
-                hi, cfg = mid, self.configs[t.n]
-            else:
-                lo = mid + 1
+        base_scale = max(e.scale for e in cfg.entries) * cfg.scale if cfg.entries else 1.0
+        options = [(len(layers), base_scale, cfg, self.trials[start.n - 1].kl)]
+        for scale in dict.fromkeys([base_scale, *REFINE_SCALES]):
+            if not self._room():
+                break
+            lo, hi, found = 1, len(layers), None
+            if scale != base_scale:  # every layer at this scale first: does it pass at all?
+                t = self.evaluate(apply_patch(cfg, {"scale": scale}), f"scale {scale:g}, every ablated layer", origin=origin)
+                if not t.passes:
+                    continue
+                found = (len(layers), scale, self.configs[t.n], t.kl)
+            while lo < hi and self._room():
+                mid = (lo + hi) // 2
+                keep = set(layers[:mid])
+                t = self.evaluate(apply_patch(_only_layers(cfg, keep), {"scale": scale}),
+                                  f"scale {scale:g}, the {mid} layers that wrote most r ({sorted(keep)})", origin=origin)
+                if t.passes:
+                    hi, found = mid, (mid, scale, self.configs[t.n], t.kl)
+                else:
+                    lo = mid + 1
+            if found is not None:
+                options.append(found)
+        cfg = min(options, key=lambda o: (o[3] if o[3] is not None else float("inf"), o[0]))[2]
         # writer groups, least r written first: drop one while it still passes
         comps = list(dict.fromkeys(c for e in cfg.entries for c in (e.components or cfg.components)))
         for g in sorted(comps, key=lambda g: self.group_write.get(g, 0.0)):
@@ -245,8 +265,9 @@ class FixSearch:
             t = self.evaluate(apply_patch(cfg, {"drop": [{"targets": [g], "layers": sorted({e.layer for e in cfg.entries})}]}), f"without {g}", origin=origin)
             if t.passes:
                 cfg, comps = self.configs[t.n], [c for c in comps if c != g]
-        # scale: bisection below 1 (a smaller edit, when it still removes refusal, usually costs less KL)
-        lo_s, hi_s = 0.5, 1.0
+        # scale: bisection between 0.5 and the scale chosen (a smaller edit, when it still removes refusal, usually costs less KL)
+        top = max(e.scale for e in cfg.entries) * cfg.scale if cfg.entries else 1.0
+        lo_s, hi_s = 0.5 * top, top
         for _ in range(2):
             if not self._room():
                 break
