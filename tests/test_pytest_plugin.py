@@ -185,9 +185,11 @@ def test_bad_input_is_a_usage_error_not_a_traceback(organism, tmp_path, pytester
     # a bad gate file is found when the session starts collecting (in this process: torch is loaded already)
     gate = tmp_path / "gate.yaml"
     gate.write_text("max_refusal: 0.1\n")
-    bad = pytester.runpytest_inprocess(f"--audit-model={organism[0]}", f"--audit-base={organism[0]}", f"--audit-gate={gate}")
+    other = tmp_path / "another-base"  # a base that is not the model itself (that would be refused first, as its own mistake)
+    other.mkdir()
+    bad = pytester.runpytest_inprocess(f"--audit-model={organism[0]}", f"--audit-base={other}", f"--audit-gate={gate}")
     err = bad.stderr.str()
-    assert bad.ret == 4 and "ERROR: moe-ablation-audit:" in err and "unknown gate key" in err and str(gate) in err
+    assert bad.ret == 4 and "ERROR: moe-ablation-audit:" in err and "unknown key(s) 'max_refusal'" in err and str(gate) in err
     assert "Traceback" not in err + bad.stdout.str()
 
 
@@ -204,9 +206,14 @@ def test_the_fixture_without_a_model_says_what_to_pass(tmp_path):
 def test_a_path_given_as_a_second_word_is_refused(organism, tmp_path):
     """`--audit-model DIR`: pytest reads DIR as a test path when it picks its rootdir, before plugins load, and would write
     its cache there (here: into the organism, an input); the one-word form is asked for."""
-    run = _pytest(tmp_path, "--audit-model", str(organism[0]), f"--audit-base={organism[0]}")
+    import shutil
+
+    model = shutil.copytree(organism[0], tmp_path.parent / f"{tmp_path.name}-model")  # outside any project (no ini file above it)
+    other = tmp_path.parent / f"{tmp_path.name}-another-base"  # not the model itself, and not around the output
+    other.mkdir()
+    run = _pytest(tmp_path, "--audit-model", str(model), f"--audit-base={other}")
     assert run.returncode == 4 and "--audit-model given as two words" in run.stderr and "write --audit-model=PATH" in run.stderr
-    assert not (organism[0] / ".pytest_cache").exists()
+    assert not (model / ".pytest_cache").exists()
 
 
 # -- the outcome of each gate state, and the cache key: no audit needed ------------------------------------------------

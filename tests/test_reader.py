@@ -67,7 +67,7 @@ def _unvalidated(d):
     header = json.loads(raw[8:8 + n])
     infos = {k: TensorInfo(k, tuple(h["shape"]), h["dtype"], "model.safetensors", 8 + n + h["data_offsets"][0], 8 + n + h["data_offsets"][1])
              for k, h in header.items() if k != "__metadata__"}
-    return SimpleNamespace(path=d, tensors=infos)
+    return SimpleNamespace(path=d, tensors=infos, file=lambda shard: d / shard)
 
 
 def test_unmappable_files_are_read_instead(tmp_path, monkeypatch):

@@ -48,6 +48,7 @@ from audit.forward.measure import directions_of
 from audit.judgement.judges import make_judge
 from audit.model.prompts import format_prompts
 from audit.organisms import build as O
+from audit.outputs import OutputDir
 from checks.errors import AuditError
 
 FAMILY = "learned-moe"
@@ -392,7 +393,8 @@ def _build(out: Path, seed: int, say, recipe: dict, base, threads: int) -> Path:
     dtype = getattr(torch, recipe["dtype"])
     moe = moe.to(dtype)
     moe.config.dtype = dtype
-    with O._staging(out) as tmp:
+    with OutputDir(out, kind="organism") as od:
+        tmp = od.tmp
         moe.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, experts_implementation="eager").eval()
@@ -420,6 +422,7 @@ def _build(out: Path, seed: int, say, recipe: dict, base, threads: int) -> Path:
                 "timings_seconds": timings, "train_seconds": timings["finetune"] - timings["eval_before"],
                 "build_seconds": stamp(), "torch_threads": threads}
         (tmp / "organism.json").write_text(json.dumps(meta, indent=1) + "\n")
+        od.commit()
     say(f"built in {time.time() - t0:.0f} s")
     return out
 
