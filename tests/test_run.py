@@ -70,9 +70,10 @@ SCENARIOS = {  # name: (variant, components, layers, measurement (None: the orga
     "experts-left-out": ("experts", ["embed", "attn_out", "mlp_down", "shared_down"], ALL_LAYERS, None, 1.0, "routed-experts-not-ablated"),
     "late-narrow-band": ("late", ALL_WRITERS, [0, 1], None, 1.0, "layer-coverage"),
     "wrong-index": ("late", ALL_WRITERS, ALL_LAYERS, 1, 1.0, "direction-mismatch"),
-    # the final norm's index: refusal stays and harmless answers move (KL > 1, over-refusal): the wrong direction is the
-    # cause, and the damage is named beside it (issue 16: a gate failing on damage has model-damaged among its causes)
-    "final-norm-index": ("base", ALL_WRITERS, ALL_LAYERS, 4, 1.0, ("direction-mismatch", "model-damaged")),
+    # the final norm's index: on the committed base organism it removes refusal (100% -> 4%) but moves the harmless answers
+    # (KL 2.7 nats): the damage is the cause, and its fix measures at a better index (measured; an older build of this
+    # organism kept refusing here, and the test then expected direction-mismatch first)
+    "final-norm-index": ("base", ALL_WRITERS, ALL_LAYERS, 4, 1.0, ("model-damaged",)),
     "half-scale": ("base", ALL_WRITERS, ALL_LAYERS, None, 0.5, "weak-scale"),
 }
 
@@ -356,13 +357,14 @@ def test_a_sound_foreign_ablation_passes_and_required_intent_fails_it_closed(org
 
 
 def test_an_overshooting_sound_ablation_passes_with_the_flipped_r_as_a_warning(organism, tmp_path):
-    """W - 3 r r^T W on every writer of every layer: refusal gone, harmless answers intact, so it passes; the projection check
-    warns with the sign and size of the r left, and neither weak-scale nor scale-overshoot is named (issue 25)."""
+    """W - 2 r r^T W on every writer of every layer: r reflected, refusal gone, harmless answers intact, so it passes; the
+    projection check warns with the sign and size of the r left, and neither weak-scale nor scale-overshoot is named
+    (issue 25; at scale 3 this organism's harmless answers break: that is damage, and it fails)."""
     path, info, dirs = organism("base")
-    abl = _foreign(_ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS, scale=3.0), tmp_path / "foreign")
+    abl = _foreign(_ablate(organism, tmp_path, "base", ALL_WRITERS, ALL_LAYERS, scale=2.0), tmp_path / "foreign")
     res = _audit(abl, tmp_path, apply_fix=False, base=str(path))
     assert res["verdict"] == "pass", (res["headline"], [t for t in res["gate"]["thresholds"] if t["passed"] is False])
     refl = [f for f in res["checks"]["projection"]["findings"] if f["code"] == "reflected"]
-    assert refl and refl[0]["severity"] == "warn" and refl[0]["value"] == pytest.approx(-2.0, abs=0.1) and "-2.00 x r.W" in refl[0]["message"]
+    assert refl and refl[0]["severity"] == "warn" and refl[0]["value"] == pytest.approx(-1.0, abs=0.05) and "x r.W" in refl[0]["message"]
     assert res["checks"]["projection"]["status"] == "warn"
     assert not {c["id"] for c in res["causes"]} & {"weak-scale", "scale-overshoot"}

@@ -288,7 +288,10 @@ def _direction(ev: Evidence) -> tuple[bool, bool]:
     if ai in bypass and si in bypass:  # the counterfactual test decides, not the heuristics
         works = bypass[ai] is not None and bypass[ai] <= ev.refusal_target
         separable = works
-        mismatch = ai != si and not works and bypass[si] is not None and bypass[si] < bypass[ai] - BYPASS_MARGIN
+        # the direction is to blame when every writer ablated with it misses the target while another direction reaches it
+        # (or does better by BYPASS_MARGIN): a fixed margin alone missed 19% -> 0% (the glm "late" organism, issue 31)
+        other_works = bypass[si] is not None and bypass[si] <= ev.refusal_target
+        mismatch = ai != si and not works and bypass[si] is not None and (other_works or bypass[si] < bypass[ai] - BYPASS_MARGIN)
     return bool(mismatch), bool(separable)
 
 
