@@ -237,21 +237,20 @@ class FixSearch:
         base_scale = max(e.scale for e in cfg.entries) * cfg.scale if cfg.entries else 1.0
         options = [(len(layers), base_scale, cfg, self.trials[start.n - 1].kl)]
         for scale in dict.fromkeys([base_scale, *REFINE_SCALES]):
-            if not self._room():
-                break
+            # bisection on whether refusal reaches the target (monotone in how many layers are kept); the smallest such number
+            # also costs the least KL, and its own KL decides whether it passes
             lo, hi, found = 1, len(layers), None
-            if scale != base_scale:  # every layer at this scale first: does it pass at all?
-                t = self.evaluate(apply_patch(cfg, {"scale": scale}), f"scale {scale:g}, every ablated layer", origin=origin)
-                if not t.passes:
-                    continue
-                found = (len(layers), scale, self.configs[t.n], t.kl)
+            if scale != base_scale:
+                hi += 1  # every layer at this scale is not known to remove refusal yet
             while lo < hi and self._room():
                 mid = (lo + hi) // 2
                 keep = set(layers[:mid])
                 t = self.evaluate(apply_patch(_only_layers(cfg, keep), {"scale": scale}),
                                   f"scale {scale:g}, the {mid} layers that wrote most r ({sorted(keep)})", origin=origin)
-                if t.passes:
-                    hi, found = mid, (mid, scale, self.configs[t.n], t.kl)
+                if t.refusal is not None and t.refusal <= self.sim.target and t.method == "generation":
+                    hi = mid
+                    if t.passes:
+                        found = (mid, scale, self.configs[t.n], t.kl)
                 else:
                     lo = mid + 1
             if found is not None:
