@@ -386,26 +386,20 @@ JUDGE_HELP = ("refusal judge: rules (default: offline rules + linear model), rul
               "on an OpenAI-compatible server)")
 
 
-def _nonnegative(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
-    return v
+def _at_least(low: int):
+    """argparse type: an integer >= ``low`` (a count below it is always a mistake, never silently used)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+    return parse
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1 (0 or a negative count is always a mistake, never silently used)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+_nonnegative, _positive = _at_least(0), _at_least(1)
 
 
 def _positive_seconds(text: str) -> float:

@@ -6,7 +6,7 @@ Both runs of a case are measured side by side in one process, in CPU seconds of 
 machine): the stages whose names start with "simulation". Printed per case and in total: the seconds, the ratio, and
 whether the verdict and the top cause are the same.
 
-    AUDIT_THREADS=1 python benchmarks/bench_simulation.py [--organisms glm,mix,oss] [--cases a,b]
+    AUDIT_THREADS=1 python benchmarks/bench_simulation.py [--organisms glm,mix,oss] [--cases a,b] [--limit N]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--organisms", default="glm,mix,oss")
     ap.add_argument("--cases", default=None)
+    ap.add_argument("--limit", type=int, default=0, help="prompts per set (default 0: every held-out prompt of the organism, as a plain "
+                    "`audit run` reads them; the matrix tests use 24, where a sequential test has little room to stop early)")
     args = ap.parse_args(argv)
     O._torch_threads()
     truth = {}
@@ -44,8 +46,9 @@ def main(argv=None) -> int:
     tot_old = tot_new = 0.0
     same_all = True
     for n in names:
-        old, _ = C.audit_case(n, confirm_all=True)
-        new, _ = C.audit_case(n)
+        over = {"limit": args.limit or None}
+        old, _ = C.audit_case(n, confirm_all=True, **over)
+        new, _ = C.audit_case(n, **over)
         a, b = simulation_cpu(old), simulation_cpu(new)
         tot_old, tot_new = tot_old + a, tot_new + b
         top = lambda r: (r["causes"] or [{}])[0].get("id")  # noqa: E731

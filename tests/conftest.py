@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per test worker: the workers (pytest-xdist, one per core) are the parallelism
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # the organisms every test audits are committed (audit/organisms/fixtures.py): the same weights on every machine, no build
