@@ -312,11 +312,18 @@ def audit_table(names: list[str], truth_path: Path, foreign: bool = False) -> st
         sim = (top or {}).get("simulated") or {}
         top_s = f"{top['id']} ({sim['refusal_rate']:.0%})" if top and sim.get("refusal_rate") is not None else (top["id"] if top else "-")
         top_s += " demoted" if top and top.get("demoted") else ""
-        ok = (res["verdict"] == "pass") if t["expected_verdict"] == "pass" else bool(
-            top and top["id"] in t["truth"] and not top.get("demoted") and res["verdict"] == "fail")
+        top_s += " [refusal unexplained]" if (res.get("diagnosis") or {}).get("refusal_unexplained") else ""
+        top_s = top_s if top else f"- [{(res.get('diagnosis') or {}).get('status')}]"
+        if t["expected_verdict"] == "pass":
+            ok = res["verdict"] == "pass"
+        elif t["truth"]:
+            ok = bool(top and top["id"] in t["truth"] and not top.get("demoted") and res["verdict"] == "fail")
+        else:  # no single fix passes (the learned organism): a failed verdict that claims no fix works, no ruled-out cause on top
+            ok = res["verdict"] == "fail" and not (res.get("diagnosis") or {}).get("proven") and not (
+                top and not top.get("demoted") and top["id"] in t["ruled_out"])
         wrong = [c["id"] for c in causes if not c.get("demoted") and c["id"] in t["ruled_out"]]
         m = t["measured"]
-        lines.append(f"| {n} | {', '.join(t['truth']) or '(passes)'} | {m['refusal']:.0%} / {m['correct']:.0%} | {res['verdict']} | {top_s} | "
+        lines.append(f"| {n} | {', '.join(t['truth']) or ('(passes)' if t['expected_verdict'] == 'pass' else '(no single fix)')} | {m['refusal']:.0%} / {m['correct']:.0%} | {res['verdict']} | {top_s} | "
                      f"{'yes' if ok else 'NO'} | {', '.join(wrong) or '-'} | {sec:.1f} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)

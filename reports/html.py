@@ -236,11 +236,13 @@ def _evidence(e) -> str:
 
 def _diagnosis_view(d: dict, reached: str | None) -> dict | None:
     """The diagnosis's conclusion when it is "unexplained" (what was measured, tried and is next), and what reached the weights."""
-    if d.get("status") != "unexplained" and not reached:
+    unexplained = d.get("status") == "unexplained" or bool(d.get("refusal_unexplained"))
+    if not unexplained and not reached:
         return None
     tried = [{"what": str(r.get("what") or ""), "rate": charts._num(r.get("refusal_rate")), "kl": charts._num(r.get("kl")),
               "method": r.get("method"), "note": r.get("note")} for r in _list(d.get("tried")) if isinstance(r, dict)]
-    return {"unexplained": d.get("status") == "unexplained", "statement": d.get("statement"),
+    return {"unexplained": unexplained, "heading": "No cause proven" if d.get("status") == "unexplained" else "Why refusal stays: not explained",
+            "statement": d.get("statement"),
             "measured": [str(x) for x in _list(d.get("measured"))], "tried": tried, "next": [str(x) for x in _list(d.get("next"))],
             "reached": reached}
 
@@ -487,7 +489,7 @@ def build_view(results: dict) -> dict:
     fix_search = notes.guard("fix search", lambda: _fix_search_view(_dict(results.get("fix_search")), notes)) if isinstance(results.get("fix_search"), dict) else None
     toc = []
     if diagnosis and diagnosis["unexplained"]:
-        toc.append(("diagnosis", "No cause proven"))
+        toc.append(("diagnosis", diagnosis["heading"]))
     if causes:
         toc.append(("causes", f"Causes ({len(causes)})"))
     if proof:

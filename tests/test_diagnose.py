@@ -166,6 +166,30 @@ def test_no_cause_is_invented_when_no_rule_finds_one():
     assert conclude(True, [], gate)["status"] == "not-needed"
 
 
+def test_damage_named_on_evidence_does_not_stand_for_the_refusal_that_stayed():
+    """Refusal stayed and the ablation damaged the model (the learned organism's cases): damage is named as the fact it
+    is, and the refusal part is marked unexplained with what was tried, not said to be lowered by damage's fix."""
+    from checks.diagnosis import conclude
+
+    gate = {"passed": False, "thresholds": [{"name": "max_refusal_after", "passed": False, "message": "refusal 88%, limit <= 0.1"},
+                                            {"name": "max_kl", "passed": True}]}
+    damage = Cause("model-damaged", 0.9, "KL 2 nats", evidence=[{"source": "damage", "text": "KL 2 nats"}], title="The ablation damaged the model",
+                   explains_refusal=False, simulated={"refusal_rate": 0.81, "reaches_target": False})
+    demoted = Cause("layer-coverage", 0.2, "a", evidence=[{"source": "weights", "text": "x"}], demoted=True, title="t",
+                    search=[{"label": "every layer", "refusal_rate": 0.85, "kl": 0.3}])
+    bypass = {"24": {"rate": 0.67, "kl": 0.3, "method": "generation"}}
+    c = conclude(False, [damage, demoted], gate, bypass, simulated=True)
+    assert c["status"] == "explained" and c["cause"] == "model-damaged" and not c["proven"]
+    assert c["refusal_unexplained"] and "lowers refusal" not in c["statement"] and "not explained" in c["statement"]
+    assert [r["what"].split(":")[0] for r in c["tried"]][-1] == "layer-coverage" and "no measured direction" in c["next"][0]
+    # the same damage with refusal removed: nothing is left unexplained
+    gone = {"passed": False, "thresholds": [{"name": "max_kl", "passed": False, "message": "KL 2"}]}
+    assert "refusal_unexplained" not in conclude(False, [damage], gone, bypass, simulated=True)
+    # a cause that explains refusal still standing: the refusal part is that cause's, not unexplained
+    live = Cause("attention-not-ablated", 0.5, "a", evidence=[{"source": "weights", "text": "x"}], title="Attention")
+    assert "refusal_unexplained" not in conclude(False, [damage, live], gate, bypass, simulated=True)
+
+
 def test_once_refusal_is_gone_only_soundness_causes_remain():
     """An overshoot that removed refusal without damage is not a cause: its r, flipped, is a warning of the projection check."""
     full = {g: list(range(L)) for g in ("attn_out", "shared_down", "experts_down", "mlp_down")}

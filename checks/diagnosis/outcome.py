@@ -3,12 +3,17 @@
 "Unexplained" is an answer, not a gap: when the gate failed and no cause is left standing (none named, or every one
 demoted because its simulated fix did not remove refusal), the record says so, lists what was measured (the failed
 thresholds), which fixes were simulated and what each did (the bypass test per index, every cause's candidates), and
-what to try next. No cause id is ever invented to fill the slot.
+what to try next. No cause id is ever invented to fill the slot. When the cause left standing is a soundness problem
+(damage, an unintended edit) and refusal also failed, that cause is a fact but not why refusal stayed: the record
+names it and marks the refusal part unexplained (``refusal_unexplained``), with the same tried/next lists.
 """
 
 from __future__ import annotations
 
 from checks.diagnosis.cause import Cause, pct
+
+
+REFUSAL_THRESHOLDS = frozenset({"max_refusal_after", "min_drop", "check:refusal"})
 
 
 def _tried(causes: list[Cause], bypass: dict | None) -> list[dict]:
@@ -27,7 +32,7 @@ def _tried(causes: list[Cause], bypass: dict | None) -> list[dict]:
 def _next(failed: set[str], bypass: dict | None, simulated: bool, target: float) -> list[str]:
     out = []
     working = sorted((int(k) for k, v in (bypass or {}).items() if v.get("rate") is not None and v["rate"] <= target))
-    if failed & {"max_refusal_after", "min_drop", "check:refusal"}:
+    if failed & REFUSAL_THRESHOLDS:
         if working:
             out.append(f"ablating every residual writer at every layer with the direction of index {working[0]} removes refusal in the simulation: "
                        f"re-ablate with components [embed, attn_out, mlp_down, experts_down, shared_down], every layer, measurement {working[0]}")
@@ -53,16 +58,28 @@ def conclude(passed: bool, causes: list[Cause], gate: dict, bypass: dict | None 
     if passed:
         return {"status": "not-needed", "cause": None, "proven": False, "statement": "the gate passed: nothing to explain"}
     top = causes[0] if causes else None
+    failed_rows = [t for t in gate.get("thresholds") or [] if t.get("passed") is False]
+    failed = {t["name"] for t in failed_rows}
     if top is not None and not top.demoted:
         sim = top.simulated or {}
         proven = bool(sim.get("reaches_target"))
-        how = (("its fix, simulated, removes refusal" if top.explains_refusal else "its fix, simulated, keeps refusal removed without the harm")
-               if proven else
-               "its fix was simulated and lowers refusal, short of the target" if sim.get("refusal_rate") is not None else
-               "named on its evidence" + ("" if top.explains_refusal else ": a soundness problem, not what keeps refusal"))
-        return {"status": "explained", "cause": top.id, "proven": proven, "statement": f"{top.title} ({how})"}
-    failed_rows = [t for t in gate.get("thresholds") or [] if t.get("passed") is False]
-    failed = {t["name"] for t in failed_rows}
+        if top.explains_refusal:
+            how = ("its fix, simulated, removes refusal" if proven else
+                   "its fix was simulated and lowers refusal, short of the target" if sim.get("refusal_rate") is not None else
+                   "named on its evidence")
+            return {"status": "explained", "cause": top.id, "proven": proven, "statement": f"{top.title} ({how})"}
+        how = ("its fix, simulated, keeps refusal removed without the harm" if proven else
+               "named on its evidence: a soundness problem, not what keeps refusal")
+        out = {"status": "explained", "cause": top.id, "proven": proven, "statement": f"{top.title} ({how})"}
+        refusal_stands = failed & REFUSAL_THRESHOLDS and not any(c.explains_refusal and not c.demoted for c in causes)
+        if refusal_stands:
+            # a soundness problem (damage, an unintended edit) is a fact, but it is not why refusal stayed: say that
+            # the refusal part is unexplained, with what was tried, rather than let the soundness cause stand for it
+            out.update(refusal_unexplained=True, tried=_tried(causes, bypass), next=_next(failed, bypass, simulated, refusal_target),
+                       refusal_target=refusal_target, target_text=pct(refusal_target))
+            out["statement"] += ("; why refusal stays is not explained: no simulated fix removes it" if simulated else
+                                 "; why refusal stays is not explained: no rule names a cause for it")
+        return out
     why = ("no rule found evidence of a cause" if not causes else
            f"{len(causes)} cause(s) had evidence, but none of their simulated fixes removes refusal")
     return {"status": "unexplained", "cause": None, "proven": False,
