@@ -425,6 +425,8 @@ def _rate(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from audit.pipeline.options import FIX_BUDGET
+
     p = argparse.ArgumentParser(prog="audit", description="Audit (and fix) refusal-direction ablations of Mixture-of-Experts models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -446,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     s.add_argument("--apply-fix", metavar="OUT", help="search for the config that passes the gate (as `audit fix` does), apply it with our "
                    "ablation into OUT and re-audit it from disk")
-    s.add_argument("--budget", dest="fix_budget", type=_positive, default=40, metavar="N", help="with --apply-fix: the most configs the search "
-                   "simulates (default 40)")
+    s.add_argument("--budget", dest="fix_budget", type=_positive, default=FIX_BUDGET, metavar="N", help="with --apply-fix: the most configs "
+                   f"the search simulates (default {FIX_BUDGET})")
     _run_flags(s)
     s.set_defaults(func=_cmd_run)
 
@@ -457,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--out", required=True, help="where the fixed model goes (a new folder: safetensors, ablation-manifest.json, fix-config.yaml)")
     s.add_argument("--report", metavar="DIR", help="where the report of the audit and the search goes (default: OUT-report)")
     s.add_argument("--force", action="store_true", help="replace output folders this tool wrote")
-    s.add_argument("--budget", dest="fix_budget", type=_positive, default=40, metavar="N", help="the most configs the search simulates (default 40)")
+    s.add_argument("--budget", dest="fix_budget", type=_positive, default=FIX_BUDGET, metavar="N", help="the most configs the search simulates "
+                   f"(default {FIX_BUDGET})")
     s.add_argument("--target-refusal", type=_rate, metavar="R", help="the refusal rate a passing config must reach (default: the gate's max_refusal_after)")
     s.add_argument("--max-kl", type=_positive_seconds, metavar="K", help="the largest first-token KL a passing config may cost (default: the gate's max_kl)")
     _run_flags(s)

@@ -6,7 +6,7 @@ and KL), the same prompts and the same gate. TPE samples absolute projection con
 inner index), a scale in [0.25, 2], a band of layers [start, end] and which writer groups (every expert of each
 layer); its objective is the refusal rate of a failing config, and KL - 10 for a passing one (so any pass beats any
 failure, and among passes the least KL wins). Each TPE run has a budget of 200 trials; ours has its own (``--budget``,
-default 40) and counts the trials the diagnosis's walk made. Printed per case and overall: trials to the first passing
+default audit fix's) and counts the trials the diagnosis's walk made. Printed per case and overall: trials to the first passing
 config (ours once: the search is deterministic; TPE per seed), the final config's refusal, KL and edited tensors, and
 the ratio of trials to the first pass. Ours is also applied with `audit ablate` and re-audited from disk.
 
@@ -34,7 +34,7 @@ from audit.intent.config import AblationConfig  # noqa: E402
 from audit.organisms import build as O  # noqa: E402
 from audit.organisms import cases as C  # noqa: E402
 from audit.pipeline.fix_search import FixSearch  # noqa: E402
-from audit.pipeline.options import RunContext, RunOptions  # noqa: E402
+from audit.pipeline.options import FIX_BUDGET, RunContext, RunOptions  # noqa: E402
 from audit.pipeline.run import run_audit  # noqa: E402
 
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=None)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tpe-budget", type=int, default=200)
-    ap.add_argument("--budget", type=int, default=40, help="ours: the most configs it simulates")
+    ap.add_argument("--budget", type=int, default=FIX_BUDGET, help=f"ours: the most configs it simulates (default {FIX_BUDGET}, audit fix's)")
     ap.add_argument("--json", default=None, help="also write every number here")
     args = ap.parse_args(argv)
     O._torch_threads()

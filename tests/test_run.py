@@ -56,7 +56,8 @@ def _ablate(organism, tmp_path, variant, components, layers, measurement=None, s
 def _audit(model_dir, tmp_path, apply_fix=True, limit=LIMIT, **kw):  # noqa: D103
     from audit.pipeline.run import RunOptions, run_audit
 
-    kw = {"capability": "none", "multi_turn": 0, **kw}  # damage beyond KL has its own tests (test_damage_beyond_kl): not paid per scenario
+    # damage beyond KL has its own tests (test_damage_beyond_kl), the refinement of the fix search its own (test_fix): not paid per scenario
+    kw = {"capability": "none", "multi_turn": 0, "fix_budget": 30, **kw}
     opts = RunOptions(model_dir=str(model_dir), out=str(tmp_path / "report"), limit=limit, max_new_tokens=24, quiet=True,
                       apply_fix=str(tmp_path / "fixed") if apply_fix else None, **kw)
     return run_audit(opts)

@@ -7,11 +7,12 @@ reached the weights (audit/intent/reached.py) and uses what the audit measured:
    the walk the simulator already made for the diagnosis (audit/pipeline/simulate.py), each candidate a trial;
 2. **bypass**: when no cause's family passes, every residual writer at every layer with each candidate index (the bypass
    test, also already measured) -- it bounds what any single-direction ablation can do;
-3. **refine**: from the passing config with the least KL: the other measurement indices the bypass test found working
-   (least KL first); then fewer layers: the layers in order of their write of r before the ablation, bisecting how many
-   are kept, at the current scale and at stronger ones (r reflected in the layers kept can make up for the ones left out:
-   a scale above 1 passes the gate when behaviour says so); then fewer writer groups (least r written first); then the
-   scale bisected below the one chosen -- keeping a change only when it still passes (the cheapest option by KL).
+3. **refine**: from the passing config with the least KL, and from it measured at the other indices the bypass test
+   found working (least KL first, up to ``REFINE_INDICES`` in all), each narrowed: fewer writer groups (least r
+   written first); then fewer layers, bisecting how many are kept, two ways: the layers in order of their write of r
+   before the ablation, and the last layers of the stack (less of the model downstream to disturb), at the current scale and at stronger ones (r reflected in the layers kept can make up for the ones left out:
+   a scale above 1 passes the gate when behaviour says so); then the scale bisected below the one chosen -- keeping a
+   change only when it still passes. The cheapest passing trial overall wins (least KL, then fewest tensors).
 
 A trial passes when it meets the gate: refusal on harmful prompts <= ``max_refusal_after``, refusal on harmless prompts <=
 ``max_over_refusal`` (when the gate has it), first-token KL <= ``max_kl``, degenerate answers at most half; among passing
@@ -31,10 +32,12 @@ from dataclasses import asdict, dataclass, field, replace
 from audit.forward.intervene import from_config
 from audit.intent.config import AblationConfig
 from audit.intent.fixes import apply_patch, config_yaml
+from audit.pipeline.options import FIX_BUDGET
 from checks.errors import AuditError
 from checks.layout import targets_of
 
 
+REFINE_INDICES = 3  # the measurement indices the refinement narrows from (the best passing config's and the bypass test's others)
 REFINE_SCALES = (1.25, 1.5)  # stronger scales the refinement tries with fewer layers (r reflected in some makes up for others left out)
 
 
@@ -81,7 +84,7 @@ def edited_tensors(config: AblationConfig, layout) -> int:
 class FixSearch:
     """The search on one run's simulator (see the module docstring)."""
 
-    def __init__(self, sim, layout, gate_limits: dict, writes_before: dict, budget: int = 40):
+    def __init__(self, sim, layout, gate_limits: dict, writes_before: dict, budget: int = FIX_BUDGET):
         self.sim, self.layout, self.budget = sim, layout, budget
         self.max_over = gate_limits.get("max_over_refusal")
         self.trials: list[Trial] = []
@@ -217,53 +220,66 @@ class FixSearch:
         return len(self.trials) < self.budget
 
     def _refine(self) -> None:
-        """Fewer layers, fewer groups, a lower scale: each kept only while the config still passes with less KL or fewer tensors."""
+        """From the best passing config, and from it measured at each other index the bypass test found working (least KL
+        first, REFINE_INDICES in all): fewer groups, then fewer layers, then a lower scale (``_narrow``). Every trial is
+        kept in the history; the best passing one overall wins (``best``)."""
         start = self.best()
         cfg, origin = self.configs[start.n], start.origin
-        # the direction: the other indices the bypass test found removing refusal, least damage first (one trial each)
         current = {e.measurement for e in cfg.entries}
         working = sorted((int(k) for k, v in getattr(self, "bypass", {}).items() if v.get("rate") is not None and v["rate"] <= self.sim.target),
                          key=lambda i: (self.bypass[str(i)].get("kl") or 0.0, i))
-        for i in [i for i in working if {i} != current]:
+        starts = [(cfg, start)]
+        for i in [i for i in working if {i} != current][:REFINE_INDICES - 1]:
             if not self._room():
                 break
             t = self.evaluate(apply_patch(cfg, {"measurement": i}), f"measure at index {i}", origin=origin)
-            if t.passes and (t.kl or 0.0) < (self.trials[start.n - 1].kl or 0.0):
-                cfg = self.configs[t.n]
-        # layers, in order of how much r they wrote: per scale (the current one, then stronger ones, which can make up for the
-        # layers left out by reflecting r in the rest), the smallest number of the top layers that still passes (bisection);
-        # the cheapest passing (layers, scale) is kept
-        layers = sorted({e.layer for e in cfg.entries}, key=lambda l: -self.layer_write.get(l, 0.0))
-        base_scale = max(e.scale for e in cfg.entries) * cfg.scale if cfg.entries else 1.0
-        options = [(len(layers), base_scale, cfg, self.trials[start.n - 1].kl)]
-        for scale in dict.fromkeys([base_scale, *REFINE_SCALES]):
-            # bisection on whether refusal reaches the target (monotone in how many layers are kept); the smallest such number
-            # also costs the least KL, and its own KL decides whether it passes
-            lo, hi, found = 1, len(layers), None
-            if scale != base_scale:
-                hi += 1  # every layer at this scale is not known to remove refusal yet
-            while lo < hi and self._room():
-                mid = (lo + hi) // 2
-                keep = set(layers[:mid])
-                t = self.evaluate(apply_patch(_only_layers(cfg, keep), {"scale": scale}),
-                                  f"scale {scale:g}, the {mid} layers that wrote most r ({sorted(keep)})", origin=origin)
-                if t.refusal is not None and t.refusal <= self.sim.target and t.method == "generation":
-                    hi = mid
-                    if t.passes:
-                        found = (mid, scale, self.configs[t.n], t.kl)
-                else:
-                    lo = mid + 1
-            if found is not None:
-                options.append(found)
-        cfg = min(options, key=lambda o: (o[3] if o[3] is not None else float("inf"), o[0]))[2]
-        # writer groups, least r written first: drop one while it still passes
+            if t.passes:
+                starts.append((self.configs[t.n], t))
+        for c, t in sorted(starts, key=lambda ct: ct[1].kl if ct[1].kl is not None else float("inf")):
+            if not self._room():
+                break
+            self._narrow(c, t, origin)
+
+    def _narrow(self, cfg: AblationConfig, start: Trial, origin: str) -> None:
+        """One passing config made smaller, each step kept only while it still passes: writer groups dropped (least r
+        written first, on every layer, where each group's share is measured best); then the layers, in order of their
+        write of r before the ablation, bisecting how many are kept, at the current scale and at stronger ones (r
+        reflected in the layers kept can make up for the ones left out); then the scale bisected below the one chosen."""
         comps = list(dict.fromkeys(c for e in cfg.entries for c in (e.components or cfg.components)))
         for g in sorted(comps, key=lambda g: self.group_write.get(g, 0.0)):
             if not self._room() or len(comps) <= 1:
                 break
             t = self.evaluate(apply_patch(cfg, {"drop": [{"targets": [g], "layers": sorted({e.layer for e in cfg.entries})}]}), f"without {g}", origin=origin)
             if t.passes:
-                cfg, comps = self.configs[t.n], [c for c in comps if c != g]
+                cfg, comps, start = self.configs[t.n], [c for c in comps if c != g], t
+        # layers, two ways, per scale: the smallest number of the layers that wrote most r, and the shortest band of the
+        # last layers (an edit late in the stack has less of the model downstream to disturb), with which refusal reaches
+        # the target (monotone in how many are kept); that number also costs the least KL, and its own KL decides whether
+        # it passes
+        present = {e.layer for e in cfg.entries}
+        orders = {"the {n} layers that wrote most r": sorted(present, key=lambda l: -self.layer_write.get(l, 0.0)),
+                  "the last {n} layers": sorted(present, reverse=True)}
+        base_scale = max(e.scale for e in cfg.entries) * cfg.scale if cfg.entries else 1.0
+        options = [(len(present), cfg, start.kl)]
+        for scale in dict.fromkeys([base_scale, *REFINE_SCALES]):
+            for what, layers in orders.items():
+                lo, hi, found = 1, len(layers), None
+                if scale != base_scale:
+                    hi += 1  # every layer at this scale is not known to remove refusal yet
+                while lo < hi and self._room():
+                    mid = (lo + hi) // 2
+                    keep = set(layers[:mid])
+                    t = self.evaluate(apply_patch(_only_layers(cfg, keep), {"scale": scale}),
+                                      f"scale {scale:g}, {what.format(n=mid)} ({sorted(keep)})", origin=origin)
+                    if t.refusal is not None and t.refusal <= self.sim.target and t.method == "generation":
+                        hi = mid
+                        if t.passes:
+                            found = (mid, self.configs[t.n], t.kl)
+                    else:
+                        lo = mid + 1
+                if found is not None:
+                    options.append(found)
+        cfg = min(options, key=lambda o: (o[2] if o[2] is not None else float("inf"), o[0]))[1]
         # scale: bisection between 0.5 and the scale chosen (a smaller edit, when it still removes refusal, usually costs less KL)
         top = max(e.scale for e in cfg.entries) * cfg.scale if cfg.entries else 1.0
         lo_s, hi_s = 0.5 * top, top

@@ -17,6 +17,9 @@ from checks.errors import AuditError
 EXTEND_FACTOR = 4  # default --extend-to: four times --max-new-tokens
 
 
+FIX_BUDGET = 80  # the most configs `audit fix` (and --apply-fix) simulates by default: the walk, the bypass test and the refinement
+
+
 @dataclass
 class RunOptions:
     model_dir: str
@@ -34,7 +37,7 @@ class RunOptions:
     limit: int | None = None  # at most this many prompts per set
     simulate: bool = True
     confirm_all: bool = False  # --confirm-all: generate for every fix the first-token estimate would settle (slower)
-    fix_budget: int = 40  # --budget: the most configs the fix search (--apply-fix, `audit fix`) simulates
+    fix_budget: int = FIX_BUDGET  # --budget: the most configs the fix search (--apply-fix, `audit fix`) simulates
     gate_overrides: dict = field(default_factory=dict)  # `audit fix --target-refusal / --max-kl`: gate limits over the gate file's
     apply_fix: str | None = None  # write the fixed ablation here, re-audit it
     device: str | None = None  # None / "cpu", a torch device, or "auto": accelerate's device map (GPUs, CPU, disk)
