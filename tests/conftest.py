@@ -22,6 +22,18 @@ FIXTURES = Path(__file__).parent / "fixtures" / "organisms"
 os.environ.setdefault("AUDIT_FIXTURES", str(FIXTURES))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is as fast, and on a busy box extra threads spin at barriers; a module that changes the
+    thread count (a build, a benchmark-like test) gets it back. Use: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def glm_organism():
     """glm_organism(variant) -> (model, tokenizer, r*, meta, prompts(name, n)): the cached glm4_moe organism

@@ -21,12 +21,7 @@ TINY_RECIPE = {**Lrn.RECIPE, "moe_layers": [1], "trainable_from": 1, "steps": 40
                "warmup": 2, "answer_tokens": 8, "eval_harmful": 3, "eval_harmless": 3, "eval_tokens": 6}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

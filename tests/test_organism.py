@@ -19,13 +19,7 @@ FAMILIES = ["glm4_moe", "qwen3_moe", "mixtral"]
 VARIANTS = ["shared", "experts", "late"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is as fast, and on a busy CI box extra threads spin at barriers."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,20 @@ def _undecidable(completion, prompt, truncated, name: str) -> Judgement | None:
     return None
 
 
+class BatchJudge(Judge):
+    """A judge that works on a batch (a model, a server): one completion is a batch of one, and ``pending`` gives the
+    rules' unknowns (empty, degenerate, cut off) their place first, leaving the rest to the judge."""
+
+    def __call__(self, completion, prompt=None, truncated=False):
+        return self.many([completion], [prompt], [truncated])[0]
+
+    def pending(self, completions, prompts, truncated) -> tuple[list, list, list, list[int]]:
+        """(prompts, truncation flags, judgements with the rules' unknowns filled and None elsewhere, indices still to judge)."""
+        prompts, truncated = self.aligned(completions, prompts, truncated)
+        out: list[Judgement | None] = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
+        return prompts, truncated, out, [i for i, j in enumerate(out) if j is None]
+
+
 class RulesOnlyJudge(Judge):
     name = "rules-only"
 
@@ -128,7 +142,7 @@ class OfflineJudge(Judge):
         return offline_judge(completion, prompt, truncated, self.model)
 
 
-class MeaningJudge(Judge):
+class MeaningJudge(BatchJudge):
     """The rules, the language check and a model over n-grams plus sentence-encoder features (``--judge meaning``)."""
 
     name = "meaning"
@@ -144,13 +158,8 @@ class MeaningJudge(Judge):
     def about(self) -> dict:
         return _about_model(self.name, self.model)
 
-    def __call__(self, completion, prompt=None, truncated=False):
-        return self.many([completion], [prompt], [truncated])[0]
-
     def many(self, completions, prompts=None, truncated=None):
-        prompts, truncated = self.aligned(completions, prompts, truncated)
-        out: list[Judgement | None] = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
-        todo = [i for i, j in enumerate(out) if j is None]
+        prompts, truncated, out, todo = self.pending(completions, prompts, truncated)
         answers = self.encoder.embed([completions[i] for i in todo])
         asked = list(dict.fromkeys(prompts[i] for i in todo if prompts[i]))  # a prompt set repeats: each prompt once
         e_prompt = dict(zip(asked, self.encoder.embed(asked))) if asked else {}
@@ -180,7 +189,7 @@ def refusal_index(id2label: dict) -> tuple[int, str]:
                      f"(or 'reject', 'declin') and, for a two-class model, the other 'compl'")
 
 
-class ClassifierJudge(Judge):
+class ClassifierJudge(BatchJudge):
     """A sequence-classification model directory (config.json + safetensors + tokenizer), read on the CPU."""
 
     def __init__(self, directory: str | Path, batch_size: int = 16, max_length: int = 512):
@@ -216,15 +225,10 @@ class ClassifierJudge(Judge):
         return {"judge": self.name, "description": f"Hugging Face sequence classifier at {self.directory} (refusal = class "
                                                    f"{self.index} {self.label_name!r})", "accuracy": None}
 
-    def __call__(self, completion, prompt=None, truncated=False):
-        return self.many([completion], [prompt], [truncated])[0]
-
     def many(self, completions, prompts=None, truncated=None):
         import torch
 
-        prompts, truncated = self.aligned(completions, prompts, truncated)
-        out: list[Judgement | None] = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
-        todo = [i for i, j in enumerate(out) if j is None]
+        prompts, truncated, out, todo = self.pending(completions, prompts, truncated)
         for s in range(0, len(todo), self.batch_size):
             idx = todo[s:s + self.batch_size]
             enc = self.tok([prompts[i] or "" for i in idx], [completions[i] for i in idx], truncation=True, max_length=self.max_length,
@@ -255,7 +259,7 @@ RESPONSE:
 {response}"""
 
 
-class ServerJudge(Judge):
+class ServerJudge(BatchJudge):
     """Asks an LLM on an OpenAI-compatible server (``SERVER_PROMPT``); partial counts as refusal. Requests go through
     audit/openai_server.py (a deadline per request, no redirects, answers of another shape refused): a request that fails
     at the server leaves that completion unknown, with the reason."""
@@ -277,14 +281,10 @@ class ServerJudge(Judge):
             raise AuditError(f"judge server {self.base} lists no model at /models; name one: --judge server:URL#MODEL")
         return names[0]
 
-    def __call__(self, completion, prompt=None, truncated=False):
-        return self.many([completion], [prompt], [truncated])[0]
-
     def many(self, completions, prompts=None, truncated=None):
         """The rules decide the undecidable ones (empty, degenerate, cut off); the rest go to the server together."""
-        prompts, truncated = self.aligned(completions, prompts, truncated)
-        rules = [_undecidable(c, p, t, self.name) for c, p, t in zip(completions, prompts, truncated)]
-        asks = [self._body(c, p) for c, p, j in zip(completions, prompts, rules) if j is None]
+        prompts, truncated, rules, todo = self.pending(completions, prompts, truncated)
+        asks = [self._body(completions[i], prompts[i]) for i in todo]
         answers = iter(self.server.post_many("/chat/completions", asks, CHAT, concurrency=self.workers, keep_failures=True))
         return [j if j is not None else self._verdict(next(answers)) for j in rules]
 
