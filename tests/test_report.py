@@ -128,6 +128,20 @@ def test_gate_threshold_not_measured(sample):
     assert "not measured" in row and "b-fail" not in row
 
 
+def test_refusal_left_unexplained_beside_a_named_soundness_cause_has_its_section(sample):
+    """A damage cause on top with refusal that stayed (checks/diagnosis/outcome.py ``refusal_unexplained``): the page
+    names the cause and shows what was tried for refusal under its own heading; a plain explained diagnosis does not."""
+    r = copy.deepcopy(sample)
+    r["diagnosis"] = {"status": "explained", "cause": "model-damaged", "proven": False, "refusal_unexplained": True,
+                      "statement": "The ablation damaged the model (named on its evidence); why refusal stays is not explained",
+                      "tried": [{"what": "layer-coverage: every layer", "refusal_rate": 0.85, "kl": 0.3, "method": "generation"}],
+                      "next": ["no measured direction removes refusal even with every writer of every layer ablated"]}
+    html = render_html(r)
+    assert "Why refusal stays: not explained" in html and "layer-coverage: every layer" in html and "No cause proven</h2>" not in html
+    r["diagnosis"] = {"status": "explained", "cause": "model-damaged", "proven": False, "statement": "x"}
+    assert "Why refusal stays" not in render_html(r)
+
+
 def test_sample_matches_the_results_schema(sample):
     """The hand-written fixture keeps to the shared contract (checks/schemas/results.schema.json)."""
     import jsonschema
