@@ -52,6 +52,12 @@ def _next(failed: set[str], bypass: dict | None, simulated: bool, target: float)
     return out or ["see the failed checks in the report"]
 
 
+def _what_was_tried(causes: list[Cause], failed: set[str], bypass: dict | None, simulated: bool, target: float) -> dict:
+    """The part of a conclusion that says what was simulated and what to try next, wherever refusal is left unexplained."""
+    return {"tried": _tried(causes, bypass), "next": _next(failed, bypass, simulated, target), "refusal_target": target,
+            "target_text": pct(target)}
+
+
 def conclude(passed: bool, causes: list[Cause], gate: dict, bypass: dict | None = None, simulated: bool = False,
              refusal_target: float = 0.1) -> dict:
     """The diagnosis's conclusion for results.json and the headline (see the module docstring)."""
@@ -75,8 +81,7 @@ def conclude(passed: bool, causes: list[Cause], gate: dict, bypass: dict | None 
         if refusal_stands:
             # a soundness problem (damage, an unintended edit) is a fact, but it is not why refusal stayed: say that
             # the refusal part is unexplained, with what was tried, rather than let the soundness cause stand for it
-            out.update(refusal_unexplained=True, tried=_tried(causes, bypass), next=_next(failed, bypass, simulated, refusal_target),
-                       refusal_target=refusal_target, target_text=pct(refusal_target))
+            out.update(refusal_unexplained=True, **_what_was_tried(causes, failed, bypass, simulated, refusal_target))
             out["statement"] += ("; why refusal stays is not explained: no simulated fix removes it" if simulated else
                                  "; why refusal stays is not explained: no rule names a cause for it")
         return out
@@ -85,5 +90,4 @@ def conclude(passed: bool, causes: list[Cause], gate: dict, bypass: dict | None 
     return {"status": "unexplained", "cause": None, "proven": False,
             "statement": f"no cause proven: {why}",
             "measured": [t.get("message") or t["name"] for t in failed_rows],
-            "tried": _tried(causes, bypass), "next": _next(failed, bypass, simulated, refusal_target),
-            "refusal_target": refusal_target, "target_text": pct(refusal_target)}
+            **_what_was_tried(causes, failed, bypass, simulated, refusal_target)}
