@@ -10,9 +10,10 @@ reached the weights (audit/intent/reached.py) and uses what the audit measured:
 3. **refine**: from the passing config with the least KL, and from it measured at the other indices the bypass test
    found working (least KL first, up to ``REFINE_INDICES`` in all), each narrowed: fewer writer groups (least r
    written first); then fewer layers, bisecting how many are kept, two ways: the layers in order of their write of r
-   before the ablation, and the last layers of the stack (less of the model downstream to disturb), at the current scale and at stronger ones (r reflected in the layers kept can make up for the ones left out:
-   a scale above 1 passes the gate when behaviour says so); then the scale bisected below the one chosen -- keeping a
-   change only when it still passes. The cheapest passing trial overall wins (least KL, then fewest tensors).
+   before the ablation, and the last layers of the stack (less of the model downstream to disturb), at the current
+   scale and at stronger ones (r reflected in the layers kept can make up for the ones left out: a scale above 1
+   passes the gate when behaviour says so); then the scale bisected below the one chosen -- keeping a change only
+   when it still passes. The cheapest passing trial overall wins (least KL, then fewest tensors).
 
 A trial passes when it meets the gate: refusal on harmful prompts <= ``max_refusal_after``, refusal on harmless prompts <=
 ``max_over_refusal`` (when the gate has it), first-token KL <= ``max_kl``, degenerate answers at most half; among passing
@@ -89,6 +90,7 @@ class FixSearch:
         self.max_over = gate_limits.get("max_over_refusal")
         self.trials: list[Trial] = []
         self.configs: dict[int, AblationConfig] = {}
+        self.evaluated: dict[str, Trial] = {}  # config YAML -> its trial, for the configs ``evaluate`` measured
         # per layer, how much r the writer groups wrote before the ablation (the contribution check): which layers matter most
         self.layer_write = {}
         for g, vals in (writes_before or {}).items():
@@ -136,6 +138,14 @@ class FixSearch:
                          why_not=None if ok else "refusal above the target")
 
     def evaluate(self, cfg: AblationConfig, label: str, phase: str = "refine", origin: str = "") -> Trial:
+        """The trial of ``cfg``: measured once (``_measure``); a config already tried (the two layer orders, or two
+        starting indices, can lead to the same one) returns its trial and spends no budget."""
+        key = config_yaml(cfg)
+        if key not in self.evaluated:
+            self.evaluated[key] = self._measure(cfg, label, phase, origin)
+        return self.evaluated[key]
+
+    def _measure(self, cfg: AblationConfig, label: str, phase: str, origin: str) -> Trial:
         """One new trial: estimate, then generation; over-refusal and KL only when refusal passes."""
         t0 = time.perf_counter()
         try:
@@ -242,9 +252,10 @@ class FixSearch:
 
     def _narrow(self, cfg: AblationConfig, start: Trial, origin: str) -> None:
         """One passing config made smaller, each step kept only while it still passes: writer groups dropped (least r
-        written first, on every layer, where each group's share is measured best); then the layers, in order of their
-        write of r before the ablation, bisecting how many are kept, at the current scale and at stronger ones (r
-        reflected in the layers kept can make up for the ones left out); then the scale bisected below the one chosen."""
+        written first, on every layer, where each group's share is measured best); then the layers, bisecting how many
+        are kept in two orders (most r written first; the last layers of the stack first), at the current scale and at
+        stronger ones (r reflected in the layers kept can make up for the ones left out); then the scale bisected below
+        the one chosen."""
         comps = list(dict.fromkeys(c for e in cfg.entries for c in (e.components or cfg.components)))
         for g in sorted(comps, key=lambda g: self.group_write.get(g, 0.0)):
             if not self._room() or len(comps) <= 1:
